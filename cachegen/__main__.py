@@ -1,0 +1,5 @@
+"""`python -m cachegen` runs the CLI."""
+
+from cachegen.cli import main
+
+main()

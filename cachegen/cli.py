@@ -1,0 +1,110 @@
+"""The `cachegen` command line: parse options, call the library, report expected errors in one line."""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import click
+
+from cachegen.errors import CachegenError
+
+
+def _one_line_errors(fn):
+    """Turn CachegenError (and a Ctrl-C) into a one-line message and a non-zero exit."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except CachegenError as e:
+            raise click.ClickException(str(e)) from None
+        except KeyboardInterrupt:
+            click.echo("\ncachegen: interrupted; re-run the same command to resume", err=True)
+            raise SystemExit(130) from None
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="cachegen")
+def main() -> None:
+    """Expand an image dataset into N augmented epochs of WebDataset shards, and inspect them."""
+
+
+@main.command()
+@click.argument("source", required=False)
+@click.option("--epochs", default=10, show_default=True, type=int, help="Augmented epochs to write.")
+@click.option("--out", default="cache", show_default=True, type=click.Path(path_type=Path), help="Cache folder.")
+@click.option("--transform", default="auto", show_default=True,
+              help="Preset (cifar, imagenet, mnist, val) or module:factory called as factory(epoch, epochs).")
+@click.option("--schedule", default="constant", show_default=True, type=click.Choice(["constant", "linear"]),
+              help="Preset strength over epochs: constant, or linear from full to half.")
+@click.option("--size", type=int, help="Output side length for presets [default: the source's].")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--workers", default=0, show_default=True, type=int, help="Worker processes; 0 = every core.")
+@click.option("--format", "encoding", default="npy", show_default=True, type=click.Choice(["npy", "png", "jpg"]),
+              help="Image encoding: raw uint8 npy (fastest to read), png (lossless), jpg (smallest).")
+@click.option("--shard-size", default="1000", show_default=True,
+              help="Samples per shard (1000) or bytes of pixels per shard (64MB).")
+@click.option("--split", default="train", show_default=True, type=click.Choice(["train", "test"]),
+              help="Split of a torchvision dataset source.")
+@click.option("--on-error", default="fail", show_default=True, type=click.Choice(["fail", "skip"]),
+              help="On an unreadable image: stop naming it, or skip it and report how many.")
+@click.option("--overwrite", is_flag=True, help="Replace a different cache already in --out.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@_one_line_errors
+def build(source, **options) -> None:
+    """Write SOURCE (a folder, a .npz, cifar10:ROOT, ...; default: the built-in sample) as augmented epochs."""
+    from cachegen.build import build as run_build
+    from cachegen.config import BuildConfig
+
+    manifest = run_build(BuildConfig(source=source, **options))
+    if not options["quiet"]:
+        shards = sum(len(e["shards"]) for e in manifest["epoch_list"])
+        click.echo(f"cachegen: {options['out']}: {manifest['epochs']} epochs, {shards} shards, "
+                   f"{manifest['epoch_list'][0]['samples']} samples per epoch")
+
+
+@main.command()
+@click.argument("cache", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@_one_line_errors
+def info(cache: Path, as_json: bool) -> None:
+    """Summarise the cache in CACHE."""
+    from cachegen.inspect import summary
+
+    s = summary(cache)
+    if as_json:
+        click.echo(json.dumps(s, indent=2))
+        return
+    click.echo(f"cache      {cache}  ({s['mode']}, format {s['format_version']})")
+    click.echo(f"source     {s['source']['description']}  ({s['source']['num_samples']} samples)")
+    click.echo(f"transform  {s['transform']['spec']}  schedule={s['transform']['schedule']}  size={s['transform']['size']}")
+    click.echo(f"seed       {s['seed']}")
+    click.echo(f"epochs     {s['epochs']} x {s['samples_per_epoch']} samples, {s['shards']} shards, "
+               f"{s['bytes'] / 1e6:.1f} MB")
+    click.echo(f"images     {s['image']['encoding']} {'x'.join(map(str, s['image']['shape']))} uint8")
+    click.echo(f"classes    {len(s['classes'])}: {', '.join(s['classes'][:10])}{' ...' if len(s['classes']) > 10 else ''}")
+    click.echo(f"mean/std   {[round(m, 4) for m in s['mean']]} / {[round(x, 4) for x in s['std']]}")
+    if s["skipped"]:
+        click.echo(f"skipped    {s['skipped']} unreadable source samples")
+
+
+@main.command()
+@click.argument("cache", type=click.Path(path_type=Path))
+@_one_line_errors
+def verify(cache: Path) -> None:
+    """Recompute every shard's checksum and sample count; exit 1 naming each bad shard."""
+    from cachegen.inspect import verify as run_verify
+
+    checked, problems = run_verify(cache)
+    for problem in problems:
+        click.echo(f"BAD {problem}", err=True)
+    if problems:
+        raise click.ClickException(f"{len(problems)} of {checked} shards are bad; rebuild them by deleting "
+                                   "them and re-running the build command")
+    click.echo(f"ok: {checked} shards verified")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""BuildConfig: every option of a build, checked once, up front."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from cachegen.errors import CachegenError
+from cachegen.shards import ENCODINGS
+from cachegen.transforms import PRESETS, SCHEDULES
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def default_workers() -> int:
+    """Every core this process may use: nothing else runs during a build."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def parse_shard_size(text: str) -> tuple[int | None, int | None]:
+    """'1000' -> (1000 samples, None); '64MB' -> (None, 64_000_000 bytes)."""
+    m = re.fullmatch(r"\s*(\d+)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or int(m.group(1)) <= 0 or m.group(2).upper() not in _UNITS:
+        raise CachegenError(f"bad --shard-size {text!r}: give a sample count (1000) or a size (64MB, 256MiB)")
+    number, unit = int(m.group(1)), m.group(2).upper()
+    return (number, None) if unit == "" else (None, number * _UNITS[unit])
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """What to build; see `cachegen build --help` for each option."""
+
+    source: str | None = None
+    out: Path = Path("cache")
+    epochs: int = 10
+    transform: str = "auto"
+    schedule: str = "constant"
+    size: int | None = None
+    seed: int = 0
+    workers: int = 0  # 0: every core
+    encoding: str = "npy"
+    shard_size: str = "1000"
+    split: str = "train"
+    on_error: str = "fail"
+    overwrite: bool = False
+    quiet: bool = False
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise CachegenError(f"--epochs must be at least 1, got {self.epochs}")
+        if self.transform != "auto" and self.transform not in PRESETS and ":" not in self.transform:
+            raise CachegenError(f"unknown --transform {self.transform!r}: use auto, "
+                                f"{', '.join(PRESETS)} or module:factory")
+        if self.schedule not in SCHEDULES:
+            raise CachegenError(f"unknown --schedule {self.schedule!r}: use {' or '.join(SCHEDULES)}")
+        if self.size is not None and self.size < 1:
+            raise CachegenError(f"--size must be positive, got {self.size}")
+        if self.seed < 0:
+            raise CachegenError(f"--seed must be non-negative, got {self.seed}")
+        if self.workers < 0:
+            raise CachegenError(f"--workers must be 0 (every core) or more, got {self.workers}")
+        if self.encoding not in ENCODINGS:
+            raise CachegenError(f"unknown --format {self.encoding!r}: use {', '.join(ENCODINGS)}")
+        if self.split not in ("train", "test"):
+            raise CachegenError(f"unknown --split {self.split!r}: use train or test")
+        if self.on_error not in ("fail", "skip"):
+            raise CachegenError(f"unknown --on-error {self.on_error!r}: use fail or skip")
+        parse_shard_size(self.shard_size)
+        object.__setattr__(self, "out", Path(self.out))
+        if self.workers == 0:
+            object.__setattr__(self, "workers", default_workers())

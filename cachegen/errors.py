@@ -1,0 +1,9 @@
+"""The one exception type cachegen raises for problems the user can fix."""
+
+
+class CachegenError(Exception):
+    """An expected failure: bad input, a conflicting cache, a full disk.
+
+    The message is one line saying what is wrong and what to do; the CLI prints it
+    without a traceback and exits non-zero.
+    """
