@@ -17,11 +17,12 @@ from cachegen.config import BuildConfig, parse_shard_size
 from cachegen.errors import CachegenError
 from cachegen.manifest import (BUILD_STATE, FORMAT, FORMAT_VERSION, MANIFEST, channel_stats,
                                describe_difference, identity, read_json, read_manifest, write_json_atomic)
-from cachegen.shards import TMP_MARK, index_shard, npy_header_bytes, sample_key, write_shard
+from cachegen.shards import TMP_MARK, index_shard, npy_header_bytes, write_shard
 from cachegen.sources import Source, open_source
 from cachegen.transforms import epoch_fingerprint, fingerprint, is_random, make_transform, seed_sample
 
 EPOCH_ORDER_SALT = 0x5EED  # keeps the epoch permutation's stream apart from other uses of the seed
+STATS_EPOCH = 0  # mean/std come from this epoch's pixels: stable when a cache grows
 
 
 @dataclass(frozen=True)
@@ -129,10 +130,10 @@ def _write_task(task: ShardTask) -> tuple[str, dict]:
         for index in task.indices.tolist():
             image = augment(task.epoch, index)
             if image is not None:
-                yield sample_key(task.epoch, index), int(job.source.labels[index]), image
+                yield index, int(job.source.labels[index]), image
 
-    write_shard(job.root / task.relpath, samples(), job.encoding)
-    return task.relpath, index_shard(job.root, task.relpath, job.encoding, job.shape)
+    return task.relpath, write_shard(job.root, task.relpath, task.epoch, samples(), job.encoding,
+                                     stats=task.epoch == STATS_EPOCH)
 
 
 def _resolve_spec(spec: str, source: Source) -> str:
@@ -273,14 +274,15 @@ def build(config: BuildConfig) -> dict:
         for shard, start in enumerate(range(0, n, per_shard)):
             relpath = shard_path(epoch, shard)
             if (root / relpath).exists():
-                done.append(relpath)
+                done.append((epoch, relpath))
             else:
                 tasks.append(ShardTask(epoch, relpath, order[start:start + per_shard]))
 
     indexed = {}
     known = {s["path"]: s for entry in (previous or {}).get("epoch_list", []) for s in entry["shards"]}
-    for relpath in done:  # finished by an earlier, interrupted or shorter, build
-        indexed[relpath] = known.get(relpath) or index_shard(root, relpath, config.encoding, shape)
+    for epoch, relpath in done:  # finished by an earlier, interrupted or shorter, build
+        indexed[relpath] = known.get(relpath) or index_shard(root, relpath, config.encoding, shape,
+                                                             stats=epoch == STATS_EPOCH)
     total = sum(len(t.indices) for t in tasks)
     with tqdm(total=total, unit="img", disable=config.quiet or not tasks, desc="cachegen build",
               dynamic_ncols=True, smoothing=0.1) as bar:
@@ -298,7 +300,7 @@ def build(config: BuildConfig) -> dict:
         epoch_list.append({"epoch": epoch, "samples": sum(s["samples"] for s in shards),
                            "transform_fingerprint": meta["epoch_fingerprints"][epoch], "shards": shards})
     kept = {i for s in epoch_list[0]["shards"] for i in s["indices"]}
-    mean, std = channel_stats(epoch_list[0]["shards"], shape[0] * shape[1])
+    mean, std = channel_stats(epoch_list[STATS_EPOCH]["shards"], shape[0] * shape[1])
     manifest = {**meta, "epochs": epochs, "mean": mean, "std": std,
                 "skipped": sorted(set(range(n)) - kept), "epoch_list": epoch_list}
     del manifest["epoch_fingerprints"]

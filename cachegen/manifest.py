@@ -85,6 +85,7 @@ def describe_difference(old: dict, new: dict) -> str:
 
 def channel_stats(shards: list[dict], pixels_per_image: int) -> tuple[list[float], list[float]]:
     """Exact per-channel mean and std, in [0, 1] units, from the shards' integer pixel sums."""
+    shards = [s for s in shards if s["samples"]]
     count = sum(s["samples"] for s in shards) * pixels_per_image
     if count == 0:
         return [], []

@@ -13,24 +13,26 @@ IMAGE_SIZE = 32
 SAMPLE_SEED = 20261126
 
 
-def _masks(dx: np.ndarray, dy: np.ndarray, r: np.ndarray) -> list[np.ndarray]:
-    """One boolean mask per class; every shape is left-right symmetric, so flips keep the label."""
+def _mask(label: int, dx: np.ndarray, dy: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """The shape of class `label`; every shape is left-right symmetric, so flips keep the label."""
     ax, ay = np.abs(dx), np.abs(dy)
     dist = np.sqrt(dx * dx + dy * dy)
     box = np.maximum(ax, ay)
     thin = r / 4
-    return [
-        dist <= r,
-        box <= 0.8 * r,
-        (ay <= 0.8 * r) & (ax <= (dy + 0.8 * r) / 2),
-        ((ax <= thin) & (ay <= r)) | ((ay <= thin) & (ax <= r)),
-        (dist >= 0.55 * r) & (dist <= r),
-        ax + ay <= r,
-        (ay <= thin) & (ax <= r),
-        (ax <= thin) & (ay <= r),
-        (np.abs(ax - ay) <= thin) & (box <= r),
-        (box >= 0.5 * r) & (box <= 0.85 * r),
-    ]
+    shapes = (
+        lambda: 
+dist <= r,
+        lambda: box <= 0.8 * r,
+        lambda: (ay <= 0.8 * r) & (ax <= (dy + 0.8 * r) / 2),
+        lambda: ((ax <= thin) & (ay <= r)) | ((ay <= thin) & (ax <= r)),
+        lambda: (dist >= 0.55 * r) & (dist <= r),
+        lambda: ax + ay <= r,
+        lambda: (ay <= thin) & (ax <= r),
+        lambda: (ax <= thin) & (ay <= r),
+        lambda: (np.abs(ax - ay) <= thin) & (box <= r),
+        lambda: (box >= 0.5 * r) & (box <= 0.85 * r),
+    )
+    return shapes[label]()
 
 
 def make_sample(n: int = SAMPLE_SIZE, size: int = IMAGE_SIZE, seed: int = SAMPLE_SEED
@@ -46,14 +48,16 @@ def make_sample(n: int = SAMPLE_SIZE, size: int = IMAGE_SIZE, seed: int = SAMPLE
     cx = rng.uniform(0.3, 0.7, n).astype(np.float32)[:, None, None] * size
     cy = rng.uniform(0.3, 0.7, n).astype(np.float32)[:, None, None] * size
     r = rng.uniform(0.2, 0.35, n).astype(np.float32)[:, None, None] * size
-    masks = np.stack(_masks(xx - cx, yy - cy, r))          # (classes, n, size, size)
-    shape_mask = masks[labels, np.arange(n)]               # (n, size, size)
+    shape_mask = np.zeros((n, size, size), bool)
+    for label in range(len(CLASSES)):
+        at = labels == label
+        shape_mask[at] = _mask(label, xx - cx[at], yy - cy[at], r[at])
 
-    # Background: a random colour, a coarse blotchy texture and fine grain.
-    bg = rng.uniform(0, 255, (n, 1, 1, 3))
-    coarse = rng.normal(0, 30, (n, size // 8, size // 8, 1)).repeat(8, 1).repeat(8, 2)
-    grain = rng.normal(0, 12, (n, size, size, 3))
-    # Foreground: far from the background colour on every channel, with its own grain.
-    fg = (bg + 128 + rng.uniform(-40, 40, (n, 1, 1, 3))) % 256
-    images = np.where(shape_mask[..., None], fg + grain / 2, bg + coarse + grain)
+    # Background: a random colour, a coarse blotchy texture and fine grain (small ints: fast).
+    bg = rng.integers(0, 256, (n, 1, 1, 3), dtype=np.int16)
+    coarse = rng.integers(-50, 51, (n, size // 8, size // 8, 1), dtype=np.int16).repeat(8, 1).repeat(8, 2)
+    grain = rng.integers(-20, 21, (n, size, size, 3), dtype=np.int16)
+    # Foreground: far from the background colour on every channel, with its own finer grain.
+    fg = (bg + 128 + rng.integers(-40, 41, (n, 1, 1, 3), dtype=np.int16)) % 256
+    images = np.where(shape_mask[..., None], fg + grain // 2, bg + coarse + grain)
     return np.clip(images, 0, 255).astype(np.uint8), labels, CLASSES
