@@ -48,6 +48,10 @@ class ShardTask:
     indices: np.ndarray
 
 
+class _Progress(tqdm):
+    monitor_interval = 0  # no tqdm monitor thread left running after a build returns
+
+
 def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
     """The seeded order of the source's samples in one epoch."""
     return np.random.default_rng([seed, epoch, EPOCH_ORDER_SALT]).permutation(n)
@@ -284,7 +288,7 @@ def build(config: BuildConfig) -> dict:
         indexed[relpath] = known.get(relpath) or index_shard(root, relpath, config.encoding, shape,
                                                              stats=epoch == STATS_EPOCH)
     total = sum(len(t.indices) for t in tasks)
-    with tqdm(total=total, unit="img", disable=config.quiet or not tasks, desc="cachegen build",
+    with _Progress(total=total, unit="img", disable=config.quiet or not tasks, desc="cachegen build",
               dynamic_ncols=True, smoothing=0.1) as bar:
         try:
             for relpath, shard in _run(job, tasks, config.workers):

@@ -38,7 +38,7 @@ def encode(image: np.ndarray, encoding: str) -> bytes:
     """Encode one HWC uint8 image; deterministic for every encoding."""
     if encoding == "npy":  # a standard .npy file: the header numpy writes, then the raw pixels
         return _npy_header(image.shape) + image.tobytes()
-    chw = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+    chw = torch.from_numpy(image.copy()).permute(2, 0, 1)  # a writable copy: torch wants one
     if encoding == "png":
         return encode_png(chw).numpy().tobytes()
     return encode_jpeg(chw, quality=JPEG_QUALITY).numpy().tobytes()

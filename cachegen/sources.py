@@ -110,10 +110,14 @@ class FolderSource(Source):
 def _from_npz(path: Path) -> ArraySource:
     try:
         data = np.load(path, allow_pickle=False)
+        missing = [k for k in ("images", "labels") if k not in data.files]
+        if missing:
+            raise CachegenError(f"{path} has no array {missing[0]!r}: a .npz source needs 'images' "
+                                "(N,H,W[,C] uint8) and 'labels'")
         images, labels = data["images"], data["labels"]
         names = [str(c) for c in data["classes"]] if "classes" in data.files else None
-    except KeyError as e:
-        raise CachegenError(f"{path} has no array {e}: a .npz source needs 'images' (N,H,W[,C] uint8) and 'labels'") from None
+    except CachegenError:
+        raise
     except Exception as e:
         raise CachegenError(f"cannot read {path} as .npz: {e}") from None
     if images.dtype != np.uint8 or images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[3] not in (1, 3, 4)):

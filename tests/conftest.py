@@ -1,0 +1,40 @@
+"""Fixtures shared by the builder and reader tests: small generated sources, no network."""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+import time
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_threads_or_processes():
+    """Fail any test that leaves a thread or a child process behind (a pool or prefetcher not shut down)."""
+    threads = set(threading.enumerate())
+    yield
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        extra = [t for t in threading.enumerate() if t not in threads and t.is_alive()]
+        children = multiprocessing.active_children()
+        if not extra and not children:
+            return
+        time.sleep(0.05)
+    pytest.fail(f"test left behind threads {extra} / processes {children}")
+
+
+def make_npz(path, n: int = 240, size: int = 32, channels: int = 3, classes: int = 4, seed: int = 0):
+    """A small random image set as a .npz source; returns (path, images, labels)."""
+    rng = np.random.default_rng(seed)
+    shape = (n, size, size) if channels == 0 else (n, size, size, channels)
+    images = rng.integers(0, 256, shape, dtype=np.uint8)
+    labels = rng.integers(0, classes, n)
+    np.savez(path, images=images, labels=labels)
+    return path, images, labels
+
+
+@pytest.fixture
+def npz_source(tmp_path):
+    return make_npz(tmp_path / "data.npz")
