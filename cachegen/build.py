@@ -5,24 +5,32 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
+from torchvision import transforms as T
 from tqdm import tqdm
 
 from cachegen import __version__
 from cachegen.config import BuildConfig, parse_shard_size
 from cachegen.errors import CachegenError
-from cachegen.manifest import (BUILD_STATE, FORMAT, FORMAT_VERSION, MANIFEST, channel_stats,
-                               describe_difference, identity, read_json, read_manifest, write_json_atomic)
-from cachegen.shards import TMP_MARK, index_shard, npy_header_bytes, write_shard
+from cachegen.layout import epoch_shards, shard_path, source_shard_path
+from cachegen.manifest import (BUILD_STATE, FORMAT, FORMAT_VERSION, MANIFEST, describe_difference, identity,
+                               read_json, read_manifest, write_json_atomic)
+from cachegen.shards import TMP_MARK, encode, index_shard, npy_header_bytes, write_shard
 from cachegen.sources import Source, open_source
+from cachegen.stats import PixelStats, channel_stats
 from cachegen.transforms import epoch_fingerprint, fingerprint, is_random, make_transform, seed_sample
 
-EPOCH_ORDER_SALT = 0x5EED  # keeps the epoch permutation's stream apart from other uses of the seed
-STATS_EPOCH = 0  # mean/std come from this epoch's pixels: stable when a cache grows
+STATS_EPOCH = 0  # mean/std: the source images behind this epoch's shards (each sample once)
+TAR_BYTES_PER_SAMPLE = 1536  # two 512-byte headers and the padded label
+
+
+class _Progress(tqdm):
+    monitor_interval = 0  # no tqdm monitor thread left running after a build returns
 
 
 @dataclass(frozen=True)
@@ -37,28 +45,18 @@ class Job:
     schedule: str
     seed: int
     encoding: str
-    shape: tuple[int, int, int]
     on_error: str
+    resize: int | None = None
+    shape: tuple[int, int, int] | None = None  # every output image's HWC shape
+    source_shape: tuple[int, int, int] | None = None  # the (resized) source's, where fixed
 
 
 @dataclass(frozen=True)
 class ShardTask:
-    epoch: int
+    epoch: int | None  # None: a live cache's un-augmented source pass
     relpath: str
     indices: np.ndarray
-
-
-class _Progress(tqdm):
-    monitor_interval = 0  # no tqdm monitor thread left running after a build returns
-
-
-def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
-    """The seeded order of the source's samples in one epoch."""
-    return np.random.default_rng([seed, epoch, EPOCH_ORDER_SALT]).permutation(n)
-
-
-def shard_path(epoch: int, shard: int) -> str:
-    return f"epoch-{epoch:04d}/shard-{shard:06d}.tar"
+    stats: bool
 
 
 def to_hwc_uint8(image) -> np.ndarray:
@@ -78,28 +76,28 @@ def to_hwc_uint8(image) -> np.ndarray:
     return array
 
 
-def _load(job: Job, index: int):
-    try:
-        return job.source.load(index)
-    except Exception as e:
-        if job.on_error == "skip":
-            return None
-        raise CachegenError(f"cannot read {job.source.name(index)} ({type(e).__name__}: {e}); "
-                            "fix or remove it, or pass --on-error skip") from None
-
-
 class _Augmenter:
-    """Applies one epoch's transform to source samples, seeded per sample."""
+    """Loads source samples (with the optional deterministic resize) and augments them, seeded per sample."""
 
     def __init__(self, job: Job) -> None:
         self.job = job
         self.transforms: dict[int, object] = {}
+        self.resize = T.Compose([T.Resize(job.resize), T.CenterCrop(job.resize)]) if job.resize else None
 
-    def __call__(self, epoch: int, index: int) -> np.ndarray | None:
+    def load(self, index: int) -> Image.Image | None:
+        """The source image, resized where asked; None where unreadable and --on-error skip."""
         job = self.job
-        image = _load(job, index)
-        if image is None:
-            return None
+        try:
+            image = job.source.load(index)
+        except Exception as e:
+            if job.on_error == "skip":
+                return None
+            raise CachegenError(f"cannot read {job.source.name(index)} ({type(e).__name__}: {e}); "
+                                "fix or remove it, or pass --on-error skip") from None
+        return self.resize(image) if self.resize else image
+
+    def augment(self, epoch: int, index: int, image: Image.Image) -> np.ndarray:
+        job = self.job
         if epoch not in self.transforms:
             self.transforms[epoch] = make_transform(job.spec, epoch=epoch, epochs=job.epochs,
                                                     size=job.size, schedule=job.schedule)
@@ -110,34 +108,61 @@ class _Augmenter:
             raise
         except Exception as e:
             raise CachegenError(f"transform failed on {job.source.name(index)}: {type(e).__name__}: {e}") from None
-        if out.shape != job.shape:
+        if job.shape is not None and out.shape != job.shape:
             raise CachegenError(f"transform output shape varies: {job.source.name(index)} gave {out.shape}, "
                                 f"the first sample gave {job.shape}; every image of a cache needs one shape "
                                 "(end the transform with a Resize/CenterCrop)")
         return out
 
+    def source_pixels(self, index: int, image: Image.Image) -> np.ndarray:
+        """The un-augmented image as a live cache stores it: HWC uint8 of one fixed shape."""
+        pixels = to_hwc_uint8(image)
+        if pixels.shape != self.job.source_shape:
+            raise CachegenError(f"a live cache stores the source un-augmented, so its images need one shape: "
+                                f"{self.job.source.name(index)} is {pixels.shape}, the first is "
+                                f"{self.job.source_shape}; pass --resize N")
+        return pixels
 
-_JOB: Job | None = None
+
 _AUGMENT: _Augmenter | None = None
 
 
 def _init_worker(job: Job) -> None:
-    global _JOB, _AUGMENT
+    global _AUGMENT
     torch.set_num_threads(1)  # one process per core already
-    _JOB, _AUGMENT = job, _Augmenter(job)
+    _AUGMENT = _Augmenter(job)
 
 
 def _write_task(task: ShardTask) -> tuple[str, dict]:
-    job, augment = _JOB, _AUGMENT
+    augment = _AUGMENT
+    job = augment.job
+    stats = PixelStats(job.source_shape[2]) if task.stats else None
 
     def samples():
         for index in task.indices.tolist():
-            image = augment(task.epoch, index)
-            if image is not None:
-                yield index, int(job.source.labels[index]), image
+            image = augment.load(index)
+            if image is None:
+                continue
+            if stats is not None:
+                stats.add(to_hwc_uint8(image))
+            if task.epoch is None:
+                pixels = augment.source_pixels(index, image)
+            else:
+                pixels = augment.augment(task.epoch, index, image)
+            yield index, int(job.source.labels[index]), pixels
 
-    return task.relpath, write_shard(job.root, task.relpath, task.epoch, samples(), job.encoding,
-                                     stats=task.epoch == STATS_EPOCH)
+    prefix = "src" if task.epoch is None else f"e{task.epoch:04d}"
+    entry = write_shard(job.root, task.relpath, prefix, samples(), job.encoding)
+    return task.relpath, {**entry, **(stats.totals() if stats else {})}
+
+
+def _source_stats(job: Job, indices: list[int]) -> dict:
+    """Pixel sums of the source images behind a shard finished by an earlier build."""
+    augment = _Augmenter(job)
+    stats = PixelStats(job.source_shape[2])
+    for index in indices:
+        stats.add(to_hwc_uint8(augment.load(index)))
+    return stats.totals()
 
 
 def _resolve_spec(spec: str, source: Source) -> str:
@@ -148,26 +173,28 @@ def _resolve_spec(spec: str, source: Source) -> str:
     return "cifar" if (source.image_size or 1 << 30) <= 64 else "imagenet"
 
 
-def _probe_shape(job: Job) -> tuple[int, int, int]:
-    """Run the first epoch's transform once on the first readable sample to learn the image shape."""
-    probe = _Augmenter(Job(**{**job.__dict__, "shape": None, "on_error": "skip"}))
-    probe_job = probe.job
+def _probe(job: Job) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """Augment the first readable sample once: (output shape, source shape after any resize)."""
+    augment = _Augmenter(replace(job, on_error="skip"))
     for index in range(min(len(job.source), 64)):
-        image = _load(probe_job, index)
+        image = augment.load(index)
         if image is not None:
-            seed_sample(job.seed, 0, index)
-            transform = make_transform(job.spec, epoch=0, epochs=job.epochs, size=job.size, schedule=job.schedule)
-            try:
-                return to_hwc_uint8(transform(image)).shape
-            except CachegenError:
-                raise
-            except Exception as e:
-                raise CachegenError(f"transform {job.spec} failed on {job.source.name(index)}: "
-                                    f"{type(e).__name__}: {e}") from None
-    if job.on_error == "skip":
-        raise CachegenError(f"none of the first {min(len(job.source), 64)} samples could be read: check the source")
-    _load(job, 0)  # raises the error that names the file
-    raise AssertionError("unreachable")
+            return augment.augment(0, index, image).shape, to_hwc_uint8(image).shape
+    if job.on_error == "fail":
+        _Augmenter(job).load(0)  # raises the error that names the file
+    raise CachegenError(f"none of the first {min(len(job.source), 64)} samples could be read: check the source")
+
+
+def _choose_mode(config: BuildConfig, job: Job, n: int, epochs: int, probe_bytes: int) -> str:
+    if config.mode != "auto":
+        return config.mode
+    estimate = (probe_bytes + TAR_BYTES_PER_SAMPLE) * n * epochs
+    if estimate <= config.max_cache_gb * 1e9:
+        return "cached"
+    if not config.quiet:
+        print(f"cachegen: {epochs} epochs would take ~{estimate / 1e9:.1f} GB, over --max-cache-gb "
+              f"{config.max_cache_gb:g}: writing a live cache (the source once; augmentation at read time)")
+    return "live"
 
 
 def _prepare_out(root: Path, meta: dict, overwrite: bool) -> dict | None:
@@ -184,7 +211,7 @@ def _prepare_out(root: Path, meta: dict, overwrite: bool) -> dict | None:
         raise CachegenError(f"--out {root} is not empty and holds no cachegen cache; choose an empty or new folder")
     if existing is not None and overwrite:
         for child in root.iterdir():
-            if child.name.startswith("epoch-") and child.is_dir():
+            if (child.name.startswith("epoch-") or child.name == "source") and child.is_dir():
                 shutil.rmtree(child)
         manifest_path.unlink(missing_ok=True)
         state_path.unlink(missing_ok=True)
@@ -195,9 +222,9 @@ def _prepare_out(root: Path, meta: dict, overwrite: bool) -> dict | None:
                             "or another --out")
     if existing is not None and manifest_path.exists():
         existing = read_manifest(root)
-        for entry, fp in zip(existing["epoch_list"], meta["epoch_fingerprints"]):
-            if entry.get("transform_fingerprint") != fp:
-                raise CachegenError(f"{root}: epoch {entry['epoch']} would now be augmented differently "
+        for epoch, (old, new) in enumerate(zip(existing["epoch_fingerprints"], meta["epoch_fingerprints"])):
+            if old != new:
+                raise CachegenError(f"{root}: epoch {epoch} would now be augmented differently "
                                     "(the schedule or factory depends on --epochs); use --overwrite to rebuild")
         return existing
     return None
@@ -222,17 +249,24 @@ def _check_writable(root: Path) -> None:
 
 
 def _remove_temporaries(root: Path) -> None:
-    for tmp in root.glob(f"epoch-*/*{TMP_MARK}*"):
+    for tmp in [*root.glob(f"*/*{TMP_MARK}*"), *root.glob(f"*{TMP_MARK}*")]:
         tmp.unlink(missing_ok=True)
+
+
+def _plan(mode: str, seed: int, epochs: int, n: int, per_shard: int) -> list[ShardTask]:
+    """Every shard this cache holds, finished or not."""
+    if mode == "live":
+        return [ShardTask(None, source_shard_path(s), np.arange(start, min(start + per_shard, n)), True)
+                for s, start in enumerate(range(0, n, per_shard))]
+    return [ShardTask(epoch, shard_path(epoch, s), indices, epoch == STATS_EPOCH)
+            for epoch in range(epochs) for s, indices in enumerate(epoch_shards(seed, epoch, n, per_shard))]
 
 
 def build(config: BuildConfig) -> dict:
     """Build (or resume, or grow) the cache described by `config`; return its manifest."""
     source = open_source(config.source, split=config.split)
-    if len(source) == 0:
-        raise CachegenError(f"source {config.source} holds no samples")
     spec = _resolve_spec(config.transform, source)
-    size = config.size or source.image_size or 224
+    size = config.size or config.resize or source.image_size or 224
     epochs = config.epochs if is_random(spec) else 1
     if epochs != config.epochs and not config.quiet:
         print(f"cachegen: transform {spec} is deterministic: writing 1 epoch, not {config.epochs}")
@@ -242,22 +276,27 @@ def build(config: BuildConfig) -> dict:
         if not config.quiet:
             print(f"cachegen: {config.out} already holds {built} epochs; keeping them all")
     job = Job(source=source, root=config.out, spec=spec, epochs=epochs, size=size, schedule=config.schedule,
-              seed=config.seed, encoding=config.encoding, shape=None, on_error=config.on_error)
-    shape = _probe_shape(job)
-    job = Job(**{**job.__dict__, "shape": shape})
+              seed=config.seed, encoding=config.encoding, on_error=config.on_error, resize=config.resize)
+    shape, source_shape = _probe(job)
+    job = replace(job, shape=shape, source_shape=source_shape)
+    n = len(source)
+    mode = _choose_mode(config, job, n, epochs, len(encode(np.zeros(shape, np.uint8), config.encoding)))
+    stored_shape, encoding = (source_shape, "npy") if mode == "live" else (shape, config.encoding)
+    job = replace(job, encoding=encoding)
     count, nbytes = parse_shard_size(config.shard_size)
-    per_shard = count or max(1, nbytes // int(np.prod(shape)))
+    per_shard = count or max(1, nbytes // int(np.prod(stored_shape)))
 
     meta = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "mode": "cached",
+        "format": FORMAT, "format_version": FORMAT_VERSION, "mode": mode,
         "created_by": f"cachegen {__version__}",
         "source": {"kind": source.kind, "description": source.description,
-                   "fingerprint": source.fingerprint(), "num_samples": len(source)},
-        "transform": {"spec": spec, "schedule": config.schedule, "size": size,
+                   "fingerprint": source.fingerprint(), "num_samples": n},
+        "transform": {"spec": spec, "schedule": config.schedule, "size": size, "resize": config.resize,
                       "fingerprint": fingerprint(spec, size=size, schedule=config.schedule)},
         "seed": config.seed,
-        "image": {"encoding": config.encoding, "shape": list(shape), "dtype": "uint8", "layout": "HWC",
-                  **({"npy_header_bytes": npy_header_bytes(shape)} if config.encoding == "npy" else {})},
+        "image": {"encoding": encoding, "shape": list(stored_shape), "dtype": "uint8", "layout": "HWC",
+                  **({"npy_header_bytes": npy_header_bytes(stored_shape)} if encoding == "npy" else {})},
+        "output_shape": list(shape),
         "shard_size": per_shard,
         "classes": list(source.classes),
         "epoch_fingerprints": [epoch_fingerprint(make_transform(spec, epoch=e, epochs=epochs, size=size,
@@ -270,55 +309,53 @@ def build(config: BuildConfig) -> dict:
     write_json_atomic(root / BUILD_STATE, meta)
     _remove_temporaries(root)
 
-    n = len(source)
-    tasks, done = [], []
-    for epoch in range(epochs):
-        (root / f"epoch-{epoch:04d}").mkdir(exist_ok=True)
-        order = epoch_order(config.seed, epoch, n)
-        for shard, start in enumerate(range(0, n, per_shard)):
-            relpath = shard_path(epoch, shard)
-            if (root / relpath).exists():
-                done.append((epoch, relpath))
-            else:
-                tasks.append(ShardTask(epoch, relpath, order[start:start + per_shard]))
-
-    indexed = {}
+    plan = _plan(mode, config.seed, epochs, n, per_shard)
+    for folder in {Path(t.relpath).parent for t in plan}:
+        (root / folder).mkdir(exist_ok=True)
     known = {s["path"]: s for entry in (previous or {}).get("epoch_list", []) for s in entry["shards"]}
-    for epoch, relpath in done:  # finished by an earlier, interrupted or shorter, build
-        indexed[relpath] = known.get(relpath) or index_shard(root, relpath, config.encoding, shape,
-                                                             stats=epoch == STATS_EPOCH)
-    total = sum(len(t.indices) for t in tasks)
-    with _Progress(total=total, unit="img", disable=config.quiet or not tasks, desc="cachegen build",
-              dynamic_ncols=True, smoothing=0.1) as bar:
+    known.update({s["path"]: s for s in (previous or {}).get("source_shards", [])})
+    indexed = {}
+    for task in plan:  # shards finished by an earlier (interrupted, or shorter) build
+        if (root / task.relpath).exists():
+            entry = known.get(task.relpath) or index_shard(root, task.relpath, encoding, stored_shape)
+            if task.stats and "pixel_count" not in entry:
+                entry = {**entry, **_source_stats(job, entry["indices"])}
+            indexed[task.relpath] = entry
+    tasks = [t for t in plan if t.relpath not in indexed]
+    with _Progress(total=sum(len(t.indices) for t in tasks), unit="img", disable=config.quiet or not tasks,
+                   desc="cachegen build", dynamic_ncols=True, smoothing=0.1) as bar:
         try:
-            for relpath, shard in _run(job, tasks, config.workers):
-                indexed[relpath] = shard
-                bar.update(len(shard["offsets"]))
+            for relpath, entry in _run(job, tasks, config.workers):
+                indexed[relpath] = entry
+                bar.update(entry["samples"])
         except BaseException:
             _remove_temporaries(root)
             raise
 
-    epoch_list = []
-    for epoch in range(epochs):
-        shards = [indexed[shard_path(epoch, s)] for s in range(len(range(0, n, per_shard)))]
-        epoch_list.append({"epoch": epoch, "samples": sum(s["samples"] for s in shards),
-                           "transform_fingerprint": meta["epoch_fingerprints"][epoch], "shards": shards})
-    kept = {i for s in epoch_list[0]["shards"] for i in s["indices"]}
-    mean, std = channel_stats(epoch_list[STATS_EPOCH]["shards"], shape[0] * shape[1])
-    manifest = {**meta, "epochs": epochs, "mean": mean, "std": std,
-                "skipped": sorted(set(range(n)) - kept), "epoch_list": epoch_list}
-    del manifest["epoch_fingerprints"]
-    if manifest["skipped"] and not config.quiet:
-        print(f"cachegen: skipped {len(manifest['skipped'])} unreadable sample(s) (--on-error skip)")
+    manifest = {**meta, "epochs": epochs}
+    if mode == "live":
+        manifest["source_shards"] = [indexed[t.relpath] for t in plan]
+        manifest["epoch_list"] = []
+        stats_shards = manifest["source_shards"]
+    else:
+        manifest["epoch_list"] = [
+            {"epoch": e, "shards": shards, "samples": sum(s["samples"] for s in shards)}
+            for e in range(epochs) for shards in [[indexed[t.relpath] for t in plan if t.epoch == e]]]
+        stats_shards = manifest["epoch_list"][STATS_EPOCH]["shards"]
+    kept = {i for s in stats_shards for i in s["indices"]}
     if not kept:
         raise CachegenError("every sample was skipped as unreadable: nothing to cache; check the source")
+    manifest["skipped"] = sorted(set(range(n)) - kept)
+    manifest["mean"], manifest["std"] = channel_stats(stats_shards, shape[2])
+    if manifest["skipped"] and not config.quiet:
+        print(f"cachegen: skipped {len(manifest['skipped'])} unreadable sample(s) (--on-error skip)")
     write_json_atomic(root / MANIFEST, manifest)
     (root / BUILD_STATE).unlink(missing_ok=True)
     return manifest
 
 
 def _run(job: Job, tasks: list[ShardTask], workers: int):
-    """Yield (relpath, shard index) as shards finish, in-process for one worker, else in a pool."""
+    """Yield (relpath, shard entry) as shards finish, in-process for one worker, else in a pool."""
     if not tasks:
         return
     if workers == 1 or len(tasks) == 1:

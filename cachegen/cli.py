@@ -50,6 +50,12 @@ def main() -> None:
               help="Split of a torchvision dataset source.")
 @click.option("--on-error", default="fail", show_default=True, type=click.Choice(["fail", "skip"]),
               help="On an unreadable image: stop naming it, or skip it and report how many.")
+@click.option("--mode", default="auto", show_default=True, type=click.Choice(["auto", "cached", "live"]),
+              help="cached: write augmented epochs; live: write the source once, augment while reading; "
+                   "auto: live when the cache would exceed --max-cache-gb.")
+@click.option("--max-cache-gb", default=64.0, show_default=True, type=float,
+              help="Largest cache --mode auto writes before it falls back to live.")
+@click.option("--resize", type=int, help="Resize+center-crop every source image to NxN first (deterministic).")
 @click.option("--overwrite", is_flag=True, help="Replace a different cache already in --out.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @_one_line_errors
@@ -57,12 +63,11 @@ def build(source, **options) -> None:
     """Write SOURCE (a folder, a .npz, cifar10:ROOT, ...; default: the built-in sample) as augmented epochs."""
     from cachegen.build import build as run_build
     from cachegen.config import BuildConfig
+    from cachegen.inspect import describe
 
     manifest = run_build(BuildConfig(source=source, **options))
     if not options["quiet"]:
-        shards = sum(len(e["shards"]) for e in manifest["epoch_list"])
-        click.echo(f"cachegen: {options['out']}: {manifest['epochs']} epochs, {shards} shards, "
-                   f"{manifest['epoch_list'][0]['samples']} samples per epoch")
+        click.echo(f"cachegen: {options['out']}: {describe(manifest)}")
 
 
 @main.command()
@@ -81,9 +86,9 @@ def info(cache: Path, as_json: bool) -> None:
     click.echo(f"source     {s['source']['description']}  ({s['source']['num_samples']} samples)")
     click.echo(f"transform  {s['transform']['spec']}  schedule={s['transform']['schedule']}  size={s['transform']['size']}")
     click.echo(f"seed       {s['seed']}")
-    click.echo(f"epochs     {s['epochs']} x {s['samples_per_epoch']} samples, {s['shards']} shards, "
-               f"{s['bytes'] / 1e6:.1f} MB")
-    click.echo(f"images     {s['image']['encoding']} {'x'.join(map(str, s['image']['shape']))} uint8")
+    click.echo(f"contents   {s['contents']}, {s['bytes'] / 1e6:.1f} MB")
+    click.echo(f"images     {s['image']['encoding']} {'x'.join(map(str, s['image']['shape']))} uint8"
+               + (f", {'x'.join(map(str, s['output_shape']))} after augmentation" if s["mode"] == "live" else ""))
     click.echo(f"classes    {len(s['classes'])}: {', '.join(s['classes'][:10])}{' ...' if len(s['classes']) > 10 else ''}")
     click.echo(f"mean/std   {[round(m, 4) for m in s['mean']]} / {[round(x, 4) for x in s['std']]}")
     if s["skipped"]:

@@ -49,6 +49,9 @@ class BuildConfig:
     on_error: str = "fail"
     overwrite: bool = False
     quiet: bool = False
+    mode: str = "auto"  # cached, live, or auto: live when the cache would exceed max_cache_gb
+    max_cache_gb: float = 64.0
+    resize: int | None = None  # deterministic Resize+CenterCrop of every source image, before the transform
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -70,6 +73,12 @@ class BuildConfig:
             raise CachegenError(f"unknown --split {self.split!r}: use train or test")
         if self.on_error not in ("fail", "skip"):
             raise CachegenError(f"unknown --on-error {self.on_error!r}: use fail or skip")
+        if self.mode not in ("auto", "cached", "live"):
+            raise CachegenError(f"unknown --mode {self.mode!r}: use auto, cached or live")
+        if not self.max_cache_gb > 0:
+            raise CachegenError(f"--max-cache-gb must be positive, got {self.max_cache_gb}")
+        if self.resize is not None and self.resize < 1:
+            raise CachegenError(f"--resize must be positive, got {self.resize}")
         parse_shard_size(self.shard_size)
         object.__setattr__(self, "out", Path(self.out))
         if self.workers == 0:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 
@@ -14,7 +13,7 @@ BUILD_STATE = ".cachegen-build.json"  # a build's identity, written first; a cac
 FORMAT = "cachegen"
 FORMAT_VERSION = 1
 # What makes two builds the same cache; epochs may grow, these may not change.
-IDENTITY_KEYS = ("source", "transform", "seed", "image", "shard_size", "mode")
+IDENTITY_KEYS = ("source", "transform", "seed", "image", "output_shape", "shard_size", "mode")
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:
@@ -58,15 +57,20 @@ def read_manifest(root: Path) -> dict:
         raise CachegenError(f"{path} is not a cachegen format {FORMAT_VERSION} manifest")
     try:
         epochs = manifest["epoch_list"]
-        assert manifest["epochs"] == len(epochs)
-        for entry in epochs:
-            assert entry["samples"] == sum(s["samples"] for s in entry["shards"])
-            for shard in entry["shards"]:
-                n = shard["samples"]
-                assert all(len(shard[k]) == n for k in ("offsets", "sizes", "labels", "indices"))
-                assert isinstance(shard["path"], str) and not os.path.isabs(shard["path"])
-                assert ".." not in Path(shard["path"]).parts
-        for key in ("image", "classes", "mean", "std", "seed", "source", "transform"):
+        if manifest["mode"] == "live":
+            assert not epochs and manifest["epochs"] >= 1
+            shards = manifest["source_shards"]
+        else:
+            assert manifest["mode"] == "cached" and manifest["epochs"] == len(epochs)
+            assert all(entry["samples"] == sum(s["samples"] for s in entry["shards"]) for entry in epochs)
+            shards = [s for entry in epochs for s in entry["shards"]]
+        for shard in shards:
+            n = shard["samples"]
+            assert all(len(shard[k]) == n for k in ("offsets", "sizes", "labels", "indices"))
+            assert isinstance(shard["path"], str) and not os.path.isabs(shard["path"])
+            assert ".." not in Path(shard["path"]).parts
+        for key in ("image", "output_shape", "classes", "mean", "std", "seed", "source", "transform",
+                    "skipped", "shard_size", "epoch_fingerprints"):
             manifest[key]
     except (KeyError, TypeError, AssertionError):
         raise CachegenError(f"{path} is damaged or was edited by hand (its fields disagree); "
@@ -81,16 +85,3 @@ def identity(meta: dict) -> dict:
 def describe_difference(old: dict, new: dict) -> str:
     keys = [k for k in IDENTITY_KEYS if old.get(k) != new.get(k)]
     return ", ".join(keys) or "nothing"
-
-
-def channel_stats(shards: list[dict], pixels_per_image: int) -> tuple[list[float], list[float]]:
-    """Exact per-channel mean and std, in [0, 1] units, from the shards' integer pixel sums."""
-    shards = [s for s in shards if s["samples"]]
-    count = sum(s["samples"] for s in shards) * pixels_per_image
-    if count == 0:
-        return [], []
-    sums = [sum(s["pixel_sum"][c] for s in shards) for c in range(len(shards[0]["pixel_sum"]))]
-    sqsums = [sum(s["pixel_sqsum"][c] for s in shards) for c in range(len(sums))]
-    mean = [x / count for x in sums]
-    var = [max(q / count - m * m, 0.0) for q, m in zip(sqsums, mean)]
-    return [m / 255 for m in mean], [max(math.sqrt(v) / 255, 1e-6) for v in var]

@@ -9,6 +9,7 @@ CLASSES = (
     "diamond", "hbar", "vbar", "x", "frame",
 )
 SAMPLE_SIZE = 5000  # 500 per class, 32x32 RGB: 15 MB of pixels, generated in ~0.3 s
+SAMPLE_TEST_SIZE = 1000  # the test split: other images (another seed), same classes
 IMAGE_SIZE = 32
 SAMPLE_SEED = 20261126
 

@@ -23,8 +23,9 @@ JPEG_QUALITY = 95
 TMP_MARK = ".tmp-"  # a shard being written is named shard-000001.tar.tmp-<pid>
 
 
-def sample_key(epoch: int, index: int) -> str:
-    return f"e{epoch:04d}_{index:08d}"
+def sample_key(prefix: str, index: int) -> str:
+    """`e0003_00001234` for sample 1234 of epoch 3; `src_00001234` in a live cache's source pass."""
+    return f"{prefix}_{index:08d}"
 
 
 @functools.lru_cache(maxsize=8)
@@ -61,75 +62,34 @@ class _HashingFile:
         return self.f.write(data)
 
 
-class _Stats:
-    """Exact per-channel sums of pixels and squared pixels (for the manifest's mean and std).
-
-    Images are summed in batches: one vectorised reduction instead of one per image.
-    """
-
-    BATCH = 256
-
-    def __init__(self, channels: int) -> None:
-        self.sum = np.zeros(channels, np.int64)
-        self.sqsum = np.zeros(channels, np.int64)
-        self.pending: list[np.ndarray] = []
-
-    def add(self, pixels: np.ndarray) -> None:
-        self.pending.append(pixels.reshape(-1, self.sum.size))
-        if len(self.pending) == self.BATCH:
-            self.flush()
-
-    def flush(self) -> "_Stats":
-        if self.pending:
-            # Channel-major first: numpy reduces a contiguous row ~8x faster than a strided column.
-            planes = np.ascontiguousarray(np.concatenate(self.pending).T)
-            self.pending = []
-            self.sum += planes.sum(1, dtype=np.int64)
-            # uint8 squares fit in uint16; summing them in int64 is exact.
-            self.sqsum += np.square(planes, dtype=np.uint16).sum(1, dtype=np.int64)
-        return self
-
-    def totals(self) -> dict:
-        self.flush()
-        return {"pixel_sum": self.sum.tolist(), "pixel_sqsum": self.sqsum.tolist()}
-
-
-_NO_STATS = {"pixel_sum": None, "pixel_sqsum": None}
-
-
 def _padded(size: int) -> int:
     return -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
 
 
-def write_shard(root: Path, relpath: str, epoch: int, samples: Iterable[tuple[int, int, np.ndarray]],
-                encoding: str, *, stats: bool) -> dict:
+def write_shard(root: Path, relpath: str, key_prefix: str, samples: Iterable[tuple[int, int, np.ndarray]],
+                encoding: str) -> dict:
     """Write (source index, label, HWC image) samples as one shard, atomically: nothing appears at
-    its path until every byte is on disk. Returns the shard's manifest entry (as `index_shard`),
-    with pixel sums where `stats` is set."""
+    its path until every byte is on disk. Returns the shard's manifest entry, as `index_shard`."""
     path = root / relpath
     tmp = path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}")
     offsets, sizes, labels, indices = [], [], [], []
-    sums = None
     try:
         with open(tmp, "wb") as f:
             out = _HashingFile(f)
             # Fixed mtime, mode and owner: the same samples give the same bytes.
-            writer = wds.TarWriter(out, encoder=False, mtime=0, user="cachegen", group="cachegen")
-            # TarWriter computes but does not pass on its `format`: plain ustar headers are valid
-            # for our short names and cost less to write than pax ones.
-            writer.tarstream.format = tarfile.USTAR_FORMAT
-            for index, label, image in samples:
-                payload = encode(image, encoding)
-                writer.write({"__key__": sample_key(epoch, index), "cls": str(label).encode(), encoding: payload})
-                # The image is the sample's last member: its data ends the archive so far.
-                offsets.append(writer.tarstream.offset - _padded(len(payload)))
-                sizes.append(len(payload))
-                labels.append(label)
-                indices.append(index)
-                if stats:
-                    sums = sums or _Stats(image.shape[2])
-                    sums.add(image)
-            writer.close()
+            with wds.TarWriter(out, encoder=False, mtime=0, user="cachegen", group="cachegen") as writer:
+                # TarWriter computes but does not pass on its `format`: plain ustar headers are
+                # valid for our short names and cost less to write than pax ones.
+                writer.tarstream.format = tarfile.USTAR_FORMAT
+                for index, label, image in samples:
+                    payload = encode(image, encoding)
+                    writer.write({"__key__": sample_key(key_prefix, index), "cls": str(label).encode(),
+                                  encoding: payload})
+                    # The image is the sample's last member: its data ends the archive so far.
+                    offsets.append(writer.tarstream.offset - _padded(len(payload)))
+                    sizes.append(len(payload))
+                    labels.append(label)
+                    indices.append(index)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -145,7 +105,6 @@ def write_shard(root: Path, relpath: str, epoch: int, samples: Iterable[tuple[in
     return {
         "path": relpath, "samples": len(offsets), "bytes": out.size, "sha256": out.sha.hexdigest(),
         "offsets": offsets, "sizes": sizes, "labels": labels, "indices": indices,
-        **(sums.totals() if sums else _NO_STATS),
     }
 
 
@@ -156,10 +115,10 @@ def _pixels(data: memoryview, offset: int, size: int, encoding: str, header: int
     return decode_image(encoded).permute(1, 2, 0).numpy()
 
 
-def index_shard(root: Path, relpath: str, encoding: str, shape: tuple[int, ...], *, stats: bool) -> dict:
-    """Describe a finished shard as the manifest does: size, sha256, and for each sample its
-    payload offset and size, label, source index, plus (where `stats` is set) exact per-channel
-    pixel sums. Every image is decoded, so a damaged payload is found here.
+def index_shard(root: Path, relpath: str, encoding: str, shape: tuple[int, ...]) -> dict:
+    """Describe a finished shard as `write_shard` did: size, sha256, and for each sample its
+    payload offset and size, label and source index. Every image is decoded, so a damaged
+    payload is found here.
 
     Raises CachegenError when the shard is not what a shard of this cache must be.
     """
@@ -167,9 +126,7 @@ def index_shard(root: Path, relpath: str, encoding: str, shape: tuple[int, ...],
     data = path.read_bytes()
     view = memoryview(data)
     header = npy_header_bytes(shape) if encoding == "npy" else 0
-    channels = shape[2]
     offsets, sizes, labels, indices = [], [], [], []
-    sums = None
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
             members = tar.getmembers()
@@ -181,19 +138,18 @@ def index_shard(root: Path, relpath: str, encoding: str, shape: tuple[int, ...],
         key, _, ext = img.name.partition(".")
         if cls.name != f"{key}.cls" or ext != encoding:
             raise CachegenError(f"{path}: unexpected members {cls.name}, {img.name}")
-        labels.append(int(data[cls.offset_data:cls.offset_data + cls.size]))
-        indices.append(int(key.rpartition("_")[2]))
-        offsets.append(img.offset_data)
-        sizes.append(img.size)
-        pixels = _pixels(view, img.offset_data, img.size, encoding, header).reshape(-1, channels)
+        try:
+            labels.append(int(data[cls.offset_data:cls.offset_data + cls.size]))
+            indices.append(int(key.rpartition("_")[2]))
+            pixels = _pixels(view, img.offset_data, img.size, encoding, header)
+        except (ValueError, RuntimeError) as e:
+            raise CachegenError(f"{path}: sample {key} is damaged ({e})") from None
         if pixels.size != int(np.prod(shape)):
             raise CachegenError(f"{path}: sample {key} has {pixels.size} pixels, expected shape {list(shape)}")
-        if stats:
-            sums = sums or _Stats(channels)
-            sums.add(pixels)
+        offsets.append(img.offset_data)
+        sizes.append(img.size)
     return {
         "path": relpath, "samples": len(offsets), "bytes": len(data),
         "sha256": hashlib.sha256(data).hexdigest(),
         "offsets": offsets, "sizes": sizes, "labels": labels, "indices": indices,
-        **(sums.totals() if sums else _NO_STATS),
     }

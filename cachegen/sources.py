@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 
 from cachegen.errors import CachegenError
-from cachegen.sample import make_sample
+from cachegen.sample import SAMPLE_SEED, SAMPLE_SIZE, SAMPLE_TEST_SIZE, make_sample
 
 # torchvision's dataset classes and the folder each expects under its root (download=False).
 TORCHVISION_KINDS = {
@@ -160,8 +160,10 @@ def open_source(spec: str | None, *, split: str = "train") -> Source:
     """Open a source from its spec: None/'sample', 'cifar10:ROOT' (and cifar100, mnist,
     fashionmnist), a .npz file, or a folder (torchvision layout detected, else ImageFolder)."""
     if spec in (None, "", "sample"):
-        images, labels, classes = make_sample()
-        return ArraySource(images, labels, classes, kind="sample", description="built-in sample: 5000 32x32 shapes")
+        n, seed = (SAMPLE_SIZE, SAMPLE_SEED) if split == "train" else (SAMPLE_TEST_SIZE, SAMPLE_SEED + 1)
+        images, labels, classes = make_sample(n, seed=seed)
+        return ArraySource(images, labels, classes, kind="sample",
+                           description=f"built-in sample ({split}): {n} 32x32 shapes")
     kind, sep, rest = spec.partition(":")
     if sep and kind.lower() in TORCHVISION_KINDS:
         return _from_torchvision(kind.lower(), Path(rest), split)
