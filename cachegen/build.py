@@ -332,7 +332,8 @@ def build(config: BuildConfig) -> dict:
             _remove_temporaries(root)
             raise
 
-    manifest = {**meta, "epochs": epochs}
+    # How to open the source again (preview): not part of the identity, a path may be spelt two ways.
+    manifest = {**meta, "epochs": epochs, "source_spec": {"spec": config.source, "split": config.split}}
     if mode == "live":
         manifest["source_shards"] = [indexed[t.relpath] for t in plan]
         manifest["epoch_list"] = []
