@@ -111,5 +111,20 @@ def verify(cache: Path) -> None:
     click.echo(f"ok: {checked} shards verified")
 
 
+@main.command()
+@click.argument("cache", type=click.Path(path_type=Path))
+@click.option("--out", default="preview.png", show_default=True, type=click.Path(path_type=Path),
+              help="PNG file to write.")
+@click.option("--samples", default=6, show_default=True, type=click.IntRange(1, 64), help="Rows: samples shown.")
+@click.option("--epochs", default=8, show_default=True, type=click.IntRange(1, 64), help="Most epochs shown.")
+@_one_line_errors
+def preview(cache: Path, out: Path, samples: int, epochs: int) -> None:
+    """Draw a grid: rows are samples, columns the original then each epoch's augmentation."""
+    from cachegen.preview import preview as run_preview
+
+    rows, columns = run_preview(cache, out, samples=samples, epochs=epochs)
+    click.echo(f"wrote {out}: {rows} samples x {columns} columns")
+
+
 if __name__ == "__main__":
     main()

@@ -115,6 +115,15 @@ def _pixels(data: memoryview, offset: int, size: int, encoding: str, header: int
     return decode_image(encoded).permute(1, 2, 0).numpy()
 
 
+def read_image(root: Path, shard: dict, j: int, image: dict) -> np.ndarray:
+    """Sample `j` of a manifest shard entry as HWC uint8 (`image` is the manifest's image block)."""
+    with open(root / shard["path"], "rb") as f:
+        f.seek(shard["offsets"][j])
+        data = f.read(shard["sizes"][j])
+    header = image.get("npy_header_bytes", 0)
+    return _pixels(memoryview(data), 0, len(data), image["encoding"], header).reshape(image["shape"])
+
+
 def index_shard(root: Path, relpath: str, encoding: str, shape: tuple[int, ...]) -> dict:
     """Describe a finished shard as `write_shard` did: size, sha256, and for each sample its
     payload offset and size, label and source index. Every image is decoded, so a damaged

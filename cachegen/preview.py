@@ -1,0 +1,98 @@
+"""`cachegen preview`: a grid of a few samples (rows) through the epochs of a cache (columns)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.transforms import functional as F
+from torchvision.utils import make_grid, save_image
+
+from cachegen.build import Job, _Augmenter, to_hwc_uint8
+from cachegen.errors import CachegenError
+from cachegen.manifest import read_manifest
+from cachegen.shards import read_image
+from cachegen.sources import open_source
+
+
+def _locate(shards: list[dict], wanted: set[int]) -> dict[int, tuple[dict, int]]:
+    """Where each wanted source index sits: (shard entry, position in it)."""
+    found = {}
+    for shard in shards:
+        for j, index in enumerate(shard["indices"]):
+            if index in wanted:
+                found[index] = (shard, j)
+    return found
+
+
+def _job(m: dict, source) -> Job:
+    t = m["transform"]
+    return Job(source=source, root=Path("."), spec=t["spec"], epochs=m["epochs"], size=t["size"],
+               schedule=t["schedule"], seed=m["seed"], encoding=m["image"]["encoding"], on_error="fail",
+               resize=t["resize"], shape=tuple(m["output_shape"]), source_shape=tuple(m["image"]["shape"]))
+
+
+class _Stored:
+    """A live cache's source pass, as a Source: the images the transform starts from."""
+
+    def __init__(self, root: Path, m: dict, located: dict) -> None:
+        self.root, self.m, self.located = root, m, located
+
+    def load(self, index: int) -> Image.Image:
+        shard, j = self.located[index]
+        pixels = read_image(self.root, shard, j, self.m["image"])
+        return Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels)
+
+    def name(self, index: int) -> str:
+        return f"sample {index}"
+
+
+def _original(m: dict, indices: list[int]) -> list[np.ndarray] | None:
+    """The un-augmented source images (resized as the build did), or None where the source is gone."""
+    try:
+        source = open_source(m["source_spec"]["spec"], split=m["source_spec"]["split"])
+    except CachegenError:
+        return None
+    if source.fingerprint() != m["source"]["fingerprint"]:
+        return None
+    augment = _Augmenter(_job(m, source))
+    return [to_hwc_uint8(augment.load(i)) for i in indices]
+
+
+def preview(root: Path, out: Path, *, samples: int = 6, epochs: int = 8) -> tuple[int, int]:
+    """Write a PNG grid to `out`: one row per sample, the original then each epoch. Returns (rows, columns)."""
+    root = Path(root)
+    m = read_manifest(root)
+    live = m["mode"] == "live"
+    first = m["source_shards"] if live else m["epoch_list"][0]["shards"]
+    indices = [i for s in first for i in s["indices"]][:samples]
+    shown = min(epochs, m["epochs"])
+    if live:
+        stored = _Stored(root, m, _locate(m["source_shards"], set(indices)))
+        augment = _Augmenter(_job(m, stored))
+        originals = [read_image(root, *stored.located[i], m["image"]) for i in indices]
+        columns = [[augment.augment(e, i, stored.load(i)) for e in range(shown)] for i in indices]
+    else:
+        originals = _original(m, indices)
+        by_epoch = [_locate(m["epoch_list"][e]["shards"], set(indices)) for e in range(shown)]
+        columns = [[read_image(root, *by_epoch[e][i], m["image"]) for e in range(shown)] for i in indices]
+    h, w, c = m["output_shape"]
+    tiles = []
+    for row, index in enumerate(indices):
+        if originals is not None:
+            tiles.append(F.resize(_chw(originals[row], c), [h, w], antialias=True))
+        tiles += [_chw(x, c) for x in columns[row]]
+    per_row = shown + (originals is not None)
+    grid = make_grid(torch.stack(tiles).float() / 255, nrow=per_row, padding=2, pad_value=1.0)
+    try:
+        save_image(grid, out)
+    except (OSError, ValueError) as e:
+        raise CachegenError(f"cannot write {out}: {e}; give a writable path ending in .png") from None
+    return len(indices), per_row
+
+
+def _chw(image: np.ndarray, channels: int) -> torch.Tensor:
+    t = torch.from_numpy(np.array(image)).permute(2, 0, 1)  # a writable copy, as torch wants
+    return t.expand(channels, -1, -1) if t.shape[0] == 1 and channels > 1 else t
