@@ -23,7 +23,7 @@ from cachegen.manifest import (BUILD_STATE, FORMAT, FORMAT_VERSION, MANIFEST, de
 from cachegen.shards import TMP_MARK, encode, index_shard, npy_header_bytes, write_shard
 from cachegen.sources import Source, open_source
 from cachegen.stats import PixelStats, channel_stats
-from cachegen.transforms import epoch_fingerprint, fingerprint, is_random, make_transform, seed_sample
+from cachegen.transforms import augment, epoch_fingerprint, fingerprint, is_random, make_transform, to_hwc_uint8
 
 STATS_EPOCH = 0  # mean/std: the source images behind this epoch's shards (each sample once)
 TAR_BYTES_PER_SAMPLE = 1536  # two 512-byte headers and the padded label
@@ -59,23 +59,6 @@ class ShardTask:
     stats: bool
 
 
-def to_hwc_uint8(image) -> np.ndarray:
-    """A transform's output (PIL image, uint8 or float CHW tensor, HWC array) as HWC uint8."""
-    if isinstance(image, torch.Tensor):
-        if image.is_floating_point():
-            image = (image * 255).round().clamp(0, 255).to(torch.uint8)
-        if image.dtype != torch.uint8 or image.ndim != 3:
-            raise CachegenError(f"transform returned a {image.dtype} tensor of shape {tuple(image.shape)}: "
-                                "return a PIL image or a CHW uint8/float tensor")
-        return image.permute(1, 2, 0).contiguous().numpy()
-    array = np.asarray(image)
-    if array.ndim == 2:
-        array = array[:, :, None]
-    if array.dtype != np.uint8 or array.ndim != 3:
-        raise CachegenError(f"transform returned {array.dtype} {array.shape}: return a PIL image or a tensor")
-    return array
-
-
 class _Augmenter:
     """Loads source samples (with the optional deterministic resize) and augments them, seeded per sample."""
 
@@ -101,9 +84,8 @@ class _Augmenter:
         if epoch not in self.transforms:
             self.transforms[epoch] = make_transform(job.spec, epoch=epoch, epochs=job.epochs,
                                                     size=job.size, schedule=job.schedule)
-        seed_sample(job.seed, epoch, index)
         try:
-            out = to_hwc_uint8(self.transforms[epoch](image))
+            out = augment(self.transforms[epoch], image, seed=job.seed, epoch=epoch, index=index)
         except CachegenError:
             raise
         except Exception as e:

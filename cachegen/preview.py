@@ -10,7 +10,8 @@ from PIL import Image
 from torchvision.transforms import functional as F
 from torchvision.utils import make_grid, save_image
 
-from cachegen.build import Job, _Augmenter, to_hwc_uint8
+from cachegen.build import Job, _Augmenter
+from cachegen.transforms import to_hwc_uint8, to_pil
 from cachegen.errors import CachegenError
 from cachegen.manifest import read_manifest
 from cachegen.shards import read_image
@@ -43,7 +44,7 @@ class _Stored:
     def load(self, index: int) -> Image.Image:
         shard, j = self.located[index]
         pixels = read_image(self.root, shard, j, self.m["image"])
-        return Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels)
+        return to_pil(pixels)
 
     def name(self, index: int) -> str:
         return f"sample {index}"

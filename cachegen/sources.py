@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image
 
 from cachegen.errors import CachegenError
+from cachegen.transforms import to_pil
 from cachegen.sample import SAMPLE_SEED, SAMPLE_SIZE, SAMPLE_TEST_SIZE, make_sample
 
 # torchvision's dataset classes and the folder each expects under its root (download=False).
@@ -59,9 +60,7 @@ class ArraySource(Source):
 
     def load(self, index: int) -> Image.Image:
         image = self.images[index]
-        if image.ndim == 3 and image.shape[2] == 1:
-            image = image[:, :, 0]
-        return Image.fromarray(image)
+        return Image.fromarray(image) if image.ndim == 2 else to_pil(image)
 
     def fingerprint(self) -> str:
         if self._fingerprint is None:

@@ -1,7 +1,7 @@
 """Augmentation presets, user factories and the per-sample seeding rule (public API).
 
-`make_transform` and `sample_seed` are the randomness contract of a cache: the builder and the
-live reader both call them, so a sample augmented live is the sample a cache stores.
+`make_transform`, `augment` and `to_pil` are the randomness contract of a cache: the builder
+and the live reader both call them, so a sample augmented live is the sample a cache stores.
 """
 
 from __future__ import annotations
@@ -12,7 +12,9 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 from torchvision import transforms as T
 
 from cachegen.errors import CachegenError
@@ -33,6 +35,34 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 def seed_sample(seed: int, epoch: int, index: int) -> None:
     """Seed torch's global generator for one sample (~1 µs, unlike torch.manual_seed's ~100 µs)."""
     torch.default_generator.manual_seed(sample_seed(seed, epoch, index))
+
+
+def to_hwc_uint8(image) -> np.ndarray:
+    """A transform's output (PIL image, uint8 or float CHW tensor, HWC array) as HWC uint8."""
+    if isinstance(image, torch.Tensor):
+        if image.is_floating_point():
+            image = (image * 255).round().clamp(0, 255).to(torch.uint8)
+        if image.dtype != torch.uint8 or image.ndim != 3:
+            raise CachegenError(f"transform returned a {image.dtype} tensor of shape {tuple(image.shape)}: "
+                                "return a PIL image or a CHW uint8/float tensor")
+        return image.permute(1, 2, 0).contiguous().numpy()
+    array = np.asarray(image)
+    if array.ndim == 2:
+        array = array[:, :, None]
+    if array.dtype != np.uint8 or array.ndim != 3:
+        raise CachegenError(f"transform returned {array.dtype} {array.shape}: return a PIL image or a tensor")
+    return array
+
+
+def to_pil(pixels: np.ndarray) -> Image.Image:
+    """A stored HWC uint8 image as the PIL image a transform starts from (one channel: mode L)."""
+    return Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels)
+
+
+def augment(transform: Callable, image: Image.Image, *, seed: int, epoch: int, index: int) -> np.ndarray:
+    """Sample `index` of epoch `epoch`, augmented: seeded, transformed, as HWC uint8."""
+    seed_sample(seed, epoch, index)
+    return to_hwc_uint8(transform(image))
 
 
 def strength(epoch: int, epochs: int, schedule: str) -> float:

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from cachegen.build import build, to_hwc_uint8
+from cachegen.build import build
+from cachegen.transforms import to_hwc_uint8
 from cachegen.config import BuildConfig
 from cachegen.sources import open_source
 from cachegen.transforms import make_transform, seed_sample
