@@ -1,0 +1,125 @@
+"""Move uint8 NHWC batches to the device (pinned memory, side CUDA stream), then convert them there."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """`device`, or cuda when one is available and cpu otherwise."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r} is not a torch device") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {str(device)!r} is not supported: use cpu or cuda")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r} was asked for but CUDA is not available")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+@dataclass(frozen=True, eq=False)
+class Pending:
+    """A batch on its way to the device; hand it to DeviceCopier.finish before using it."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    ready: torch.cuda.Event | None  # recorded on the side stream after the batch's work
+
+
+class DeviceCopier:
+    """Takes uint8 host batches to `device` as (B, C, H, W) tensors of `dtype`.
+
+    Host batches are (B, H, W, C), the cache's layout, or (B, C, H, W) when
+    host_channels_first says so. On CUDA the host batch should be pinned: the copy is
+    non_blocking on a side stream, and the conversion (to `dtype`, minus mean, over std) runs
+    on that stream too, so batch k+1 moves and converts while batch k trains. Moving uint8 is
+    4x less PCIe traffic than float. Without CUDA the same steps run on the CPU, same values.
+    """
+
+    def __init__(self, *, device: torch.device, normalize: bool, mean: Sequence[float], std: Sequence[float],
+                 dtype: torch.dtype = torch.float32, channels_last: bool = False) -> None:
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not one of {', '.join(map(str, DTYPES))}")
+        if len(mean) != len(std) or min(std, default=1.0) <= 0:
+            raise ValueError(f"mean {list(mean)!r} and std {list(std)!r} must be one value per channel, std > 0")
+        self.device = device
+        self.normalize = normalize
+        self.dtype = dtype if normalize else torch.uint8
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.pin = device.type == "cuda"
+        # (x - 255 mean) / (255 std) as one multiply-add per element.
+        scale = torch.tensor([1.0 / (255.0 * s) for s in std], dtype=torch.float32)
+        bias = torch.tensor([-m / s for m, s in zip(mean, std)], dtype=torch.float32)
+        self._scale = scale.view(1, -1, 1, 1).to(device)
+        self._bias = bias.view(1, -1, 1, 1).to(device)
+        self._rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # image width -> per-row scale, bias
+        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        if self._stream is not None:
+            self._stream.wait_stream(torch.cuda.current_stream(device))
+
+    def start(self, images: torch.Tensor, labels: torch.Tensor) -> Pending:
+        """Begin moving and converting one batch; returns at once on CUDA."""
+        if self._stream is None:
+            return Pending(self.convert(images), labels, None)
+        with torch.cuda.stream(self._stream):
+            images = self.convert(images.to(self.device, non_blocking=True))
+            labels = labels.to(self.device, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record(self._stream)
+        return Pending(images, labels, ready)
+
+    def finish(self, pending: Pending) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch, usable on the current stream (which waits for it on the GPU, not the host)."""
+        if pending.ready is None:
+            return pending.images, pending.labels
+        current = torch.cuda.current_stream(self.device)
+        current.wait_event(pending.ready)
+        # The side stream allocated these; tell the allocator the current stream uses them too.
+        pending.images.record_stream(current)
+        pending.labels.record_stream(current)
+        return pending.images, pending.labels
+
+    @property
+    def host_channels_first(self) -> bool:
+        """Whether host batches should come as (B, C, H, W) rather than (B, H, W, C).
+
+        On CUDA batches travel as HWC, the cache's layout, and the GPU transposes them if
+        asked. On the CPU a uint8 NCHW batch is best transposed by the gather that assembles
+        it; a float one by its conversion (measured faster), and channels_last needs no
+        transpose at all (NHWC memory is channels_last).
+        """
+        return self._stream is None and self.memory_format == torch.contiguous_format and not self.normalize
+
+    def convert(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 host-layout batch -> (B, C, H, W) in `dtype`, normalised, on the tensor's own device."""
+        if not self.host_channels_first:
+            images = images.permute(0, 3, 1, 2)  # NHWC memory seen as NCHW: channels_last strides
+        if not self.normalize:
+            return images.contiguous(memory_format=self.memory_format)
+        out = images.to(torch.float32, memory_format=self.memory_format)
+        if self.memory_format == torch.channels_last:
+            # NHWC memory: scale rows of W*C values, not a stride-1 axis of C (3) values,
+            # which vectorises badly (measured 1.4x slower on the CPU).
+            width = out.shape[3]
+            scale, bias = self._row_affine(width)
+            rows = out.permute(0, 2, 3, 1).view(-1, scale.numel())  # a view: NHWC is contiguous
+            rows.mul_(scale).add_(bias)
+        else:
+            out.mul_(self._scale).add_(self._bias)  # faster on the CPU than one addcmul
+        return out if self.dtype == torch.float32 else out.to(self.dtype)
+
+    def _row_affine(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if width not in self._rows:
+            self._rows[width] = (self._scale.view(-1).repeat(width), self._bias.view(-1).repeat(width))
+        return self._rows[width]

@@ -1,0 +1,130 @@
+"""The deterministic sample plan of one epoch for one rank: which shards, which samples, what order."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+
+from readers.errors import ReaderError
+
+# Keep the plan's random streams apart from each other and from the builder's uses of the seed.
+SHARD_ORDER_SALT = 0x5A4D
+WINDOW_ORDER_SALT = 0x717D
+
+
+class Segment(NamedTuple):
+    """Samples [start, stop) of shard number `shard` (its index in the cached epoch's shard list)."""
+
+    shard: int
+    start: int
+    stop: int
+
+
+@dataclass(frozen=True, eq=False)
+class Window:
+    """A few consecutive segments read together; `order` is the delivery order of their samples,
+    as positions into the segments' samples laid end to end."""
+
+    segments: tuple[Segment, ...]
+    order: np.ndarray  # int64, a permutation of range(sum of segment lengths)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+
+@dataclass(frozen=True, eq=False)
+class EpochPlan:
+    """What one rank reads in one training epoch: windows in order, cut into batches."""
+
+    epoch: int  # the training epoch
+    cache_epoch: int  # the cached epoch it reads: epoch mod the number cached
+    windows: tuple[Window, ...]
+    batch_size: int
+    num_samples: int  # samples delivered (the windows may hold a few more, dropped by drop_last)
+    num_batches: int
+
+    def samples(self) -> np.ndarray:
+        """(num_samples, 2) int64 array of (shard, sample) in delivery order."""
+        parts = []
+        for window in self.windows:
+            flat = np.concatenate([np.stack([np.full(s.stop - s.start, s.shard), np.arange(s.start, s.stop)], 1)
+                                   for s in window.segments])
+            parts.append(flat[window.order])
+        out = np.concatenate(parts) if parts else np.zeros((0, 2), np.int64)
+        return out[:self.num_samples].astype(np.int64)
+
+
+def rank_length(total: int, *, batch_size: int, world_size: int, drop_last: bool) -> tuple[int, int]:
+    """(samples, batches) each rank gets from an epoch of `total` samples.
+
+    DistributedSampler semantics: without drop_last every rank gets ceil(total / world_size)
+    samples (the last ranks repeat a few from the start of the epoch) and a last partial batch;
+    with drop_last each rank gets floor(total / world_size) samples and only full batches.
+    Every rank gets the same number of batches, so collectives never wait on a rank that ran dry.
+
+    Raises:
+        ReaderError: when some rank would get no sample of its own, or no batch at all.
+    """
+    if total < world_size:
+        raise ReaderError(f"world_size {world_size} is larger than the {total} samples of an epoch: "
+                          "every rank needs at least one sample")
+    if drop_last:
+        samples = total // world_size
+        batches = samples // batch_size
+        if batches == 0:
+            raise ReaderError(f"world_size {world_size} is too large for batch_size {batch_size} with drop_last: "
+                              f"{total} samples give {samples} per rank, less than one full batch")
+        return batches * batch_size, batches
+    samples = -(-total // world_size)
+    return samples, -(-samples // batch_size)
+
+
+def plan_epoch(shard_samples: Sequence[int], *, epoch: int, cache_epoch: int, seed: int, batch_size: int,
+               rank: int = 0, world_size: int = 1, drop_last: bool = False, shuffle: bool = True,
+               window: int = 8) -> EpochPlan:
+    """Plan training epoch `epoch` for `rank`, over a cached epoch whose shards hold `shard_samples`.
+
+    The shard order is a permutation drawn from (seed, epoch): the training epoch, so an epoch
+    that wraps around the cache reads the same samples in a fresh order. The epoch laid out in
+    that order is cut into `world_size` contiguous slices (each rank reads only its own shards);
+    a rank's segments are grouped `window` at a time and the samples of each group are permuted,
+    so a batch mixes samples of several shards. A pure function of its arguments.
+    """
+    sizes = np.asarray(shard_samples, dtype=np.int64)
+    total = int(sizes.sum())
+    per_rank, batches = rank_length(total, batch_size=batch_size, world_size=world_size, drop_last=drop_last)
+    if shuffle:
+        order = np.random.default_rng([seed, epoch, SHARD_ORDER_SALT]).permutation(len(sizes))
+    else:
+        order = np.arange(len(sizes))
+    # Without drop_last a rank takes ceil(total / world_size) samples, so the slices run past the
+    # end of the epoch; those positions wrap to its start (DistributedSampler's padding).
+    slice_len = per_rank if not drop_last else total // world_size
+    segments = _segments(sizes[order], order, rank * slice_len, (rank + 1) * slice_len)
+    rng = np.random.default_rng([seed, epoch, WINDOW_ORDER_SALT, rank]) if shuffle else None
+    windows = []
+    for i in range(0, len(segments), window):
+        group = tuple(segments[i:i + window])
+        n = sum(s.stop - s.start for s in group)
+        windows.append(Window(group, rng.permutation(n) if rng is not None else np.arange(n, dtype=np.int64)))
+    return EpochPlan(epoch=epoch, cache_epoch=cache_epoch, windows=tuple(windows), batch_size=batch_size,
+                     num_samples=per_rank, num_batches=batches)
+
+
+def _segments(sizes: np.ndarray, order: np.ndarray, lo: int, hi: int) -> list[Segment]:
+    """Positions [lo, hi) of the epoch laid out shard after shard (`sizes` in that order), as
+    segments; positions past the end wrap to the start."""
+    ends = np.cumsum(sizes)
+    total = int(ends[-1])
+    out = []
+    while lo < hi:
+        p = lo % total
+        k = int(np.searchsorted(ends, p, side="right"))  # the shard holding position p
+        start = p - (int(ends[k]) - int(sizes[k]))
+        take = min(hi - lo, int(sizes[k]) - start)
+        out.append(Segment(int(order[k]), start, start + take))
+        lo += take
+    return out

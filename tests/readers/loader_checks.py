@@ -1,0 +1,66 @@
+"""Helpers shared by the readers tests: what a cached epoch holds, read independently of readers/."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+
+# The test caches (tests/readers/conftest.py): SAMPLES random SHAPE images, CLASSES labels,
+# SHARD_SIZE samples per shard.
+SAMPLES = 300
+SHAPE = (12, 20, 3)  # not square: an H/W mix-up shows
+CLASSES = 7
+SHARD_SIZE = 50
+
+
+def epoch_contents(cache: Path, epoch: int) -> Counter:
+    """Counter of (image bytes HWC, label) in cached epoch `epoch`, parsed with tarfile."""
+    manifest = json.loads((Path(cache) / "manifest.json").read_text())
+    entry = next(e for e in manifest["epoch_list"] if e["epoch"] == epoch)
+    out = Counter()
+    for shard in entry["shards"]:
+        with tarfile.open(Path(cache) / shard["path"]) as tar:
+            members = tar.getmembers()
+            for cls, img in zip(members[0::2], members[1::2]):
+                label = int(tar.extractfile(cls).read())
+                out[(decode(img.name.rpartition(".")[2], tar.extractfile(img).read()).tobytes(), label)] += 1
+    return out
+
+
+def decode(encoding: str, payload: bytes) -> np.ndarray:
+    """An HWC uint8 image from a shard payload: np.load, PIL for png, torchvision for jpg."""
+    if encoding == "npy":
+        return np.load(io.BytesIO(payload))
+    if encoding == "png":
+        from PIL import Image
+
+        return np.asarray(Image.open(io.BytesIO(payload)).convert("RGB"))
+    from torchvision.io import decode_image
+
+    return decode_image(torch.frombuffer(bytearray(payload), dtype=torch.uint8)).permute(1, 2, 0).numpy()
+
+
+def collect(loader) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Every batch of one pass: images as uint8 NHWC arrays, labels as arrays."""
+    images, labels = [], []
+    for x, y in loader:
+        images.append(hwc(x))
+        labels.append(y.cpu().numpy())
+    return images, labels
+
+
+def hwc(batch: torch.Tensor) -> np.ndarray:
+    """A uint8 (B, C, H, W) batch as a contiguous (B, H, W, C) array."""
+    assert batch.dtype == torch.uint8, batch.dtype
+    return np.ascontiguousarray(batch.cpu().permute(0, 2, 3, 1).numpy())
+
+
+def pairs(images: list[np.ndarray], labels: list[np.ndarray]) -> Counter:
+    """Counter of (image bytes, label) over collected batches."""
+    return Counter((img.tobytes(), int(label)) for batch, ys in zip(images, labels) for img, label in zip(batch, ys))

@@ -1,0 +1,94 @@
+"""Two real processes (torch.distributed, gloo, CPU): equal batch counts, disjoint ranks, full cover."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import time
+from collections import Counter
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from loader_checks import epoch_contents
+
+WORLD_SIZE = 2
+TIMEOUT_S = 90  # a hang (one rank waiting in a collective) fails the test instead of blocking CI
+EPOCHS = (0, 1, 2)
+
+
+def _digest(image: bytes, label: int) -> str:
+    return hashlib.blake2b(image + label.to_bytes(2, "little"), digest_size=12).hexdigest()
+
+
+def _worker(rank: int, cache: str, port: int, out: str, batch_size: int, drop_last: bool) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE, timeout=timedelta(seconds=60))
+    try:
+        from readers import CachedLoader
+
+        loader = CachedLoader(cache, batch_size=batch_size, device="cpu", normalize=False, drop_last=drop_last,
+                              prefetch=2)  # rank and world size from torch.distributed
+        result = {"rank": loader.options.rank, "world_size": loader.options.world_size, "epochs": {}}
+        for epoch in EPOCHS:
+            loader.set_epoch(epoch)
+            seen, batches = [], 0
+            for images, labels in loader:
+                total = torch.tensor([len(images)])
+                dist.all_reduce(total)  # one collective per batch: hangs if a rank runs dry first
+                batches += 1
+                hwc = images.permute(0, 2, 3, 1).contiguous().numpy()
+                seen += [_digest(img.tobytes(), int(y)) for img, y in zip(hwc, labels)]
+            result["epochs"][epoch] = {"batches": batches, "len": len(loader), "samples": seen}
+        dist.barrier()
+        Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(cache: Path, out: Path, batch_size: int, drop_last: bool) -> list[dict]:
+    context = mp.spawn(_worker, args=(str(cache), _free_port(), str(out), batch_size, drop_last),
+                       nprocs=WORLD_SIZE, join=False)
+    deadline = time.monotonic() + TIMEOUT_S
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"DDP workers still running after {TIMEOUT_S}s: a rank is stuck in a collective")
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD_SIZE)]
+
+
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_two_ranks_split_every_epoch(npy_cache, tmp_path, drop_last):
+    batch_size = 32  # 300 samples: 150 per rank; drop_last keeps 4 batches each, else 5 (the last of 22)
+    results = _run(npy_cache, tmp_path, batch_size, drop_last)
+    assert [(r["rank"], r["world_size"]) for r in results] == [(0, 2), (1, 2)]
+    for epoch in EPOCHS:
+        per_rank = [r["epochs"][str(epoch)] for r in results]
+        assert [p["batches"] for p in per_rank] == [p["len"] for p in per_rank] == [4 if drop_last else 5] * 2
+        ranks = [Counter(p["samples"]) for p in per_rank]
+        assert not set(ranks[0]) & set(ranks[1])  # disjoint
+        cached = epoch_contents(npy_cache, epoch % 2)
+        everything = Counter({_digest(img, label): n for (img, label), n in cached.items()})
+        union = ranks[0] + ranks[1]
+        assert all(n == 1 for n in union.values()) and set(union) <= set(everything)
+        if drop_last:
+            assert sum(union.values()) == 2 * 4 * batch_size
+        else:
+            assert union == everything  # 300 = 2 x 150: covered exactly, no padding needed
+    # Each epoch orders samples afresh, also when training wraps around the 2 cached epochs.
+    first = [r["epochs"]["0"]["samples"] for r in results]
+    wrapped = [r["epochs"]["2"]["samples"] for r in results]
+    assert first != wrapped

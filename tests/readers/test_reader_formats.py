@@ -1,0 +1,67 @@
+"""Caches written with --format png and jpg read like raw ones (decoded with torchvision.io)."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from loader_checks import SHAPE, collect, epoch_contents, pairs
+from readers import CachedLoader, ReaderError
+
+
+def _loader(cache, **kw) -> CachedLoader:
+    return CachedLoader(cache, **{"batch_size": 32, "device": "cpu", "normalize": False, **kw})
+
+
+@pytest.mark.parametrize("encoding", ["png", "jpg"])
+def test_compressed_epochs_hold_the_cached_images(caches, encoding):
+    loader = _loader(caches[encoding], prefetch=2)
+    assert loader.manifest.encoding == encoding
+    for epoch in range(loader.manifest.num_epochs):
+        loader.set_epoch(epoch)
+        images, labels = collect(loader)
+        assert all(b.shape[1:] == SHAPE for b in images)
+        assert pairs(images, labels) == epoch_contents(caches[encoding], epoch)
+
+
+@pytest.mark.parametrize(("encoding", "max_error"), [("npy", 0.0), ("png", 0.0), ("jpg", 55.0)])
+def test_pixels_match_the_source(caches, source, encoding, max_error):
+    # Epoch 0 is the source unchanged; unshuffled, batches follow the manifest's source indices.
+    _, originals, labels = source
+    loader = _loader(caches[encoding], shuffle=False)
+    indices = np.concatenate([s["indices"] for s in loader.manifest.raw["epoch_list"][0]["shards"]])
+    images, got_labels = collect(loader)
+    got = np.concatenate(images).reshape(len(indices), -1).astype(np.float32)
+    flat = originals.reshape(len(originals), -1).astype(np.float32)
+    errors = np.abs(got[:, None, :] - flat[None, :, :]).mean(axis=2)  # (delivered, source) mean abs error
+    assert np.array_equal(errors.argmin(axis=1), indices)  # each image is nearest to its own source
+    # The test images are uniform noise, JPEG's worst case (~46 at quality 95); png and npy are exact.
+    assert errors[np.arange(len(indices)), indices].max() <= max_error
+    assert np.array_equal(np.concatenate(got_labels), labels[indices])
+
+
+def test_the_same_seed_reads_the_same_batches_in_every_format(caches):
+    orders = {}
+    for encoding in ("npy", "png"):
+        loader = _loader(caches[encoding], seed=11)
+        orders[encoding] = np.concatenate(collect(loader)[0])
+    assert np.array_equal(orders["npy"], orders["png"])  # same plan, lossless decode
+
+
+def test_normalised_png_batches(caches):
+    x, y = next(iter(_loader(caches["png"], normalize=True, dtype=torch.float16)))
+    assert x.dtype == torch.float16 and x.shape == (32, 3, SHAPE[0], SHAPE[1]) and y.dtype == torch.int64
+
+
+def test_an_undecodable_payload_is_named(caches, tmp_path):
+    cache = shutil.copytree(caches["png"], tmp_path / "png")
+    shard = _loader(cache).manifest.epochs[0][0]
+    data = bytearray(shard.path.read_bytes())
+    start = int(shard.offsets[2])
+    data[start:start + 16] = b"\0" * 16  # the PNG signature of sample 2
+    shard.path.write_bytes(bytes(data))
+    with pytest.raises(ReaderError, match=rf"{shard.path}: sample 2 does not decode as png"):
+        list(_loader(cache, shuffle=False))

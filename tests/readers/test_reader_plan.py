@@ -1,0 +1,150 @@
+"""The per-epoch sample plan: determinism, rank split, padding, windows, errors (pure numpy)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from readers.errors import ReaderError
+from readers.plan import EpochPlan, plan_epoch, rank_length
+
+SIZES = [50, 50, 50, 50, 50, 37, 13]  # 300 samples, uneven shards
+
+
+def _plan(sizes=SIZES, **kw) -> EpochPlan:
+    return plan_epoch(sizes, **{"epoch": 0, "cache_epoch": 0, "seed": 0, "batch_size": 32, **kw})
+
+
+def _keys(plan: EpochPlan) -> list[tuple[int, int]]:
+    return [tuple(x) for x in plan.samples().tolist()]
+
+
+def test_same_arguments_give_the_same_plan():
+    assert _keys(_plan(seed=3, epoch=5)) == _keys(_plan(seed=3, epoch=5))
+
+
+def test_seed_and_epoch_change_the_order_but_not_the_samples():
+    base = _keys(_plan())
+    for other in (_plan(seed=1), _plan(epoch=1)):
+        assert _keys(other) != base
+        assert sorted(_keys(other)) == sorted(base)
+
+
+def test_a_wrapped_epoch_gets_a_fresh_order_of_the_same_cached_epoch():
+    # Training epochs 0 and 2 both read cached epoch 0 (of 2): same samples, new order.
+    first, wrapped = _plan(epoch=0, cache_epoch=0), _plan(epoch=2, cache_epoch=0)
+    assert wrapped.cache_epoch == first.cache_epoch == 0
+    assert _keys(wrapped) != _keys(first)
+    assert sorted(_keys(wrapped)) == sorted(_keys(first))
+
+
+def test_a_wrapped_epoch_reads_the_shards_in_a_fresh_order():
+    def shard_order(epoch):
+        return [s.shard for w in _plan(epoch=epoch, cache_epoch=0).windows for s in w.segments]
+
+    assert shard_order(2) != shard_order(0) and sorted(shard_order(2)) == sorted(shard_order(0))
+    assert shard_order(0) == shard_order(0)
+
+
+def test_one_rank_reads_every_sample_once():
+    keys = _keys(_plan())
+    assert sorted(keys) == [(s, i) for s, n in enumerate(SIZES) for i in range(n)]
+
+
+def test_unshuffled_plan_reads_in_manifest_order():
+    assert _keys(_plan(shuffle=False)) == [(s, i) for s, n in enumerate(SIZES) for i in range(n)]
+
+
+def test_batches_mix_shards_within_a_window():
+    plan = _plan(window=4)
+    first_batch = plan.samples()[:32]
+    assert len(set(first_batch[:, 0].tolist())) >= 3
+    assert all(len(w.segments) <= 4 for w in plan.windows)
+    for w in plan.windows:
+        assert sorted(w.order.tolist()) == list(range(sum(s.stop - s.start for s in w.segments)))
+
+
+def test_window_of_one_shard_keeps_each_shard_together():
+    plan = _plan(window=1)
+    shards = plan.samples()[:, 0]
+    runs = [shards[0]] + [b for a, b in zip(shards, shards[1:]) if a != b]
+    assert len(runs) == len(SIZES)  # each shard read in one go
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_drop_last_ranks_are_disjoint_and_equal(world_size):
+    plans = [_plan(rank=r, world_size=world_size, drop_last=True, batch_size=16) for r in range(world_size)]
+    keys = [_keys(p) for p in plans]
+    assert len({p.num_batches for p in plans}) == 1
+    assert all(len(k) == p.num_batches * 16 for k, p in zip(keys, plans))
+    flat = [k for ks in keys for k in ks]
+    assert len(flat) == len(set(flat))  # disjoint
+    assert len(set(flat)) > sum(SIZES) - world_size * 16  # only the remainders are left out
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 7])
+def test_padded_ranks_cover_the_epoch_and_repeat_only_the_padding(world_size):
+    total = sum(SIZES)
+    plans = [_plan(rank=r, world_size=world_size, batch_size=16) for r in range(world_size)]
+    per_rank = -(-total // world_size)
+    assert {p.num_samples for p in plans} == {per_rank}
+    assert {p.num_batches for p in plans} == {-(-per_rank // 16)}
+    counts = Counter(k for p in plans for k in _keys(p))
+    assert len(counts) == total  # every sample read
+    assert sum(counts.values()) - total == per_rank * world_size - total  # the padding, and nothing else
+
+
+def test_ranks_read_contiguous_shares_of_the_shard_order():
+    # Each rank touches about 1/world_size of the shards, not all of them.
+    plans = [_plan(rank=r, world_size=3, drop_last=True, window=8) for r in range(3)]
+    for p in plans:
+        assert len({s.shard for w in p.windows for s in w.segments}) <= 4
+
+
+def test_drop_last_drops_the_partial_batch():
+    plan = _plan(batch_size=64, drop_last=True)
+    assert plan.num_batches == 300 // 64 and plan.num_samples == 256
+    plan = _plan(batch_size=64)
+    assert plan.num_batches == 5 and plan.num_samples == 300
+
+
+def test_too_many_ranks_name_the_numbers():
+    with pytest.raises(ReaderError, match=r"world_size 400 .* 300 samples"):
+        _plan(world_size=400)
+    with pytest.raises(ReaderError, match=r"world_size 16 .*batch_size 32.* 18 per rank"):
+        _plan(world_size=16, drop_last=True)
+
+
+def test_rank_length_matches_the_plan():
+    for world_size, drop_last in ((1, False), (2, True), (5, False)):
+        p = _plan(world_size=world_size, drop_last=drop_last, rank=world_size - 1)
+        assert rank_length(300, batch_size=32, world_size=world_size, drop_last=drop_last) == (
+            p.num_samples, p.num_batches)
+
+
+@settings(max_examples=60, deadline=None)
+@given(sizes=st.lists(st.integers(0, 40), min_size=1, max_size=12).filter(lambda s: sum(s) > 0),
+       world_size=st.integers(1, 5), batch_size=st.integers(1, 17), drop_last=st.booleans(),
+       window=st.integers(1, 4), seed=st.integers(0, 2**32), epoch=st.integers(0, 50))
+def test_plan_properties(sizes, world_size, batch_size, drop_last, window, seed, epoch):
+    total = sum(sizes)
+    try:
+        samples, batches = rank_length(total, batch_size=batch_size, world_size=world_size, drop_last=drop_last)
+    except ReaderError:
+        assert total < world_size or (drop_last and total // world_size < batch_size)
+        return
+    plans = [plan_epoch(sizes, epoch=epoch, cache_epoch=0, seed=seed, batch_size=batch_size, rank=r,
+                        world_size=world_size, drop_last=drop_last, window=window) for r in range(world_size)]
+    keys = [p.samples() for p in plans]
+    for p, k in zip(plans, keys):
+        assert (p.num_samples, p.num_batches) == (samples, batches)
+        assert len(k) == samples
+        assert all(0 <= i < sizes[s] for s, i in k.tolist())
+    flat = Counter(tuple(x) for k in keys for x in k.tolist())
+    if drop_last:
+        assert max(flat.values()) == 1 and len(flat) == world_size * samples
+    else:
+        assert len(flat) == total and sum(flat.values()) == world_size * samples

@@ -1,0 +1,39 @@
+"""resolve_rank and LoaderOptions: explicit values, defaults outside torch.distributed, bad values quoted."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from readers import LoaderOptions
+from readers.split import resolve_rank
+
+
+def test_defaults_outside_torch_distributed():
+    assert resolve_rank() == (0, 1)
+    assert resolve_rank(2, 4) == (2, 4)
+
+
+@pytest.mark.parametrize(("rank", "world_size", "message"), [
+    (4, 4, "rank 4 / world_size 4"),
+    (-1, 2, "rank -1 / world_size 2"),
+    (0, 0, "rank 0 / world_size 0"),
+    (None, 2, "world_size=2 was given without rank"),
+    (1, None, "rank=1 was given without world_size"),
+    (1.0, 2, "rank must be an int, got 1.0"),
+])
+def test_bad_splits_are_quoted(rank, world_size, message):
+    with pytest.raises(ValueError, match=message):
+        resolve_rank(rank, world_size)
+
+
+def test_options_resolve_and_check():
+    o = LoaderOptions(batch_size=8, device="cpu")
+    assert (o.rank, o.world_size, o.device) == (0, 1, torch.device("cpu"))
+    for bad, message in (({"batch_size": 0}, "batch_size must be an int >= 1, got 0"),
+                         ({"seed": -1}, "seed must be an int >= 0, got -1"),
+                         ({"prefetch": -1}, "prefetch must be an int >= 0, got -1"),
+                         ({"shuffle": "yes"}, "shuffle must be True or False, got 'yes'"),
+                         ({"dtype": torch.float64}, "dtype torch.float64")):
+        with pytest.raises(ValueError, match=message):
+            LoaderOptions(**{"batch_size": 8, "device": "cpu", **bad})
