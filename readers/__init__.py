@@ -2,7 +2,8 @@
 
 from readers.cached import CachedLoader
 from readers.errors import ReaderError
+from readers.live import LiveLoader, open_loader
 from readers.manifest import Manifest, load_manifest
 from readers.options import LoaderOptions
 
-__all__ = ["CachedLoader", "LoaderOptions", "Manifest", "ReaderError", "load_manifest"]
+__all__ = ["CachedLoader", "LiveLoader", "open_loader", "LoaderOptions", "Manifest", "ReaderError", "load_manifest"]

@@ -87,7 +87,7 @@ def test_a_live_cache_is_refused(damaged_cache):
     raw = json.loads(path.read_text())
     source = raw["epoch_list"][0]["shards"]
     path.write_text(json.dumps({**raw, "mode": "live", "epoch_list": [], "source_shards": source}))
-    with pytest.raises(ReaderError, match="is a 'live'-mode cache with no augmented epochs on disk"):
+    with pytest.raises(ReaderError, match="is a 'live'-mode cache: read it with LiveLoader"):
         _loader(damaged_cache)
 
 

@@ -1,0 +1,186 @@
+"""LiveLoader: a live cache's source pass, augmented at read time, delivered as CachedLoader would."""
+
+from __future__ import annotations
+
+import hashlib
+import mmap
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from readers.errors import ReaderError
+from readers.loader import Loader
+from readers.manifest import Manifest, Shard, live_shards, load_manifest
+
+
+def _layout(manifest: Manifest, cache_epoch: int) -> list[np.ndarray]:
+    """The source indices of each shard of cached epoch `cache_epoch`, as the builder lays it out."""
+    from cachegen.layout import epoch_shards  # the layout contract: cachegen's public API
+
+    raw = manifest.raw
+    return epoch_shards(raw["seed"], cache_epoch, raw["source"]["num_samples"], raw["shard_size"], raw["skipped"])
+
+
+class _LiveBatches(torch.utils.data.Dataset):
+    """Item k: batch k of an epoch, read from the source pass and augmented, as uint8 tensors.
+
+    Runs in DataLoader worker processes: each opens (maps) the source shards itself, and builds
+    the epoch's transform once.
+    """
+
+    def __init__(self, manifest: Manifest, batches: list[np.ndarray], cache_epoch: int, channels_first: bool) -> None:
+        self.manifest, self.batches, self.cache_epoch = manifest, batches, cache_epoch
+        self.channels_first = channels_first
+        shards = live_shards(manifest)
+        self.paths = [s.path for s in shards]
+        n = manifest.raw["source"]["num_samples"]
+        # where[i] = (shard, byte offset of the pixels) of source index i
+        self.where = np.full((n, 2), -1, dtype=np.int64)
+        self.labels = np.zeros(n, dtype=np.int64)
+        for k, shard in enumerate(shards):
+            self.where[shard.indices, 0] = k
+            self.where[shard.indices, 1] = shard.offsets + manifest.npy_header_bytes
+            self.labels[shard.indices] = shard.labels
+        self._maps: dict[int, np.ndarray] = {}
+        self._transform = None
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def _pixels(self, index: int) -> np.ndarray:
+        shard, offset = self.where[index]
+        if shard not in self._maps:
+            path = self.paths[shard]
+            try:
+                with open(path, "rb") as f:
+                    self._maps[shard] = np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), np.uint8)
+            except OSError as e:
+                raise ReaderError(f"cannot read {path}: {e.strerror or e}; rebuild the cache") from None
+        h, w, c = self.manifest.shape
+        return self._maps[shard][offset:offset + h * w * c].reshape(h, w, c)
+
+    def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        from cachegen.transforms import augment, make_transform, to_pil
+
+        raw = self.manifest.raw
+        if self._transform is None:
+            t = raw["transform"]
+            self._transform = make_transform(t["spec"], epoch=self.cache_epoch, epochs=raw["epochs"], size=t["size"],
+                                              schedule=t["schedule"])
+        indices = self.batches[k]
+        h, w, c = raw["output_shape"]
+        images = torch.empty((len(indices), c, h, w) if self.channels_first else (len(indices), h, w, c),
+                             dtype=torch.uint8)
+        rows = images.numpy()  # filled in place, through numpy: augmented outputs may be read-only
+        for j, index in enumerate(indices.tolist()):
+            out = augment(self._transform, to_pil(self._pixels(index)), seed=raw["seed"], epoch=self.cache_epoch,
+                          index=index)
+            rows[j] = out.transpose(2, 0, 1) if self.channels_first else out
+        return images, torch.from_numpy(self.labels[indices])
+
+
+def _init_worker(_: int) -> None:
+    torch.set_num_threads(1)  # one worker per core already
+
+
+def default_workers() -> int:
+    """About 75 % of the cores: the rest feed the GPU and the training loop."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return max(1, int(0.75 * cores))
+
+
+class LiveLoader(Loader):
+    """The batches a cache of the same build would give, augmented as they are read.
+
+    For a live cache (`cachegen build --mode live`, or `--mode auto` over a large dataset): the
+    source is stored once, un-augmented; DataLoader worker processes apply the recorded transform
+    with the builder's per-sample seeds, so for the same seed and epoch a LiveLoader yields the
+    same samples in the same order as a CachedLoader over the cached build. Batches then take the
+    same device path: uint8 (pinned on CUDA) -> device -> normalised there.
+
+    Takes CachedLoader's arguments, plus:
+        workers: augmenting processes; 0 augments in this process; None: ~75 % of the cores.
+        verify: check each source shard's sha256 on construction.
+    """
+
+    MODE = "live"
+
+    def __init__(self, cache: str | Path, *, batch_size: int, device: torch.device | str | None = None,
+                 shuffle: bool = True, seed: int = 0, drop_last: bool = False, normalize: bool = True,
+                 dtype: torch.dtype = torch.float32, channels_last: bool = False, rank: int | None = None,
+                 world_size: int | None = None, prefetch: int | None = None, shuffle_window: int = 8,
+                 workers: int | None = None, verify: bool = False) -> None:
+        super().__init__(cache, batch_size=batch_size, device=device, shuffle=shuffle, seed=seed,
+                         drop_last=drop_last, normalize=normalize, dtype=dtype, channels_last=channels_last,
+                         rank=rank, world_size=world_size, prefetch=prefetch, shuffle_window=shuffle_window)
+        if workers is not None and (not isinstance(workers, int) or isinstance(workers, bool) or workers < 0):
+            raise ValueError(f"workers must be an int >= 0 (0: augment in this process), got {workers!r}")
+        self.workers = default_workers() if workers is None else workers
+        self._layouts: dict[int, list[np.ndarray]] = {}
+        for shard in live_shards(self.manifest):
+            _check_shard(shard, verify)
+        self._check_epochs()
+
+    def _layout(self, cache_epoch: int) -> list[np.ndarray]:
+        if cache_epoch not in self._layouts:
+            self._layouts = {cache_epoch: _layout(self.manifest, cache_epoch)}  # one epoch at a time: flat memory
+        return self._layouts[cache_epoch]
+
+    def _shard_sizes(self, cache_epoch: int) -> list[int]:
+        return [len(s) for s in self._layout(cache_epoch)]
+
+    def _host_batches(self, plan, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        layout = self._layout(plan.cache_epoch)
+        positions = plan.samples()
+        starts = np.cumsum([0] + [len(s) for s in layout])
+        flat = np.concatenate(layout) if layout else np.zeros(0, np.int64)
+        indices = flat[starts[positions[:, 0]] + positions[:, 1]]
+        size = plan.batch_size
+        batches = [indices[k:k + size] for k in range(0, plan.num_batches * size, size)]
+        dataset = _LiveBatches(self.manifest, batches, plan.cache_epoch, self._copier.host_channels_first)
+        extra = {"prefetch_factor": self.options.prefetch or 2, "worker_init_fn": _init_worker} if self.workers else {}
+        loader = torch.utils.data.DataLoader(dataset, batch_size=None, sampler=range(start, len(batches)),
+                                             num_workers=self.workers, pin_memory=self._copier.pin, **extra)
+        return _closing(iter(loader))
+
+
+def _closing(it) -> Iterator:
+    """A generator over a DataLoader iterator whose close() shuts the worker processes down."""
+    try:
+        yield from it
+    finally:
+        shutdown = getattr(it, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+
+
+def _check_shard(shard: Shard, verify: bool) -> None:
+    try:
+        size = shard.path.stat().st_size
+    except OSError:
+        raise ReaderError(f"{shard.path} is missing; rebuild the cache with `cachegen build`") from None
+    if size != shard.bytes:
+        raise ReaderError(f"{shard.path} is {size} bytes, the manifest says {shard.bytes} (truncated or replaced); "
+                          "rebuild it")
+    if verify:
+        digest = hashlib.sha256(shard.path.read_bytes()).hexdigest()
+        if digest != shard.sha256:
+            raise ReaderError(f"{shard.path} fails its sha256 check (corrupted); rebuild it")
+
+
+def open_loader(cache: str | Path, *, workers: int | None = None, verify: bool = False, **options) -> Loader:
+    """A CachedLoader or a LiveLoader, by what the cache's manifest says; same options, same batches.
+
+    `workers` applies to a live cache only (a cached one needs none).
+    """
+    from readers.cached import CachedLoader
+
+    if load_manifest(cache).mode == "live":
+        return LiveLoader(cache, workers=workers, verify=verify, **options)
+    return CachedLoader(cache, verify=verify, **options)

@@ -1,0 +1,113 @@
+"""LiveLoader and open_loader: live augmentation yields exactly what a cache of the same build does."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from cachegen.cli import main
+from readers import CachedLoader, LiveLoader, ReaderError, open_loader
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """A cached and a live cache of the same 300-image source, cifar preset (really random), 2 epochs."""
+    root = tmp_path_factory.mktemp("live")
+    rng = np.random.default_rng(7)
+    np.savez(root / "src.npz", images=rng.integers(0, 256, (300, 32, 32, 3), dtype=np.uint8),
+             labels=rng.integers(0, 5, 300))
+    for mode in ("cached", "live"):
+        result = CliRunner().invoke(main, ["build", str(root / "src.npz"), "--out", str(root / mode), "--epochs", "2",
+                                           "--shard-size", "40", "--workers", "1", "--quiet", "--mode", mode])
+        assert result.exit_code == 0, result.output
+    return root / "cached", root / "live"
+
+
+def _batches(loader, epoch):
+    loader.set_epoch(epoch)
+    return [(x.clone(), y.clone()) for x, y in loader]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_live_equals_cached_batch_for_batch(pair, workers):
+    cached_dir, live_dir = pair
+    options = dict(batch_size=32, seed=5, device="cpu")
+    cached, live = CachedLoader(cached_dir, **options), LiveLoader(live_dir, workers=workers, **options)
+    for epoch in (0, 1, 2):  # epoch 2 wraps to cached epoch 0 with a fresh order
+        a, b = _batches(cached, epoch), _batches(live, epoch)
+        assert len(a) == len(b) == len(cached) == len(live) == 10
+        for (xa, ya), (xb, yb) in zip(a, b):
+            assert torch.equal(ya, yb) and torch.equal(xa, xb)
+    assert not torch.equal(_batches(live, 0)[0][0], _batches(live, 1)[0][0])
+
+
+def test_live_equals_cached_per_rank_and_in_uint8(pair):
+    cached_dir, live_dir = pair
+    for rank in (0, 1):
+        options = dict(batch_size=16, seed=1, device="cpu", rank=rank, world_size=2, normalize=False,
+                       drop_last=True)
+        a = _batches(CachedLoader(cached_dir, **options), 1)
+        b = _batches(LiveLoader(live_dir, workers=0, **options), 1)
+        assert [torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(a, b)] == [True] * len(a)
+        assert a[0][0].dtype == torch.uint8 and a[0][0].shape == (16, 3, 32, 32)
+
+
+def test_open_loader_picks_by_the_manifest(pair):
+    cached_dir, live_dir = pair
+    assert type(open_loader(cached_dir, batch_size=8, workers=3)) is CachedLoader
+    live = open_loader(live_dir, batch_size=8, workers=0, device="cpu")
+    assert type(live) is LiveLoader and live.workers == 0
+    with pytest.raises(ReaderError, match="read it with CachedLoader"):
+        LiveLoader(cached_dir, batch_size=8)
+
+
+def test_live_resumes_mid_epoch(pair):
+    _, live_dir = pair
+    loader = LiveLoader(live_dir, batch_size=32, seed=2, device="cpu", workers=0)
+    full = _batches(loader, 1)
+    loader.set_epoch(1)
+    it = iter(loader)
+    for _ in range(4):
+        next(it)
+    state = loader.state_dict()
+    it.close()
+    again = LiveLoader(live_dir, batch_size=32, seed=2, device="cpu", workers=0)
+    again.load_state_dict(state)
+    again.set_epoch(1)
+    rest = [(x.clone(), y.clone()) for x, y in again]
+    assert len(rest) == len(full) - 4
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(rest, full[4:]))
+
+
+def test_breaking_early_leaves_no_worker_behind(pair):
+    _, live_dir = pair
+    loader = LiveLoader(live_dir, batch_size=32, device="cpu", workers=2)
+    for i, _ in enumerate(loader):
+        if i == 1:
+            break
+    # the autouse fixture in tests/conftest.py fails the test if a worker process is left
+
+
+def test_damaged_source_pass_is_named(pair, tmp_path):
+    import shutil
+
+    _, live_dir = pair
+    copy = tmp_path / "live"
+    shutil.copytree(live_dir, copy)
+    shard = copy / json.loads((copy / "manifest.json").read_text())["source_shards"][1]["path"]
+    data = bytearray(shard.read_bytes())
+    data[5000] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    LiveLoader(copy, batch_size=8)  # same size: only a checksum finds it
+    with pytest.raises(ReaderError, match=f"{shard}.*sha256"):
+        LiveLoader(copy, batch_size=8, verify=True)
+    shard.write_bytes(bytes(data[:-100]))
+    with pytest.raises(ReaderError, match=f"{shard} is .* bytes.*truncated"):
+        LiveLoader(copy, batch_size=8)
+    shard.unlink()
+    with pytest.raises(ReaderError, match=f"{shard} is missing"):
+        LiveLoader(copy, batch_size=8)
