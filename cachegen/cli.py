@@ -67,7 +67,7 @@ def build(source, **options) -> None:
 
     manifest = run_build(BuildConfig(source=source, **options))
     if not options["quiet"]:
-        click.echo(f"cachegen: {options['out']}: {describe(manifest)}")
+        click.echo(f"cachegen: {click.format_filename(options['out'])}: {describe(manifest)}")
 
 
 @main.command()
@@ -82,7 +82,7 @@ def info(cache: Path, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(s, indent=2))
         return
-    click.echo(f"cache      {cache}  ({s['mode']}, format {s['format_version']})")
+    click.echo(f"cache      {click.format_filename(cache)}  ({s['mode']}, format {s['format_version']})")
     click.echo(f"source     {s['source']['description']}  ({s['source']['num_samples']} samples)")
     click.echo(f"transform  {s['transform']['spec']}  schedule={s['transform']['schedule']}  size={s['transform']['size']}")
     click.echo(f"seed       {s['seed']}")
@@ -123,7 +123,32 @@ def preview(cache: Path, out: Path, samples: int, epochs: int) -> None:
     from cachegen.preview import preview as run_preview
 
     rows, columns = run_preview(cache, out, samples=samples, epochs=epochs)
-    click.echo(f"wrote {out}: {rows} samples x {columns} columns")
+    click.echo(f"wrote {click.format_filename(out)}: {rows} samples x {columns} columns")
+
+
+@main.command()
+@click.argument("cache", required=False, type=click.Path(path_type=Path))
+@click.option("--batch-size", default=256, show_default=True, type=click.IntRange(1))
+@click.option("--workers", default=0, show_default=True, type=click.IntRange(0),
+              help="CPU workers for the rows that use them; 0 = every core.")
+@click.option("--images", type=click.IntRange(1), help="Images per row [default: one epoch].")
+@click.option("--model", is_flag=True, help="Add a training step (small CNN on CPU, ResNet-18 on CUDA) "
+                                            "and report the share of step time spent waiting for data.")
+@click.option("--device", help="cpu or cuda [default: cuda if available].")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@click.option("--plot", type=click.Path(path_type=Path), help="Also draw a bar chart to this PNG.")
+@_one_line_errors
+def bench(cache, batch_size, workers, images, model, device, as_json, plot) -> None:
+    """Measure, side by side: the cache, live augmentation, online augmentation, stock webdataset, plain read()."""
+    from cachegen.bench import format_table, plot as draw, run_bench
+
+    say = (lambda msg: click.echo(msg, err=True)) if as_json else click.echo
+    result = run_bench(cache, batch_size=batch_size, workers=workers or None, images=images, model=model,
+                       device=device, progress=say)
+    click.echo(json.dumps(result, indent=2) if as_json else format_table(result))
+    if plot:
+        draw(result, plot)
+        say(f"wrote {plot}")
 
 
 if __name__ == "__main__":
