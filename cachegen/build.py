@@ -21,7 +21,7 @@ from cachegen.layout import epoch_shards, shard_path, source_shard_path
 from cachegen.manifest import (BUILD_STATE, FORMAT, FORMAT_VERSION, MANIFEST, describe_difference, identity,
                                read_json, read_manifest, write_json_atomic)
 from cachegen.shards import TMP_MARK, encode, index_shard, npy_header_bytes, write_shard
-from cachegen.sources import Source, open_source
+from cachegen.sources import Source, open_source, printable
 from cachegen.stats import PixelStats, channel_stats
 from cachegen.transforms import augment, epoch_fingerprint, fingerprint, is_random, make_transform, to_hwc_uint8
 
@@ -256,7 +256,7 @@ def build(config: BuildConfig) -> dict:
     if built > epochs:
         epochs = built
         if not config.quiet:
-            print(f"cachegen: {config.out} already holds {built} epochs; keeping them all")
+            print(f"cachegen: {printable(str(config.out))} already holds {built} epochs; keeping them all")
     job = Job(source=source, root=config.out, spec=spec, epochs=epochs, size=size, schedule=config.schedule,
               seed=config.seed, encoding=config.encoding, on_error=config.on_error, resize=config.resize)
     shape, source_shape = _probe(job)

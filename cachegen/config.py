@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from PIL import Image
+
 from cachegen.errors import CachegenError
 from cachegen.shards import ENCODINGS
 from cachegen.transforms import PRESETS, SCHEDULES
 
+MAX_EPOCHS = 10_000  # epoch-0000 .. epoch-9999: folder names and sample keys have four digits
+# The largest --size/--resize: its square is PIL's decompression-bomb limit (9459 at 89.5M pixels);
+# far larger sides would only exhaust memory.
+MAX_SIDE = math.isqrt(Image.MAX_IMAGE_PIXELS)
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
@@ -54,15 +61,15 @@ class BuildConfig:
     resize: int | None = None  # deterministic Resize+CenterCrop of every source image, before the transform
 
     def __post_init__(self) -> None:
-        if self.epochs < 1:
-            raise CachegenError(f"--epochs must be at least 1, got {self.epochs}")
+        if not 1 <= self.epochs <= MAX_EPOCHS:
+            raise CachegenError(f"--epochs must be at least 1 and at most {MAX_EPOCHS}, got {self.epochs}")
         if self.transform != "auto" and self.transform not in PRESETS and ":" not in self.transform:
             raise CachegenError(f"unknown --transform {self.transform!r}: use auto, "
                                 f"{', '.join(PRESETS)} or module:factory")
         if self.schedule not in SCHEDULES:
             raise CachegenError(f"unknown --schedule {self.schedule!r}: use {' or '.join(SCHEDULES)}")
-        if self.size is not None and self.size < 1:
-            raise CachegenError(f"--size must be positive, got {self.size}")
+        if self.size is not None and not 1 <= self.size <= MAX_SIDE:
+            raise CachegenError(f"--size must be positive and at most {MAX_SIDE}, got {self.size}")
         if self.seed < 0:
             raise CachegenError(f"--seed must be non-negative, got {self.seed}")
         if self.workers < 0:
@@ -77,8 +84,8 @@ class BuildConfig:
             raise CachegenError(f"unknown --mode {self.mode!r}: use auto, cached or live")
         if not self.max_cache_gb > 0:
             raise CachegenError(f"--max-cache-gb must be positive, got {self.max_cache_gb}")
-        if self.resize is not None and self.resize < 1:
-            raise CachegenError(f"--resize must be positive, got {self.resize}")
+        if self.resize is not None and not 1 <= self.resize <= MAX_SIDE:
+            raise CachegenError(f"--resize must be positive and at most {MAX_SIDE}, got {self.resize}")
         parse_shard_size(self.shard_size)
         object.__setattr__(self, "out", Path(self.out))
         if self.workers == 0:

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
+from cachegen.build import STATS_EPOCH
 from cachegen.errors import CachegenError
-from cachegen.manifest import read_manifest
+from cachegen.layout import epoch_shards
+from cachegen.manifest import MANIFEST, read_manifest
 from cachegen.shards import index_shard
+from cachegen.stats import channel_stats
+from cachegen.transforms import fingerprint
 
 
 def all_shards(manifest: dict) -> list[dict]:
@@ -35,9 +41,37 @@ def summary(root: Path) -> dict:
             "shards": len(shards), "bytes": sum(s["bytes"] for s in shards), "skipped": len(m["skipped"])}
 
 
+def _layout(m: dict) -> list[tuple[str, list[dict], list[np.ndarray]]]:
+    """(what, shard entries, the source indices each must hold) for every pass the cache stores."""
+    n, per_shard, skipped = m["source"]["num_samples"], m["shard_size"], m["skipped"]
+    if m["mode"] == "live":
+        shards = [np.arange(start, min(start + per_shard, n)) for start in range(0, n, per_shard)]
+        return [("the source pass", m["source_shards"], [s[~np.isin(s, skipped)] for s in shards])]
+    return [(f"epoch {e}", entry["shards"], epoch_shards(m["seed"], e, n, per_shard, skipped))
+            for e, entry in enumerate(m["epoch_list"])]
+
+
+def _manifest_problem(m: dict) -> str | None:
+    """What a hand edit changes that no shard shows: where samples go, mean/std, the transform's name."""
+    for what, shards, expected in _layout(m):
+        if [s["indices"] for s in shards] != [x.tolist() for x in expected]:
+            return f"{what} does not hold the samples its seed, shard_size and skipped put there"
+    stats = m["source_shards"] if m["mode"] == "live" else m["epoch_list"][STATS_EPOCH]["shards"]
+    if list(channel_stats(stats, m["output_shape"][2])) != [m["mean"], m["std"]]:
+        return "mean/std disagree with the shards' pixel sums"
+    t = m["transform"]
+    if fingerprint(t["spec"], size=t["size"], schedule=t["schedule"]) != t["fingerprint"]:
+        return "the transform disagrees with its fingerprint"
+    return None
+
+
 def verify(root: Path) -> tuple[int, list[str]]:
-    """Check every shard the manifest lists; return (shards checked, one line per bad shard)."""
+    """Check the manifest, then every shard it lists; return (shards checked, one line per bad shard)."""
     m = read_manifest(root)
+    problem = _manifest_problem(m)
+    if problem:
+        raise CachegenError(f"{Path(root) / MANIFEST} is damaged or was edited by hand ({problem}); "
+                            "rebuild with --overwrite")
     encoding, shape = m["image"]["encoding"], tuple(m["image"]["shape"])
     problems = []
     shards = all_shards(m)

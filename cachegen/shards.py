@@ -111,17 +111,23 @@ def write_shard(root: Path, relpath: str, key_prefix: str, samples: Iterable[tup
 def _pixels(data: memoryview, offset: int, size: int, encoding: str, header: int) -> np.ndarray:
     if encoding == "npy":
         return np.frombuffer(data, np.uint8, size - header, offset + header)
-    encoded = torch.frombuffer(data[offset:offset + size], dtype=torch.uint8)
+    # A writable copy: torch warns (on the user's terminal) when it wraps read-only bytes.
+    encoded = torch.frombuffer(bytearray(data[offset:offset + size]), dtype=torch.uint8)
     return decode_image(encoded).permute(1, 2, 0).numpy()
 
 
 def read_image(root: Path, shard: dict, j: int, image: dict) -> np.ndarray:
     """Sample `j` of a manifest shard entry as HWC uint8 (`image` is the manifest's image block)."""
-    with open(root / shard["path"], "rb") as f:
-        f.seek(shard["offsets"][j])
-        data = f.read(shard["sizes"][j])
-    header = image.get("npy_header_bytes", 0)
-    return _pixels(memoryview(data), 0, len(data), image["encoding"], header).reshape(image["shape"])
+    path = root / shard["path"]
+    try:
+        with open(path, "rb") as f:
+            f.seek(shard["offsets"][j])
+            data = f.read(shard["sizes"][j])
+        header = image.get("npy_header_bytes", 0)
+        return _pixels(memoryview(data), 0, len(data), image["encoding"], header).reshape(image["shape"])
+    except (OSError, ValueError, RuntimeError) as e:  # missing, cut short, or not the image the manifest says
+        raise CachegenError(f"cannot read sample {j} of {path} ({type(e).__name__}: {e}); "
+                            "run `cachegen verify` on the cache") from None
 
 
 def index_shard(root: Path, relpath: str, encoding: str, shape: tuple[int, ...]) -> dict:
@@ -153,8 +159,9 @@ def index_shard(root: Path, relpath: str, encoding: str, shape: tuple[int, ...])
             pixels = _pixels(view, img.offset_data, img.size, encoding, header)
         except (ValueError, RuntimeError) as e:
             raise CachegenError(f"{path}: sample {key} is damaged ({e})") from None
-        if pixels.size != int(np.prod(shape)):
-            raise CachegenError(f"{path}: sample {key} has {pixels.size} pixels, expected shape {list(shape)}")
+        if pixels.size != int(np.prod(shape)) or (
+                encoding == "npy" and data[img.offset_data:img.offset_data + header] != _npy_header(tuple(shape))):
+            raise CachegenError(f"{path}: sample {key} is not a {list(shape)} uint8 image")
         offsets.append(img.offset_data)
         sizes.append(img.size)
     return {
