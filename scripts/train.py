@@ -102,7 +102,8 @@ def main() -> None:
     torch.manual_seed(args.seed)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
 
-    common = dict(batch_size=args.batch_size, seed=args.seed, device="cpu", drop_last=True)
+    # drop_last=False, as the online DataLoader: every loader takes the same number of steps per epoch.
+    common = dict(batch_size=args.batch_size, seed=args.seed, device="cpu", drop_last=False)
     if args.loader == "cached":
         train = CachedLoader(args.cache, **common)
     elif args.loader == "live":
