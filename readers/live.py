@@ -36,6 +36,7 @@ class _LiveBatches(torch.utils.data.Dataset):
         self.channels_first = channels_first
         shards = live_shards(manifest)
         self.paths = [s.path for s in shards]
+        self.sizes = [s.bytes for s in shards]
         n = manifest.raw["source"]["num_samples"]
         # where[i] = (shard, byte offset of the pixels) of source index i
         self.where = np.full((n, 2), -1, dtype=np.int64)
@@ -56,6 +57,12 @@ class _LiveBatches(torch.utils.data.Dataset):
             path = self.paths[shard]
             try:
                 with open(path, "rb") as f:
+                    # Checked again here, not only on construction: a file cut short since would
+                    # otherwise surface as a numpy reshape error (or mmap's, for an empty one).
+                    size = os.fstat(f.fileno()).st_size
+                    if size != self.sizes[shard]:
+                        raise ReaderError(f"{path} is {size} bytes, the manifest says {self.sizes[shard]} "
+                                          "(truncated or replaced); rebuild it")
                     self._maps[shard] = np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), np.uint8)
             except OSError as e:
                 raise ReaderError(f"cannot read {path}: {e.strerror or e}; rebuild the cache") from None

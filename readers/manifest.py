@@ -77,8 +77,8 @@ def load_manifest(root: str | Path) -> Manifest:
     try:
         with open(path, "rb") as f:
             raw = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ReaderError(f"{path} is unreadable or not JSON ({e}); rebuild the cache") from None
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: absurdly nested JSON
+        raise ReaderError(f"{path} is unreadable or not JSON ({type(e).__name__}: {e}); rebuild the cache") from None
     return _parse(root, path, raw)
 
 
@@ -116,6 +116,8 @@ def _parse(root: Path, path: Path, raw: Any) -> Manifest:
         if min(std) <= 0:
             raise fail(f"std {std!r} has a value <= 0")
         classes = raw.get("classes", [])
+        if not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
+            raise fail(f"classes {str(classes)[:60]} is not a list of class names")
         epoch_list = raw["epoch_list"]
         num_epochs = raw["epochs"]
         if not isinstance(epoch_list, list) or not _is_int(num_epochs):
@@ -131,14 +133,14 @@ def _parse(root: Path, path: Path, raw: Any) -> Manifest:
         base = root.absolute()  # shard paths stay right if the process changes directory
         epochs = []
         for entry in by_epoch:
-            shards = tuple(_shard(base, s, expected_size, fail) for s in entry["shards"])
+            shards = tuple(_shard(base, s, expected_size, len(classes), fail) for s in entry["shards"])
             total = sum(s.samples for s in shards)
             if entry["samples"] != total:
                 raise fail(f"epoch {entry['epoch']} says {entry['samples']} samples but its shards hold {total}")
             epochs.append(shards)
         source_shards = ()
         if mode == "live":
-            source_shards = tuple(_shard(base, s, expected_size, fail) for s in raw["source_shards"])
+            source_shards = tuple(_shard(base, s, expected_size, len(classes), fail) for s in raw["source_shards"])
         output_shape = raw.get("output_shape", shape)
         if not (isinstance(output_shape, list) and len(output_shape) == 3
                 and all(_is_int(x) and x > 0 for x in output_shape)):
@@ -150,7 +152,7 @@ def _parse(root: Path, path: Path, raw: Any) -> Manifest:
         raise fail(f"missing or malformed field ({type(e).__name__}: {e})") from None
     return Manifest(root=root, mode=mode, encoding=encoding, shape=tuple(shape), output_shape=tuple(output_shape),
                     npy_header_bytes=header, mean=tuple(float(m) for m in mean), std=tuple(float(s) for s in std),
-                    classes=tuple(str(c) for c in classes), seed=seed, num_epochs=num_epochs, epochs=tuple(epochs),
+                    classes=tuple(classes), seed=seed, num_epochs=num_epochs, epochs=tuple(epochs),
                     source_shards=source_shards, raw=raw)
 
 
@@ -165,7 +167,7 @@ def live_shards(manifest: Manifest) -> tuple[Shard, ...]:
     return manifest.source_shards
 
 
-def _shard(root: Path, entry: dict, expected_size: int | None, fail) -> Shard:
+def _shard(root: Path, entry: dict, expected_size: int | None, num_classes: int, fail) -> Shard:
     rel = entry["path"]
     parts = PurePosixPath(rel).parts if isinstance(rel, str) else ()
     if not parts or PurePosixPath(rel).is_absolute() or ".." in parts:
@@ -179,16 +181,25 @@ def _shard(root: Path, entry: dict, expected_size: int | None, fail) -> Shard:
         if not isinstance(values, list) or len(values) != n:
             raise fail(f"shard {rel}: {key} has {len(values) if isinstance(values, list) else 'no'} "
                        f"entries for {n} samples")
-        arrays[key] = np.asarray(values, dtype=np.int64).reshape(n)
-    offsets, sizes = arrays["offsets"], arrays["sizes"]
+        # Without a dtype, so a float (which int64 would truncate) or an int past int64 shows.
+        array = np.asarray(values) if n else np.zeros(0, np.int64)
+        if array.dtype.kind != "i":
+            raise fail(f"shard {rel}: {key} are not all integers")
+        arrays[key] = array.astype(np.int64).reshape(n)
+    offsets, sizes, labels = arrays["offsets"], arrays["sizes"], arrays["labels"]
     if n and (offsets.min() < 0 or sizes.min() < 0 or (offsets + sizes).max() > size):
         raise fail(f"shard {rel}: a sample lies outside the file's {size} bytes")
+    if n > 1 and (offsets[1:] < offsets[:-1] + sizes[:-1]).any():  # the builder writes samples in order
+        raise fail(f"shard {rel}: sample payloads overlap or are out of order")
+    if n and (labels.min() < 0 or (num_classes and labels.max() >= num_classes)):
+        classes = f"the {num_classes} classes 0..{num_classes - 1}" if num_classes else "0 and up"
+        raise fail(f"shard {rel}: labels run {labels.min()}..{labels.max()}, outside {classes}")
     if expected_size is not None and n and (sizes != expected_size).any():
         raise fail(f"shard {rel}: npy payload sizes {sorted(set(sizes.tolist()))[:3]} are not {expected_size}")
     steps = np.diff(offsets)
     stride = int(steps[0]) if len(steps) and (steps == steps[0]).all() and steps[0] > 0 else None
     return Shard(path=root / rel, samples=n, bytes=size, sha256=str(entry.get("sha256", "")),
-                 offsets=offsets, sizes=sizes, labels=arrays["labels"], indices=arrays["indices"], stride=stride)
+                 offsets=offsets, sizes=sizes, labels=labels, indices=arrays["indices"], stride=stride)
 
 
 def _is_int(x: Any) -> bool:

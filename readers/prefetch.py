@@ -79,9 +79,13 @@ class Prefetcher(Generic[T]):
     def close(self) -> None:
         """Stop the thread and wait for it; safe to call more than once."""
         self._stop.set()
+        self._drain()  # a put blocked on the full queue returns now, not after its poll timeout
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join()
-        while True:  # drop what was queued, so its buffers can be freed
+        self._drain()  # drop what was queued, so its buffers can be freed
+
+    def _drain(self) -> None:
+        while True:
             try:
                 self._queue.get_nowait()
             except queue.Empty:
