@@ -176,11 +176,10 @@ def run_bench(cache: Path | None, *, batch_size: int = 256, workers: int | None 
 
         def plain_read():
             def gen():
-                for path in shards:
+                for path, entry in zip(shards, m["epoch_list"][0]["shards"]):
                     with open(path, "rb") as f:
                         f.read()
-                    n = len(m["epoch_list"][0]["shards"][shards.index(path)]["labels"])
-                    yield None, range(n)
+                    yield None, range(entry["samples"])
             return gen()
 
         for path in shards:  # warm the page cache: every row reads from memory
