@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import tarfile
@@ -64,3 +65,24 @@ def hwc(batch: torch.Tensor) -> np.ndarray:
 def pairs(images: list[np.ndarray], labels: list[np.ndarray]) -> Counter:
     """Counter of (image bytes, label) over collected batches."""
     return Counter((img.tobytes(), int(label)) for batch, ys in zip(images, labels) for img, label in zip(batch, ys))
+
+
+def digest(image: bytes, label: int) -> str:
+    """A short fingerprint of one (image, label) sample, for comparing what ranks saw."""
+    return hashlib.blake2b(image + label.to_bytes(2, "little"), digest_size=12).hexdigest()
+
+
+def ddp_epoch(loader, epoch: int) -> dict:
+    """Read one epoch inside torch.distributed with one all_reduce per batch (a rank that runs
+    dry first hangs the others, so uneven batch counts cannot pass silently); return the
+    batch count, len(loader) and every sample's digest."""
+    import torch.distributed as dist
+
+    loader.set_epoch(epoch)
+    seen, batches = [], 0
+    for images, labels in loader:
+        dist.all_reduce(torch.tensor([len(images)]))
+        batches += 1
+        hwc = images.permute(0, 2, 3, 1).contiguous().numpy()
+        seen += [digest(img.tobytes(), int(y)) for img, y in zip(hwc, labels)]
+    return {"batches": batches, "len": len(loader), "samples": seen}

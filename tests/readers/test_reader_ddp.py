@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import socket
@@ -16,15 +15,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from loader_checks import epoch_contents
+from loader_checks import ddp_epoch, digest, epoch_contents
 
 WORLD_SIZE = 2
 TIMEOUT_S = 90  # a hang (one rank waiting in a collective) fails the test instead of blocking CI
 EPOCHS = (0, 1, 2)
-
-
-def _digest(image: bytes, label: int) -> str:
-    return hashlib.blake2b(image + label.to_bytes(2, "little"), digest_size=12).hexdigest()
 
 
 def _worker(rank: int, cache: str, port: int, out: str, batch_size: int, drop_last: bool) -> None:
@@ -37,15 +32,7 @@ def _worker(rank: int, cache: str, port: int, out: str, batch_size: int, drop_la
                               prefetch=2)  # rank and world size from torch.distributed
         result = {"rank": loader.options.rank, "world_size": loader.options.world_size, "epochs": {}}
         for epoch in EPOCHS:
-            loader.set_epoch(epoch)
-            seen, batches = [], 0
-            for images, labels in loader:
-                total = torch.tensor([len(images)])
-                dist.all_reduce(total)  # one collective per batch: hangs if a rank runs dry first
-                batches += 1
-                hwc = images.permute(0, 2, 3, 1).contiguous().numpy()
-                seen += [_digest(img.tobytes(), int(y)) for img, y in zip(hwc, labels)]
-            result["epochs"][epoch] = {"batches": batches, "len": len(loader), "samples": seen}
+            result["epochs"][epoch] = ddp_epoch(loader, epoch)
         dist.barrier()
         Path(out, f"rank{rank}.json").write_text(json.dumps(result))
     finally:
@@ -81,7 +68,7 @@ def test_two_ranks_split_every_epoch(npy_cache, tmp_path, drop_last):
         ranks = [Counter(p["samples"]) for p in per_rank]
         assert not set(ranks[0]) & set(ranks[1])  # disjoint
         cached = epoch_contents(npy_cache, epoch % 2)
-        everything = Counter({_digest(img, label): n for (img, label), n in cached.items()})
+        everything = Counter({digest(img, label): n for (img, label), n in cached.items()})
         union = ranks[0] + ranks[1]
         assert all(n == 1 for n in union.values()) and set(union) <= set(everything)
         if drop_last:

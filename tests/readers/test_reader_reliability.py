@@ -25,11 +25,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from loader_checks import collect, epoch_contents, pairs
+from loader_checks import collect, ddp_epoch, digest, epoch_contents, pairs
 from readers import CachedLoader, LiveLoader, ReaderError, load_manifest, open_loader
 from readers.plan import rank_length
 from readers.prefetch import _POLL_S
-from test_reader_ddp import _digest, _free_port
+from test_reader_ddp import _free_port
 
 # The "seven" caches: SEVEN_SAMPLES images of SEVEN_SIDE^2 x 3, SEVEN_SHARD per shard: 7 shards per
 # epoch (6 x 48 + 43). 331 is prime, so neither the shard count nor the samples split evenly
@@ -396,18 +396,7 @@ def _ddp_worker(rank: int, world_size: int, caches: dict[str, str], port: int, o
                 loader = LiveLoader(caches["live"], workers=0, **options)
             else:
                 loader = CachedLoader(caches["a"], **options)
-            epochs = {}
-            for epoch in run["epochs"]:
-                loader.set_epoch(epoch)
-                seen, batches = [], 0
-                for images, labels in loader:
-                    size = torch.tensor([len(images)])
-                    dist.all_reduce(size)  # one collective per batch: hangs if a rank runs dry first
-                    batches += 1
-                    hwc = images.permute(0, 2, 3, 1).contiguous().numpy()
-                    seen += [_digest(img.tobytes(), int(y)) for img, y in zip(hwc, labels)]
-                epochs[epoch] = {"batches": batches, "len": len(loader), "samples": seen}
-            results[run["name"]] = epochs
+            results[run["name"]] = {epoch: ddp_epoch(loader, epoch) for epoch in run["epochs"]}
         dist.barrier()
         Path(out, f"rank{rank}.json").write_text(json.dumps(results))
     finally:
@@ -464,7 +453,7 @@ def test_ddp_ranks_split_seven_shards_evenly(seven, ddp_results, drop_last):
     full batches per rank, disjoint; without: 11 / 7 batches, and the padding repeats exactly
     1 (world 2) / 2 (world 3) samples, each delivered twice."""
     world_size, results = ddp_results
-    everything = Counter(_digest(img, label) for (img, label) in epoch_contents(seven["a"], 0))
+    everything = Counter(digest(img, label) for (img, label) in epoch_contents(seven["a"], 0))
     batches, repeats = _check_ddp(results, f"drop_last={drop_last}", 0, world_size, drop_last, everything)
     assert (batches, repeats) == {(2, True): (10, 0), (3, True): (6, 0),
                                   (2, False): (11, 1), (3, False): (7, 2)}[world_size, drop_last]
@@ -481,7 +470,7 @@ def test_ddp_more_ranks_epochs_and_the_live_reader(seven, tmp_path, world_size):
                  "prefetch": 2, "epochs": [0, 1, 2]})
     results = _ddp(seven, tmp_path, world_size, runs, 300)
     for epoch in (0, 1, 2):
-        everything = Counter(_digest(img, label) for (img, label) in epoch_contents(seven["a"], epoch % 2))
+        everything = Counter(digest(img, label) for (img, label) in epoch_contents(seven["a"], epoch % 2))
         for run in runs:
             _check_ddp(results, run["name"], epoch, world_size, run["drop_last"], everything)
         for d in (True, False):
