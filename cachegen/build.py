@@ -17,9 +17,10 @@ from tqdm import tqdm
 from cachegen import __version__
 from cachegen.config import BuildConfig, parse_shard_size
 from cachegen.errors import CachegenError
-from cachegen.layout import epoch_shards, shard_path, source_shard_path
+from cacheformat.index import encode_index, index_record
+from cacheformat.layout import epoch_shards, index_path, shard_path, source_pass, source_shard_path
 from cachegen.manifest import (BUILD_STATE, FORMAT, FORMAT_VERSION, MANIFEST, describe_difference, identity,
-                               read_json, read_manifest, write_json_atomic)
+                               read_json, read_manifest, write_atomic, write_json_atomic)
 from cachegen.shards import TMP_MARK, encode, index_shard, npy_header_bytes, write_shard
 from cachegen.sources import Source, open_source, printable
 from cachegen.stats import PixelStats, channel_stats
@@ -135,7 +136,38 @@ def _write_task(task: ShardTask) -> tuple[str, dict]:
 
     prefix = "src" if task.epoch is None else f"e{task.epoch:04d}"
     entry = write_shard(job.root, task.relpath, prefix, samples(), job.encoding)
-    return task.relpath, {**entry, **(stats.totals() if stats else {})}
+    return task.relpath, {**_write_index(job.root, entry), **(stats.totals() if stats else {})}
+
+
+def _write_index(root: Path, entry: dict) -> dict:
+    """Write a shard's index file beside it (after the shard, before the manifest; an identical one
+    already there is kept) and return the shard's manifest entry, which records the index's size and
+    checksum instead of per-sample lists."""
+    data = encode_index(entry["offsets"], entry["sizes"], entry["labels"], entry["indices"])
+    path = root / index_path(entry["path"])
+    if not (path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data):
+        write_atomic(path, data)
+    return {"path": entry["path"], "samples": entry["samples"], "bytes": entry["bytes"], "sha256": entry["sha256"],
+            "index": index_record(data)}
+
+
+def _read_indices(root: Path, relpath: str) -> np.ndarray:
+    """The source indices a finished shard holds, from the index file this build wrote."""
+    return np.load(root / index_path(relpath), allow_pickle=False)[:, 3]
+
+
+def _finished(job: Job, task: ShardTask, known: dict | None) -> dict:
+    """The manifest entry of a shard an earlier (interrupted, or shorter) build finished: the earlier
+    manifest's, where the index it names is there, else indexed again from the shard itself."""
+    root = job.root
+    stored = job.source_shape if task.epoch is None else job.shape
+    index_file = root / index_path(task.relpath)
+    if known is None or "index" not in known or not index_file.is_file() \
+            or index_file.stat().st_size != known["index"]["bytes"]:
+        known = _write_index(root, index_shard(root, task.relpath, job.encoding, stored))
+    if task.stats and "pixel_count" not in known:
+        known = {**known, **_source_stats(job, _read_indices(root, task.relpath).tolist())}
+    return known
 
 
 def _source_stats(job: Job, indices: list[int]) -> dict:
@@ -238,8 +270,7 @@ def _remove_temporaries(root: Path) -> None:
 def _plan(mode: str, seed: int, epochs: int, n: int, per_shard: int) -> list[ShardTask]:
     """Every shard this cache holds, finished or not."""
     if mode == "live":
-        return [ShardTask(None, source_shard_path(s), np.arange(start, min(start + per_shard, n)), True)
-                for s, start in enumerate(range(0, n, per_shard))]
+        return [ShardTask(None, source_shard_path(s), indices, True) for s, indices in enumerate(source_pass(n, per_shard))]
     return [ShardTask(epoch, shard_path(epoch, s), indices, epoch == STATS_EPOCH)
             for epoch in range(epochs) for s, indices in enumerate(epoch_shards(seed, epoch, n, per_shard))]
 
@@ -296,13 +327,7 @@ def build(config: BuildConfig) -> dict:
         (root / folder).mkdir(exist_ok=True)
     known = {s["path"]: s for entry in (previous or {}).get("epoch_list", []) for s in entry["shards"]}
     known.update({s["path"]: s for s in (previous or {}).get("source_shards", [])})
-    indexed = {}
-    for task in plan:  # shards finished by an earlier (interrupted, or shorter) build
-        if (root / task.relpath).exists():
-            entry = known.get(task.relpath) or index_shard(root, task.relpath, encoding, stored_shape)
-            if task.stats and "pixel_count" not in entry:
-                entry = {**entry, **_source_stats(job, entry["indices"])}
-            indexed[task.relpath] = entry
+    indexed = {t.relpath: _finished(job, t, known.get(t.relpath)) for t in plan if (root / t.relpath).exists()}
     tasks = [t for t in plan if t.relpath not in indexed]
     with _Progress(total=sum(len(t.indices) for t in tasks), unit="img", disable=config.quiet or not tasks,
                    desc="cachegen build", dynamic_ncols=True, smoothing=0.1) as bar:
@@ -325,10 +350,12 @@ def build(config: BuildConfig) -> dict:
             {"epoch": e, "shards": shards, "samples": sum(s["samples"] for s in shards)}
             for e in range(epochs) for shards in [[indexed[t.relpath] for t in plan if t.epoch == e]]]
         stats_shards = manifest["epoch_list"][STATS_EPOCH]["shards"]
-    kept = {i for s in stats_shards for i in s["indices"]}
-    if not kept:
+    kept = np.zeros(n, bool)
+    for shard in stats_shards:
+        kept[_read_indices(root, shard["path"])] = True
+    if not kept.any():
         raise CachegenError("every sample was skipped as unreadable: nothing to cache; check the source")
-    manifest["skipped"] = sorted(set(range(n)) - kept)
+    manifest["skipped"] = np.flatnonzero(~kept).tolist()
     manifest["mean"], manifest["std"] = channel_stats(stats_shards, shape[2])
     if manifest["skipped"] and not config.quiet:
         print(f"cachegen: skipped {len(manifest['skipped'])} unreadable sample(s) (--on-error skip)")

@@ -13,9 +13,20 @@ from torchvision.utils import make_grid, save_image
 from cachegen.build import Job, _Augmenter
 from cachegen.transforms import to_hwc_uint8, to_pil
 from cachegen.errors import CachegenError
-from cachegen.manifest import read_manifest
+from cacheformat.index import read_index
+from cachegen.manifest import Manifest, load_manifest
 from cachegen.shards import read_image
 from cachegen.sources import open_source
+
+
+def _indexed(m: Manifest, shards) -> list[dict]:
+    """The shards with their index files' per-sample lists, as `read_image` takes them."""
+    out = []
+    for shard in shards:
+        index = read_index(m, shard)
+        out.append({"path": shard.relpath, "offsets": index.offsets.tolist(), "sizes": index.sizes.tolist(),
+                    "indices": index.indices.tolist()})
+    return out
 
 
 def _locate(shards: list[dict], wanted: set[int]) -> dict[int, tuple[dict, int]]:
@@ -65,19 +76,21 @@ def _original(m: dict, indices: list[int]) -> list[np.ndarray] | None:
 def preview(root: Path, out: Path, *, samples: int = 6, epochs: int = 8) -> tuple[int, int]:
     """Write a PNG grid to `out`: one row per sample, the original then each epoch. Returns (rows, columns)."""
     root = Path(root)
-    m = read_manifest(root)
+    checked = load_manifest(root)
+    m = checked.raw
     live = m["mode"] == "live"
-    first = m["source_shards"] if live else m["epoch_list"][0]["shards"]
-    indices = [i for s in first for i in s["indices"]][:samples]
+    passes = [checked.source_shards] if live else checked.epochs[:min(epochs, m["epochs"])]
+    indexed = [_indexed(checked, shards) for shards in passes]
+    indices = [i for s in indexed[0] for i in s["indices"]][:samples]
     shown = min(epochs, m["epochs"])
     if live:
-        stored = _Stored(root, m, _locate(m["source_shards"], set(indices)))
+        stored = _Stored(root, m, _locate(indexed[0], set(indices)))
         augment = _Augmenter(_job(m, stored))
         originals = [read_image(root, *stored.located[i], m["image"]) for i in indices]
         columns = [[augment.augment(e, i, stored.load(i)) for e in range(shown)] for i in indices]
     else:
         originals = _original(m, indices)
-        by_epoch = [_locate(m["epoch_list"][e]["shards"], set(indices)) for e in range(shown)]
+        by_epoch = [_locate(indexed[e], set(indices)) for e in range(shown)]
         columns = [[read_image(root, *by_epoch[e][i], m["image"]) for e in range(shown)] for i in indices]
     h, w, c = m["output_shape"]
     tiles = []

@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 
 from readers.loader import Loader
-from readers.plan import EpochPlan
+from readers.plan import DEFAULT_WINDOW, EpochPlan
 from readers.prefetch import Prefetcher
-from readers.shards import ShardReader, iter_batches
+from readers.shards import ShardFiles, iter_batches
 
 
 class CachedLoader(Loader):
@@ -18,7 +18,9 @@ class CachedLoader(Loader):
 
     Training epoch e reads cached epoch e mod N (set it with set_epoch). Each rank reads a
     contiguous share of the epoch's shards in a (seed, epoch)-shuffled order; samples are
-    shuffled within windows of `shuffle_window` shards. Batches are assembled as uint8 (in
+    shuffled within windows of `shuffle_window` samples. Shards are mapped on first use and kept
+    open (up to a quarter of the file-descriptor limit); each batch is gathered from the mappings
+    in one copy. Batches are assembled as uint8 (in
     pinned memory, `prefetch` batches ahead in a background thread, when the device is CUDA),
     moved, then converted to `dtype` and normalised with the manifest's mean and std on the device.
 
@@ -36,7 +38,8 @@ class CachedLoader(Loader):
         rank, world_size: this process's share; None: from torch.distributed when initialised.
         prefetch: batches a background thread assembles ahead of the consumer; 0: none, batches
             are assembled in the consumer's thread; None: 2 on CUDA, 0 on the CPU.
-        shuffle_window: shards whose samples are shuffled together; memory grows with it.
+        shuffle_window: samples shuffled together (consecutive shards of this rank's share, at
+            least one); costs no memory, but each shard a batch touches costs one gather call.
         verify: check each shard's sha256 as it is read.
 
     Raises:
@@ -49,7 +52,7 @@ class CachedLoader(Loader):
     def __init__(self, cache: str | Path, *, batch_size: int, device: torch.device | str | None = None,
                  shuffle: bool = True, seed: int = 0, drop_last: bool = False, normalize: bool = True,
                  dtype: torch.dtype = torch.float32, channels_last: bool = False, rank: int | None = None,
-                 world_size: int | None = None, prefetch: int | None = None, shuffle_window: int = 8,
+                 world_size: int | None = None, prefetch: int | None = None, shuffle_window: int = DEFAULT_WINDOW,
                  verify: bool = False) -> None:
         super().__init__(cache, batch_size=batch_size, device=device, shuffle=shuffle, seed=seed,
                          drop_last=drop_last, normalize=normalize, dtype=dtype, channels_last=channels_last,
@@ -57,24 +60,18 @@ class CachedLoader(Loader):
         self.verify = bool(verify)
         self._check_epochs()
         self._spare: list[torch.Tensor] = []  # CPU host batches the device stage is done with
-        self._reader: ShardReader | None = None  # kept between iterations
+        self._files = ShardFiles(self.manifest, verify=self.verify)  # mappings kept between epochs
 
     def _shard_sizes(self, cache_epoch: int) -> list[int]:
         return [s.samples for s in self.manifest.epochs[cache_epoch]]
 
     def _host_batches(self, plan: EpochPlan, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         shards = self.manifest.epochs[plan.cache_epoch]
-        # Reuse the reader's window between epochs (a fresh one costs page faults), unless
-        # another iteration over this loader is still using it.
-        reader, self._reader = self._reader or ShardReader(self.manifest, verify=self.verify), None
         channels_first = self._copier.host_channels_first
 
         def produce(stopping: Callable[[], bool] = lambda: False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-            try:
-                yield from iter_batches(reader, shards, plan, start=start, new_batch=self._new_batch,
-                                        channels_first=channels_first, stop=stopping)
-            finally:
-                self._reader = reader
+            return iter_batches(self._files, shards, plan, start=start, new_batch=self._new_batch,
+                                channels_first=channels_first, stop=stopping)
 
         if self.options.prefetch:
             return Prefetcher(produce, depth=self.options.prefetch, where=f"epoch {plan.epoch} of {self.manifest.root}")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import mmap
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,63 +10,60 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cacheformat.layout import epoch_shards
 from readers.errors import ReaderError
 from readers.loader import Loader
 from readers.manifest import Manifest, Shard, live_shards, load_manifest
+from readers.plan import DEFAULT_WINDOW
+from readers.shards import ShardFiles
 
 
 def _layout(manifest: Manifest, cache_epoch: int) -> list[np.ndarray]:
     """The source indices of each shard of cached epoch `cache_epoch`, as the builder lays it out."""
-    from cachegen.layout import epoch_shards  # the layout contract: cachegen's public API
+    m = manifest
+    return epoch_shards(m.seed, cache_epoch, m.num_samples, m.shard_size, m.skipped)
 
-    raw = manifest.raw
-    return epoch_shards(raw["seed"], cache_epoch, raw["source"]["num_samples"], raw["shard_size"], raw["skipped"])
+
+def _locate(manifest: Manifest) -> tuple[np.ndarray, np.ndarray]:
+    """(where, labels): for each source index, (source shard, position in it), and its label, from
+    the source shards' index files. A live epoch draws every batch from all over the source."""
+    files = ShardFiles(manifest, max_index_samples=0)  # indexes read once here, not kept
+    n = manifest.num_samples
+    where = np.full((n, 2), -1, dtype=np.int64)
+    labels = np.zeros(n, dtype=np.int64)
+    for k, shard in enumerate(live_shards(manifest)):
+        index = files.index(shard)
+        where[index.indices, 0] = k
+        where[index.indices, 1] = np.arange(shard.samples)
+        labels[index.indices] = index.labels
+    return where, labels
 
 
 class _LiveBatches(torch.utils.data.Dataset):
     """Item k: batch k of an epoch, read from the source pass and augmented, as uint8 tensors.
 
-    Runs in DataLoader worker processes: each opens (maps) the source shards itself, and builds
-    the epoch's transform once.
+    Runs in DataLoader worker processes: each maps the source shards it reads itself (a bounded
+    number at a time), and builds the epoch's transform once.
     """
 
-    def __init__(self, manifest: Manifest, batches: list[np.ndarray], cache_epoch: int, channels_first: bool) -> None:
+    def __init__(self, manifest: Manifest, batches: list[np.ndarray], cache_epoch: int, channels_first: bool,
+                 where: np.ndarray, labels: np.ndarray) -> None:
         self.manifest, self.batches, self.cache_epoch = manifest, batches, cache_epoch
         self.channels_first = channels_first
-        shards = live_shards(manifest)
-        self.paths = [s.path for s in shards]
-        self.sizes = [s.bytes for s in shards]
-        n = manifest.raw["source"]["num_samples"]
-        # where[i] = (shard, byte offset of the pixels) of source index i
-        self.where = np.full((n, 2), -1, dtype=np.int64)
-        self.labels = np.zeros(n, dtype=np.int64)
-        for k, shard in enumerate(shards):
-            self.where[shard.indices, 0] = k
-            self.where[shard.indices, 1] = shard.offsets + manifest.npy_header_bytes
-            self.labels[shard.indices] = shard.labels
-        self._maps: dict[int, np.ndarray] = {}
+        self.shards = live_shards(manifest)
+        self.where, self.labels = where, labels
+        self._files: ShardFiles | None = None
         self._transform = None
 
     def __len__(self) -> int:
         return len(self.batches)
 
     def _pixels(self, index: int) -> np.ndarray:
-        shard, offset = self.where[index]
-        if shard not in self._maps:
-            path = self.paths[shard]
-            try:
-                with open(path, "rb") as f:
-                    # Checked again here, not only on construction: a file cut short since would
-                    # otherwise surface as a numpy reshape error (or mmap's, for an empty one).
-                    size = os.fstat(f.fileno()).st_size
-                    if size != self.sizes[shard]:
-                        raise ReaderError(f"{path} is {size} bytes, the manifest says {self.sizes[shard]} "
-                                          "(truncated or replaced); rebuild it")
-                    self._maps[shard] = np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), np.uint8)
-            except OSError as e:
-                raise ReaderError(f"cannot read {path}: {e.strerror or e}; rebuild the cache") from None
-        h, w, c = self.manifest.shape
-        return self._maps[shard][offset:offset + h * w * c].reshape(h, w, c)
+        if self._files is None:  # made in the worker process: mappings are not shared
+            self._files = ShardFiles(self.manifest)
+        k, j = self.where[index]
+        # Mapping a shard checks its size again (it may have been cut since construction).
+        return self._files.get(self.shards[k]).rows[j].numpy().reshape(self.manifest.shape)
 
     def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         from cachegen.transforms import augment, make_transform, to_pil
@@ -121,7 +117,7 @@ class LiveLoader(Loader):
     def __init__(self, cache: str | Path, *, batch_size: int, device: torch.device | str | None = None,
                  shuffle: bool = True, seed: int = 0, drop_last: bool = False, normalize: bool = True,
                  dtype: torch.dtype = torch.float32, channels_last: bool = False, rank: int | None = None,
-                 world_size: int | None = None, prefetch: int | None = None, shuffle_window: int = 8,
+                 world_size: int | None = None, prefetch: int | None = None, shuffle_window: int = DEFAULT_WINDOW,
                  workers: int | None = None, verify: bool = False) -> None:
         super().__init__(cache, batch_size=batch_size, device=device, shuffle=shuffle, seed=seed,
                          drop_last=drop_last, normalize=normalize, dtype=dtype, channels_last=channels_last,
@@ -133,6 +129,7 @@ class LiveLoader(Loader):
         for shard in live_shards(self.manifest):
             _check_shard(shard, verify)
         self._check_epochs()
+        self._located: tuple[np.ndarray, np.ndarray] | None = None  # (where, labels), on first use
 
     def _layout(self, cache_epoch: int) -> list[np.ndarray]:
         if cache_epoch not in self._layouts:
@@ -150,7 +147,10 @@ class LiveLoader(Loader):
         indices = flat[starts[positions[:, 0]] + positions[:, 1]]
         size = plan.batch_size
         batches = [indices[k:k + size] for k in range(0, plan.num_batches * size, size)]
-        dataset = _LiveBatches(self.manifest, batches, plan.cache_epoch, self._copier.host_channels_first)
+        if self._located is None:
+            self._located = _locate(self.manifest)
+        dataset = _LiveBatches(self.manifest, batches, plan.cache_epoch, self._copier.host_channels_first,
+                               *self._located)
         extra = {"prefetch_factor": self.options.prefetch or 2, "worker_init_fn": _init_worker} if self.workers else {}
         loader = torch.utils.data.DataLoader(dataset, batch_size=None, sampler=range(start, len(batches)),
                                              num_workers=self.workers, pin_memory=self._copier.pin, **extra)

@@ -12,7 +12,7 @@ from readers.device import DeviceCopier, Pending
 from readers.errors import ReaderError
 from readers.manifest import Manifest, load_manifest
 from readers.options import LoaderOptions
-from readers.plan import EpochPlan, plan_epoch, rank_length
+from readers.plan import DEFAULT_WINDOW, EpochPlan, plan_epoch, rank_length
 
 # What a saved position depends on: resuming under different values would not be exact.
 _STATE_KEYS = ("seed", "batch_size", "world_size", "drop_last", "shuffle", "shuffle_window", "cache_epochs",
@@ -29,13 +29,14 @@ class Loader:
     def __init__(self, cache: str | Path, *, batch_size: int, device: torch.device | str | None = None,
                  shuffle: bool = True, seed: int = 0, drop_last: bool = False, normalize: bool = True,
                  dtype: torch.dtype = torch.float32, channels_last: bool = False, rank: int | None = None,
-                 world_size: int | None = None, prefetch: int | None = None, shuffle_window: int = 8) -> None:
+                 world_size: int | None = None, prefetch: int | None = None,
+                 shuffle_window: int = DEFAULT_WINDOW) -> None:
         self.options = LoaderOptions(batch_size=batch_size, device=device, shuffle=shuffle, seed=seed,
                                      drop_last=drop_last, normalize=normalize, dtype=dtype,
                                      channels_last=channels_last, rank=rank, world_size=world_size,
                                      prefetch=prefetch)
         if not isinstance(shuffle_window, int) or isinstance(shuffle_window, bool) or shuffle_window < 1:
-            raise ValueError(f"shuffle_window must be an int >= 1 (shards), got {shuffle_window!r}")
+            raise ValueError(f"shuffle_window must be an int >= 1 (samples), got {shuffle_window!r}")
         self.shuffle_window = shuffle_window
         self.manifest: Manifest = load_manifest(cache)
         if self.manifest.mode != self.MODE:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -30,12 +31,19 @@ def assert_one_line_error(result, *fragments: str) -> None:
 
 
 def shard_bytes(root: Path) -> dict[str, bytes]:
-    """Every shard of a cache by relative path (what must be byte-identical between builds)."""
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.glob("epoch-*/*.tar"))}
+    """Every shard and index file of a cache by relative path (what must be byte-identical between builds)."""
+    return {str(p.relative_to(root)): p.read_bytes()
+            for pattern in ("*/*.tar", "*/*.idx") for p in sorted(root.glob(pattern))}
 
 
 def manifest(root: Path) -> dict:
-    return json.loads((root / "manifest.json").read_text())
+    """manifest.json with each shard's index columns (offsets, sizes, labels, indices, read with
+    np.load) merged into its entry, as the tests read a cache."""
+    m = json.loads((root / "manifest.json").read_text())
+    for shard in [s for e in m["epoch_list"] for s in e["shards"]] + m.get("source_shards", []):
+        table = np.load(root / (shard["path"][:-len(".tar")] + ".idx"))
+        shard.update({k: table[:, c].tolist() for c, k in enumerate(("offsets", "sizes", "labels", "indices"))})
+    return m
 
 
 @pytest.fixture

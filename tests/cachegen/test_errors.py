@@ -181,7 +181,7 @@ def test_info_and_verify_on_a_folder_without_a_cache(tmp_path):
 def test_damaged_manifest(build):
     out = build("--epochs", "1")
     (out / "manifest.json").write_text('{"format": "cachegen", "format_version": 1, "epoch')
-    assert_one_line_error(run_cli("info", out, expect=1), "manifest.json is unreadable or damaged")
+    assert_one_line_error(run_cli("info", out, expect=1), "manifest.json is unreadable or not JSON")
 
 
 def test_cli_errors_have_no_traceback_as_a_real_process(tmp_path):

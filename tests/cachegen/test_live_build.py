@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cachegen.layout import epoch_shards
+from cacheformat.layout import epoch_shards
 from tests.cachegen.conftest import assert_one_line_error, manifest, run_cli
 from tests.cachegen.test_errors import _folder
 

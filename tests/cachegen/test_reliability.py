@@ -15,8 +15,10 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from cacheformat.index import encode_index, index_record
 from tests.cachegen.conftest import assert_one_line_error, manifest, run_cli, shard_bytes
 from tests.conftest import make_npz
 
@@ -256,10 +258,27 @@ def copy_from(donor: str | None, shard: str = SHARD):
 def edit_entry(field: str, change):
     """Change one field of SHARD's manifest entry, leaving the manifest well-formed."""
     def damage(root: Path, caches: dict) -> None:
-        m = manifest(root)
+        m = json.loads((root / "manifest.json").read_text())
         entry = m["epoch_list"][1]["shards"][3]
         entry[field] = change(entry[field])
         (root / "manifest.json").write_text(json.dumps(m, separators=(",", ":")))
+    return damage
+
+
+def edit_index_label(root: Path, caches: dict) -> None:
+    """Give SHARD's first sample another label in its index, and record the index's new checksum:
+    an index consistent with the manifest that no longer says what the shard holds."""
+    index = root / SHARD.replace(".tar", ".idx")
+    table = np.load(index)
+    table[0, 2] = 3 - table[0, 2]
+    data = encode_index(*table.T)
+    index.write_bytes(data)
+    edit_entry("index", lambda _: index_record(data))(root, caches)
+
+
+def index_from(donor: str):
+    def damage(root: Path, caches: dict) -> None:
+        shutil.copy(caches[donor] / SHARD.replace(".tar", ".idx"), root / SHARD.replace(".tar", ".idx"))
     return damage
 
 
@@ -284,8 +303,9 @@ SHARD_FAULTS = {  # fault: (damage, what verify's BAD line says)
     "from a png cache": (copy_from("png"), "truncated or replaced"),
     "replaced by its neighbour": (copy_from(None, "epoch-0001/shard-000002.tar"), "sha256 mismatch"),
     "listed with another sha256": (edit_entry("sha256", lambda sha: "0" * 64), "sha256 mismatch"),
-    "listed with another label": (edit_entry("labels", lambda labels: [3 - labels[0], *labels[1:]]),
-                                  "contents disagree with the manifest (labels)"),
+    "its index gives another label": (edit_index_label, "contents disagree with its index (labels)"),
+    "its index from a cache with another seed": (index_from("seed1"), "fails its sha256 check"),
+    "its index deleted": (lambda root, caches: (root / SHARD.replace(".tar", ".idx")).unlink(), "is missing"),
 }
 
 
@@ -302,25 +322,16 @@ def test_verify_names_a_bad_shard(caches, tmp_path, fault):
     assert "Traceback" not in result.output
 
 
+# Every way a manifest can break the format is tested once, against the contract, in
+# tests/format/test_manifest.py; here, that such a manifest reaches the user as one line, and the
+# edits that are consistent in themselves, which only verify (recomputing the layout, the stats
+# and the fingerprint) can see.
 MANIFEST_FAULTS = {  # fault: (edit of the manifest's text, what the one-line error says)
-    "cut short": (lambda t: t[:len(t) // 2], "unreadable or damaged"),
-    "emptied": (lambda t: "", "unreadable or damaged"),
-    "not an object": (lambda t: "[1, 2, 3]", "not a JSON object"),
-    "not UTF-8": (lambda t: t.replace('"cachegen 0', '"cachegen\udcff0'), "unreadable or damaged"),
-    "another format version": (lambda t: t.replace('"format_version":1', '"format_version":2'),
-                               "not a cachegen format 1 manifest"),
-    "a field deleted": (lambda t: t.replace('"skipped":[],', ""), "no field 'skipped'"),
-    "a field of another type": (lambda t: t.replace('"classes":[', '"classes":[7,', 1), "classes"),
-    "a count edited": (lambda t: t.replace('"samples":50', '"samples":51', 1), "epoch_list[0]"),
-    "an offset past the end": (lambda t: re.sub(r'"offsets":\[\d+', '"offsets":[99999999', t, count=1),
-                               "offsets or sizes"),
-    "a path out of the cache": (lambda t: t.replace('"path":"epoch-0000/', '"path":"../epoch-0000/', 1),
-                                "shard path"),
-    "std zeroed": (lambda t: re.sub(r'"std":\[[0-9.e-]+', '"std":[0', t), "disagree: std"),
-    "num_samples edited": (lambda t: t.replace('"num_samples":240', '"num_samples":241'), "the samples of pass 0"),
-    # consistent in itself: only verify, which recomputes the layout, the stats and the fingerprint, sees these
-    "the seed edited": (lambda t: t.replace('"seed":0', '"seed":7'), "epoch 0 does not hold the samples"),
-    "shard_size edited": (lambda t: t.replace('"shard_size":50', '"shard_size":60'), "epoch 0 does not hold"),
+    "cut short": (lambda t: t[:len(t) // 2], "unreadable or not JSON"),
+    "the older format": (lambda t: t.replace('"format_version":2', '"format_version":1'),
+                         "was built by an older cachegen (format 1, this one reads 2): rebuild it"),
+    "the seed edited": (lambda t: t.replace('"seed":0', '"seed":7'), "does not hold the samples its seed"),
+    "shard_size edited": (lambda t: t.replace('"shard_size":50', '"shard_size":60'), "its seed and shard_size make"),
     "mean edited": (lambda t: re.sub(r'"mean":\[0\.', '"mean":[0.1', t), "mean/std disagree"),
     "transform edited": (lambda t: t.replace('"spec":"cifar"', '"spec":"imagenet"'), "disagrees with its fingerprint"),
 }
@@ -380,7 +391,7 @@ def pages(size: int) -> int:
 @pytest.mark.parametrize("full_at", ["mid-shard", "manifest"])
 def test_disk_full_then_resume_in_place_on_a_bigger_disk(build, npz_source, tmp_path, tmpfs, full_at):
     clean = build("--epochs", "2", out=tmp_path / "clean")
-    shards = sum(pages(p.stat().st_size) for p in clean.glob("epoch-*/*.tar"))
+    shards = sum(pages(p.stat().st_size) for p in clean.glob("epoch-*/shard-*"))  # shards and index files
     state = json.dumps(state_of(manifest(clean)), separators=(",", ":"))
     assert pages(len(state)) == pages(1)
     # tmpfs charges whole pages per file: at "manifest" every shard and the state file fit, the
@@ -397,7 +408,7 @@ def test_disk_full_then_resume_in_place_on_a_bigger_disk(build, npz_source, tmp_
     assert_not_a_cache(out)
     left = shard_bytes(out)
     assert left and left.items() <= shard_bytes(clean).items()
-    assert (len(left) == 10) == (full_at == "manifest")
+    assert (len(left) == 2 * 10) == (full_at == "manifest")
 
     tmpfs.grow(16 << 20)
     build("--epochs", "2", out=out)

@@ -86,3 +86,9 @@ def ddp_epoch(loader, epoch: int) -> dict:
         hwc = images.permute(0, 2, 3, 1).contiguous().numpy()
         seen += [digest(img.tobytes(), int(y)) for img, y in zip(hwc, labels)]
     return {"batches": batches, "len": len(loader), "samples": seen}
+
+
+def index_columns(shard) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(offsets, sizes, labels, source indices) of a shard, read from its index file with np.load."""
+    table = np.load(shard.index_path)
+    return table[:, 0], table[:, 1], table[:, 2], table[:, 3]

@@ -6,6 +6,8 @@ import json
 
 import pytest
 
+from loader_checks import index_columns
+
 from readers import CachedLoader, ReaderError
 
 
@@ -46,7 +48,7 @@ def test_truncated_shard_is_named_with_its_sizes(damaged_cache, prefetch):
 def test_corrupted_shard_fails_verify(damaged_cache):
     shard = _first_shard(damaged_cache)
     data = bytearray(shard.path.read_bytes())
-    data[int(shard.offsets[3]) + 200] ^= 0xFF  # one pixel of sample 3
+    data[int(index_columns(shard)[0][3]) + 200] ^= 0xFF  # one pixel of sample 3
     shard.path.write_bytes(bytes(data))
     assert len(list(_loader(damaged_cache))) == 10  # unverified, the bad pixel goes through
     with pytest.raises(ReaderError, match=rf"shard {shard.path} fails its sha256 check"):
@@ -56,20 +58,33 @@ def test_corrupted_shard_fails_verify(damaged_cache):
 def test_shard_that_does_not_match_the_manifest(damaged_cache):
     shard = _first_shard(damaged_cache)
     data = bytearray(shard.path.read_bytes())
-    data[int(shard.offsets[0]):int(shard.offsets[0]) + 6] = b"\0" * 6
+    data[int(index_columns(shard)[0][0]):int(index_columns(shard)[0][0]) + 6] = b"\0" * 6
     shard.path.write_bytes(bytes(data))
-    with pytest.raises(ReaderError, match=rf"shard {shard.path}: no .npy payload at offset {int(shard.offsets[0])}"):
+    with pytest.raises(ReaderError, match=rf"shard {shard.path}: no .npy payload at offset {int(index_columns(shard)[0][0])}"):
         list(_loader(damaged_cache))
 
 
-def test_error_in_a_later_shard_arrives_after_the_good_batches(damaged_cache):
+def test_a_missing_shard_is_named_before_the_epoch_starts(damaged_cache):
+    # Sizes are checked once an epoch, for every shard the rank will read: a missing one ends the
+    # epoch before its first batch, not after a part of it trained.
     loader = _loader(damaged_cache, shuffle_window=1, prefetch=2)
     loader.manifest.epochs[0][-1].path.unlink()
     got = []
     with pytest.raises(ReaderError, match="shard-000005.tar is missing"):
         for x, _ in loader:
             got.append(len(x))
-    assert sum(got) == 250 - 250 % 32  # every full batch before the last shard
+    assert got == []
+
+
+def test_a_shard_deleted_during_an_epoch_is_named_when_reached(damaged_cache):
+    loader = _loader(damaged_cache, shuffle_window=1, prefetch=2)
+    got = []
+    with pytest.raises(ReaderError, match="shard-000005.tar is missing"):
+        for x, _ in loader:
+            if not got:
+                loader.manifest.epochs[0][-1].path.unlink()  # after the epoch's check, before it is mapped
+            got.append(len(x))
+    assert 0 < sum(got) <= 250  # the batches before the last shard
 
 
 @pytest.mark.parametrize(("options", "message"), [

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from loader_checks import SHAPE, collect, epoch_contents, pairs
+from loader_checks import SHAPE, collect, epoch_contents, pairs, index_columns
 from readers import CachedLoader, ReaderError
 
 
@@ -32,7 +32,7 @@ def test_pixels_match_the_source(caches, source, encoding, max_error):
     # Epoch 0 is the source unchanged; unshuffled, batches follow the manifest's source indices.
     _, originals, labels = source
     loader = _loader(caches[encoding], shuffle=False)
-    indices = np.concatenate([s["indices"] for s in loader.manifest.raw["epoch_list"][0]["shards"]])
+    indices = np.concatenate([index_columns(s)[3] for s in loader.manifest.epochs[0]])
     images, got_labels = collect(loader)
     got = np.concatenate(images).reshape(len(indices), -1).astype(np.float32)
     flat = originals.reshape(len(originals), -1).astype(np.float32)
@@ -60,7 +60,7 @@ def test_an_undecodable_payload_is_named(caches, tmp_path):
     cache = shutil.copytree(caches["png"], tmp_path / "png")
     shard = _loader(cache).manifest.epochs[0][0]
     data = bytearray(shard.path.read_bytes())
-    start = int(shard.offsets[2])
+    start = int(index_columns(shard)[0][2])
     data[start:start + 16] = b"\0" * 16  # the PNG signature of sample 2
     shard.path.write_bytes(bytes(data))
     with pytest.raises(ReaderError, match=rf"{shard.path}: sample 2 does not decode as png"):

@@ -59,19 +59,32 @@ def test_unshuffled_plan_reads_in_manifest_order():
 
 
 def test_batches_mix_shards_within_a_window():
-    plan = _plan(window=4)
+    plan = _plan(window=200)  # samples: four 50-sample shards
     first_batch = plan.samples()[:32]
     assert len(set(first_batch[:, 0].tolist())) >= 3
-    assert all(len(w.segments) <= 4 for w in plan.windows)
+    assert all(len(w) <= 200 for w in plan.windows)
     for w in plan.windows:
         assert sorted(w.order.tolist()) == list(range(sum(s.stop - s.start for s in w.segments)))
 
 
 def test_window_of_one_shard_keeps_each_shard_together():
     plan = _plan(window=1)
-    shards = plan.samples()[:, 0]
-    runs = [shards[0]] + [b for a, b in zip(shards, shards[1:]) if a != b]
-    assert len(runs) == len(SIZES)  # each shard read in one go
+    assert [len(w.segments) for w in plan.windows] == [1] * len(SIZES)
+    samples = plan.samples()
+    for start in range(0, len(samples), 32):  # a batch holds the shards around it, not others
+        batch = samples[start:start + 32]
+        shards = {s.shard for w in plan.windows for s in w.segments}
+        window_order = [w.segments[0].shard for w in plan.windows]
+        touched = sorted(window_order.index(s) for s in set(batch[:, 0].tolist()))
+        assert touched == list(range(touched[0], touched[-1] + 1)) and shards == set(range(len(SIZES)))
+
+
+def test_each_batch_is_sorted_by_shard_and_sample():
+    # One gather per shard a batch touches, in file order.
+    samples = _plan(window=200).samples()
+    for start in range(0, len(samples), 32):
+        batch = [tuple(x) for x in samples[start:start + 32].tolist()]
+        assert batch == sorted(batch)
 
 
 @pytest.mark.parametrize("world_size", [2, 3, 4])
@@ -99,7 +112,7 @@ def test_padded_ranks_cover_the_epoch_and_repeat_only_the_padding(world_size):
 
 def test_ranks_read_contiguous_shares_of_the_shard_order():
     # Each rank touches about 1/world_size of the shards, not all of them.
-    plans = [_plan(rank=r, world_size=3, drop_last=True, window=8) for r in range(3)]
+    plans = [_plan(rank=r, world_size=3, drop_last=True, window=400) for r in range(3)]
     for p in plans:
         assert len({s.shard for w in p.windows for s in w.segments}) <= 4
 
@@ -128,7 +141,7 @@ def test_rank_length_matches_the_plan():
 @settings(max_examples=60, deadline=None)
 @given(sizes=st.lists(st.integers(0, 40), min_size=1, max_size=12).filter(lambda s: sum(s) > 0),
        world_size=st.integers(1, 5), batch_size=st.integers(1, 17), drop_last=st.booleans(),
-       window=st.integers(1, 4), seed=st.integers(0, 2**32), epoch=st.integers(0, 50))
+       window=st.integers(1, 120), seed=st.integers(0, 2**32), epoch=st.integers(0, 50))
 def test_plan_properties(sizes, world_size, batch_size, drop_last, window, seed, epoch):
     total = sum(sizes)
     try:

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from loader_checks import collect, ddp_epoch, digest, epoch_contents, pairs
+from loader_checks import collect, ddp_epoch, digest, epoch_contents, pairs, index_columns
 from readers import CachedLoader, LiveLoader, ReaderError, load_manifest, open_loader
 from readers.plan import rank_length
 from readers.prefetch import _POLL_S
@@ -82,7 +82,7 @@ def _regions(shard, encoding: str, header: int) -> dict[str, list[int]]:
     """Byte positions of one shard by what they hold: the image payloads, within npy ones the
     magic and the pixels, and the rest (tar headers, .cls members, padding, end-of-archive)."""
     payload, magic, pixels = [], [], []
-    for o, s in zip(shard.offsets.tolist(), shard.sizes.tolist()):
+    for o, s in zip(index_columns(shard)[0].tolist(), index_columns(shard)[1].tolist()):
         payload += range(o, o + s)
         if encoding == "npy":
             magic += range(o, o + 6)
@@ -213,87 +213,7 @@ def test_a_source_shard_from_another_cache(seven, tmp_path, size):
 
 # --- a damaged or hand-edited manifest -----------------------------------------------------------
 
-def _edit_shard(epoch: int, shard: int, change):
-    def edit(raw: dict) -> None:
-        change(raw["epoch_list"][epoch]["shards"][shard])
-    return edit
-
-
-def _swap_offsets(s: dict) -> None:
-    s["offsets"][0], s["offsets"][1] = s["offsets"][1], s["offsets"][0]
-
-
-def _respace_offsets(s: dict) -> None:
-    # Evenly spaced (so the reader takes its one-strided-copy path) but 512 bytes too close.
-    step = s["offsets"][1] - s["offsets"][0] - 512
-    s["offsets"] = [s["offsets"][0] + i * step for i in range(len(s["offsets"]))]
-
-
-def _drop_last_sample(s: dict) -> None:
-    for key in ("offsets", "sizes", "labels", "indices"):
-        s[key].pop()
-    s["samples"] -= 1
-
-
-# (edit, what the ReaderError says). Shard paths are matched by their tail; "manifest.json" means
-# the load names the manifest file. Cases test_reader_manifest.py already covers are left out.
-MANIFEST_EDITS = {
-    "cut to 0 bytes": (b"", r"manifest.json is unreadable or not JSON"),
-    "cut to half": (0.5, r"manifest.json is unreadable or not JSON"),
-    "last byte lost": (-1, r"manifest.json is unreadable or not JSON"),
-    "nested 100000 deep": (b"[" * 100000 + b"]" * 100000, r"manifest.json is unreadable or not JSON \(Recursion"),
-    "offset past the end": (_edit_shard(0, 1, lambda s: s["offsets"].__setitem__(-1, s["bytes"] - 100)),
-                            r"manifest.json: shard epoch-0000/shard-000001.tar: a sample lies outside"),
-    "offset negative": (_edit_shard(1, 0, lambda s: s["offsets"].__setitem__(5, -512)),
-                        r"manifest.json: shard epoch-0001/shard-000000.tar: a sample lies outside"),
-    "offset past int64": (_edit_shard(0, 2, lambda s: s["offsets"].__setitem__(0, 2**70)),
-                          r"shard epoch-0000/shard-000002.tar: offsets are not all integers"),
-    "offset a string": (_edit_shard(0, 2, lambda s: s["offsets"].__setitem__(0, "1536")),
-                        r"shard epoch-0000/shard-000002.tar: offsets are not all integers"),
-    "offsets swapped": (_edit_shard(0, 3, _swap_offsets),
-                        r"shard epoch-0000/shard-000003.tar: sample payloads overlap or are out of order"),
-    "offset moved inside the file": (_edit_shard(0, 4, lambda s: s["offsets"].__setitem__(7, s["offsets"][7] + 512)),
-                                     r"epoch-0000/shard-000004.tar: no .npy payload at offset \d+ \(sample 7\)"),
-    "offsets evenly respaced": (_edit_shard(0, 4, _respace_offsets),
-                                r"epoch-0000/shard-000004.tar: no .npy payload at offset \d+ \(sample 1\)"),
-    "labels one short": (_edit_shard(0, 0, lambda s: s["labels"].pop()),
-                         r"shard epoch-0000/shard-000000.tar: labels has 49 entries for 50 samples"),
-    "labels one long": (_edit_shard(1, 5, lambda s: s["labels"].append(0)),
-                        r"shard epoch-0001/shard-000005.tar: labels has 51 entries for 50 samples"),
-    "label past the classes": (_edit_shard(0, 0, lambda s: s["labels"].__setitem__(3, 7)),
-                               r"shard epoch-0000/shard-000000.tar: labels run \d\.\.7, outside the 7 classes 0\.\.6"),
-    "label negative": (_edit_shard(0, 0, lambda s: s["labels"].__setitem__(3, -1)),
-                       r"shard epoch-0000/shard-000000.tar: labels run -1\.\.\d, outside the 7 classes"),
-    "label a float": (_edit_shard(0, 0, lambda s: s["labels"].__setitem__(3, 2.5)),
-                      r"shard epoch-0000/shard-000000.tar: labels are not all integers"),
-    "shard samples one more": (_edit_shard(0, 5, lambda s: s.update(samples=51)),
-                               r"shard epoch-0000/shard-000005.tar: offsets has 50 entries for 51 samples"),
-    "shard samples one fewer, arrays too": (_edit_shard(0, 5, _drop_last_sample),
-                                            r"manifest.json: epoch 0 says 300 samples but its shards hold 299"),
-    "classes not a list": (lambda raw: raw.update(classes=None), r"manifest.json: classes None is not a list"),
-}
-
-
-@pytest.mark.parametrize("case", list(MANIFEST_EDITS))
-def test_a_damaged_manifest_is_named(damaged_cache, case):
-    """Each edit ends in a ReaderError naming manifest.json or the shard (at construction, or
-    at the read of that shard), never an IndexError/ValueError/OverflowError from numpy."""
-    edit, message = MANIFEST_EDITS[case]
-    path = damaged_cache / "manifest.json"
-    text = path.read_bytes()
-    if isinstance(edit, bytes):
-        text = edit
-    elif isinstance(edit, (int, float)):
-        text = text[:int(len(text) * edit)] if isinstance(edit, float) else text[:edit]
-    else:
-        raw = json.loads(text)
-        edit(raw)
-        text = json.dumps(raw).encode()
-    path.write_bytes(text)
-    with pytest.raises(ReaderError, match=message):
-        _read_every_epoch(_loader(damaged_cache, shuffle=True))
-    with pytest.raises(ReaderError, match=message):  # the same through open_loader
-        _read_every_epoch(open_loader(damaged_cache, batch_size=32, device="cpu"))
+# Damaged or hand-edited manifests and index files: tests/format (the contract checks them, once).
 
 
 # --- the live reader: a source shard damaged after the loader was made ---------------------------
@@ -314,7 +234,7 @@ def test_a_source_shard_damaged_after_construction_is_named(seven, tmp_path, dam
         if damage == "a folder":
             shard.path.mkdir()
     message = {"cut": "is 5000 bytes, the manifest says", "emptied": "is 0 bytes, the manifest says",
-               "deleted": ": No such file or directory", "a folder": ": Is a directory"}[damage]
+               "deleted": " is missing", "a folder": ": Is a directory"}[damage]
     with pytest.raises(ReaderError, match=re.escape(str(shard.path)) + ".*" + re.escape(message)):
         list(loader)
 

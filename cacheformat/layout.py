@@ -1,0 +1,75 @@
+"""Where every sample of every epoch goes, and where its bytes sit inside a shard.
+
+Epoch `e` is the source in the order `epoch_order(seed, e, n)`, cut into shards of `shard_size`;
+samples skipped as unreadable are left out of their shard. A cache stores these shards; a live
+cache stores the source once, in index order (`source_pass`), and recomputes the epochs, so both
+deliver the same samples in the same order.
+"""
+
+from __future__ import annotations
+
+import tarfile
+from collections.abc import Iterable
+
+import numpy as np
+
+EPOCH_ORDER_SALT = 0x5EED  # keeps the epoch permutation's stream apart from other uses of the seed
+TMP_MARK = ".tmp-"  # a file being written is named <name>.tmp-<pid>; never part of a cache
+INDEX_SUFFIX = ".idx"  # shard-000012.tar's index is shard-000012.idx
+BLOCK = tarfile.BLOCKSIZE  # 512: tar headers and member data are padded to it
+
+
+def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The seeded order of the source's `n` samples in epoch `epoch`."""
+    return np.random.default_rng([seed, epoch, EPOCH_ORDER_SALT]).permutation(n)
+
+
+def _drop(shards: list[np.ndarray], skipped: Iterable[int]) -> list[np.ndarray]:
+    skipped = np.asarray(sorted(skipped), dtype=np.int64)
+    return [s[~np.isin(s, skipped)] for s in shards] if len(skipped) else shards
+
+
+def epoch_shards(seed: int, epoch: int, n: int, shard_size: int,
+                 skipped: Iterable[int] = ()) -> list[np.ndarray]:
+    """The source indices of each shard of epoch `epoch`, in order."""
+    order = epoch_order(seed, epoch, n)
+    return _drop([order[start:start + shard_size] for start in range(0, n, shard_size)], skipped)
+
+
+def source_pass(n: int, shard_size: int, skipped: Iterable[int] = ()) -> list[np.ndarray]:
+    """The source indices of each shard of a live cache's source pass: index order."""
+    return _drop([np.arange(start, min(start + shard_size, n)) for start in range(0, n, shard_size)], skipped)
+
+
+def shard_path(epoch: int, shard: int) -> str:
+    return f"epoch-{epoch:04d}/shard-{shard:06d}.tar"
+
+
+def source_shard_path(shard: int) -> str:
+    """A live cache's shards: the un-augmented source, once, in index order."""
+    return f"source/shard-{shard:06d}.tar"
+
+
+def index_path(shard: str) -> str:
+    """The index file of shard `shard` (a path relative to the cache folder)."""
+    return shard[:-len(".tar")] + INDEX_SUFFIX if shard.endswith(".tar") else shard + INDEX_SUFFIX
+
+
+def sample_key(prefix: str, index: int) -> str:
+    """`e0003_00001234` for sample 1234 of epoch 3; `src_00001234` in a live cache's source pass."""
+    return f"{prefix}_{index:08d}"
+
+
+def padded(size: int) -> int:
+    """`size` bytes rounded up to whole tar blocks."""
+    return -(-size // BLOCK) * BLOCK
+
+
+def npy_layout(payload_bytes: int) -> tuple[int, int]:
+    """(offset of sample 0's payload, distance between samples) in an npy shard.
+
+    Every sample is two members, `<key>.cls` then `<key>.npy`, each a 512-byte header and its data
+    padded to 512; a label is under 512 bytes and every npy payload of a cache has one size, so
+    sample j's payload starts at first + j * pitch. Readers map a shard as (samples, pitch) rows.
+    """
+    return 3 * BLOCK, 3 * BLOCK + padded(payload_bytes)

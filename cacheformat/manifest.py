@@ -1,0 +1,268 @@
+"""manifest.json: its schema, read and checked once for both sides (docs/FORMAT.md).
+
+The manifest lists shards, not samples: per-sample data (offsets, sizes, labels, source indices)
+lives in each shard's index file (`cacheformat.index`), so the manifest grows with the number of
+shards (~250 bytes each), whatever the images and however many samples a shard holds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from cacheformat.errors import FormatError
+from cacheformat.layout import index_path, npy_layout
+
+MANIFEST = "manifest.json"
+BUILD_STATE = ".cachegen-build.json"  # a build's identity, written first; a cache in progress
+FORMAT = "cachegen"
+FORMAT_VERSION = 2
+MODES = ("cached", "live")
+ENCODINGS = ("npy", "png", "jpg")
+# What makes two builds the same cache; epochs may grow, these may not change.
+IDENTITY_KEYS = ("source", "transform", "seed", "image", "output_shape", "shard_size", "mode")
+STATS_KEYS = ("pixel_sum", "pixel_sqsum", "pixel_count")  # per channel sums, on the shards stats come from
+
+
+@dataclass(frozen=True, eq=False)
+class ShardEntry:
+    """One shard as the manifest lists it, and its index file."""
+
+    path: Path  # absolute
+    relpath: str  # relative to the cache folder, as the manifest spells it
+    samples: int
+    bytes: int
+    sha256: str
+    index_path: Path  # absolute
+    index_bytes: int
+    index_sha256: str
+
+
+@dataclass(frozen=True, eq=False)
+class Manifest:
+    """A checked manifest: what both sides need, plus the raw JSON in `raw`."""
+
+    root: Path
+    mode: str  # "cached" or "live"
+    encoding: str
+    shape: tuple[int, int, int]  # H, W, C of the stored images
+    output_shape: tuple[int, int, int]  # H, W, C of the images a loader yields
+    npy_header_bytes: int  # 0 unless encoding is npy
+    mean: tuple[float, ...]  # per channel, in [0, 1] units
+    std: tuple[float, ...]
+    classes: tuple[str, ...]
+    seed: int
+    num_samples: int  # in the source, skipped ones included
+    shard_size: int
+    skipped: tuple[int, ...]
+    num_epochs: int  # epochs cached (mode "cached") or to augment live (mode "live")
+    epochs: tuple[tuple[ShardEntry, ...], ...]  # mode "cached": the shards of cached epoch e; else ()
+    source_shards: tuple[ShardEntry, ...]  # mode "live": the source pass; else ()
+    raw: dict[str, Any]
+
+    @property
+    def image_bytes(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def npy_payload_bytes(self) -> int:
+        """An npy sample's payload: header, then the pixels."""
+        return self.npy_header_bytes + self.image_bytes
+
+    def npy_rows(self) -> tuple[int, int]:
+        """(byte offset of sample 0's pixels, distance between samples) in every npy shard."""
+        first, pitch = npy_layout(self.npy_payload_bytes)
+        return first + self.npy_header_bytes, pitch
+
+    def epoch_samples(self, epoch: int) -> int:
+        """Samples in cached epoch `epoch` (not wrapped)."""
+        return sum(s.samples for s in self.epochs[epoch])
+
+    def all_shards(self) -> tuple[ShardEntry, ...]:
+        """Every shard file the manifest lists."""
+        return tuple(s for epoch in self.epochs for s in epoch) + self.source_shards
+
+
+def read_manifest(root: str | Path) -> Manifest:
+    """Read `root/manifest.json` and check it against the format.
+
+    Raises:
+        FormatError: no manifest, unreadable JSON, an older format, or a field that breaks the
+            format, named.
+    """
+    root = Path(root)
+    path = root / MANIFEST
+    if not path.is_file():
+        raise FormatError(f"no cache at {root}: {MANIFEST} not found; build one with `cachegen build`")
+    return parse_manifest(read_json(path), root)
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from `path`; FormatError where it is unreadable or not an object."""
+    try:
+        with open(path, "rb") as f:
+            raw = json.load(f)
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: absurdly nested JSON
+        raise FormatError(f"{path} is unreadable or not JSON ({type(e).__name__}: {str(e)[:80]}); "
+                          "rebuild the cache with `cachegen build --overwrite`") from None
+    if not isinstance(raw, dict):
+        raise FormatError(f"{path} is not a JSON object; rebuild the cache with `cachegen build --overwrite`")
+    return raw
+
+
+def check_version(raw: dict, path: Path) -> None:
+    """FormatError unless `raw` is a manifest of this format version."""
+    version = raw.get("format_version")
+    if raw.get("format") != FORMAT or not _is_int(version):
+        raise FormatError(f"{path} is not a cachegen manifest (format={raw.get('format')!r}, "
+                          f"format_version={version!r})")
+    if version < FORMAT_VERSION:
+        raise FormatError(f"{path}: the cache was built by an older cachegen (format {version}, this one reads "
+                          f"{FORMAT_VERSION}): rebuild it with `cachegen build ... --overwrite`")
+    if version > FORMAT_VERSION:
+        raise FormatError(f"{path}: the cache was built by a newer cachegen (format {version}, this one reads "
+                          f"{FORMAT_VERSION}): upgrade cachegen")
+
+
+def parse_manifest(raw: dict, root: Path) -> Manifest:
+    """Check every field both sides rely on: present, of its type, in range, consistent."""
+    path = root / MANIFEST
+    check_version(raw, path)
+
+    def fail(what: str) -> FormatError:
+        return FormatError(f"{path} is damaged or was edited by hand ({what}); "
+                           "rebuild the cache with `cachegen build --overwrite`")
+
+    try:
+        mode, image, source, transform = raw["mode"], raw["image"], raw["source"], raw["transform"]
+        if mode not in MODES:
+            raise fail(f"mode {mode!r} is not one of {', '.join(MODES)}")
+        n, shard_size, seed, num_epochs = source["num_samples"], raw["shard_size"], raw["seed"], raw["epochs"]
+        if not (_ints([n, shard_size, num_epochs], 1) and _ints([seed], 0, math.inf)):  # a seed may be any size
+            raise fail(f"num_samples {n!r}, shard_size {shard_size!r}, epochs {num_epochs!r} or seed {seed!r} "
+                       "is not a count")
+        texts = (raw["created_by"], source["kind"], source["description"], source["fingerprint"],
+                 transform["spec"], transform["schedule"], transform["fingerprint"], raw["source_spec"]["split"])
+        spec = raw["source_spec"]["spec"]
+        if not all(isinstance(x, str) for x in texts) or not (spec is None or isinstance(spec, str)):
+            raise fail("a text field is not text")
+        if not (_ints([transform["size"]], 1) and (transform["resize"] is None or _ints([transform["resize"]], 1))):
+            raise fail(f"transform size {transform['size']!r} / resize {transform['resize']!r} is not a side")
+        encoding = image["encoding"]
+        if encoding not in ENCODINGS:
+            raise fail(f"image encoding {encoding!r} is not one of {', '.join(ENCODINGS)}")
+        shape = image["shape"]
+        if not (isinstance(shape, list) and len(shape) == 3 and _ints(shape, 1)):
+            raise fail(f"image shape {shape!r} is not [H, W, C]")
+        if image["dtype"] != "uint8" or image["layout"] != "HWC":
+            raise fail(f"image dtype/layout {image['dtype']!r}/{image['layout']!r} is not uint8/HWC")
+        header = image["npy_header_bytes"] if encoding == "npy" else 0
+        if not (_is_int(header) and (header > 0 or encoding != "npy")):
+            raise fail(f"npy_header_bytes {header!r} is not a byte count")
+        output_shape = raw["output_shape"]
+        if not (isinstance(output_shape, list) and len(output_shape) == 3 and _ints(output_shape, 1)):
+            raise fail(f"output_shape {output_shape!r} is not [H, W, C]")
+        if mode == "cached" and output_shape != shape:
+            raise fail(f"output_shape {output_shape!r} differs from the stored image shape {shape!r}")
+        classes = raw["classes"]
+        if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
+            raise fail(f"classes {str(classes)[:60]} is not a list of class names")
+        channels = output_shape[2]
+        for name, low in (("mean", 0), ("std", 1e-9)):  # [0, 1] units; a reader divides by std
+            values = raw[name]
+            if not (isinstance(values, list) and len(values) == channels
+                    and all(type(v) in (int, float) and math.isfinite(v) for v in values)):
+                raise fail(f"{name} {values!r} is not {channels} numbers, one per channel")
+            if not all(low <= v <= 1 for v in values):
+                raise fail(f"{name} {values!r} has a value outside [{low:g}, 1]" + (" (std <= 0)" if low else ""))
+        skipped = raw["skipped"]
+        if not (_ints(skipped, 0, n) and skipped == sorted(set(skipped))):
+            raise fail("skipped is not a sorted list of source indices")
+        fingerprints = raw["epoch_fingerprints"]
+        if not (isinstance(fingerprints, list) and len(fingerprints) == num_epochs
+                and all(isinstance(x, str) for x in fingerprints)):
+            raise fail(f"epoch_fingerprints is not {num_epochs} fingerprints")
+        epoch_list = raw["epoch_list"]
+        if not isinstance(epoch_list, list):
+            raise fail("epoch_list is not a list")
+        if mode == "cached" and len(epoch_list) != num_epochs:
+            raise fail(f"epochs is {num_epochs} but epoch_list has {len(epoch_list)} entries")
+        if mode == "live" and (epoch_list or not isinstance(raw["source_shards"], list)):
+            raise fail(f"a live cache lists {len(epoch_list)} cached epochs (needs none) and its source_shards")
+        base = root.absolute()  # shard paths stay right if the process changes directory
+        epochs, seen = [], set()
+        for e, entry in enumerate(epoch_list):
+            if not (isinstance(entry, dict) and entry["epoch"] == e and _is_int(entry["epoch"])):
+                raise fail(f"epoch_list[{e}] is not epoch {e}")
+            shards = tuple(_shard(base, s, fail, seen) for s in entry["shards"])
+            total = sum(s.samples for s in shards)
+            if entry["samples"] != total:
+                raise fail(f"epoch {e} says {entry['samples']!r} samples but its shards hold {total}")
+            epochs.append(shards)
+        source_shards = tuple(_shard(base, s, fail, seen) for s in raw["source_shards"]) if mode == "live" else ()
+        want = n - len(skipped)  # each pass holds every sample but the skipped ones, once
+        for what, shards in [*((f"epoch {e}", s) for e, s in enumerate(epochs)), ("the source pass", source_shards)]:
+            if (shards or what != "the source pass" or mode == "live") and sum(s.samples for s in shards) != want:
+                raise fail(f"{what} holds {sum(s.samples for s in shards)} samples, not the {want} of the source")
+            if any(s.samples > shard_size for s in shards):
+                raise fail(f"a shard of {what} holds more than shard_size {shard_size} samples")
+        for s in _stats_shards(raw, mode):
+            if not (_ints([s["pixel_count"]]) and _ints(s["pixel_sum"]) and _ints(s["pixel_sqsum"])
+                    and len(s["pixel_sum"]) == len(s["pixel_sqsum"])):
+                raise fail(f"shard {s['path']}: pixel statistics are not per-channel counts")
+    except FormatError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise fail(f"missing or malformed field: {type(e).__name__}: {str(e)[:60]}") from None
+    return Manifest(root=root, mode=mode, encoding=encoding, shape=tuple(shape), output_shape=tuple(output_shape),
+                    npy_header_bytes=header, mean=tuple(float(m) for m in raw["mean"]),
+                    std=tuple(float(s) for s in raw["std"]), classes=tuple(classes), seed=seed, num_samples=n,
+                    shard_size=shard_size, skipped=tuple(skipped), num_epochs=num_epochs, epochs=tuple(epochs),
+                    source_shards=source_shards, raw=raw)
+
+
+def _stats_shards(raw: dict, mode: str) -> list[dict]:
+    shards = raw["source_shards"] if mode == "live" else [s for e in raw["epoch_list"] for s in e["shards"]]
+    return [s for s in shards if "pixel_count" in s]
+
+
+def _shard(root: Path, entry: dict, fail, seen: set) -> ShardEntry:
+    rel = entry["path"]
+    parts = PurePosixPath(rel).parts if isinstance(rel, str) else ()
+    if not parts or PurePosixPath(rel).is_absolute() or ".." in parts or rel in (".", "") or not rel.endswith(".tar"):
+        raise fail(f"shard path {rel!r} is not a .tar path inside the cache folder")
+    if rel in seen:
+        raise fail(f"shard {rel} is listed twice")
+    seen.add(rel)
+    n, size, index = entry["samples"], entry["bytes"], entry["index"]
+    if not _ints([n, size]):
+        raise fail(f"shard {rel}: samples {n!r} / bytes {size!r} are not counts")
+    for what, digest in (("sha256", entry["sha256"]), ("index sha256", index["sha256"])):
+        if not (isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)):
+            raise fail(f"shard {rel}: {what} {str(digest)[:70]!r} is not a sha256")
+    if not _ints([index["bytes"]], 1):
+        raise fail(f"shard {rel}: index bytes {index['bytes']!r} is not a count")
+    return ShardEntry(path=root / rel, relpath=rel, samples=n, bytes=size, sha256=entry["sha256"],
+                      index_path=root / index_path(rel), index_bytes=index["bytes"], index_sha256=index["sha256"])
+
+
+def identity(meta: dict) -> dict:
+    """What makes two builds the same cache."""
+    return {k: meta.get(k) for k in IDENTITY_KEYS}
+
+
+def describe_difference(old: dict, new: dict) -> str:
+    keys = [k for k in IDENTITY_KEYS if old.get(k) != new.get(k)]
+    return ", ".join(keys) or "nothing"
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _ints(values: Any, low: int = 0, high: float = 2**63) -> bool:
+    """A JSON list of integers (not booleans), each in [low, high) (by default: fits int64)."""
+    return isinstance(values, list) and all(_is_int(v) and low <= v < high for v in values)
