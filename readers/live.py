@@ -15,7 +15,7 @@ from readers.errors import ReaderError
 from readers.loader import Loader
 from readers.manifest import Manifest, Shard, live_shards, load_manifest
 from readers.plan import DEFAULT_WINDOW
-from readers.shards import ShardFiles
+from readers.shards import SampleReads, ShardFiles
 
 
 def _layout(manifest: Manifest, cache_epoch: int) -> list[np.ndarray]:
@@ -42,8 +42,8 @@ def _locate(manifest: Manifest) -> tuple[np.ndarray, np.ndarray]:
 class _LiveBatches(torch.utils.data.Dataset):
     """Item k: batch k of an epoch, read from the source pass and augmented, as uint8 tensors.
 
-    Runs in DataLoader worker processes: each maps the source shards it reads itself (a bounded
-    number at a time), and builds the epoch's transform once.
+    Runs in DataLoader worker processes: each reads the samples it needs with pread (a bounded
+    number of source shards open at a time), and builds the epoch's transform once.
     """
 
     def __init__(self, manifest: Manifest, batches: list[np.ndarray], cache_epoch: int, channels_first: bool,
@@ -52,18 +52,18 @@ class _LiveBatches(torch.utils.data.Dataset):
         self.channels_first = channels_first
         self.shards = live_shards(manifest)
         self.where, self.labels = where, labels
-        self._files: ShardFiles | None = None
+        self._reads: SampleReads | None = None
         self._transform = None
 
     def __len__(self) -> int:
         return len(self.batches)
 
     def _pixels(self, index: int) -> np.ndarray:
-        if self._files is None:  # made in the worker process: mappings are not shared
-            self._files = ShardFiles(self.manifest)
+        if self._reads is None:  # made in the worker process: open files are not shared
+            self._reads = SampleReads(self.manifest)
         k, j = self.where[index]
-        # Mapping a shard checks its size again (it may have been cut since construction).
-        return self._files.get(self.shards[k]).rows[j].numpy().reshape(self.manifest.shape)
+        # Opening a shard checks its size again (it may have been cut since construction).
+        return self._reads.pixels(self.shards[k], int(j))
 
     def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         from cachegen.transforms import augment, make_transform, to_pil

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import mmap
 import os
+import stat
 import warnings
 import zlib
 from collections import OrderedDict
@@ -109,6 +111,10 @@ class ShardFiles:
             self._open.popitem(last=False)  # unmapped (and its descriptor closed) once unreferenced
         return opened
 
+    def __len__(self) -> int:
+        """Shards mapped now."""
+        return len(self._open)
+
     def close(self) -> None:
         self._open.clear()
 
@@ -147,6 +153,62 @@ class ShardFiles:
                 warnings.simplefilter("ignore", UserWarning)
                 rows = torch.from_numpy(view)
         return _Open(data=data, rows=rows, index=index, stat=(st.st_ino, st.st_size))
+
+
+class SampleReads:
+    """Single samples of npy shards read with pread, from at most `max_open` open files (least
+    recently used closed first): for access all over a cache (a live epoch draws each batch from
+    every source shard), where mapping a whole shard to read one sample would cost far more."""
+
+    def __init__(self, manifest: Manifest, *, max_open: int | None = None) -> None:
+        self.manifest = manifest
+        self.max_open = max_open or default_max_open()
+        self._fds: OrderedDict[str, int] = OrderedDict()
+        self._first, self._pitch = manifest.npy_rows()
+        self._header = manifest.npy_header_bytes
+
+    def pixels(self, shard: Shard, j: int) -> np.ndarray:
+        """Sample `j` of `shard` as (H, W, C) uint8, its npy magic checked."""
+        m = self.manifest
+        offset = self._first - self._header + j * self._pitch
+        data = os.pread(self._fd(shard), m.npy_payload_bytes, offset)
+        if len(data) != m.npy_payload_bytes or not data.startswith(NPY_MAGIC):
+            raise ReaderError(f"shard {shard.path}: no .npy payload at offset {offset} (sample {j}); "
+                              f"the file does not match the manifest: {REBUILD}")
+        return np.frombuffer(data, np.uint8, m.image_bytes, self._header).reshape(m.shape)
+
+    def _fd(self, shard: Shard) -> int:
+        fd = self._fds.get(shard.relpath)
+        if fd is not None:
+            self._fds.move_to_end(shard.relpath)
+            return fd
+        try:
+            fd = os.open(shard.path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise ReaderError(f"shard {shard.path} is missing (the manifest lists it); {REBUILD}") from None
+        except OSError as e:
+            raise ReaderError(f"cannot open shard {shard.path}: {e.strerror or e}") from None
+        st = os.fstat(fd)
+        size = st.st_size
+        if stat.S_ISDIR(st.st_mode):
+            os.close(fd)
+            raise ReaderError(f"cannot open shard {shard.path}: {os.strerror(errno.EISDIR)}")
+        if size != shard.bytes:
+            os.close(fd)
+            raise ReaderError(f"shard {shard.path} is {size} bytes, the manifest says {shard.bytes} "
+                              f"(truncated or replaced); {REBUILD}")
+        self._fds[shard.relpath] = fd
+        while len(self._fds) > self.max_open:
+            os.close(self._fds.popitem(last=False)[1])
+        return fd
+
+    def close(self) -> None:
+        while self._fds:
+            os.close(self._fds.popitem()[1])
+
+    def __del__(self) -> None:
+        if getattr(self, "_fds", None):
+            self.close()
 
 
 def _map_file(f, size: int, shard: Shard) -> np.ndarray:
@@ -209,9 +271,9 @@ def decode(manifest: Manifest, shard: Shard, opened: _Open, j: int) -> torch.Ten
     return image.permute(1, 2, 0).reshape(-1)
 
 
-def epoch_labels(files: ShardFiles, shards: Sequence[Shard], samples: np.ndarray) -> torch.Tensor:
-    """The label of every (shard, row) in `samples`, from the shards' index files, in one gather."""
-    used = np.unique(samples[:, 0]) if len(samples) else np.zeros(0, np.int64)
+def epoch_labels(files: ShardFiles, shards: Sequence[Shard], samples: np.ndarray, used: np.ndarray) -> torch.Tensor:
+    """The label of every (shard, row) in `samples` (which touch the shards `used`), from the
+    shards' index files, in one gather."""
     base = np.zeros(len(shards) + 1, np.int64)
     tables = []
     for k in used.tolist():
@@ -235,8 +297,9 @@ def iter_batches(files: ShardFiles, shards: Sequence[Shard], plan: EpochPlan, *,
     m = files.manifest
     h, w, c = m.shape
     samples = plan.samples()
-    files.check(shards[k] for k in np.unique(samples[:, 0]).tolist())
-    labels_all = epoch_labels(files, shards, samples)
+    used = np.unique(samples[:, 0])
+    files.check(shards[k] for k in used.tolist())
+    labels_all = epoch_labels(files, shards, samples, used)
     rows_all = torch.from_numpy(samples[:, 1])
     batch_size = plan.batch_size
     # Runs of one shard: cut where the shard changes and at every batch boundary.

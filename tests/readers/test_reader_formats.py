@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from loader_checks import SHAPE, collect, epoch_contents, pairs, index_columns
-from readers import CachedLoader, ReaderError
+from readers import CachedLoader, ReaderError, load_manifest
 
 
 def _loader(cache, **kw) -> CachedLoader:
@@ -65,3 +65,21 @@ def test_an_undecodable_payload_is_named(caches, tmp_path):
     shard.path.write_bytes(bytes(data))
     with pytest.raises(ReaderError, match=rf"{shard.path}: sample 2 does not decode as png"):
         list(_loader(cache, shuffle=False))
+
+
+def test_the_periodic_npy_rows_are_the_tar_payloads_byte_for_byte(npy_cache):
+    # A shard mapped as (samples, H*W*C) rows at first + j * pitch: each row is exactly the pixels
+    # of the j-th .npy member, as Python's tarfile finds it.
+    import tarfile
+
+    from readers.shards import ShardFiles
+
+    m = load_manifest(npy_cache)
+    files = ShardFiles(m)
+    for shard in (*m.epochs[0], *m.epochs[1]):
+        with tarfile.open(shard.path) as tar:
+            payloads = [tar.extractfile(x).read() for x in tar.getmembers() if x.name.endswith(".npy")]
+        rows = files.get(shard).rows
+        assert rows.shape == (len(payloads), m.image_bytes)
+        for j, payload in enumerate(payloads):
+            assert rows[j].numpy().tobytes() == payload[m.npy_header_bytes:]
