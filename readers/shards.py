@@ -59,7 +59,7 @@ class ShardFiles:
     """
 
     def __init__(self, manifest: Manifest, *, verify: bool = False, max_open: int | None = None,
-                 max_index_samples: int = 4_000_000) -> None:
+                 max_index_samples: int = 1_000_000) -> None:
         self.manifest = manifest
         self.verify = verify
         self.max_open = max_open or default_max_open()
