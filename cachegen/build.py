@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import shutil
+import signal
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -23,7 +26,8 @@ from cachegen.manifest import (BUILD_STATE, FORMAT, FORMAT_VERSION, MANIFEST, de
 from cachegen.shards import TMP_MARK, encode, index_shard, npy_header_bytes, write_shard
 from cachegen.sources import Source, open_source, printable
 from cachegen.stats import PixelStats, channel_stats
-from cachegen.transforms import augment, epoch_fingerprint, fingerprint, is_random, make_transform, to_hwc_uint8
+from cachegen.transforms import (augment, borrowed_rng, epoch_fingerprint, fingerprint, is_random, make_transform,
+                                 own_rng, to_hwc_uint8)
 
 STATS_EPOCH = 0  # mean/std: the source images behind this epoch's shards (each sample once)
 TAR_BYTES_PER_SAMPLE = 1536  # two 512-byte headers and the padded label
@@ -110,8 +114,12 @@ _AUGMENT: _Augmenter | None = None
 
 
 def _init_worker(job: Job) -> None:
+    """Set up a pool worker: one thread (one process per core already), its RNGs cachegen's, Ctrl-C
+    left to the main process (which stops the pool), and this build's augmenter."""
     global _AUGMENT
-    torch.set_num_threads(1)  # one process per core already
+    torch.set_num_threads(1)
+    own_rng()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _AUGMENT = _Augmenter(job)
 
 
@@ -245,7 +253,14 @@ def _plan(mode: str, seed: int, epochs: int, n: int, per_shard: int) -> list[Sha
 
 
 def build(config: BuildConfig) -> dict:
-    """Build (or resume, or grow) the cache described by `config`; return its manifest."""
+    """Build (or resume, or grow) the cache described by `config`; return its manifest.
+
+    The caller's torch, `random` and numpy RNG states are as they were when it returns."""
+    with borrowed_rng():
+        return _build(config)
+
+
+def _build(config: BuildConfig) -> dict:
     source = open_source(config.source, split=config.split)
     spec = _resolve_spec(config.transform, source)
     size = config.size or config.resize or source.image_size or 224
@@ -339,23 +354,58 @@ def build(config: BuildConfig) -> dict:
 
 def _run(job: Job, tasks: list[ShardTask], workers: int):
     """Yield (relpath, shard entry) as shards finish, in-process for one worker, else in a pool."""
+    global _AUGMENT
     if not tasks:
         return
     if workers == 1 or len(tasks) == 1:
         previous_threads = torch.get_num_threads()
-        _init_worker(job)
+        torch.set_num_threads(1)
+        _AUGMENT = _Augmenter(job)
         try:
             yield from map(_write_task, tasks)
         finally:
             torch.set_num_threads(previous_threads)
+            _AUGMENT = None
         return
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    pool = mp.get_context(method).Pool(min(workers, len(tasks)), initializer=_init_worker, initargs=(job,))
+    # fork where there is one (the workers start at once, sharing the source), unless the program
+    # chose a start method itself (multiprocessing.set_start_method): any works.
+    method = mp.get_start_method(allow_none=True) or ("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    pool = ProcessPoolExecutor(min(workers, len(tasks)), mp_context=mp.get_context(method),
+                               initializer=_init_worker, initargs=(job,))
+    processes = {}
     try:
-        yield from pool.imap_unordered(_write_task, tasks, chunksize=1)
-        pool.close()
-    except BaseException:
-        pool.terminate()
-        raise
+        futures = [pool.submit(_write_task, task) for task in tasks]
+        processes = dict(pool._processes)  # by pid, to say which died (no public accessor before 3.14)
+        for future in as_completed(futures):
+            yield future.result()
+    except BrokenProcessPool:
+        _stop(pool, processes)
+        raise CachegenError(_death(processes)) from None
     finally:
-        pool.join()
+        _stop(pool, processes)
+
+
+def _stop(pool: ProcessPoolExecutor, processes: dict) -> None:
+    """Shut the pool down now: queued shards cancelled, workers still writing one terminated
+    (the caller removes their temporaries), every process joined."""
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes.values():
+        if process.is_alive():
+            process.terminate()
+    pool.shutdown(wait=True)
+
+
+def _death(processes: dict) -> str:
+    """One line on a worker that died under the pool: which, how, and what to do."""
+    died = [(pid, p.exitcode) for pid, p in processes.items() if p.exitcode not in (None, 0, -signal.SIGTERM)]
+    how = "a worker process died"
+    if died:
+        pid, code = died[0]
+        if code < 0:
+            name = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
+            oom = " (the out-of-memory killer sends it: see `dmesg`)" if code == -signal.SIGKILL else ""
+            how = f"worker process {pid} was killed by {name}{oom}"
+        else:
+            how = f"worker process {pid} exited with status {code}"
+    return (f"{how} while writing shards; finished shards are kept: re-run the same command to resume "
+            "(with fewer --workers if memory is short)")

@@ -1,0 +1,95 @@
+"""The worker pool, with real processes: the spawn start method, and a worker killed by the OS."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.cachegen.conftest import manifest, run_cli, shard_bytes
+from tests.conftest import make_npz
+
+# Slow enough (2 ms a sample) that a build is still running when a test kills one of its workers;
+# it also draws from Python's random and numpy, which spawned workers must seed like forked ones.
+SLOW = '''
+import random
+import time
+
+import numpy as np
+from PIL import Image
+
+
+def make(epoch, epochs):
+    def slow(image):
+        time.sleep(0.002)
+        a = np.roll(np.array(image), random.randint(-4, 4), axis=0)
+        return Image.fromarray(np.where(np.random.rand(*a.shape) < 0.1, 255, a).astype(np.uint8))
+    return slow
+'''
+ARGS = ["--epochs", "3", "--shard-size", "20", "--transform", "slow_aug:make", "--quiet"]  # 36 shards
+
+
+def setup(tmp_path: Path, monkeypatch) -> tuple[Path, dict]:
+    """A 240-image source, the slow factory importable here and in child processes."""
+    (tmp_path / "slow_aug.py").write_text(SLOW)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    return make_npz(tmp_path / "data.npz")[0], env
+
+
+def test_a_build_under_spawn_gives_the_same_bytes(tmp_path, monkeypatch):
+    source, env = setup(tmp_path, monkeypatch)
+    clean = tmp_path / "clean"
+    run_cli("build", source, "--out", clean, "--workers", "1", *ARGS)
+    script = ("import multiprocessing as mp, sys\nmp.set_start_method('spawn')\n"
+              "from cachegen.cli import main\nmain(sys.argv[1:])\n")
+    out = tmp_path / "spawned"
+    done = subprocess.run([sys.executable, "-c", script, "build", str(source), "--out", str(out), "--workers", "2",
+                           *ARGS], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert shard_bytes(out) == shard_bytes(clean) and len(shard_bytes(clean)) == 36
+    assert manifest(out) == manifest(clean)
+
+
+def children(pid: int) -> list[int]:
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def test_a_worker_killed_mid_build_ends_it_in_one_line_and_a_rerun_resumes(tmp_path, monkeypatch):
+    source, env = setup(tmp_path, monkeypatch)
+    out = tmp_path / "cache"
+    command = [sys.executable, "-m", "cachegen", "build", str(source), "--out", str(out), "--workers", "2", *ARGS]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(out.glob("epoch-*/*.tar"))) < 2:
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "the build made no progress"
+            time.sleep(0.002)
+        victim = children(proc.pid)[0]
+        os.kill(victim, signal.SIGKILL)  # what the OOM killer does
+        output = proc.communicate(timeout=120)[0]  # never a hang
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 1
+    lines = output.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in output, output
+    assert lines[0].startswith(f"Error: worker process {victim} was killed by SIGKILL"), output
+    assert "re-run the same command to resume" in lines[0]
+    kept = shard_bytes(out)
+    assert 2 <= len(kept) < 36 and not (out / "manifest.json").exists()
+    assert not list(out.glob("**/*.tmp-*"))
+    inodes = {p: (out / p).stat().st_ino for p in kept}
+
+    rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert {p: (out / p).stat().st_ino for p in kept} == inodes  # finished shards kept, not rewritten
+    clean = tmp_path / "clean"
+    run_cli("build", source, "--out", clean, "--workers", "1", *ARGS)
+    assert shard_bytes(out) == shard_bytes(clean)
+    assert (out / "manifest.json").read_bytes() == (clean / "manifest.json").read_bytes()
