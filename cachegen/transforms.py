@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.util
+import os
 import random
+import sys
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -131,26 +134,68 @@ def _preset(name: str, epoch: int, epochs: int, size: int, schedule: str) -> Cal
             T.RandomResizedCrop(size, scale=(1.0 - 0.92 * s, 1.0)),
             T.RandomHorizontalFlip(),
         ])
-    if name == "mnist":
-        return T.RandomAffine(degrees=10 * s, translate=(0.1 * s, 0.1 * s))
+    if name == "mnist":  # at the source's size the Resize is a no-op: MNIST-sized caches keep their bytes
+        return T.Compose([T.Resize(size), T.CenterCrop(size),
+                          T.RandomAffine(degrees=10 * s, translate=(0.1 * s, 0.1 * s))])
     if name == "val":
         return T.Compose([T.Resize(size), T.CenterCrop(size)])
     raise CachegenError(f"unknown transform preset {name!r}: use one of {', '.join(PRESETS)} or module:factory")
 
 
 def load_factory(spec: str) -> Callable[[int, int], Any]:
-    """Import a user's `module:factory` (called as factory(epoch, epochs) -> transform)."""
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise CachegenError(f"bad transform {spec!r}: expected a preset ({', '.join(PRESETS)}) or module:factory")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as e:  # an ImportError or anything the module raises on import
-        raise CachegenError(f"cannot import module {module_name!r} for --transform {spec}: {e}") from None
+    """Import a user's `module:factory` or `path/to/file.py:factory` (called as factory(epoch, epochs)
+    -> transform). A module is looked for in the current folder first, then on sys.path."""
+    where, _, attr = spec.rpartition(":")
+    if not where or not attr:
+        raise CachegenError(f"bad transform {spec!r}: expected a preset ({', '.join(PRESETS)}), module:factory "
+                            "or path/to/file.py:factory")
+    module = _load_file(where, spec) if where.endswith(".py") or "/" in where or os.sep in where else \
+        _load_module(where, spec)
     factory = getattr(module, attr, None)
     if not callable(factory):
-        raise CachegenError(f"module {module_name!r} has no callable {attr!r} (from --transform {spec})")
+        raise CachegenError(f"{where} has no callable {attr!r} (from --transform {spec}); "
+                            "define it as factory(epoch, epochs) -> transform")
     return factory
+
+
+def _load_module(name: str, spec: str):
+    sys.path.insert(0, os.getcwd())
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name == name or name.startswith(f"{e.name}."):  # the module itself, not one it imports
+            raise CachegenError(f"cannot import module {name!r} for --transform {spec}: not in the current "
+                                f"folder ({os.getcwd()}) nor on sys.path; for a file elsewhere give "
+                                "path/to/file.py:factory") from None
+        raise CachegenError(f"cannot import module {name!r} for --transform {spec}: {e}") from None
+    except Exception as e:  # anything the module raises on import
+        raise CachegenError(f"cannot import module {name!r} for --transform {spec}: "
+                            f"{type(e).__name__}: {e}") from None
+    finally:
+        sys.path.remove(os.getcwd())
+
+
+def _load_file(path: str, spec: str):
+    full = os.path.abspath(path)
+    name = f"_cachegen_transform_{hashlib.sha256(full.encode()).hexdigest()[:16]}"
+    if name in sys.modules:
+        return sys.modules[name]
+    if not os.path.isfile(full):
+        raise CachegenError(f"no file {path} for --transform {spec}: give an existing .py file (relative to "
+                            f"the current folder, {os.getcwd()})")
+    module_spec = importlib.util.spec_from_file_location(name, full)
+    if module_spec is None:
+        raise CachegenError(f"cannot load {path} for --transform {spec}: give a Python source file ending in .py")
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[name] = module  # classes defined there pickle by this name
+    try:
+        module_spec.loader.exec_module(module)
+    except BaseException as e:
+        del sys.modules[name]
+        if not isinstance(e, Exception):
+            raise
+        raise CachegenError(f"cannot import {path} for --transform {spec}: {type(e).__name__}: {e}") from None
+    return module
 
 
 def is_random(spec: str) -> bool:

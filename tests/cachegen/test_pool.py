@@ -10,38 +10,12 @@ import time
 from pathlib import Path
 
 from tests.cachegen.conftest import manifest, run_cli, shard_bytes
-from tests.conftest import make_npz
 
-# Slow enough (2 ms a sample) that a build is still running when a test kills one of its workers;
-# it also draws from Python's random and numpy, which spawned workers must seed like forked ones.
-SLOW = '''
-import random
-import time
-
-import numpy as np
-from PIL import Image
-
-
-def make(epoch, epochs):
-    def slow(image):
-        time.sleep(0.002)
-        a = np.roll(np.array(image), random.randint(-4, 4), axis=0)
-        return Image.fromarray(np.where(np.random.rand(*a.shape) < 0.1, 255, a).astype(np.uint8))
-    return slow
-'''
 ARGS = ["--epochs", "3", "--shard-size", "20", "--transform", "slow_aug:make", "--quiet"]  # 36 shards
 
 
-def setup(tmp_path: Path, monkeypatch) -> tuple[Path, dict]:
-    """A 240-image source, the slow factory importable here and in child processes."""
-    (tmp_path / "slow_aug.py").write_text(SLOW)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
-    return make_npz(tmp_path / "data.npz")[0], env
-
-
-def test_a_build_under_spawn_gives_the_same_bytes(tmp_path, monkeypatch):
-    source, env = setup(tmp_path, monkeypatch)
+def test_a_build_under_spawn_gives_the_same_bytes(slow_source, tmp_path):
+    source, env = slow_source
     clean = tmp_path / "clean"
     run_cli("build", source, "--out", clean, "--workers", "1", *ARGS)
     script = ("import multiprocessing as mp, sys\nmp.set_start_method('spawn')\n"
@@ -58,8 +32,8 @@ def children(pid: int) -> list[int]:
     return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
-def test_a_worker_killed_mid_build_ends_it_in_one_line_and_a_rerun_resumes(tmp_path, monkeypatch):
-    source, env = setup(tmp_path, monkeypatch)
+def test_a_worker_killed_mid_build_ends_it_in_one_line_and_a_rerun_resumes(slow_source, tmp_path):
+    source, env = slow_source
     out = tmp_path / "cache"
     command = [sys.executable, "-m", "cachegen", "build", str(source), "--out", str(out), "--workers", "2", *ARGS]
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
