@@ -42,12 +42,13 @@ def manifest(root: Path) -> dict:
 
 @pytest.fixture
 def build(npz_source, tmp_path):
-    """build(*extra_args, out=...) -> cache folder, from the small npz source, 1 worker, quiet."""
+    """build(*extra_args, out=...) -> cache folder, from the small npz source, 1 worker, quiet;
+    with expect=N (N != 0), the CLI's result, to check its error."""
     def _build(*args: str, out: Path | None = None, expect: int = 0):
         out = out or tmp_path / "cache"
-        run_cli("build", npz_source[0], "--out", out, "--shard-size", "50", "--workers", "1", "--quiet",
-                *args, expect=expect)
-        return out
+        result = run_cli("build", npz_source[0], "--out", out, "--shard-size", "50", "--workers", "1", "--quiet",
+                         *args, expect=expect)
+        return out if expect == 0 else result
     return _build
 
 
