@@ -419,6 +419,7 @@ def _build(config: BuildConfig) -> dict:
     }
     final = config.out
     if config.overwrite and _holds_cache(final):  # the old cache stays until the new one is complete
+        final = final.resolve()  # `--out .` and links too: the real folder has a name and a parent
         root, previous = _beside(final, meta)
         _check_writable(root)
         job = replace(job, root=root)

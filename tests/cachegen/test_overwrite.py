@@ -109,3 +109,12 @@ def test_the_lock_of_a_killed_build_is_taken_over(slow_source, tmp_path):
     run_cli("build", source, "--out", out, "--workers", "1", *SLOW_ARGS)
     assert run_cli("verify", out).output.strip() == "ok: 36 shards verified"
     assert not (out / ".cachegen-lock").exists()
+
+
+def test_overwrite_of_the_current_folder(build, npz_source, tmp_path, monkeypatch):
+    out = build("--epochs", "1")
+    monkeypatch.chdir(out)
+    run_cli("build", npz_source[0], "--out", ".", "--epochs", "1", "--seed", "3", "--overwrite", "--quiet",
+            "--workers", "1")
+    assert manifest(out)["seed"] == 3 and run_cli("verify", out).output.startswith("ok: ")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "data.npz"]
