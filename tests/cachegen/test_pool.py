@@ -67,3 +67,30 @@ def test_a_worker_killed_mid_build_ends_it_in_one_line_and_a_rerun_resumes(slow_
     run_cli("build", source, "--out", clean, "--workers", "1", *ARGS)
     assert shard_bytes(out) == shard_bytes(clean)
     assert (out / "manifest.json").read_bytes() == (clean / "manifest.json").read_bytes()
+
+
+def test_ctrl_c_stops_the_pool_cleanly_and_a_rerun_resumes(slow_source, tmp_path):
+    """Ctrl-C reaches the whole process group: the workers leave it to the main process, which
+    stops them, removes their temporaries and says how to resume."""
+    source, env = slow_source
+    out = tmp_path / "cache"
+    command = [sys.executable, "-m", "cachegen", "build", str(source), "--out", str(out), "--workers", "2", *ARGS]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not any(out.glob("epoch-*/*.tar")):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+            time.sleep(0.002)
+        os.killpg(proc.pid, signal.SIGINT)
+        output = proc.communicate(timeout=120)[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode == 130 and output.strip() == "cachegen: interrupted; re-run the same command to resume"
+    assert not list(out.glob("**/*.tmp-*")) and not (out / "manifest.json").exists()
+    run_cli("build", source, "--out", out, "--workers", "1", *ARGS)
+    clean = tmp_path / "clean"
+    run_cli("build", source, "--out", clean, "--workers", "1", *ARGS)
+    assert shard_bytes(out) == shard_bytes(clean) and len(shard_bytes(out)) == 36
