@@ -124,12 +124,31 @@ def _model(device: torch.device, classes: int):
     return step
 
 
+def _device(name: str | None) -> torch.device:
+    """--device as a torch.device that works here; a one-line error for a bad name or a missing GPU."""
+    if not name:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise CachegenError(f"unknown --device {name!r}: use cpu or cuda (cuda:N for GPU N)") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise CachegenError(f"--device {name}: bench measures cpu or cuda only")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CachegenError(f"--device {name}: torch sees no CUDA GPU here; use --device cpu")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise CachegenError(f"--device {name}: there are {torch.cuda.device_count()} CUDA GPU(s) here, "
+                            f"numbered from 0")
+    return dev
+
+
 def run_bench(cache: Path | None, *, batch_size: int = 256, workers: int | None = None, images: int | None = None,
               model: bool = False, device: str | None = None, progress: Callable[[str], None] = print) -> dict:
     """Measure every way of feeding batches; return {'rows': [...], 'config': {...}}."""
     from readers import CachedLoader, open_loader  # cachegen may use the readers; never the reverse
 
     workers = workers or default_workers()
+    dev = _device(device)  # before any building: a bad --device fails at once
     with tempfile.TemporaryDirectory(prefix="cachegen-bench-") as tmp:
         if cache is None:
             progress("building a sample cache (2 epochs) and a live cache to measure ...")
@@ -149,7 +168,6 @@ def run_bench(cache: Path | None, *, batch_size: int = 256, workers: int | None 
         limit = images or per_epoch
         shape = m["output_shape"]
         image_bytes = int(np.prod(shape))
-        dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
         step = _model(dev, len(m["classes"])) if model else None
         normalize = _normalizer(m["mean"], m["std"], dev)
         shards = [str(Path(cache) / s["path"]) for s in m["epoch_list"][0]["shards"]]

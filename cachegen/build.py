@@ -3,8 +3,14 @@ write the manifest last."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import multiprocessing as mp
+import os
 import shutil
+import signal
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -24,10 +30,13 @@ from cachegen.manifest import (BUILD_STATE, FORMAT, FORMAT_VERSION, MANIFEST, de
 from cachegen.shards import TMP_MARK, encode, index_shard, npy_header_bytes, write_shard
 from cachegen.sources import Source, open_source, printable
 from cachegen.stats import PixelStats, channel_stats
-from cachegen.transforms import augment, epoch_fingerprint, fingerprint, is_random, make_transform, to_hwc_uint8
+from cachegen.transforms import (augment, borrowed_rng, epoch_fingerprint, fingerprint, is_random, make_transform,
+                                 own_rng, to_hwc_uint8)
 
+PROBES = 8  # source images probed for the channel count and --mode auto's size estimate
 STATS_EPOCH = 0  # mean/std: the source images behind this epoch's shards (each sample once)
 TAR_BYTES_PER_SAMPLE = 1536  # two 512-byte headers and the padded label
+LOCK = ".cachegen-lock"  # in --out while a build runs: flock'ed, holding the builder's pid
 
 
 class _Progress(tqdm):
@@ -48,6 +57,7 @@ class Job:
     encoding: str
     on_error: str
     resize: int | None = None
+    channels: int | None = None  # every source image converted to 1 (L) or 3 (RGB); None: as loaded
     shape: tuple[int, int, int] | None = None  # every output image's HWC shape
     source_shape: tuple[int, int, int] | None = None  # the (resized) source's, where fixed
 
@@ -61,7 +71,8 @@ class ShardTask:
 
 
 class _Augmenter:
-    """Loads source samples (with the optional deterministic resize) and augments them, seeded per sample."""
+    """Loads source samples (with the optional deterministic resize and the build's channel count) and
+    augments them, seeded per sample."""
 
     def __init__(self, job: Job) -> None:
         self.job = job
@@ -69,7 +80,8 @@ class _Augmenter:
         self.resize = T.Compose([T.Resize(job.resize), T.CenterCrop(job.resize)]) if job.resize else None
 
     def load(self, index: int) -> Image.Image | None:
-        """The source image, resized where asked; None where unreadable and --on-error skip."""
+        """The source image, resized where asked, with the build's channels; None where unreadable and
+        --on-error skip."""
         job = self.job
         try:
             image = job.source.load(index)
@@ -78,7 +90,13 @@ class _Augmenter:
                 return None
             raise CachegenError(f"cannot read {job.source.name(index)} ({type(e).__name__}: {e}); "
                                 "fix or remove it, or pass --on-error skip") from None
-        return self.resize(image) if self.resize else image
+        return self.fit(self.resize(image) if self.resize else image)
+
+    def fit(self, image: Image.Image) -> Image.Image:
+        channels = self.job.channels
+        if channels is None or len(image.getbands()) == channels:
+            return image
+        return image.convert("L" if channels == 1 else "RGB")
 
     def augment(self, epoch: int, index: int, image: Image.Image) -> np.ndarray:
         job = self.job
@@ -111,8 +129,14 @@ _AUGMENT: _Augmenter | None = None
 
 
 def _init_worker(job: Job) -> None:
+    """Set up a pool worker: one thread (one process per core already), its RNGs cachegen's, Ctrl-C
+    left to the main process (which stops the pool), and this build's augmenter."""
     global _AUGMENT
-    torch.set_num_threads(1)  # one process per core already
+    torch.set_num_threads(1)
+    own_rng()
+    if _LOCK_FD is not None:  # forked: the lock is the main process's alone
+        os.close(_LOCK_FD)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _AUGMENT = _Augmenter(job)
 
 
@@ -179,24 +203,48 @@ def _source_stats(job: Job, indices: list[int]) -> dict:
     return stats.totals()
 
 
-def _resolve_spec(spec: str, source: Source) -> str:
+def _resolve_spec(spec: str, source: Source, side: int) -> str:
+    """`auto`: the mnist preset for (Fashion-)MNIST, cifar for images of at most 64 px, else imagenet."""
     if spec != "auto":
         return spec
     if source.kind in ("mnist", "fashionmnist"):
         return "mnist"
-    return "cifar" if (source.image_size or 1 << 30) <= 64 else "imagenet"
+    return "cifar" if side <= 64 else "imagenet"
 
 
-def _probe(job: Job) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
-    """Augment the first readable sample once: (output shape, source shape after any resize)."""
-    augment = _Augmenter(replace(job, on_error="skip"))
-    for index in range(min(len(job.source), 64)):
+def _probe_images(job: Job) -> list[tuple[int, Image.Image]]:
+    """Up to PROBES readable source images as (index, image after any --resize, channels as loaded):
+    the first readable one, then others spread over the source."""
+    n = len(job.source)
+    augment = _Augmenter(replace(job, on_error="skip", channels=None))
+    found = []
+    for index in range(min(n, 64)):
         image = augment.load(index)
         if image is not None:
-            return augment.augment(0, index, image).shape, to_hwc_uint8(image).shape
-    if job.on_error == "fail":
-        _Augmenter(job).load(0)  # raises the error that names the file
-    raise CachegenError(f"none of the first {min(len(job.source), 64)} samples could be read: check the source")
+            found.append((index, image))
+            break
+    if not found:
+        if job.on_error == "fail":
+            _Augmenter(job).load(0)  # raises the error that names the file
+        raise CachegenError(f"none of the first {min(n, 64)} samples could be read: check the source")
+    for index in dict.fromkeys(np.linspace(0, n - 1, PROBES).round().astype(int).tolist()):
+        if len(found) < PROBES and index != found[0][0] and (image := augment.load(index)) is not None:
+            found.append((index, image))
+    return found
+
+
+def _probe(job: Job, probes: list[tuple[int, Image.Image]]) -> tuple[tuple, tuple, float]:
+    """Augment the probe images (epoch 0): (output shape, source shape, mean encoded bytes per image)."""
+    augment = _Augmenter(job)
+    index, image = probes[0]
+    first = augment.augment(0, index, augment.fit(image))
+    augment = _Augmenter(replace(job, shape=first.shape))  # the others must match it
+    outputs = [first] + [augment.augment(0, i, augment.fit(im)) for i, im in probes[1:]]
+    if job.encoding in ("png", "jpg") and first.shape[2] not in (1, 3):
+        raise CachegenError(f"--format {job.encoding} stores 1 or 3 channels, these images have {first.shape[2]}"
+                            f"{' (RGBA)' if first.shape[2] == 4 else ''}: pass --channels 3 (or 1), or --format npy")
+    encoded = np.mean([len(encode(out, job.encoding)) for out in outputs])
+    return first.shape, to_hwc_uint8(augment.fit(image)).shape, float(encoded)
 
 
 def _choose_mode(config: BuildConfig, job: Job, n: int, epochs: int, probe_bytes: int) -> str:
@@ -206,30 +254,21 @@ def _choose_mode(config: BuildConfig, job: Job, n: int, epochs: int, probe_bytes
     if estimate <= config.max_cache_gb * 1e9:
         return "cached"
     if not config.quiet:
-        print(f"cachegen: {epochs} epochs would take ~{estimate / 1e9:.1f} GB, over --max-cache-gb "
+        print(f"cachegen: {epochs} epochs would take ~{estimate / 1e9:.3g} GB, over --max-cache-gb "
               f"{config.max_cache_gb:g}: writing a live cache (the source once; augmentation at read time)")
     return "live"
 
 
-def _prepare_out(root: Path, meta: dict, overwrite: bool) -> dict | None:
+def _prepare_out(root: Path, meta: dict) -> dict | None:
     """Check the output folder against this build; return the existing manifest, if compatible."""
     manifest_path, state_path = root / MANIFEST, root / BUILD_STATE
-    if root.exists() and not root.is_dir():
-        raise CachegenError(f"--out {root} is a file, not a folder")
     existing = None
     if manifest_path.exists():
         existing = read_json(manifest_path)
     elif state_path.exists():
         existing = read_json(state_path)
-    elif root.is_dir() and any(root.iterdir()):
+    elif root.is_dir() and any(child.name != LOCK for child in root.iterdir()):
         raise CachegenError(f"--out {root} is not empty and holds no cachegen cache; choose an empty or new folder")
-    if existing is not None and overwrite:
-        for child in root.iterdir():
-            if (child.name.startswith("epoch-") or child.name == "source") and child.is_dir():
-                shutil.rmtree(child)
-        manifest_path.unlink(missing_ok=True)
-        state_path.unlink(missing_ok=True)
-        return None
     if existing is not None and identity(existing) != identity(meta):
         raise CachegenError(f"{root} holds a different cache (differs in: "
                             f"{describe_difference(existing, meta)}); use --overwrite to replace it, "
@@ -242,6 +281,72 @@ def _prepare_out(root: Path, meta: dict, overwrite: bool) -> dict | None:
                                     "(the schedule or factory depends on --epochs); use --overwrite to rebuild")
         return existing
     return None
+
+
+def _holds_cache(root: Path) -> bool:
+    return (root / MANIFEST).exists() or (root / BUILD_STATE).exists()
+
+
+def _beside(root: Path, meta: dict) -> tuple[Path, dict | None]:
+    """Where an --overwrite build writes while the old cache stays in place: a hidden sibling on the
+    same file system, resumed when it holds this very build's interrupted work, else emptied."""
+    work = root.parent / f".{root.name}.building"
+    try:
+        return work, _prepare_out(work, meta)
+    except CachegenError:  # another build's leftovers: ours to discard, under the lock on `root`
+        shutil.rmtree(work) if work.is_dir() else work.unlink()
+        return work, None
+
+
+def _replace(root: Path, work: Path) -> None:
+    """Put the complete cache in `work` in the place of the old one in `root`, then delete the old."""
+    old = root.parent / f".{root.name}.replaced-{os.getpid()}"
+    os.rename(root, old)
+    os.rename(work, root)
+    shutil.rmtree(old)
+
+
+_LOCK_FD: int | None = None  # the build lock's descriptor, which forked workers close
+
+
+@contextlib.contextmanager
+def _locked(root: Path):
+    """Hold the build lock on `root` (an existing folder) for one build, or fail at once naming the
+    build that holds it. A lock left by a killed build is no lock: the kernel drops an flock with its
+    holder, and the next build takes it over."""
+    global _LOCK_FD
+    path = root / LOCK
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise CachegenError(f"cannot write to --out {root}: {e.strerror or e}; choose a writable folder") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise CachegenError(f"another cachegen build (pid {holder}) is writing {root}; wait for it to end "
+                                "(or stop it), then re-run") from None
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break  # not a file the previous holder unlinked while we opened it
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    _LOCK_FD = fd
+    try:
+        yield
+    finally:
+        _LOCK_FD = None
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                path.unlink()
+        except FileNotFoundError:  # --overwrite: went with the old cache
+            pass
+        os.close(fd)
 
 
 def _built_epochs(root: Path) -> int:
@@ -276,10 +381,37 @@ def _plan(mode: str, seed: int, epochs: int, n: int, per_shard: int) -> list[Sha
 
 
 def build(config: BuildConfig) -> dict:
-    """Build (or resume, or grow) the cache described by `config`; return its manifest."""
+    """Build (or resume, or grow) the cache described by `config`; return its manifest.
+
+    The caller's torch, `random` and numpy RNG states are as they were when it returns."""
+    root = config.out
+    if root.exists() and not root.is_dir():
+        raise CachegenError(f"--out {root} is a file, not a folder")
+    created = not root.exists()
+    _check_writable(root)
+    try:
+        with _locked(root), borrowed_rng():
+            return _build(config)
+    finally:
+        if created:  # nothing was built: leave no empty folder behind
+            with contextlib.suppress(OSError):
+                root.rmdir()
+
+
+def _build(config: BuildConfig) -> dict:
     source = open_source(config.source, split=config.split)
-    spec = _resolve_spec(config.transform, source)
-    size = config.size or config.resize or source.image_size or 224
+    job = Job(source=source, root=config.out, spec=config.transform, epochs=config.epochs, size=0,
+              schedule=config.schedule, seed=config.seed, encoding=config.encoding, on_error=config.on_error,
+              resize=config.resize)
+    probes = _probe_images(job)
+    side = min(probes[0][1].size)  # the first image's shorter side, after any --resize
+    channels = config.channels or max(len(image.getbands()) for _, image in probes)
+    size = config.size or config.resize or source.image_size or side
+    spec = _resolve_spec(config.transform, source, side)
+    if spec == "cifar" and size > side:
+        raise CachegenError(f"the cifar preset crops, and --size {size} is larger than the images "
+                            f"({'x'.join(map(str, probes[0][1].size))}): pass a smaller --size, --resize {size}, "
+                            "or --transform imagenet")
     epochs = config.epochs if is_random(spec) else 1
     if epochs != config.epochs and not config.quiet:
         print(f"cachegen: transform {spec} is deterministic: writing 1 epoch, not {config.epochs}")
@@ -288,12 +420,12 @@ def build(config: BuildConfig) -> dict:
         epochs = built
         if not config.quiet:
             print(f"cachegen: {printable(str(config.out))} already holds {built} epochs; keeping them all")
-    job = Job(source=source, root=config.out, spec=spec, epochs=epochs, size=size, schedule=config.schedule,
-              seed=config.seed, encoding=config.encoding, on_error=config.on_error, resize=config.resize)
-    shape, source_shape = _probe(job)
+    job = replace(job, spec=spec, epochs=epochs, size=size, channels=channels)
+    shape, source_shape, probe_bytes = _probe(replace(job, encoding="npy" if config.mode == "live" else job.encoding),
+                                              probes)
     job = replace(job, shape=shape, source_shape=source_shape)
     n = len(source)
-    mode = _choose_mode(config, job, n, epochs, len(encode(np.zeros(shape, np.uint8), config.encoding)))
+    mode = _choose_mode(config, job, n, epochs, probe_bytes)
     stored_shape, encoding = (source_shape, "npy") if mode == "live" else (shape, config.encoding)
     job = replace(job, encoding=encoding)
     count, nbytes = parse_shard_size(config.shard_size)
@@ -316,9 +448,14 @@ def build(config: BuildConfig) -> dict:
                                                                 schedule=config.schedule))
                                for e in range(epochs)],
     }
-    root = config.out
-    previous = _prepare_out(root, meta, config.overwrite)
-    _check_writable(root)
+    final = config.out
+    if config.overwrite and _holds_cache(final):  # the old cache stays until the new one is complete
+        final = final.resolve()  # `--out .` and links too: the real folder has a name and a parent
+        root, previous = _beside(final, meta)
+        _check_writable(root)
+        job = replace(job, root=root)
+    else:
+        root, previous = final, _prepare_out(final, meta)
     write_json_atomic(root / BUILD_STATE, meta)
     _remove_temporaries(root)
 
@@ -335,8 +472,11 @@ def build(config: BuildConfig) -> dict:
             for relpath, entry in _run(job, tasks, config.workers):
                 indexed[relpath] = entry
                 bar.update(entry["samples"])
-        except BaseException:
+        except BaseException as e:
             _remove_temporaries(root)
+            if isinstance(e, CachegenError) and root != final:
+                raise CachegenError(f"{e} [--overwrite: {printable(str(final))} is untouched until the new cache "
+                                    "is complete]") from None
             raise
 
     # How to open the source again (preview): not part of the identity, a path may be spelt two ways.
@@ -361,28 +501,65 @@ def build(config: BuildConfig) -> dict:
         print(f"cachegen: skipped {len(manifest['skipped'])} unreadable sample(s) (--on-error skip)")
     write_json_atomic(root / MANIFEST, manifest)
     (root / BUILD_STATE).unlink(missing_ok=True)
+    if root != final:
+        _replace(final, root)
     return manifest
 
 
 def _run(job: Job, tasks: list[ShardTask], workers: int):
     """Yield (relpath, shard entry) as shards finish, in-process for one worker, else in a pool."""
+    global _AUGMENT
     if not tasks:
         return
     if workers == 1 or len(tasks) == 1:
         previous_threads = torch.get_num_threads()
-        _init_worker(job)
+        torch.set_num_threads(1)
+        _AUGMENT = _Augmenter(job)
         try:
             yield from map(_write_task, tasks)
         finally:
             torch.set_num_threads(previous_threads)
+            _AUGMENT = None
         return
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    pool = mp.get_context(method).Pool(min(workers, len(tasks)), initializer=_init_worker, initargs=(job,))
+    # fork where there is one (the workers start at once, sharing the source), unless the program
+    # chose a start method itself (multiprocessing.set_start_method): any works.
+    method = mp.get_start_method(allow_none=True) or ("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    pool = ProcessPoolExecutor(min(workers, len(tasks)), mp_context=mp.get_context(method),
+                               initializer=_init_worker, initargs=(job,))
+    processes = {}
     try:
-        yield from pool.imap_unordered(_write_task, tasks, chunksize=1)
-        pool.close()
-    except BaseException:
-        pool.terminate()
-        raise
+        futures = [pool.submit(_write_task, task) for task in tasks]
+        processes = dict(pool._processes)  # by pid, to say which died (no public accessor before 3.14)
+        for future in as_completed(futures):
+            yield future.result()
+    except BrokenProcessPool:
+        _stop(pool, processes)
+        raise CachegenError(_death(processes)) from None
     finally:
-        pool.join()
+        _stop(pool, processes)
+
+
+def _stop(pool: ProcessPoolExecutor, processes: dict) -> None:
+    """Shut the pool down now: queued shards cancelled, workers still writing one terminated
+    (the caller removes their temporaries), every process joined."""
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes.values():
+        if process.is_alive():
+            process.terminate()
+    pool.shutdown(wait=True)
+
+
+def _death(processes: dict) -> str:
+    """One line on a worker that died under the pool: which, how, and what to do."""
+    died = [(pid, p.exitcode) for pid, p in processes.items() if p.exitcode not in (None, 0, -signal.SIGTERM)]
+    how = "a worker process died"
+    if died:
+        pid, code = died[0]
+        if code < 0:
+            name = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
+            oom = " (the out-of-memory killer sends it: see `dmesg`)" if code == -signal.SIGKILL else ""
+            how = f"worker process {pid} was killed by {name}{oom}"
+        else:
+            how = f"worker process {pid} exited with status {code}"
+    return (f"{how} while writing shards; finished shards are kept: re-run the same command to resume "
+            "(with fewer --workers if memory is short)")

@@ -39,7 +39,8 @@ def main() -> None:
               help="Preset (cifar, imagenet, mnist, val) or module:factory called as factory(epoch, epochs).")
 @click.option("--schedule", default="constant", show_default=True, type=click.Choice(["constant", "linear"]),
               help="Preset strength over epochs: constant, or linear from full to half.")
-@click.option("--size", type=int, help="Output side length for presets [default: the source's].")
+@click.option("--size", type=int, help="Output side length for presets [default: the source's: its "
+                                        "images' side, or the first image's shorter side for a folder].")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--workers", default=0, show_default=True, type=int, help="Worker processes; 0 = every core.")
 @click.option("--format", "encoding", default="npy", show_default=True, type=click.Choice(["npy", "png", "jpg"]),
@@ -56,7 +57,10 @@ def main() -> None:
 @click.option("--max-cache-gb", default=64.0, show_default=True, type=float,
               help="Largest cache --mode auto writes before it falls back to live.")
 @click.option("--resize", type=int, help="Resize+center-crop every source image to NxN first (deterministic).")
-@click.option("--overwrite", is_flag=True, help="Replace a different cache already in --out.")
+@click.option("--channels", type=int, help="Convert every image to 1 (grayscale) or 3 (RGB) channels "
+                                            "[default: the source's; a folder of grayscale images stays 1].")
+@click.option("--overwrite", is_flag=True, help="Replace a different cache already in --out, once the new one "
+                                                "is complete (it is built beside it).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @_one_line_errors
 def build(source, **options) -> None:
@@ -67,7 +71,8 @@ def build(source, **options) -> None:
 
     manifest = run_build(BuildConfig(source=source, **options))
     if not options["quiet"]:
-        click.echo(f"cachegen: {click.format_filename(options['out'])}: {describe(manifest)}")
+        image = "x".join(map(str, manifest["output_shape"]))
+        click.echo(f"cachegen: {click.format_filename(options['out'])}: {describe(manifest)}, {image} images")
 
 
 @main.command()

@@ -59,6 +59,7 @@ class BuildConfig:
     mode: str = "auto"  # cached, live, or auto: live when the cache would exceed max_cache_gb
     max_cache_gb: float = 64.0
     resize: int | None = None  # deterministic Resize+CenterCrop of every source image, before the transform
+    channels: int | None = None  # 1 or 3: convert every source image; None: the source's own
 
     def __post_init__(self) -> None:
         if not 1 <= self.epochs <= MAX_EPOCHS:
@@ -86,6 +87,8 @@ class BuildConfig:
             raise CachegenError(f"--max-cache-gb must be positive, got {self.max_cache_gb}")
         if self.resize is not None and not 1 <= self.resize <= MAX_SIDE:
             raise CachegenError(f"--resize must be positive and at most {MAX_SIDE}, got {self.resize}")
+        if self.channels not in (None, 1, 3):
+            raise CachegenError(f"--channels must be 1 (grayscale) or 3 (RGB), got {self.channels}")
         parse_shard_size(self.shard_size)
         object.__setattr__(self, "out", Path(self.out))
         if self.workers == 0:

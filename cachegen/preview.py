@@ -11,7 +11,7 @@ from torchvision.transforms import functional as F
 from torchvision.utils import make_grid, save_image
 
 from cachegen.build import Job, _Augmenter
-from cachegen.transforms import to_hwc_uint8, to_pil
+from cachegen.transforms import borrowed_rng, to_hwc_uint8, to_pil
 from cachegen.errors import CachegenError
 from cacheformat.index import read_index
 from cachegen.manifest import Manifest, load_manifest
@@ -41,9 +41,13 @@ def _locate(shards: list[dict], wanted: set[int]) -> dict[int, tuple[dict, int]]
 
 def _job(m: dict, source) -> Job:
     t = m["transform"]
+    # The channels the build converted the source to: the stored source's (live), or where a
+    # transform keeps them (every preset), the output's.
+    channels = m["image"]["shape"][2] if m["mode"] == "live" else m["output_shape"][2]
     return Job(source=source, root=Path("."), spec=t["spec"], epochs=m["epochs"], size=t["size"],
                schedule=t["schedule"], seed=m["seed"], encoding=m["image"]["encoding"], on_error="fail",
-               resize=t["resize"], shape=tuple(m["output_shape"]), source_shape=tuple(m["image"]["shape"]))
+               resize=t["resize"], channels=channels if channels in (1, 3) else None,
+               shape=tuple(m["output_shape"]), source_shape=tuple(m["image"]["shape"]))
 
 
 class _Stored:
@@ -87,7 +91,8 @@ def preview(root: Path, out: Path, *, samples: int = 6, epochs: int = 8) -> tupl
         stored = _Stored(root, m, _locate(indexed[0], set(indices)))
         augment = _Augmenter(_job(m, stored))
         originals = [read_image(root, *stored.located[i], m["image"]) for i in indices]
-        columns = [[augment.augment(e, i, stored.load(i)) for e in range(shown)] for i in indices]
+        with borrowed_rng():  # the caller's generators, given back once
+            columns = [[augment.augment(e, i, stored.load(i)) for e in range(shown)] for i in indices]
     else:
         originals = _original(m, indices)
         by_epoch = [_locate(indexed[e], set(indices)) for e in range(shown)]

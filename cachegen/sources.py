@@ -17,6 +17,8 @@ from cachegen.sample import SAMPLE_SEED, SAMPLE_SIZE, SAMPLE_TEST_SIZE, make_sam
 
 # Without a 'classes' array, label k names class str(k): a larger label is surely a mistake.
 MAX_UNNAMED_CLASSES = 1 << 20
+# Image modes a folder image is grayscale in (loaded as L; any other as RGB, alpha dropped).
+GRAY_MODES = ("1", "L", "LA", "La", "I", "F")
 # torchvision's dataset classes and the folder each expects under its root (download=False).
 TORCHVISION_KINDS = {
     "cifar10": ("CIFAR10", "cifar-10-batches-py"),
@@ -116,8 +118,8 @@ class FolderSource(Source):
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
                 if image.mode.startswith("I;16"):  # 16-bit grayscale: keep the high byte, not clip at 255
-                    return Image.fromarray((np.asarray(image) >> 8).astype(np.uint8)).convert("RGB")
-                return image.convert("RGB")
+                    return Image.fromarray((np.asarray(image) >> 8).astype(np.uint8))
+                return image.convert("L" if image.mode in GRAY_MODES else "RGB")
 
     def fingerprint(self) -> str:
         h = hashlib.sha256()

@@ -8,13 +8,19 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.util
+import os
+import random
+import sys
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data import get_worker_info
 from torchvision import transforms as T
 
 from cachegen.errors import CachegenError
@@ -25,7 +31,7 @@ _MASK64 = (1 << 64) - 1
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """The torch seed for sample `index` of epoch `epoch`: a SplitMix64 hash, cheap and well mixed."""
+    """The seed of sample `index` of epoch `epoch`: a SplitMix64 hash, cheap and well mixed."""
     x = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB) & _MASK64
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
@@ -33,8 +39,44 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 
 
 def seed_sample(seed: int, epoch: int, index: int) -> None:
-    """Seed torch's global generator for one sample (~1 µs, unlike torch.manual_seed's ~100 µs)."""
-    torch.default_generator.manual_seed(sample_seed(seed, epoch, index))
+    """Seed the three global generators a transform may draw from, for one sample: torch's
+    (torchvision v1 and v2), Python's `random` (v1 RandomChoice/RandomOrder) and numpy's legacy
+    one (~5 µs in all; torch.manual_seed alone takes ~100 µs, it seeds every device)."""
+    s = sample_seed(seed, epoch, index)
+    torch.default_generator.manual_seed(s)  # the seed torch-only caches were always built with
+    random.seed(s)
+    np.random.seed(s & 0xFFFFFFFF)  # numpy's legacy seeds are 32-bit
+
+
+_rng_borrowed = False  # True while the caller's states are saved (or the process is cachegen's own)
+
+
+@contextmanager
+def borrowed_rng() -> Iterator[None]:
+    """Borrow torch's default CPU generator, Python's `random` and numpy's global RNG, and give
+    them back untouched on exit, as torch.random.fork_rng does for torch alone. Re-entrant: an
+    inner borrow (every `augment` call inside a loop wrapped in one) costs nothing.
+    Saving and restoring cost ~60 µs, most of it numpy's get_state/set_state."""
+    global _rng_borrowed
+    if _rng_borrowed:
+        yield
+        return
+    states = torch.default_generator.get_state(), random.getstate(), np.random.get_state()
+    _rng_borrowed = True
+    try:
+        yield
+    finally:
+        _rng_borrowed = False
+        torch.default_generator.set_state(states[0])
+        random.setstate(states[1])
+        np.random.set_state(states[2])
+
+
+def own_rng() -> None:
+    """Declare this process's global RNGs cachegen's (a worker process it started): `augment`
+    stops saving and restoring them."""
+    global _rng_borrowed
+    _rng_borrowed = True
 
 
 def to_hwc_uint8(image) -> np.ndarray:
@@ -60,9 +102,15 @@ def to_pil(pixels: np.ndarray) -> Image.Image:
 
 
 def augment(transform: Callable, image: Image.Image, *, seed: int, epoch: int, index: int) -> np.ndarray:
-    """Sample `index` of epoch `epoch`, augmented: seeded, transformed, as HWC uint8."""
-    seed_sample(seed, epoch, index)
-    return to_hwc_uint8(transform(image))
+    """Sample `index` of epoch `epoch`, augmented: seeded, transformed, as HWC uint8.
+
+    The same (seed, epoch, index) gives the same bytes in any process, whichever of torch,
+    `random` or numpy the transform draws from. The caller's generator states are given back
+    afterwards, except in a DataLoader worker process (its generators are the DataLoader's to
+    seed) and in a process that called `own_rng`."""
+    with nullcontext() if get_worker_info() is not None else borrowed_rng():
+        seed_sample(seed, epoch, index)
+        return to_hwc_uint8(transform(image))
 
 
 def strength(epoch: int, epochs: int, schedule: str) -> float:
@@ -86,26 +134,68 @@ def _preset(name: str, epoch: int, epochs: int, size: int, schedule: str) -> Cal
             T.RandomResizedCrop(size, scale=(1.0 - 0.92 * s, 1.0)),
             T.RandomHorizontalFlip(),
         ])
-    if name == "mnist":
-        return T.RandomAffine(degrees=10 * s, translate=(0.1 * s, 0.1 * s))
+    if name == "mnist":  # at the source's size the Resize is a no-op: MNIST-sized caches keep their bytes
+        return T.Compose([T.Resize(size), T.CenterCrop(size),
+                          T.RandomAffine(degrees=10 * s, translate=(0.1 * s, 0.1 * s))])
     if name == "val":
         return T.Compose([T.Resize(size), T.CenterCrop(size)])
     raise CachegenError(f"unknown transform preset {name!r}: use one of {', '.join(PRESETS)} or module:factory")
 
 
 def load_factory(spec: str) -> Callable[[int, int], Any]:
-    """Import a user's `module:factory` (called as factory(epoch, epochs) -> transform)."""
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise CachegenError(f"bad transform {spec!r}: expected a preset ({', '.join(PRESETS)}) or module:factory")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as e:  # an ImportError or anything the module raises on import
-        raise CachegenError(f"cannot import module {module_name!r} for --transform {spec}: {e}") from None
+    """Import a user's `module:factory` or `path/to/file.py:factory` (called as factory(epoch, epochs)
+    -> transform). A module is looked for in the current folder first, then on sys.path."""
+    where, _, attr = spec.rpartition(":")
+    if not where or not attr:
+        raise CachegenError(f"bad transform {spec!r}: expected a preset ({', '.join(PRESETS)}), module:factory "
+                            "or path/to/file.py:factory")
+    module = _load_file(where, spec) if where.endswith(".py") or "/" in where or os.sep in where else \
+        _load_module(where, spec)
     factory = getattr(module, attr, None)
     if not callable(factory):
-        raise CachegenError(f"module {module_name!r} has no callable {attr!r} (from --transform {spec})")
+        raise CachegenError(f"{where} has no callable {attr!r} (from --transform {spec}); "
+                            "define it as factory(epoch, epochs) -> transform")
     return factory
+
+
+def _load_module(name: str, spec: str):
+    sys.path.insert(0, os.getcwd())
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name == name or name.startswith(f"{e.name}."):  # the module itself, not one it imports
+            raise CachegenError(f"cannot import module {name!r} for --transform {spec}: not in the current "
+                                f"folder ({os.getcwd()}) nor on sys.path; for a file elsewhere give "
+                                "path/to/file.py:factory") from None
+        raise CachegenError(f"cannot import module {name!r} for --transform {spec}: {e}") from None
+    except Exception as e:  # anything the module raises on import
+        raise CachegenError(f"cannot import module {name!r} for --transform {spec}: "
+                            f"{type(e).__name__}: {e}") from None
+    finally:
+        sys.path.remove(os.getcwd())
+
+
+def _load_file(path: str, spec: str):
+    full = os.path.abspath(path)
+    name = f"_cachegen_transform_{hashlib.sha256(full.encode()).hexdigest()[:16]}"
+    if name in sys.modules:
+        return sys.modules[name]
+    if not os.path.isfile(full):
+        raise CachegenError(f"no file {path} for --transform {spec}: give an existing .py file (relative to "
+                            f"the current folder, {os.getcwd()})")
+    module_spec = importlib.util.spec_from_file_location(name, full)
+    if module_spec is None:
+        raise CachegenError(f"cannot load {path} for --transform {spec}: give a Python source file ending in .py")
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[name] = module  # classes defined there pickle by this name
+    try:
+        module_spec.loader.exec_module(module)
+    except BaseException as e:
+        del sys.modules[name]
+        if not isinstance(e, Exception):
+            raise
+        raise CachegenError(f"cannot import {path} for --transform {spec}: {type(e).__name__}: {e}") from None
+    return module
 
 
 def is_random(spec: str) -> bool:

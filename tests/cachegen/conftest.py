@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from cachegen.cli import main
+from tests.conftest import make_npz
 
 
 def run_cli(*args: str, expect: int = 0):
@@ -48,10 +50,44 @@ def manifest(root: Path) -> dict:
 
 @pytest.fixture
 def build(npz_source, tmp_path):
-    """build(*extra_args, out=...) -> cache folder, from the small npz source, 1 worker, quiet."""
+    """build(*extra_args, out=...) -> cache folder, from the small npz source, 1 worker, quiet;
+    with expect=N (N != 0), the CLI's result, to check its error."""
     def _build(*args: str, out: Path | None = None, expect: int = 0):
         out = out or tmp_path / "cache"
-        run_cli("build", npz_source[0], "--out", out, "--shard-size", "50", "--workers", "1", "--quiet",
-                *args, expect=expect)
-        return out
+        result = run_cli("build", npz_source[0], "--out", out, "--shard-size", "50", "--workers", "1", "--quiet",
+                         *args, expect=expect)
+        return out if expect == 0 else result
     return _build
+
+
+# Slow enough (2 ms a sample) that a build is still running when a test kills it or a worker, and
+# held while the file named by $SLOW_AUG_GATE exists; it also draws from Python's random and numpy,
+# which spawned workers must seed like forked ones.
+SLOW = '''
+import os
+import random
+import time
+
+import numpy as np
+from PIL import Image
+
+
+def make(epoch, epochs):
+    def slow(image):
+        time.sleep(0.002)
+        while os.path.exists(os.environ.get("SLOW_AUG_GATE", "")):
+            time.sleep(0.01)
+        a = np.roll(np.array(image), random.randint(-4, 4), axis=0)
+        return Image.fromarray(np.where(np.random.rand(*a.shape) < 0.1, 255, a).astype(np.uint8))
+    return slow
+'''
+
+
+@pytest.fixture
+def slow_source(tmp_path, monkeypatch):
+    """(a 240-image .npz, the environment for child processes); `--transform slow_aug:make` is
+    importable here and in those children."""
+    (tmp_path / "slow_aug.py").write_text(SLOW)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    return make_npz(tmp_path / "data.npz")[0], env

@@ -279,6 +279,7 @@ BAD = {
     "dangling.png": _link("nowhere.png"), "selfloop.png": _link("selfloop.png"), "fifo.png": _fifo,
     "e\udcfempty.jpg": _write(b""),
 }
+GRAY = {"gray.png", "graya.png", "bits.png", "deep16.png", "deep16.tif", "gray.jpg"}  # kept as 1 channel
 IGNORED = {"notes.txt": _write(b"hello"), "data.npz": _write(b"PK"), "image.gif.bak": _save("RGB", "PNG")}
 
 
@@ -305,7 +306,7 @@ def _shown(name: str) -> str:
 
 def check_source_folder(case: dict) -> None:
     with scratch() as tmp:
-        root, good, bad, empty_class = tmp / "src", 0, [], False
+        root, good, bad, empty_class, gray = tmp / "src", 0, [], False, set()
         for c, entries in enumerate(case["classes"]):
             folder = root / f"{case['class_name']}{c}"
             folder.mkdir(parents=True)
@@ -318,6 +319,8 @@ def check_source_folder(case: dict) -> None:
                         table[kind](folder / sub / name, (w, h), i)
                         good += kinds == "good"
                         images += kinds != "ignored"
+                        if kinds == "good":
+                            gray.add(kind in GRAY)
                         if kinds == "bad":
                             bad.append(name)
             empty_class |= images == 0
@@ -347,7 +350,9 @@ def check_source_folder(case: dict) -> None:
             assert len(m["skipped"]) == len(bad) and m["source"]["num_samples"] == good + len(bad)
             assert all(e["samples"] == good for e in m["epoch_list"])
             assert (f"cachegen: skipped {len(bad)} unreadable sample(s) (--on-error skip)" in said.output) == bool(bad)
-            assert m["image"]["shape"] == [8, 8, 3]
+            # grayscale only if all are (a mix is RGB, unless the probed images were all grayscale)
+            channels = {frozenset({True}): [1], frozenset({False}): [3]}.get(frozenset(gray), [1, 3])
+            assert m["image"]["shape"][:2] == [8, 8] and m["image"]["shape"][2] in channels
             json.dumps(m, ensure_ascii=False).encode("utf-8")  # every name in it is valid UTF-8
             assert_clean_ending(invoke("info", out))
         if result.exit_code:
@@ -374,8 +379,7 @@ def test_sixteen_bit_images_keep_their_high_byte(tmp_path):
     Image.fromarray(values).save(tmp_path / "a" / "deep.png")
     assert Image.open(tmp_path / "a" / "deep.png").mode == "I;16"
     pixels = np.asarray(FolderSource(tmp_path).load(0))
-    assert pixels.shape == (2, 4, 3) and np.array_equal(pixels[:, :, 0], values >> 8)
-    assert (pixels == pixels[:, :, :1]).all()  # gray: every channel alike
+    assert pixels.shape == (2, 4) and np.array_equal(pixels, values >> 8)  # grayscale: one channel
 
 
 # --- .npz sources --------------------------------------------------------------------------------

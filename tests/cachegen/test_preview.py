@@ -6,9 +6,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cachegen.preview import _Stored, _job, _locate
-from cachegen.build import _Augmenter
-from cachegen.shards import read_image
 from tests.cachegen.conftest import assert_one_line_error, manifest, run_cli
 
 
@@ -26,18 +23,24 @@ def test_preview_grid_has_a_row_per_sample_and_a_column_per_epoch(build, tmp_pat
     assert not np.array_equal(first_row[1], first_row[2])  # epochs differ
 
 
-def test_live_augmentation_reproduces_the_cached_epochs(build, tmp_path):
+def test_a_live_preview_shows_the_images_the_cached_build_stored(build, tmp_path):
+    """The live branch of preview augments the stored source itself; each of its tiles must be, pixel
+    for pixel, the image a cached build of the same source wrote (read here straight from the tar)."""
     cached = build("--epochs", "3", "--mode", "cached", out=tmp_path / "cached")
     live = build("--epochs", "3", "--mode", "live", out=tmp_path / "live")
-    mc, ml = manifest(cached), manifest(live)
-    wanted = set(range(0, 240, 7))
-    stored = _Stored(live, ml, _locate(ml["source_shards"], wanted))
-    augment = _Augmenter(_job(ml, stored))
+    run_cli("preview", live, "--out", tmp_path / "grid.png", "--samples", "5")
+    with Image.open(tmp_path / "grid.png") as grid:
+        pixels = np.asarray(grid)
+    m = manifest(cached)
+    shown = [i for s in manifest(live)["source_shards"] for i in s["indices"]][:5]
     for epoch in range(3):
-        located = _locate(mc["epoch_list"][epoch]["shards"], wanted)
-        for index in sorted(wanted):
-            on_disk = read_image(cached, *located[index], mc["image"])
-            assert np.array_equal(on_disk, augment.augment(epoch, index, stored.load(index)))
+        where = {i: (s, j) for s in m["epoch_list"][epoch]["shards"] for j, i in enumerate(s["indices"])}
+        for row, index in enumerate(shown):
+            shard, j = where[index]
+            data = (cached / shard["path"]).read_bytes()
+            stored = np.frombuffer(data, np.uint8, 3072, shard["offsets"][j] + 128).reshape(32, 32, 3)
+            y, x = 2 + 34 * row, 2 + 34 * (1 + epoch)  # column 0: the original
+            assert np.array_equal(pixels[y:y + 32, x:x + 32], stored), (epoch, index)
 
 
 def test_preview_of_a_missing_cache(tmp_path):
