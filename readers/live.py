@@ -152,8 +152,11 @@ class LiveLoader(Loader):
         dataset = _LiveBatches(self.manifest, batches, plan.cache_epoch, self._copier.host_channels_first,
                                *self._located)
         extra = {"prefetch_factor": self.options.prefetch or 2, "worker_init_fn": _init_worker} if self.workers else {}
+        # A generator of its own: the DataLoader draws a base seed from it on every iter(), which
+        # would otherwise move the caller's torch generator (samples are seeded per sample anyway).
         loader = torch.utils.data.DataLoader(dataset, batch_size=None, sampler=range(start, len(batches)),
-                                             num_workers=self.workers, pin_memory=self._copier.pin, **extra)
+                                             num_workers=self.workers, pin_memory=self._copier.pin,
+                                             generator=torch.Generator(), **extra)
         return _closing(iter(loader))
 
 
