@@ -23,6 +23,7 @@ from tqdm import tqdm
 from cachegen import __version__
 from cachegen.config import BuildConfig, parse_shard_size
 from cachegen.errors import CachegenError
+from cacheformat import FormatError
 from cacheformat.index import encode_index, index_record
 from cacheformat.layout import epoch_shards, index_path, shard_path, source_pass, source_shard_path
 from cachegen.manifest import (BUILD_STATE, FORMAT, FORMAT_VERSION, MANIFEST, describe_difference, identity,
@@ -30,7 +31,7 @@ from cachegen.manifest import (BUILD_STATE, FORMAT, FORMAT_VERSION, MANIFEST, de
 from cachegen.shards import TMP_MARK, encode, index_shard, npy_header_bytes, write_shard
 from cachegen.sources import Source, open_source, printable
 from cachegen.stats import PixelStats, channel_stats
-from cachegen.transforms import (augment, borrowed_rng, epoch_fingerprint, fingerprint, is_random, make_transform,
+from cacheaug.transforms import (augment, borrowed_rng, epoch_fingerprint, fingerprint, is_random, make_transform,
                                  own_rng, to_hwc_uint8)
 
 PROBES = 8  # source images probed for the channel count and --mode auto's size estimate
@@ -105,7 +106,7 @@ class _Augmenter:
                                                     size=job.size, schedule=job.schedule)
         try:
             out = augment(self.transforms[epoch], image, seed=job.seed, epoch=epoch, index=index)
-        except CachegenError:
+        except FormatError:  # ours, already one line (a TransformError: the output is not an image)
             raise
         except Exception as e:
             raise CachegenError(f"transform failed on {job.source.name(index)}: {type(e).__name__}: {e}") from None

@@ -8,16 +8,17 @@ from pathlib import Path
 
 import click
 
-from cachegen.errors import CachegenError
+from cacheformat import FormatError
 
 
 def _one_line_errors(fn):
-    """Turn CachegenError (and a Ctrl-C) into a one-line message and a non-zero exit."""
+    """Turn an expected error (CachegenError, a damaged cache's FormatError, a TransformError: all
+    FormatErrors) and a Ctrl-C into a one-line message and a non-zero exit."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except CachegenError as e:
+        except FormatError as e:
             raise click.ClickException(str(e)) from None
         except KeyboardInterrupt:
             click.echo("\ncachegen: interrupted; re-run the same command to resume", err=True)

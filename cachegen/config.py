@@ -12,7 +12,7 @@ from PIL import Image
 
 from cachegen.errors import CachegenError
 from cachegen.shards import ENCODINGS
-from cachegen.transforms import PRESETS, SCHEDULES
+from cacheaug.transforms import PRESETS, SCHEDULES
 
 MAX_EPOCHS = 10_000  # epoch-0000 .. epoch-9999: folder names and sample keys have four digits
 # The largest --size/--resize: its square is PIL's decompression-bomb limit (9459 at 89.5M pixels);

@@ -14,7 +14,7 @@ from cachegen.errors import CachegenError
 from cachegen.manifest import MANIFEST, Manifest, load_manifest
 from cachegen.shards import index_shard
 from cachegen.stats import channel_stats
-from cachegen.transforms import fingerprint
+from cacheaug.transforms import fingerprint
 
 
 def all_shards(manifest: dict) -> list[dict]:

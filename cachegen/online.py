@@ -15,7 +15,7 @@ from torchvision import transforms as T
 from cachegen.errors import CachegenError
 from cachegen.manifest import read_manifest
 from cachegen.sources import Source, open_source
-from cachegen.transforms import make_transform
+from cacheaug.transforms import make_transform
 
 
 class OnlineDataset(torch.utils.data.Dataset):

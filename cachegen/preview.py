@@ -11,7 +11,7 @@ from torchvision.transforms import functional as F
 from torchvision.utils import make_grid, save_image
 
 from cachegen.build import Job, _Augmenter
-from cachegen.transforms import borrowed_rng, to_hwc_uint8, to_pil
+from cacheaug.transforms import borrowed_rng, to_hwc_uint8, to_pil
 from cachegen.errors import CachegenError
 from cacheformat.index import read_index
 from cachegen.manifest import Manifest, load_manifest

@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 
 from cachegen.errors import CachegenError
-from cachegen.transforms import to_pil
+from cacheaug.transforms import to_pil
 from cachegen.sample import SAMPLE_SEED, SAMPLE_SIZE, SAMPLE_TEST_SIZE, make_sample
 
 # Without a 'classes' array, label k names class str(k): a larger label is surely a mistake.

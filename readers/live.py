@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cacheaug.transforms import augment, make_transform, to_pil
 from cacheformat.layout import epoch_shards
 from readers.errors import ReaderError
 from readers.loader import Loader
@@ -66,8 +67,6 @@ class _LiveBatches(torch.utils.data.Dataset):
         return self._reads.pixels(self.shards[k], int(j))
 
     def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        from cachegen.transforms import augment, make_transform, to_pil
-
         raw = self.manifest.raw
         if self._transform is None:
             t = raw["transform"]

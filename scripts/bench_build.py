@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 
 from cachegen.build import build
-from cachegen.transforms import to_hwc_uint8
+from cacheaug.transforms import to_hwc_uint8
 from cachegen.config import BuildConfig
 from cachegen.sources import open_source
-from cachegen.transforms import make_transform, seed_sample
+from cacheaug.transforms import make_transform, seed_sample
 
 
 def bare_transform(epochs: int) -> float:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from cachegen.transforms import augment, sample_seed, seed_sample, to_pil
+from cacheaug.transforms import augment, sample_seed, seed_sample, to_pil
 from tests.cachegen.conftest import run_cli, shard_bytes
 
 # Each factory draws from one generator the old seeding left alone (or from all of them).

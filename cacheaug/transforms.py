@@ -1,4 +1,4 @@
-"""Augmentation presets, user factories and the per-sample seeding rule (public API).
+"""Augmentation presets, user factories and per-sample seeding (public API).
 
 `make_transform`, `augment` and `to_pil` are the randomness contract of a cache: the builder
 and the live reader both call them, so a sample augmented live is the sample a cache stores.
@@ -23,19 +23,16 @@ from PIL import Image
 from torch.utils.data import get_worker_info
 from torchvision import transforms as T
 
-from cachegen.errors import CachegenError
+from cacheformat import FormatError
+from cacheformat.seeding import sample_seed
 
 PRESETS = ("cifar", "imagenet", "mnist", "val")
 SCHEDULES = ("constant", "linear")
-_MASK64 = (1 << 64) - 1
 
 
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """The seed of sample `index` of epoch `epoch`: a SplitMix64 hash, cheap and well mixed."""
-    x = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return (x ^ (x >> 31)) >> 1  # torch seeds must fit in a signed 64-bit int
+class TransformError(FormatError):
+    """A transform that cannot be made or applied: an unknown preset, a bad `module:factory`, an
+    output that is not an image. One line; the CLI prints it without a traceback."""
 
 
 def seed_sample(seed: int, epoch: int, index: int) -> None:
@@ -85,14 +82,14 @@ def to_hwc_uint8(image) -> np.ndarray:
         if image.is_floating_point():
             image = (image * 255).round().clamp(0, 255).to(torch.uint8)
         if image.dtype != torch.uint8 or image.ndim != 3:
-            raise CachegenError(f"transform returned a {image.dtype} tensor of shape {tuple(image.shape)}: "
+            raise TransformError(f"transform returned a {image.dtype} tensor of shape {tuple(image.shape)}: "
                                 "return a PIL image or a CHW uint8/float tensor")
         return image.permute(1, 2, 0).contiguous().numpy()
     array = np.asarray(image)
     if array.ndim == 2:
         array = array[:, :, None]
     if array.dtype != np.uint8 or array.ndim != 3:
-        raise CachegenError(f"transform returned {array.dtype} {array.shape}: return a PIL image or a tensor")
+        raise TransformError(f"transform returned {array.dtype} {array.shape}: return a PIL image or a tensor")
     return array
 
 
@@ -139,7 +136,7 @@ def _preset(name: str, epoch: int, epochs: int, size: int, schedule: str) -> Cal
                           T.RandomAffine(degrees=10 * s, translate=(0.1 * s, 0.1 * s))])
     if name == "val":
         return T.Compose([T.Resize(size), T.CenterCrop(size)])
-    raise CachegenError(f"unknown transform preset {name!r}: use one of {', '.join(PRESETS)} or module:factory")
+    raise TransformError(f"unknown transform preset {name!r}: use one of {', '.join(PRESETS)} or module:factory")
 
 
 def load_factory(spec: str) -> Callable[[int, int], Any]:
@@ -147,13 +144,13 @@ def load_factory(spec: str) -> Callable[[int, int], Any]:
     -> transform). A module is looked for in the current folder first, then on sys.path."""
     where, _, attr = spec.rpartition(":")
     if not where or not attr:
-        raise CachegenError(f"bad transform {spec!r}: expected a preset ({', '.join(PRESETS)}), module:factory "
+        raise TransformError(f"bad transform {spec!r}: expected a preset ({', '.join(PRESETS)}), module:factory "
                             "or path/to/file.py:factory")
     module = _load_file(where, spec) if where.endswith(".py") or "/" in where or os.sep in where else \
         _load_module(where, spec)
     factory = getattr(module, attr, None)
     if not callable(factory):
-        raise CachegenError(f"{where} has no callable {attr!r} (from --transform {spec}); "
+        raise TransformError(f"{where} has no callable {attr!r} (from --transform {spec}); "
                             "define it as factory(epoch, epochs) -> transform")
     return factory
 
@@ -164,12 +161,12 @@ def _load_module(name: str, spec: str):
         return importlib.import_module(name)
     except ModuleNotFoundError as e:
         if e.name == name or name.startswith(f"{e.name}."):  # the module itself, not one it imports
-            raise CachegenError(f"cannot import module {name!r} for --transform {spec}: not in the current "
+            raise TransformError(f"cannot import module {name!r} for --transform {spec}: not in the current "
                                 f"folder ({os.getcwd()}) nor on sys.path; for a file elsewhere give "
                                 "path/to/file.py:factory") from None
-        raise CachegenError(f"cannot import module {name!r} for --transform {spec}: {e}") from None
+        raise TransformError(f"cannot import module {name!r} for --transform {spec}: {e}") from None
     except Exception as e:  # anything the module raises on import
-        raise CachegenError(f"cannot import module {name!r} for --transform {spec}: "
+        raise TransformError(f"cannot import module {name!r} for --transform {spec}: "
                             f"{type(e).__name__}: {e}") from None
     finally:
         sys.path.remove(os.getcwd())
@@ -181,11 +178,11 @@ def _load_file(path: str, spec: str):
     if name in sys.modules:
         return sys.modules[name]
     if not os.path.isfile(full):
-        raise CachegenError(f"no file {path} for --transform {spec}: give an existing .py file (relative to "
+        raise TransformError(f"no file {path} for --transform {spec}: give an existing .py file (relative to "
                             f"the current folder, {os.getcwd()})")
     module_spec = importlib.util.spec_from_file_location(name, full)
     if module_spec is None:
-        raise CachegenError(f"cannot load {path} for --transform {spec}: give a Python source file ending in .py")
+        raise TransformError(f"cannot load {path} for --transform {spec}: give a Python source file ending in .py")
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[name] = module  # classes defined there pickle by this name
     try:
@@ -194,7 +191,7 @@ def _load_file(path: str, spec: str):
         del sys.modules[name]
         if not isinstance(e, Exception):
             raise
-        raise CachegenError(f"cannot import {path} for --transform {spec}: {type(e).__name__}: {e}") from None
+        raise TransformError(f"cannot import {path} for --transform {spec}: {type(e).__name__}: {e}") from None
     return module
 
 
@@ -206,16 +203,16 @@ def is_random(spec: str) -> bool:
 def make_transform(spec: str, *, epoch: int, epochs: int, size: int, schedule: str = "constant") -> Callable:
     """The transform for `epoch` of `epochs`: a preset name or a user's `module:factory`."""
     if schedule not in SCHEDULES:
-        raise CachegenError(f"unknown schedule {schedule!r}: use one of {', '.join(SCHEDULES)}")
+        raise TransformError(f"unknown schedule {schedule!r}: use one of {', '.join(SCHEDULES)}")
     if ":" in spec:
         try:
             transform = load_factory(spec)(epoch, epochs)
-        except CachegenError:
+        except TransformError:
             raise
         except Exception as e:
-            raise CachegenError(f"transform factory {spec} failed for epoch {epoch}: {e}") from None
+            raise TransformError(f"transform factory {spec} failed for epoch {epoch}: {e}") from None
         if not callable(transform):
-            raise CachegenError(f"transform factory {spec} returned {type(transform).__name__}, not a transform")
+            raise TransformError(f"transform factory {spec} returned {type(transform).__name__}, not a transform")
         return transform
     return _preset(spec, epoch, epochs, size, schedule)
 
