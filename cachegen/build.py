@@ -22,7 +22,7 @@ from cachegen.manifest import (BUILD_STATE, FORMAT, FORMAT_VERSION, MANIFEST, de
                                read_json, read_manifest, write_json_atomic)
 from cachegen.shards import TMP_MARK, encode, index_shard, npy_header_bytes, write_shard
 from cachegen.sources import Source, open_source, printable
-from cachegen.stats import PixelStats, channel_stats
+from cachegen.stats import PixelStats, channel_stats, stats_of_cache
 from cachegen.transforms import augment, epoch_fingerprint, fingerprint, is_random, make_transform, to_hwc_uint8
 
 STATS_EPOCH = 0  # mean/std: the source images behind this epoch's shards (each sample once)
@@ -261,6 +261,7 @@ def build(config: BuildConfig) -> dict:
               seed=config.seed, encoding=config.encoding, on_error=config.on_error, resize=config.resize)
     shape, source_shape = _probe(job)
     job = replace(job, shape=shape, source_shape=source_shape)
+    borrowed = stats_of_cache(config.stats_from, shape[2]) if config.stats_from else None  # refused before any work
     n = len(source)
     mode = _choose_mode(config, job, n, epochs, len(encode(np.zeros(shape, np.uint8), config.encoding)))
     stored_shape, encoding = (source_shape, "npy") if mode == "live" else (shape, config.encoding)
@@ -330,6 +331,9 @@ def build(config: BuildConfig) -> dict:
         raise CachegenError("every sample was skipped as unreadable: nothing to cache; check the source")
     manifest["skipped"] = sorted(set(range(n)) - kept)
     manifest["mean"], manifest["std"] = channel_stats(stats_shards, shape[2])
+    if borrowed:
+        manifest["mean"], manifest["std"] = borrowed
+        manifest["stats_from"] = str(config.stats_from)
     if manifest["skipped"] and not config.quiet:
         print(f"cachegen: skipped {len(manifest['skipped'])} unreadable sample(s) (--on-error skip)")
     write_json_atomic(root / MANIFEST, manifest)

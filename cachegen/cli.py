@@ -56,6 +56,9 @@ def main() -> None:
 @click.option("--max-cache-gb", default=64.0, show_default=True, type=float,
               help="Largest cache --mode auto writes before it falls back to live.")
 @click.option("--resize", type=int, help="Resize+center-crop every source image to NxN first (deterministic).")
+@click.option("--stats-from", type=click.Path(path_type=Path), metavar="TRAIN_CACHE",
+              help="Normalise with TRAIN_CACHE's mean/std: write them into this cache's manifest "
+                   "(for a val/test cache; same channels required).")
 @click.option("--overwrite", is_flag=True, help="Replace a different cache already in --out.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @_one_line_errors

@@ -59,6 +59,7 @@ class BuildConfig:
     mode: str = "auto"  # cached, live, or auto: live when the cache would exceed max_cache_gb
     max_cache_gb: float = 64.0
     resize: int | None = None  # deterministic Resize+CenterCrop of every source image, before the transform
+    stats_from: Path | None = None  # a cache whose mean/std this cache's manifest takes (a val cache)
 
     def __post_init__(self) -> None:
         if not 1 <= self.epochs <= MAX_EPOCHS:
@@ -88,5 +89,7 @@ class BuildConfig:
             raise CachegenError(f"--resize must be positive and at most {MAX_SIDE}, got {self.resize}")
         parse_shard_size(self.shard_size)
         object.__setattr__(self, "out", Path(self.out))
+        if self.stats_from is not None:
+            object.__setattr__(self, "stats_from", Path(self.stats_from))
         if self.workers == 0:
             object.__setattr__(self, "workers", default_workers())
