@@ -277,5 +277,6 @@ class Loader:
         length = self._length(epoch)
         if not isinstance(done, int) or isinstance(done, bool) or not 0 <= done <= length:
             raise ValueError(f"batches_done {done!r} is not within epoch {epoch}'s {length} batches")
-        self._epoch, self._delivered = epoch, done
-        self._placed = done < length  # a complete epoch: the next pass reads the next one
+        if done == length:  # a complete epoch: the next pass reads the next one, as the saving loader's would
+            epoch, done = epoch + 1, 0
+        self._epoch, self._delivered, self._placed = epoch, done, True
