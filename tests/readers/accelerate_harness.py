@@ -4,7 +4,6 @@ without set_epoch. Each rank writes what it trained on, batch by batch, to OUT/r
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from pathlib import Path
@@ -12,19 +11,12 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from loader_checks import digest
+from loader_checks import digest, harness_arguments
 from readers import CachedLoader
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--cache", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--stop-at-step", type=int, default=-1, help="save_state after this many steps and stop")
-    p.add_argument("--resume", help="a folder written by save_state")
-    args = p.parse_args()
+    args = harness_arguments("a folder written by save_state")
 
     accelerator = Accelerator(cpu=True)
     loader = CachedLoader(args.cache, batch_size=args.batch_size, device=accelerator.device, normalize=False, seed=11)

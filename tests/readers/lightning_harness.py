@@ -4,7 +4,6 @@ Each rank writes what it trained on, batch by batch, to OUT/rank<r>.json."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from pathlib import Path
@@ -13,7 +12,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from loader_checks import digest
+from loader_checks import digest, harness_arguments
 from readers import CachedLoader
 
 
@@ -44,14 +43,7 @@ class Module(L.LightningModule):
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--cache", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--stop-at-step", type=int, default=-1, help="stop after this step, checkpointing it")
-    p.add_argument("--resume", help="a checkpoint to continue from")
-    args = p.parse_args()
+    args = harness_arguments("a checkpoint to continue from")
     callbacks = []
     if args.stop_at_step > 0:
         callbacks.append(ModelCheckpoint(dirpath=args.out, filename="{step}", every_n_train_steps=args.stop_at_step,

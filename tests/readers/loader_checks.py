@@ -86,3 +86,17 @@ def ddp_epoch(loader, epoch: int) -> dict:
         hwc = images.permute(0, 2, 3, 1).contiguous().numpy()
         seen += [digest(img.tobytes(), int(y)) for img, y in zip(hwc, labels)]
     return {"batches": batches, "len": len(loader), "samples": seen}
+
+
+def harness_arguments(resume: str):
+    """The command line of the framework harnesses run by test_frameworks.py."""
+    import argparse
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--cache", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--stop-at-step", type=int, default=-1, help="checkpoint after this many steps and stop")
+    p.add_argument("--resume", help=resume)
+    return p.parse_args()
