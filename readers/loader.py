@@ -50,6 +50,7 @@ class Loader:
     """
 
     MODE = ""  # the manifest mode this loader reads
+    batch_sampler = None  # as a DataLoader without one: Lightning reads it next to `sampler` (val loaders)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Give the subclass's constructor the `mean` and `std` keywords, handed to Loader.__init__."""

@@ -1,4 +1,5 @@
-"""Smoke runs of the scripts users start from: train.py with each loader (1 epoch, tiny)."""
+"""Smoke runs of the scripts users start from: train.py with each loader, the Lightning and
+Accelerate examples (an epoch or two, tiny), each as its docstring runs it."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ def caches(tmp_path_factory):
     common = ["--workers", "1", "--quiet", "--shard-size", "50"]
     run_cli("build", src, "--out", root / "cached", "--epochs", "2", *common)
     run_cli("build", src, "--out", root / "live", "--epochs", "2", "--mode", "live", *common)
-    run_cli("build", src, "--out", root / "val", "--transform", "val", *common)
+    run_cli("build", src, "--out", root / "val", "--transform", "val", "--stats-from", root / "cached", *common)
     return root
 
 
@@ -38,3 +39,29 @@ def test_train_one_epoch(caches, loader):
     assert "img/s" in done.stdout and "data wait" in done.stdout and "val accuracy" in done.stdout
     result = json.loads(results.read_text())
     assert result["loader"] == loader and result["tag"] == loader and 0.0 <= result["accuracy"] <= 1.0
+
+
+def _script(name: str, *args, cwd: Path) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / name), *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return done
+
+
+def test_lightning_example_trains_and_resumes(caches, tmp_path):
+    pytest.importorskip("lightning")
+    common = ("--cache", caches / "cached", "--val", caches / "val", "--batch-size", "32", "--out", tmp_path)
+    first = _script("train_lightning.py", *common, "--epochs", "1", cwd=tmp_path)
+    assert "val accuracy" in first.stdout
+    checkpoint = next(tmp_path.glob("checkpoints/*.ckpt"))
+    resumed = _script("train_lightning.py", *common, "--epochs", "2", "--resume", checkpoint, cwd=tmp_path)
+    assert "Restored all states" in resumed.stdout + resumed.stderr and "after 2 epochs" in resumed.stdout
+
+
+def test_accelerate_example_trains_and_resumes(caches, tmp_path):
+    pytest.importorskip("accelerate")
+    common = ("--cache", caches / "cached", "--val", caches / "val", "--batch-size", "32")
+    first = _script("train_accelerate.py", *common, "--epochs", "1", "--save", tmp_path / "state", cwd=tmp_path)
+    assert "epoch 0 " in first.stdout and "val accuracy" in first.stdout
+    resumed = _script("train_accelerate.py", *common, "--epochs", "2", "--resume", tmp_path / "state", cwd=tmp_path)
+    assert "epoch 0 " not in resumed.stdout and "epoch 1 " in resumed.stdout  # continued after epoch 0
