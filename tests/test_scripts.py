@@ -65,3 +65,33 @@ def test_accelerate_example_trains_and_resumes(caches, tmp_path):
     assert "epoch 0 " in first.stdout and "val accuracy" in first.stdout
     resumed = _script("train_accelerate.py", *common, "--epochs", "2", "--resume", tmp_path / "state", cwd=tmp_path)
     assert "epoch 0 " not in resumed.stdout and "epoch 1 " in resumed.stdout  # continued after epoch 0
+
+
+def _train(caches, *args, cwd: Path, launcher=()) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *launcher, str(ROOT / "scripts" / "train.py"), "--val", str(caches / "val"),
+                           "--batch-size", "32", "--width", "4", "--workers", "1", *map(str, args)],
+                          cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def test_train_under_torchrun_splits_the_epoch_over_gloo(caches, tmp_path):
+    # 200 samples, batch 32: 7 steps an epoch in one process, 4 (100 samples) per rank in two.
+    done = _train(caches, "--cache", caches / "cached", "--epochs", "1", "--device", "cpu", cwd=tmp_path,
+                  launcher=("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "(cached, 1 epochs, 4 steps, seed 0, cpu)" in done.stdout
+    single = _train(caches, "--cache", caches / "cached", "--epochs", "2", "--max-steps", "9", cwd=tmp_path)
+    assert single.returncode == 0 and "(cached, 2 epochs, 9 steps, seed 0, cpu)" in single.stdout, single.stderr
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("--loader", "live", "--cache", "CACHED"), "--loader live needs a live cache, and "),
+    (("--loader", "cached", "--cache", "LIVE"), "is a 'live'-mode cache: read it with LiveLoader"),
+    (("--device", "mps", "--cache", "CACHED"), "--device mps: use cuda or cpu"),
+    (("--device", "tpu", "--cache", "CACHED"), "--device 'tpu' is not a torch device"),
+])
+def test_train_refuses_in_one_line(caches, tmp_path, args, message):
+    args = [caches / a.lower() if a in ("CACHED", "LIVE") else a for a in args]
+    done = _train(caches, *args, cwd=tmp_path)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 1 and len(lines) == 1 and lines[0].startswith("train.py: error: "), done.stderr
+    assert message in lines[0]
