@@ -108,7 +108,10 @@ class Loader:
 
     def _check_epochs(self) -> None:
         # The split known now (torch.distributed may be initialised only later: then again when a pass starts).
-        world_size = resolve_rank(self.options.rank, self.options.world_size, strict=False)[1]
+        try:
+            world_size = resolve_rank(self.options.rank, self.options.world_size, strict=False)[1]
+        except ValueError:  # rank= without world_size= before init_process_group: resolved at the first pass
+            world_size = self.options.world_size or 1
         for e in range(self.manifest.num_epochs):  # fail now, not at epoch e
             self._length(e, world_size)
 

@@ -153,3 +153,11 @@ def test_every_loader_takes_mean_and_std(npy_cache):
         assert params["mean"].default is None and params["std"].default is None
     loader = open_loader(npy_cache, batch_size=8, device="cpu", mean=[0.1, 0.2, 0.3], std=[1, 1, 1])
     assert loader.mean == (0.1, 0.2, 0.3) and loader.std == (1.0, 1.0, 1.0)
+
+
+def test_rank_alone_is_resolved_at_the_first_pass(npy_cache):
+    # Built before init_process_group with only rank=: world size comes from torch.distributed later;
+    # without a process group by then, the first pass says what is missing.
+    loader = _loader(npy_cache, rank=1)
+    with pytest.raises(ValueError, match="rank=1 was given without world_size"):
+        iter(loader)
