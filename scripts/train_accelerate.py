@@ -34,8 +34,11 @@ def main() -> None:
     p.add_argument("--resume", help="a folder written by --save: continue from there, exactly")
     args = p.parse_args()
 
-    accelerator = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no")
-    device, cuda = accelerator.device, accelerator.device.type == "cuda"
+    cuda = torch.cuda.is_available()
+    # cpu=True without CUDA: otherwise Accelerate (1.x) under torchrun starts the process group but
+    # treats each process as a lone one (no gradient averaging).
+    accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda else "no")
+    device = accelerator.device
     train = CachedLoader(args.cache, batch_size=args.batch_size, device=device, channels_last=cuda)
     val = CachedLoader(args.val, batch_size=256, shuffle=False, device=device, channels_last=cuda)
     channels, classes = train.manifest.shape[2], len(train.manifest.classes)

@@ -95,3 +95,13 @@ def test_train_refuses_in_one_line(caches, tmp_path, args, message):
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 1 and len(lines) == 1 and lines[0].startswith("train.py: error: "), done.stderr
     assert message in lines[0]
+
+
+def test_accelerate_example_under_torchrun_is_one_run_of_two_processes(caches, tmp_path):
+    pytest.importorskip("accelerate")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(ROOT / "scripts" / "train_accelerate.py"), "--cache", str(caches / "cached"),
+                           "--val", str(caches / "val"), "--batch-size", "32", "--epochs", "1"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("epoch 0 ") == 1  # printed by the main process only: Accelerate saw 2 processes
