@@ -178,6 +178,8 @@ def parse_manifest(raw: dict, root: Path) -> Manifest:
                 raise fail(f"{name} {values!r} is not {channels} numbers, one per channel")
             if not all(low <= v <= 1 for v in values):
                 raise fail(f"{name} {values!r} has a value outside [{low:g}, 1]" + (" (std <= 0)" if low else ""))
+        if not isinstance(raw.get("stats_from", ""), str):
+            raise fail(f"stats_from {raw['stats_from']!r} is not the path of the cache mean/std came from")
         skipped = raw["skipped"]
         if not (_ints(skipped, 0, n) and skipped == sorted(set(skipped))):
             raise fail("skipped is not a sorted list of source indices")

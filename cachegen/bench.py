@@ -1,9 +1,12 @@
 """`cachegen bench`: cached vs live vs online augmentation vs stock webdataset vs plain read(),
-side by side in one run, on this machine."""
+side by side in one run, on this machine.
+
+Every row is warmed up (untimed), then timed over whole batches, pass after pass, until it has
+seen at least `min_images` images and `min_seconds` seconds: a small dataset is read many times
+rather than timed over a few milliseconds."""
 
 from __future__ import annotations
 
-import math
 import os
 import tempfile
 import time
@@ -29,6 +32,7 @@ class Row:
     cpu_seconds: float
     image_bytes: int  # uint8 pixels per image delivered
     data_wait: float | None = None  # share of a training step spent waiting for data (--model)
+    kind: str = "loader"  # "loader"; "model": the model alone; "ceiling": plain read(), no batches
 
     @property
     def rate(self) -> float:
@@ -39,6 +43,19 @@ class Row:
                 "mb_per_s": round(self.rate * self.image_bytes / 1e6, 1),
                 "cpu_percent": round(100 * self.cpu_seconds / self.seconds, 1),
                 "ratio_to_online": round(self.rate / online, 2) if online else None}
+
+
+# What each column means: printed under the table, and in `cachegen bench --help`.
+COLUMNS = {
+    "img/s": "images delivered per second of wall time (with --model: images trained on per second)",
+    "MB/s": "the same in megabytes of uint8 pixels (img/s x height x width x channels / 1e6)",
+    "x online": "img/s divided by the online row's img/s, measured in the same run (1.00 = online)",
+    "CPU %": "CPU time of this process and its worker processes over the row's wall time, x 100: "
+             "100 = one core busy all the time; the most is cores x 100",
+    "data wait": "(--model) share of the step time spent waiting for the next batch rather than training",
+    "images": "images timed in the row, after the warm-up",
+    "s": "wall seconds timed in the row",
+}
 
 
 def _cpu_seconds() -> float:
@@ -65,31 +82,56 @@ def _live_children_cpu() -> float:
     return total
 
 
-def _timed(name: str, batches: Callable[[], Iterable], limit: int, image_bytes: int,
-           step: Callable | None = None) -> Row:
-    """Consume batches until `limit` images; with `step`, time how long each batch took to arrive."""
-    cpu0, t0 = _cpu_seconds(), time.perf_counter()
-    seen, waited, stepped = 0, 0.0, 0.0
-    it = iter(batches())
-    while seen < limit:
-        w0 = time.perf_counter()
-        try:
-            images, labels = next(it)
-        except StopIteration:
-            it = iter(batches())  # another pass
-            continue
-        w1 = time.perf_counter()
-        if step is not None:
-            step(images, labels)
-            stepped += time.perf_counter() - w1
-        waited += w1 - w0
-        seen += len(labels)
-    seconds = time.perf_counter() - t0
-    close = getattr(it, "close", None)
-    if close:
-        close()
-    return Row(name, seen, seconds, _cpu_seconds() - cpu0, image_bytes,
-               data_wait=waited / (waited + stepped) if step is not None else None)
+class _Passes:
+    """Batches of `passes()`, one pass after another (an epoch's end starts the next pass)."""
+
+    def __init__(self, name: str, passes: Callable[[], Iterable]) -> None:
+        self.name, self.passes, self.it = name, passes, iter(passes())
+
+    def next(self):
+        for _ in range(2):
+            try:
+                return next(self.it)
+            except StopIteration:
+                self.close()
+                self.it = iter(self.passes())
+        raise CachegenError(f"bench: {self.name} delivered no batch in a whole pass")
+
+    def close(self) -> None:
+        close = getattr(self.it, "close", None)
+        if close:
+            close()
+
+
+def _timed(name: str, passes: Callable[[], Iterable], *, min_images: int, min_seconds: float, warmup: int,
+           image_bytes: int, step: Callable | None = None, kind: str = "loader") -> Row:
+    """Warm up on `warmup` images (untimed), then consume whole batches until at least
+    `min_images` images and `min_seconds` seconds; with `step`, time how long each batch took to arrive."""
+    batches = _Passes(name, passes)
+    try:
+        warmed = 0
+        while warmed < warmup:
+            images, labels = batches.next()
+            if step is not None:
+                step(images, labels)
+            warmed += len(labels)
+        cpu0, t0 = _cpu_seconds(), time.perf_counter()
+        seen, waited, stepped = 0, 0.0, 0.0
+        while seen < min_images or time.perf_counter() - t0 < min_seconds:
+            w0 = time.perf_counter()
+            images, labels = batches.next()
+            w1 = time.perf_counter()
+            if step is not None:
+                step(images, labels)
+                stepped += time.perf_counter() - w1
+            waited += w1 - w0
+            seen += len(labels)
+        seconds = time.perf_counter() - t0
+        cpu = _cpu_seconds() - cpu0
+    finally:
+        batches.close()
+    return Row(name, seen, seconds, cpu, image_bytes, data_wait=waited / (waited + stepped) if step is not None else None,
+               kind=kind)
 
 
 def _normalizer(mean, std, device):
@@ -142,9 +184,13 @@ def _device(name: str | None) -> torch.device:
     return dev
 
 
-def run_bench(cache: Path | None, *, batch_size: int = 256, workers: int | None = None, images: int | None = None,
-              model: bool = False, device: str | None = None, progress: Callable[[str], None] = print) -> dict:
-    """Measure every way of feeding batches; return {'rows': [...], 'config': {...}}."""
+def run_bench(cache: Path | None, *, batch_size: int = 256, workers: int | None = None, images: int = 20000,
+              min_seconds: float = 3.0, warmup: int = 1000, model: bool = False, device: str | None = None,
+              progress: Callable[[str], None] = print) -> dict:
+    """Measure every way of feeding batches; return {'rows': [...], 'config': {...}}.
+
+    Each row: `warmup` images untimed, then passes repeated until >= `images` images and
+    >= `min_seconds` seconds have been timed."""
     from readers import CachedLoader, open_loader  # cachegen may use the readers; never the reverse
 
     workers = workers or default_workers()
@@ -164,8 +210,6 @@ def run_bench(cache: Path | None, *, batch_size: int = 256, workers: int | None 
                           transform=m["transform"]["spec"], schedule=m["transform"]["schedule"],
                           size=m["transform"]["size"], resize=m["transform"]["resize"], seed=m["seed"],
                           workers=workers, quiet=True, mode="live", shard_size=str(m["shard_size"])))
-        per_epoch = m["epoch_list"][0]["samples"]
-        limit = images or per_epoch
         shape = m["output_shape"]
         image_bytes = int(np.prod(shape))
         step = _model(dev, len(m["classes"])) if model else None
@@ -174,17 +218,15 @@ def run_bench(cache: Path | None, *, batch_size: int = 256, workers: int | None 
         encoding = m["image"]["encoding"]
         loader_workers = max(1, workers)
 
-        def cached():
-            return CachedLoader(cache, batch_size=batch_size, device=dev, seed=1)
-
-        def live():
-            return open_loader(live_dir, batch_size=batch_size, device=dev, seed=1, workers=loader_workers)
+        # One loader per row, iterated pass after pass: each pass is the next epoch, as in training.
+        cached_loader = CachedLoader(cache, batch_size=batch_size, device=dev, seed=1)
+        live_loader = open_loader(live_dir, batch_size=batch_size, device=dev, seed=1, workers=loader_workers)
+        online_loader = torch.utils.data.DataLoader(online_ds, batch_size=batch_size, shuffle=True,
+                                                    num_workers=loader_workers, pin_memory=dev.type == "cuda",
+                                                    persistent_workers=False)
 
         def online():
-            loader = torch.utils.data.DataLoader(online_ds, batch_size=batch_size, shuffle=True,
-                                                 num_workers=loader_workers, pin_memory=dev.type == "cuda",
-                                                 persistent_workers=False)
-            return ((normalize(x), y) for x, y in loader)
+            return ((normalize(x), y) for x, y in online_loader)
 
         def stock_webdataset():
             import webdataset as wds
@@ -202,7 +244,8 @@ def run_bench(cache: Path | None, *, batch_size: int = 256, workers: int | None 
 
         for path in shards:  # warm the page cache: every row reads from memory
             Path(path).read_bytes()
-        runs = [("cachegen CachedLoader", cached), (f"cachegen LiveLoader ({loader_workers} workers)", live),
+        runs = [("cachegen CachedLoader", lambda: cached_loader),
+                (f"cachegen LiveLoader ({loader_workers} workers)", lambda: live_loader),
                 (f"online: torchvision DataLoader ({loader_workers} workers)", online),
                 (f"stock webdataset ({loader_workers} workers)", stock_webdataset)]
         if step is not None:  # warm the model up, and measure it alone on one batch already in place
@@ -213,52 +256,84 @@ def run_bench(cache: Path | None, *, batch_size: int = 256, workers: int | None 
                 step(*synthetic)
             runs.insert(0, ("model alone (synthetic batch on device)", lambda: iter(lambda: synthetic, None)))
         rows = []
+        limits = dict(min_images=images, min_seconds=min_seconds, warmup=warmup, image_bytes=image_bytes)
         for name, make in runs:
             progress(f"measuring {name} ...")
-            rows.append(_timed(name, make, limit, image_bytes, step))
+            rows.append(_timed(name, make, step=step, kind="model" if name.startswith("model") else "loader",
+                               **limits))
         progress("measuring plain read() of the shard bytes ...")
-        rows.append(_timed("plain read() of the shards (limit)", plain_read, limit, image_bytes))
+        rows.append(_timed("plain read() of the shards", plain_read, kind="ceiling", **limits))
     online_rate = next(r.rate for r in rows if r.name.startswith("online"))
     return {"config": {"cache": str(cache), "batch_size": batch_size, "workers": loader_workers,
-                       "images_per_row": limit, "device": str(dev), "model": model,
-                       "cpu_cores": default_workers(), "torch": torch.__version__},
-            "rows": [r.as_dict(online_rate) for r in rows]}
+                       "min_images": images, "min_seconds": min_seconds, "warmup_images": warmup,
+                       "device": str(dev), "model": model, "cpu_cores": default_workers(), "torch": torch.__version__},
+            # The ceiling has no training step: with --model its ratio to online would compare unlike things.
+            "rows": [r.as_dict(None if model and r.kind == "ceiling" else online_rate) for r in rows]}
 
 
 def format_table(result: dict) -> str:
+    """The rows as a table, the ceiling (plain read()) in its own, and what every column means."""
     c = result["config"]
-    lines = [f"{c['images_per_row']} images per row, batch {c['batch_size']}, device {c['device']}, "
-             f"{c['cpu_cores']} CPU cores" + (", with a training step" if c["model"] else ""),
-             f"{'':44s} {'img/s':>9s} {'MB/s':>8s} {'x online':>9s} {'CPU %':>7s}"
-             + (f" {'data wait':>10s}" if c["model"] else "")]
-    for r in result["rows"]:
-        line = (f"{r['name']:44s} {r['images_per_s']:9.0f} {r['mb_per_s']:8.1f} "
-                f"{r['ratio_to_online']:9.2f} {r['cpu_percent']:7.0f}")
-        if c["model"]:
-            line += f" {r['data_wait'] * 100:9.0f}%" if r["data_wait"] is not None else f" {'':>10s}"
-        lines.append(line)
+    model = c["model"]
+    lines = [f"batch {c['batch_size']}, device {c['device']}, {c['cpu_cores']} CPU cores"
+             + (", with a training step" if model else ""),
+             f"each row: {c['warmup_images']} images of warm-up (untimed), then passes repeated until at least "
+             f"{c['min_images']} images and {c['min_seconds']:g} s were timed", ""]
+
+    def table(rows: list[dict], with_model: bool) -> list[str]:
+        head = f"{'':44s} {'img/s':>9s} {'MB/s':>8s} {'x online':>9s} {'CPU %':>7s}"
+        head += f" {'data wait':>10s}" if with_model else ""
+        out = [head + f" {'images':>8s} {'s':>6s}"]
+        for r in rows:
+            ratio = f"{r['ratio_to_online']:9.2f}" if r["ratio_to_online"] is not None else f"{'-':>9s}"
+            line = f"{r['name']:44s} {r['images_per_s']:9.0f} {r['mb_per_s']:8.1f} {ratio} {r['cpu_percent']:7.0f}"
+            if with_model:
+                line += f" {r['data_wait'] * 100:9.0f}%" if r["data_wait"] is not None else f" {'':>10s}"
+            out.append(line + f" {r['images']:8d} {r['seconds']:6.1f}")
+        return out
+
+    lines += table([r for r in result["rows"] if r["kind"] != "ceiling"], model)
+    ceiling = [r for r in result["rows"] if r["kind"] == "ceiling"]
+    if ceiling:
+        lines += ["", "ceiling: the shard bytes read, no decoding, no batches" + (", no training step" if model else "")]
+        lines += table(ceiling, False)
+    lines += ["", "columns:"] + [f"  {name:9s} {text}" for name, text in COLUMNS.items()
+                                  if model or name != "data wait"]
     return "\n".join(lines)
 
 
 def plot(result: dict, out: Path) -> None:
-    """A horizontal bar chart of img/s per row, drawn with Pillow (no plotting dependency)."""
+    """A horizontal bar chart of img/s per row on a linear scale, each bar labelled with its
+    img/s and its ratio to online, drawn with Pillow (no plotting dependency). The ceiling row
+    (plain read()) is named in the title, not drawn: at its scale the others would vanish."""
     from PIL import Image, ImageDraw
 
-    rows = result["rows"]
-    width, bar_h, left = 900, 34, 330
-    image = Image.new("RGB", (width, 50 + bar_h * len(rows) + 20), "white")
+    c = result["config"]
+    rows = [r for r in result["rows"] if r["kind"] != "ceiling"]
+    ceiling = [r for r in result["rows"] if r["kind"] == "ceiling"]
+    width, bar_h, left, right = 900, 34, 330, 20
+    image = Image.new("RGB", (width, 70 + bar_h * len(rows) + 20), "white")
     draw = ImageDraw.Draw(image)
-    draw.text((10, 10), f"cachegen bench: images/s, log scale (batch {result['config']['batch_size']}, "
-                        f"{result['config']['device']}, {result['config']['cpu_cores']} CPU cores)", fill="black")
-    # Log scale: the rows span three orders of magnitude.
-    top = math.log10(max(r["images_per_s"] for r in rows) * 2)
+    draw.text((10, 10), f"cachegen bench: images/s, linear scale (batch {c['batch_size']}, {c['device']}, "
+                        f"{c['cpu_cores']} CPU cores" + (", with a training step)" if c["model"] else ")"), fill="black")
+    if ceiling:
+        draw.text((10, 28), "not drawn: " + ", ".join(f"{r['name']} {r['images_per_s']:,.0f} img/s" for r in ceiling),
+                  fill=(90, 90, 90))
+    top = max(r["images_per_s"] for r in rows)
+    span = width - left - right
     for i, r in enumerate(rows):
-        y = 45 + i * bar_h
-        length = int((width - left - 110) * math.log10(max(r["images_per_s"], 1)) / top)
+        y = 55 + i * bar_h
+        length = max(1, int(span * r["images_per_s"] / top))
         colour = (46, 125, 50) if r["name"].startswith("cachegen") else (120, 120, 120)
         draw.text((10, y + 8), r["name"][:48], fill="black")
-        draw.rectangle([left, y + 4, left + max(length, 1), y + bar_h - 6], fill=colour)
-        draw.text((left + length + 6, y + 8), f"{r['images_per_s']:,.0f}  ({r['ratio_to_online']:.1f}x)", fill="black")
+        draw.rectangle([left, y + 4, left + length, y + bar_h - 6], fill=colour)
+        ratio = f"  {r['ratio_to_online']:.2f}x online" if r["ratio_to_online"] is not None else ""
+        label = f"{r['images_per_s']:,.0f} img/s{ratio}"
+        text_w = draw.textlength(label)
+        if length >= text_w + 12:  # on the bar, in white
+            draw.text((left + length - text_w - 6, y + 8), label, fill="white")
+        else:  # after a short bar
+            draw.text((left + length + 6, y + 8), label, fill="black")
     try:
         image.save(out)
     except (OSError, ValueError) as e:

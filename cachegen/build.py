@@ -30,7 +30,7 @@ from cachegen.manifest import (BUILD_STATE, FORMAT, FORMAT_VERSION, MANIFEST, de
                                read_json, read_manifest, write_atomic, write_json_atomic)
 from cachegen.shards import TMP_MARK, encode, index_shard, npy_header_bytes, write_shard
 from cachegen.sources import Source, open_source, printable
-from cachegen.stats import PixelStats, channel_stats
+from cachegen.stats import PixelStats, channel_stats, stats_of_cache
 from cacheaug.transforms import (augment, borrowed_rng, epoch_fingerprint, fingerprint, is_random, make_transform,
                                  own_rng, to_hwc_uint8)
 
@@ -425,6 +425,7 @@ def _build(config: BuildConfig) -> dict:
     shape, source_shape, probe_bytes = _probe(replace(job, encoding="npy" if config.mode == "live" else job.encoding),
                                               probes)
     job = replace(job, shape=shape, source_shape=source_shape)
+    borrowed = stats_of_cache(config.stats_from, shape[2]) if config.stats_from else None  # refused before any work
     n = len(source)
     mode = _choose_mode(config, job, n, epochs, probe_bytes)
     stored_shape, encoding = (source_shape, "npy") if mode == "live" else (shape, config.encoding)
@@ -498,6 +499,9 @@ def _build(config: BuildConfig) -> dict:
         raise CachegenError("every sample was skipped as unreadable: nothing to cache; check the source")
     manifest["skipped"] = np.flatnonzero(~kept).tolist()
     manifest["mean"], manifest["std"] = channel_stats(stats_shards, shape[2])
+    if borrowed:
+        manifest["mean"], manifest["std"] = borrowed
+        manifest["stats_from"] = str(config.stats_from)
     if manifest["skipped"] and not config.quiet:
         print(f"cachegen: skipped {len(manifest['skipped'])} unreadable sample(s) (--on-error skip)")
     write_json_atomic(root / MANIFEST, manifest)

@@ -60,6 +60,9 @@ def main() -> None:
 @click.option("--resize", type=int, help="Resize+center-crop every source image to NxN first (deterministic).")
 @click.option("--channels", type=int, help="Convert every image to 1 (grayscale) or 3 (RGB) channels "
                                             "[default: the source's; a folder of grayscale images stays 1].")
+@click.option("--stats-from", type=click.Path(path_type=Path), metavar="TRAIN_CACHE",
+              help="Normalise with TRAIN_CACHE's mean/std: write them into this cache's manifest "
+                   "(for a val/test cache; same channels required).")
 @click.option("--overwrite", is_flag=True, help="Replace a different cache already in --out, once the new one "
                                                 "is complete (it is built beside it).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
@@ -137,20 +140,41 @@ def preview(cache: Path, out: Path, samples: int, epochs: int) -> None:
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(1))
 @click.option("--workers", default=0, show_default=True, type=click.IntRange(0),
               help="CPU workers for the rows that use them; 0 = every core.")
-@click.option("--images", type=click.IntRange(1), help="Images per row [default: one epoch].")
+@click.option("--images", default=20000, show_default=True, type=click.IntRange(1),
+              help="Time each row over at least this many images (passes repeat as needed).")
+@click.option("--min-seconds", default=3.0, show_default=True, type=click.FloatRange(0),
+              help="...and over at least this many seconds.")
+@click.option("--warmup", default=1000, show_default=True, type=click.IntRange(0),
+              help="Images each row reads first, untimed (imports, page cache, allocators, model).")
 @click.option("--model", is_flag=True, help="Add a training step (small CNN on CPU, ResNet-18 on CUDA) "
                                             "and report the share of step time spent waiting for data.")
 @click.option("--device", help="cpu or cuda [default: cuda if available].")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @click.option("--plot", type=click.Path(path_type=Path), help="Also draw a bar chart to this PNG.")
 @_one_line_errors
-def bench(cache, batch_size, workers, images, model, device, as_json, plot) -> None:
-    """Measure, side by side: the cache, live augmentation, online augmentation, stock webdataset, plain read()."""
+def bench(cache, batch_size, workers, images, min_seconds, warmup, model, device, as_json, plot) -> None:
+    """Measure, side by side: the cache, live augmentation, online augmentation, stock webdataset, plain read().
+
+    Without CACHE, a 2-epoch sample cache is built first. Every row is warmed up, then timed
+    pass after pass until it has seen --images images and --min-seconds seconds. Columns:
+
+    \b
+    img/s      images delivered (with --model: trained on) per second of wall time
+    MB/s       the same in MB of uint8 pixels (img/s x H x W x C / 1e6)
+    x online   img/s over the online row's img/s, same run (1.00 = online)
+    CPU %      CPU time of this process and its workers over wall time x 100:
+               100 = one core busy; the most is cores x 100
+    data wait  (--model) share of step time spent waiting for the next batch
+    images, s  images and wall seconds timed in the row, after the warm-up
+
+    The plain read() row is the ceiling (bytes only, no batches, no model); it is shown in a table
+    of its own and named, not drawn, on the --plot chart (linear scale, ratio on each bar).
+    """
     from cachegen.bench import format_table, plot as draw, run_bench
 
     say = (lambda msg: click.echo(msg, err=True)) if as_json else click.echo
-    result = run_bench(cache, batch_size=batch_size, workers=workers or None, images=images, model=model,
-                       device=device, progress=say)
+    result = run_bench(cache, batch_size=batch_size, workers=workers or None, images=images, min_seconds=min_seconds,
+                       warmup=warmup, model=model, device=device, progress=say)
     click.echo(json.dumps(result, indent=2) if as_json else format_table(result))
     if plot:
         draw(result, plot)

@@ -60,6 +60,7 @@ class BuildConfig:
     max_cache_gb: float = 64.0
     resize: int | None = None  # deterministic Resize+CenterCrop of every source image, before the transform
     channels: int | None = None  # 1 or 3: convert every source image; None: the source's own
+    stats_from: Path | None = None  # a cache whose mean/std this cache's manifest takes (a val cache)
 
     def __post_init__(self) -> None:
         if not 1 <= self.epochs <= MAX_EPOCHS:
@@ -91,5 +92,7 @@ class BuildConfig:
             raise CachegenError(f"--channels must be 1 (grayscale) or 3 (RGB), got {self.channels}")
         parse_shard_size(self.shard_size)
         object.__setattr__(self, "out", Path(self.out))
+        if self.stats_from is not None:
+            object.__setattr__(self, "stats_from", Path(self.stats_from))
         if self.workers == 0:
             object.__setattr__(self, "workers", default_workers())

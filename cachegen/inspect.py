@@ -56,7 +56,8 @@ def _manifest_problem(m: Manifest) -> str | None:
     """What a hand edit changes that no shard shows: mean/std, the transform's name."""
     raw = m.raw
     stats = raw["source_shards"] if m.mode == "live" else raw["epoch_list"][STATS_EPOCH]["shards"]
-    if list(channel_stats(stats, m.output_shape[2])) != [raw["mean"], raw["std"]]:
+    # `cachegen build --stats-from` puts another cache's mean/std there, on purpose.
+    if "stats_from" not in raw and list(channel_stats(stats, m.output_shape[2])) != [raw["mean"], raw["std"]]:
         return "mean/std disagree with the shards' pixel sums"
     t = raw["transform"]
     if fingerprint(t["spec"], size=t["size"], schedule=t["schedule"]) != t["fingerprint"]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 
@@ -60,3 +61,24 @@ def channel_stats(shards: list[dict], channels: int) -> tuple[list[float], list[
     mean = [int(x) / count for x in sums]
     var = [max(int(q) / count - m * m, 0.0) for q, m in zip(sqsums, mean)]
     return [m / 255 for m in mean], [max(math.sqrt(v) / 255, 1e-6) for v in var]
+
+
+def stats_of_cache(path: Path, channels: int) -> tuple[list[float], list[float]]:
+    """The mean and std in another cache's manifest (`--stats-from`), for images of `channels`.
+
+    Raises:
+        CachegenError: `path` is not a cache, or its images have other channels.
+    """
+    from cachegen.errors import CachegenError
+    from cachegen.manifest import MANIFEST, read_manifest
+
+    if not (Path(path) / MANIFEST).is_file():
+        raise CachegenError(f"--stats-from {path} is not a cache: no {MANIFEST} there (give a cache folder)")
+    try:
+        m = read_manifest(Path(path))
+    except CachegenError as e:
+        raise CachegenError(f"--stats-from {path} is not a usable cache: {e}") from None
+    if len(m["mean"]) != channels:
+        raise CachegenError(f"--stats-from {path} has {len(m['mean'])}-channel images, this cache's have "
+                            f"{channels}: mean/std are per channel, so they cannot be shared")
+    return list(m["mean"]), list(m["std"])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -33,6 +33,8 @@ class CachedLoader(Loader):
         drop_last: drop each rank's last partial batch (and the remainder of an epoch that does
             not split evenly between ranks); otherwise ranks pad by repeating a few samples.
         normalize: (pixel / 255 - mean) / std in `dtype`; False gives uint8.
+        mean, std: per channel, [0, 1] units, to normalise with instead of the manifest's (a val
+            cache with its train cache's statistics).
         dtype: float32, float16 or bfloat16 (with normalize).
         channels_last: images in channels_last memory format (free: the cache stores HWC).
         rank, world_size: this process's share; None: from torch.distributed when initialised.
@@ -53,10 +55,12 @@ class CachedLoader(Loader):
                  shuffle: bool = True, seed: int = 0, drop_last: bool = False, normalize: bool = True,
                  dtype: torch.dtype = torch.float32, channels_last: bool = False, rank: int | None = None,
                  world_size: int | None = None, prefetch: int | None = None, shuffle_window: int = DEFAULT_WINDOW,
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                  verify: bool = False) -> None:
         super().__init__(cache, batch_size=batch_size, device=device, shuffle=shuffle, seed=seed,
                          drop_last=drop_last, normalize=normalize, dtype=dtype, channels_last=channels_last,
-                         rank=rank, world_size=world_size, prefetch=prefetch, shuffle_window=shuffle_window)
+                         rank=rank, world_size=world_size, prefetch=prefetch, shuffle_window=shuffle_window,
+                         mean=mean, std=std)
         self.verify = bool(verify)
         self._check_epochs()
         self._spare: list[torch.Tensor] = []  # CPU host batches the device stage is done with

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -117,10 +117,12 @@ class LiveLoader(Loader):
                  shuffle: bool = True, seed: int = 0, drop_last: bool = False, normalize: bool = True,
                  dtype: torch.dtype = torch.float32, channels_last: bool = False, rank: int | None = None,
                  world_size: int | None = None, prefetch: int | None = None, shuffle_window: int = DEFAULT_WINDOW,
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                  workers: int | None = None, verify: bool = False) -> None:
         super().__init__(cache, batch_size=batch_size, device=device, shuffle=shuffle, seed=seed,
                          drop_last=drop_last, normalize=normalize, dtype=dtype, channels_last=channels_last,
-                         rank=rank, world_size=world_size, prefetch=prefetch, shuffle_window=shuffle_window)
+                         rank=rank, world_size=world_size, prefetch=prefetch, shuffle_window=shuffle_window,
+                         mean=mean, std=std)
         if workers is not None and (not isinstance(workers, int) or isinstance(workers, bool) or workers < 0):
             raise ValueError(f"workers must be an int >= 0 (0: augment in this process), got {workers!r}")
         self.workers = default_workers() if workers is None else workers

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,28 +13,52 @@ from readers.errors import ReaderError
 from readers.manifest import Manifest, load_manifest
 from readers.options import LoaderOptions
 from readers.plan import DEFAULT_WINDOW, EpochPlan, plan_epoch, rank_length
+from readers.split import resolve_rank
 
 # What a saved position depends on: resuming under different values would not be exact.
 _STATE_KEYS = ("seed", "batch_size", "world_size", "drop_last", "shuffle", "shuffle_window", "cache_epochs",
                "samples_per_epoch")
 
 
+class EpochHook:
+    """`loader.sampler`: the object frameworks call `set_epoch` on. Lightning calls it on a
+    dataloader's `sampler` (and `batch_sampler.sampler`) at the start of every epoch; here it
+    reaches the loader's own set_epoch."""
+
+    def __init__(self, loader: Loader) -> None:
+        self._loader = loader
+
+    def set_epoch(self, epoch: int) -> None:
+        self._loader.set_epoch(epoch)
+
+
 class Loader:
     """Base of the loaders: a subclass says which samples an epoch has (`_shard_sizes`) and
     produces uint8 host batches for a plan (`_host_batches`); this class plans epochs, moves and
-    normalises batches on the device, and keeps the position for state_dict."""
+    normalises batches on the device, and keeps the position for state_dict.
+
+    Epochs advance like a torch DataLoader's: a pass that follows a completed pass reads the
+    next epoch, unless set_epoch (or load_state_dict, skip_first_batches) placed it since; a pass
+    that follows a pass left early starts that epoch again. Rank and world size are resolved
+    when a pass starts (and by len), not on construction.
+
+    Every subclass also takes `mean=` and `std=` (per channel, [0, 1] units; None: the
+    manifest's), e.g. a val cache normalised with its train cache's statistics.
+    """
 
     MODE = ""  # the manifest mode this loader reads
+    batch_sampler = None  # as a DataLoader without one: Lightning reads it next to `sampler` (val loaders)
 
     def __init__(self, cache: str | Path, *, batch_size: int, device: torch.device | str | None = None,
                  shuffle: bool = True, seed: int = 0, drop_last: bool = False, normalize: bool = True,
                  dtype: torch.dtype = torch.float32, channels_last: bool = False, rank: int | None = None,
                  world_size: int | None = None, prefetch: int | None = None,
-                 shuffle_window: int = DEFAULT_WINDOW) -> None:
+                 shuffle_window: int = DEFAULT_WINDOW, mean: Sequence[float] | None = None,
+                 std: Sequence[float] | None = None) -> None:
         self.options = LoaderOptions(batch_size=batch_size, device=device, shuffle=shuffle, seed=seed,
                                      drop_last=drop_last, normalize=normalize, dtype=dtype,
                                      channels_last=channels_last, rank=rank, world_size=world_size,
-                                     prefetch=prefetch)
+                                     prefetch=prefetch, mean=mean, std=std)
         if not isinstance(shuffle_window, int) or isinstance(shuffle_window, bool) or shuffle_window < 1:
             raise ValueError(f"shuffle_window must be an int >= 1 (samples), got {shuffle_window!r}")
         self.shuffle_window = shuffle_window
@@ -43,15 +67,28 @@ class Loader:
             other = "LiveLoader" if self.manifest.mode == "live" else "CachedLoader"
             raise ReaderError(f"{cache} is a {self.manifest.mode!r}-mode cache: read it with {other} "
                               "(or readers.open_loader, which picks the right one)")
-        self._copier = DeviceCopier(device=self.options.device, normalize=normalize, mean=self.manifest.mean,
-                                    std=self.manifest.std, dtype=dtype, channels_last=channels_last)
+        channels = self.manifest.shape[2]
+        for name, given in (("mean", self.options.mean), ("std", self.options.std)):
+            if given is not None and len(given) != channels:
+                raise ValueError(f"{name} {list(given)!r} has {len(given)} value(s); {self.manifest.root} has "
+                                 f"{channels} channel(s): give one per channel")
+        self.mean = self.options.mean or self.manifest.mean  # what batches are normalised with
+        self.std = self.options.std or self.manifest.std
+        self._copier = DeviceCopier(device=self.options.device, normalize=normalize, mean=self.mean,
+                                    std=self.std, dtype=dtype, channels_last=channels_last)
+        self.sampler = EpochHook(self)  # what Lightning calls set_epoch on
         self._epoch = 0
-        self._delivered = 0  # batches of this epoch handed out
-        self._resume_at = 0  # where the next iteration starts (set by load_state_dict)
+        self._delivered = 0  # batches of this epoch handed out (or to skip, when placed)
+        self._placed = True  # the next pass starts at (_epoch, _delivered) as they are
 
     def _check_epochs(self) -> None:
+        # The split known now (torch.distributed may be initialised only later: then again when a pass starts).
+        try:
+            world_size = resolve_rank(self.options.rank, self.options.world_size, strict=False)[1]
+        except ValueError:  # rank= without world_size= before init_process_group: resolved at the first pass
+            world_size = self.options.world_size or 1
         for e in range(self.manifest.num_epochs):  # fail now, not at epoch e
-            self._length(e)
+            self._length(e, world_size)
 
     def _shard_sizes(self, cache_epoch: int) -> list[int]:
         """Samples in each shard of cached epoch `cache_epoch`, in manifest order."""
@@ -66,25 +103,67 @@ class Loader:
 
     @property
     def epoch(self) -> int:
+        """The epoch of the current (or last) pass, or the one set_epoch/load_state_dict placed."""
         return self._epoch
+
+    @property
+    def rank(self) -> int:
+        """This process's rank, resolved now (the given one, else torch.distributed's, else 0)."""
+        return self._split()[0]
+
+    @property
+    def world_size(self) -> int:
+        """The number of ranks, resolved now (the given one, else torch.distributed's, else 1)."""
+        return self._split()[1]
+
+    def _split(self) -> tuple[int, int]:
+        return resolve_rank(self.options.rank, self.options.world_size)
 
     @property
     def device(self) -> torch.device:
         return self.options.device
 
     def set_epoch(self, epoch: int) -> None:
-        """Read training epoch `epoch` (cached epoch epoch mod N) on the next iteration.
+        """Read training epoch `epoch` (cached epoch epoch mod N) on the next pass.
 
-        Setting the epoch a loaded state_dict is in keeps its position, so a training loop
-        that calls set_epoch at the top of each epoch resumes exactly after load_state_dict.
+        Without it, a pass after a completed pass reads the next epoch (as a DataLoader
+        reshuffles every pass). Setting the epoch a loaded state_dict is in keeps its
+        position, so a training loop that calls set_epoch at the top of each epoch resumes
+        exactly after load_state_dict.
         """
         if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
             raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
-        if epoch != self._epoch:
-            self._epoch, self._delivered, self._resume_at = epoch, 0, 0
+        if epoch != self._epoch or not self._placed:
+            self._epoch, self._delivered = epoch, 0
+        self._placed = True
+
+    def skip_first_batches(self, num_batches: int) -> Loader:
+        """Start the next pass at batch `num_batches` of the epoch it reads; returns the loader.
+
+        What `accelerate.skip_first_batches(loader, n)` does for a DataLoader (which needs a
+        `.dataset` this loader does not have): `for batch in loader.skip_first_batches(n)`.
+        Later passes are whole again. state_dict/load_state_dict already resume exactly.
+        """
+        if not isinstance(num_batches, int) or isinstance(num_batches, bool) or num_batches < 0:
+            raise ValueError(f"num_batches must be an int >= 0, got {num_batches!r}")
+        self._place()
+        length = self._length(self._epoch)
+        if num_batches > length:
+            raise ValueError(f"cannot skip {num_batches} batches: epoch {self._epoch} has {length} on this rank")
+        self._delivered = num_batches
+        return self
+
+    def _place(self) -> None:
+        """Fix where the next pass starts: after a completed pass, the next epoch; after one
+        left early, that epoch again; a placed position stays."""
+        if not self._placed:
+            if self._delivered >= self._length(self._epoch):
+                self._epoch += 1
+            self._delivered = 0
+            self._placed = True
 
     def __len__(self) -> int:
-        """Batches this rank gets in the current epoch (the same on every rank)."""
+        """Batches this rank gets per epoch (the same on every rank), with the split resolved now."""
         return self._length(self._epoch)
 
     def plan(self, epoch: int | None = None) -> EpochPlan:
@@ -92,16 +171,17 @@ class Loader:
         epoch = self._epoch if epoch is None else epoch
         cache_epoch = epoch % self.manifest.num_epochs
         o = self.options
+        rank, world_size = self._split()
         return plan_epoch(self._shard_sizes(cache_epoch), epoch=epoch,
-                          cache_epoch=cache_epoch, seed=o.seed, batch_size=o.batch_size, rank=o.rank,
-                          world_size=o.world_size, drop_last=o.drop_last, shuffle=o.shuffle,
+                          cache_epoch=cache_epoch, seed=o.seed, batch_size=o.batch_size, rank=rank,
+                          world_size=world_size, drop_last=o.drop_last, shuffle=o.shuffle,
                           window=self.shuffle_window)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(images, labels) on the device: images (B, C, H, W), labels int64 (B,)."""
-        start, self._resume_at = self._resume_at, 0
+        self._place()
         plan = self.plan()
-        self._delivered = start
+        start, self._placed = self._delivered, False
         return self._batches(plan, start)
 
     def _batches(self, plan: EpochPlan, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -136,24 +216,29 @@ class Loader:
         self._delivered += 1
         return batch
 
-    def _length(self, epoch: int) -> int:
+    def _length(self, epoch: int, world_size: int | None = None) -> int:
         o = self.options
         total = sum(self._shard_sizes(epoch % self.manifest.num_epochs))
-        return rank_length(total, batch_size=o.batch_size, world_size=o.world_size, drop_last=o.drop_last)[1]
+        world_size = self._split()[1] if world_size is None else world_size
+        return rank_length(total, batch_size=o.batch_size, world_size=world_size, drop_last=o.drop_last)[1]
 
     def _state_identity(self) -> dict[str, Any]:
         o = self.options
-        return {"seed": o.seed, "batch_size": o.batch_size, "world_size": o.world_size, "drop_last": o.drop_last,
+        return {"seed": o.seed, "batch_size": o.batch_size, "world_size": self._split()[1], "drop_last": o.drop_last,
                 "shuffle": o.shuffle, "shuffle_window": self.shuffle_window,
                 "cache_epochs": self.manifest.num_epochs, "samples_per_epoch": sum(self._shard_sizes(0))}
 
     def state_dict(self) -> dict[str, Any]:
-        """The position to resume from: the epoch and the batches of it already handed out."""
-        done = self._resume_at if self._resume_at else self._delivered
-        return {"epoch": self._epoch, "batches_done": done, **self._state_identity()}
+        """The position to resume from: the epoch and the batches of it already handed out.
+
+        Lightning saves it in its checkpoints by itself (a loader with state_dict and
+        load_state_dict is "stateful" to it); with Accelerate, `register_for_checkpointing`.
+        """
+        return {"epoch": self._epoch, "batches_done": self._delivered, **self._state_identity()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume where `state` was taken: the next iteration starts at the next batch.
+        """Resume where `state` was taken: the next pass starts at the next batch (the next
+        epoch's first, if the state's epoch was complete), as the saving loader's would.
 
         Raises:
             ValueError: the state was taken with a different seed, batch size, world size,
@@ -166,7 +251,11 @@ class Loader:
             if state[key] != mine[key]:
                 raise ValueError(f"cannot resume: the state has {key}={state[key]!r}, this loader {mine[key]!r}")
         epoch, done = state["epoch"], state["batches_done"]
-        self.set_epoch(epoch)
-        if not isinstance(done, int) or not 0 <= done <= self._length(epoch):
-            raise ValueError(f"batches_done {done!r} is not within epoch {epoch}'s {self._length(epoch)} batches")
-        self._delivered = self._resume_at = done
+        if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
+            raise ValueError(f"state epoch {epoch!r} is not an int >= 0")
+        length = self._length(epoch)
+        if not isinstance(done, int) or isinstance(done, bool) or not 0 <= done <= length:
+            raise ValueError(f"batches_done {done!r} is not within epoch {epoch}'s {length} batches")
+        if done == length:  # a complete epoch: the next pass reads the next one, as the saving loader's would
+            epoch, done = epoch + 1, 0
+        self._epoch, self._delivered, self._placed = epoch, done, True

@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from readers.device import DTYPES, resolve_device
-from readers.split import resolve_rank
+from readers.split import check_split
 
 
 @dataclass(frozen=True)
 class LoaderOptions:
     """Batching, order, device and distributed options; see CachedLoader for what each means.
 
-    `device`, `rank`, `world_size` and `prefetch` are resolved on construction (None: cuda if
-    available; torch.distributed's rank and world size when it is initialised; a prefetch
-    thread on CUDA only).
+    `device` and `prefetch` are resolved on construction (None: cuda if available; a prefetch
+    thread on CUDA only). `rank` and `world_size` are checked now but kept as given: None is
+    resolved when a pass starts (readers.split.resolve_rank), so a loader built before
+    `init_process_group` still splits. `mean`/`std` (None: the manifest's) are checked to be
+    finite numbers with std > 0 here, and against the cache's channels by the loader.
     """
 
     batch_size: int
@@ -30,6 +34,8 @@ class LoaderOptions:
     rank: int | None = None
     world_size: int | None = None
     prefetch: int | None = None  # None: 2 on CUDA, 0 on the CPU
+    mean: Sequence[float] | None = None  # per channel, [0, 1] units; None: the manifest's
+    std: Sequence[float] | None = None
 
     def __post_init__(self) -> None:
         _check_int("batch_size", self.batch_size, 1)
@@ -41,14 +47,30 @@ class LoaderOptions:
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype {self.dtype!r} is not one of {', '.join(map(str, DTYPES))}")
-        rank, world_size = resolve_rank(self.rank, self.world_size)
-        object.__setattr__(self, "rank", rank)
-        object.__setattr__(self, "world_size", world_size)
+        check_split(self.rank, self.world_size)
+        object.__setattr__(self, "mean", _check_stats("mean", self.mean, None))
+        object.__setattr__(self, "std", _check_stats("std", self.std, 0.0))
+        if self.mean is not None and self.std is not None and len(self.mean) != len(self.std):
+            raise ValueError(f"mean {list(self.mean)!r} and std {list(self.std)!r} must have one value per channel each")
         object.__setattr__(self, "device", resolve_device(self.device))
         if self.prefetch is None:
             # A reader thread pays off when the consumer mostly waits on a GPU; on the CPU it
             # competes with the consumer for the same cores and the GIL, and measures slower.
             object.__setattr__(self, "prefetch", 2 if self.device.type == "cuda" else 0)
+
+
+def _check_stats(name: str, values: object, above: float | None) -> tuple[float, ...] | None:
+    """None, or a non-empty sequence of finite numbers (each > `above` if given), as a tuple of floats."""
+    if values is None:
+        return None
+    if isinstance(values, torch.Tensor) or type(values).__module__ == "numpy":
+        values = values.tolist()
+    if (isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)):
+        raise ValueError(f"{name} must be one finite number per channel, got {values!r}")
+    if above is not None and any(v <= above for v in values):
+        raise ValueError(f"{name} must be > {above:g} for every channel, got {list(values)!r}")
+    return tuple(float(v) for v in values)
 
 
 def _check_int(name: str, value: object, minimum: int) -> None:

@@ -8,7 +8,9 @@
 #   2. ResNet-18 (batch 512, channels_last, bf16 autocast) training images/s fed by
 #      a. synthetic data already on the GPU (the model's own limit),
 #      b. CachedLoader over a cache built here with `cachegen build`,
-#      c. a torchvision DataLoader augmenting online (the cifar preset) with 12 workers.
+#      c. a torchvision DataLoader augmenting online (the cifar preset) with 12 workers;
+#   3. scripts/train.py for a few steps with each loader (cached, live, online): --device cuda,
+#      NCCL-free single process, bf16 autocast, channels_last, batches delivered on the GPU.
 # Without CUDA it runs everything on the CPU at small sizes (batch 32, 2 workers, a few steps),
 # so the script is known to work; those numbers mean nothing about a GPU.
 set -euo pipefail
@@ -163,4 +165,17 @@ online = rate(f"DataLoader, online augmentation, {workers} workers", *train(to_d
 print(f"CachedLoader reaches {cached / synthetic:.0%} of the synthetic-data rate; "
       f"online augmentation {online / synthetic:.0%}")
 EOF
+# 3. scripts/train.py, a few steps with each loader, on the default device (cuda when there is one).
+"$PYTHON" -m cachegen build "$WORK/source.npz" --out "$WORK/live" --epochs "$EPOCHS" --transform cifar \
+    --mode live --workers "$WORKERS" --quiet
+"$PYTHON" -m cachegen build "$WORK/source.npz" --out "$WORK/val" --transform val --stats-from "$WORK/cache" \
+    --workers "$WORKERS" --quiet
+if [ "$SAMPLES" -gt 10000 ]; then STEPS=30 BATCH=512; else STEPS=3 BATCH=32; fi
+for loader in cached live online; do
+    cache="$WORK/cache"; [ "$loader" = live ] && cache="$WORK/live"
+    echo "gpu_check: scripts/train.py --loader $loader, $STEPS steps"
+    "$PYTHON" scripts/train.py --cache "$cache" --val "$WORK/val" --loader "$loader" --epochs 1 \
+        --max-steps "$STEPS" --batch-size "$BATCH" --workers 2 | sed 's/^/  /'
+done
+
 echo "gpu_check: done in $(( $(date +%s) - start ))s"

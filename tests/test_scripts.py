@@ -1,4 +1,5 @@
-"""Smoke runs of the scripts users start from: train.py with each loader (1 epoch, tiny)."""
+"""Smoke runs of the scripts users start from: train.py with each loader, the Lightning and
+Accelerate examples (an epoch or two, tiny), each as its docstring runs it."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ def caches(tmp_path_factory):
     common = ["--workers", "1", "--quiet", "--shard-size", "50"]
     run_cli("build", src, "--out", root / "cached", "--epochs", "2", *common)
     run_cli("build", src, "--out", root / "live", "--epochs", "2", "--mode", "live", *common)
-    run_cli("build", src, "--out", root / "val", "--transform", "val", *common)
+    run_cli("build", src, "--out", root / "val", "--transform", "val", "--stats-from", root / "cached", *common)
     return root
 
 
@@ -38,3 +39,69 @@ def test_train_one_epoch(caches, loader):
     assert "img/s" in done.stdout and "data wait" in done.stdout and "val accuracy" in done.stdout
     result = json.loads(results.read_text())
     assert result["loader"] == loader and result["tag"] == loader and 0.0 <= result["accuracy"] <= 1.0
+
+
+def _script(name: str, *args, cwd: Path) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / name), *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return done
+
+
+def test_lightning_example_trains_and_resumes(caches, tmp_path):
+    pytest.importorskip("lightning")
+    common = ("--cache", caches / "cached", "--val", caches / "val", "--batch-size", "32", "--out", tmp_path)
+    first = _script("train_lightning.py", *common, "--epochs", "1", cwd=tmp_path)
+    assert "val accuracy" in first.stdout
+    checkpoint = next(tmp_path.glob("checkpoints/*.ckpt"))
+    resumed = _script("train_lightning.py", *common, "--epochs", "2", "--resume", checkpoint, cwd=tmp_path)
+    assert "Restored all states" in resumed.stdout + resumed.stderr and "after 2 epochs" in resumed.stdout
+
+
+def test_accelerate_example_trains_and_resumes(caches, tmp_path):
+    pytest.importorskip("accelerate")
+    common = ("--cache", caches / "cached", "--val", caches / "val", "--batch-size", "32")
+    first = _script("train_accelerate.py", *common, "--epochs", "1", "--save", tmp_path / "state", cwd=tmp_path)
+    assert "epoch 0 " in first.stdout and "val accuracy" in first.stdout
+    resumed = _script("train_accelerate.py", *common, "--epochs", "2", "--resume", tmp_path / "state", cwd=tmp_path)
+    assert "epoch 0 " not in resumed.stdout and "epoch 1 " in resumed.stdout  # continued after epoch 0
+
+
+def _train(caches, *args, cwd: Path, launcher=()) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *launcher, str(ROOT / "scripts" / "train.py"), "--val", str(caches / "val"),
+                           "--batch-size", "32", "--width", "4", "--workers", "1", *map(str, args)],
+                          cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def test_train_under_torchrun_splits_the_epoch_over_gloo(caches, tmp_path):
+    # 200 samples, batch 32: 7 steps an epoch in one process, 4 (100 samples) per rank in two.
+    done = _train(caches, "--cache", caches / "cached", "--epochs", "1", "--device", "cpu", cwd=tmp_path,
+                  launcher=("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "(cached, 1 epochs, 4 steps, seed 0, cpu)" in done.stdout
+    single = _train(caches, "--cache", caches / "cached", "--epochs", "2", "--max-steps", "9", cwd=tmp_path)
+    assert single.returncode == 0 and "(cached, 2 epochs, 9 steps, seed 0, cpu)" in single.stdout, single.stderr
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("--loader", "live", "--cache", "CACHED"), "--loader live needs a live cache, and "),
+    (("--loader", "cached", "--cache", "LIVE"), "is a 'live'-mode cache: read it with LiveLoader"),
+    (("--device", "mps", "--cache", "CACHED"), "--device mps: use cuda or cpu"),
+    (("--device", "tpu", "--cache", "CACHED"), "--device 'tpu' is not a torch device"),
+])
+def test_train_refuses_in_one_line(caches, tmp_path, args, message):
+    args = [caches / a.lower() if a in ("CACHED", "LIVE") else a for a in args]
+    done = _train(caches, *args, cwd=tmp_path)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 1 and len(lines) == 1 and lines[0].startswith("train.py: error: "), done.stderr
+    assert message in lines[0]
+
+
+def test_accelerate_example_under_torchrun_is_one_run_of_two_processes(caches, tmp_path):
+    pytest.importorskip("accelerate")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(ROOT / "scripts" / "train_accelerate.py"), "--cache", str(caches / "cached"),
+                           "--val", str(caches / "val"), "--batch-size", "32", "--epochs", "1"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("epoch 0 ") == 1  # printed by the main process only: Accelerate saw 2 processes

@@ -1,4 +1,5 @@
-"""`cachegen bench`: every row measured, JSON for machines, a chart; no timing is asserted."""
+"""`cachegen bench`: every row warmed up and timed past both minimums, JSON for machines, every
+column explained, the read() ceiling kept apart, a linear chart; no timing is asserted."""
 
 from __future__ import annotations
 
@@ -10,29 +11,66 @@ from tests.cachegen.conftest import assert_one_line_error, run_cli
 
 ROWS = ("cachegen CachedLoader", "cachegen LiveLoader", "online: torchvision DataLoader", "stock webdataset",
         "plain read()")
+FAST = ("--images", "300", "--min-seconds", "0.2", "--warmup", "64", "--batch-size", "64", "--workers", "1")
+GREEN, GREY = (46, 125, 50), (120, 120, 120)
 
 
 def test_bench_json_has_every_row_and_field(build, tmp_path):
-    out = build("--epochs", "2", "--size", "24")  # 24x24x3: bench must take the shape from the cache
+    # 24x24x3 (bench takes the shape from the cache), 240 images an epoch: fewer than a row must see,
+    # so passes repeat
+    out = build("--epochs", "2", "--size", "24")
     png = tmp_path / "bench.png"
-    result = run_cli("bench", out, "--images", "300", "--batch-size", "64", "--workers", "1", "--json",
-                     "--plot", png, "--model")
-    data = json.loads(result.stdout)
-    assert data["config"]["batch_size"] == 64 and data["config"]["images_per_row"] == 300
+    data = json.loads(run_cli("bench", out, *FAST, "--json", "--plot", png, "--model").stdout)
+    c = data["config"]
+    assert (c["batch_size"], c["min_images"], c["min_seconds"], c["warmup_images"]) == (64, 300, 0.2, 64)
     names = [r["name"] for r in data["rows"]]
     assert names[0].startswith("model alone")
     assert [any(n.startswith(prefix) for n in names) for prefix in ROWS] == [True] * 5
     online = next(r for r in data["rows"] if r["name"].startswith("online"))
     for row in data["rows"]:
-        assert row["images"] >= 300 and row["images_per_s"] > 0 and row["cpu_percent"] >= 0
+        assert row["images"] >= 300 and row["seconds"] >= 0.2 and row["images_per_s"] > 0 and row["cpu_percent"] >= 0
         assert row["image_bytes"] == 24 * 24 * 3
-        # every ratio is against the online row's measured rate, whichever row it is
-        rate = row["images"] / row["seconds"]
-        assert row["ratio_to_online"] == round(rate / (online["images"] / online["seconds"]), 2)
-        assert row["mb_per_s"] == round(rate * 24 * 24 * 3 / 1e6, 1)
-        assert (row["data_wait"] is None) == row["name"].startswith("plain read")
+        assert row["mb_per_s"] == round(row["images_per_s"] * 24 * 24 * 3 / 1e6, 1)
+        ceiling = row["name"].startswith("plain read")
+        assert (row["kind"] == "ceiling") == ceiling and (row["data_wait"] is None) == ceiling
+        if ceiling:
+            assert row["ratio_to_online"] is None  # no training step: not comparable with --model
+        else:  # every ratio is against the online row's measured rate, whichever row it is
+            rate = row["images"] / row["seconds"]
+            assert row["ratio_to_online"] == round(rate / (online["images"] / online["seconds"]), 2)
+    _check_linear_chart(png, [r for r in data["rows"] if r["kind"] != "ceiling"])
+
+
+def _check_linear_chart(png, rows) -> None:
+    """Each bar's length (its rightmost bar-coloured pixel) is proportional to its img/s."""
     with Image.open(png) as chart:
-        assert chart.size[0] == 900 and chart.size[1] > 6 * 34
+        assert chart.size[0] == 900 and chart.size[1] > 70 + 34 * len(rows)
+        pixels = chart.convert("RGB").load()
+        lengths = []
+        for i in range(len(rows)):
+            y = 55 + i * 34 + 17
+            xs = [x for x in range(330, 900) if pixels[x, y] in (GREEN, GREY)]
+            lengths.append(max(xs) - 330)
+    top = max(r["images_per_s"] for r in rows)
+    for length, row in zip(lengths, rows):
+        assert abs(length - 550 * row["images_per_s"] / top) <= 2, (length, row)
+
+
+def test_bench_table_explains_itself_and_keeps_the_ceiling_apart(build):
+    out = build("--epochs", "2")
+    text = run_cli("bench", out, *FAST, "--model").output
+    text = text[text.index("batch 64, device"):]  # after the progress lines
+    table, _, rest = text.partition("\nceiling:")
+    assert "each row: 64 images of warm-up (untimed), then passes repeated until at least 300 images and 0.2 s" in table
+    assert "plain read()" not in table and "model alone" in table and "data wait" in table
+    ceiling, _, columns = rest.partition("\ncolumns:")
+    assert "plain read() of the shards" in ceiling
+    for column in ("img/s", "MB/s", "x online", "CPU %", "data wait", "images", "s "):
+        assert f"\n  {column}" in columns
+    assert "100 = one core busy" in columns
+    help_text = run_cli("bench", "--help").output
+    assert "CPU %" in help_text and "100 = one core busy" in help_text and "data wait" in help_text
+    assert "--min-seconds" in help_text and "--warmup" in help_text
 
 
 def test_bench_table_on_a_missing_cache(tmp_path):

@@ -92,3 +92,17 @@ def index_columns(shard) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray
     """(offsets, sizes, labels, source indices) of a shard, read from its index file with np.load."""
     table = np.load(shard.index_path)
     return table[:, 0], table[:, 1], table[:, 2], table[:, 3]
+
+
+def harness_arguments(resume: str):
+    """The command line of the framework harnesses run by test_frameworks.py."""
+    import argparse
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--cache", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--stop-at-step", type=int, default=-1, help="checkpoint after this many steps and stop")
+    p.add_argument("--resume", help=resume)
+    return p.parse_args()

@@ -22,15 +22,21 @@ TIMEOUT_S = 90  # a hang (one rank waiting in a collective) fails the test inste
 EPOCHS = (0, 1, 2)
 
 
-def _worker(rank: int, cache: str, port: int, out: str, batch_size: int, drop_last: bool) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _worker(rank: int, cache: str, port: int, out: str, batch_size: int, drop_last: bool, built_before: bool) -> None:
+    from readers import CachedLoader
+
+    def make():  # rank and world size from torch.distributed, resolved when a pass starts
+        return CachedLoader(cache, batch_size=batch_size, device="cpu", normalize=False, drop_last=drop_last,
+                            prefetch=2)
+
+    # Built before init_process_group (as a LightningModule's __init__ or a torchrun script may):
+    # it must still read only this rank's share.
+    loader = make() if built_before else None
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD_SIZE), RANK=str(rank))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE, timeout=timedelta(seconds=60))
     try:
-        from readers import CachedLoader
-
-        loader = CachedLoader(cache, batch_size=batch_size, device="cpu", normalize=False, drop_last=drop_last,
-                              prefetch=2)  # rank and world size from torch.distributed
-        result = {"rank": loader.options.rank, "world_size": loader.options.world_size, "epochs": {}}
+        loader = loader or make()
+        result = {"rank": loader.rank, "world_size": loader.world_size, "epochs": {}}
         for epoch in EPOCHS:
             result["epochs"][epoch] = ddp_epoch(loader, epoch)
         dist.barrier()
@@ -45,8 +51,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(cache: Path, out: Path, batch_size: int, drop_last: bool) -> list[dict]:
-    context = mp.spawn(_worker, args=(str(cache), _free_port(), str(out), batch_size, drop_last),
+def _run(cache: Path, out: Path, batch_size: int, drop_last: bool, built_before: bool = False) -> list[dict]:
+    context = mp.spawn(_worker, args=(str(cache), _free_port(), str(out), batch_size, drop_last, built_before),
                        nprocs=WORLD_SIZE, join=False)
     deadline = time.monotonic() + TIMEOUT_S
     while not context.join(timeout=1):
@@ -57,10 +63,10 @@ def _run(cache: Path, out: Path, batch_size: int, drop_last: bool) -> list[dict]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD_SIZE)]
 
 
-@pytest.mark.parametrize("drop_last", [True, False])
-def test_two_ranks_split_every_epoch(npy_cache, tmp_path, drop_last):
+@pytest.mark.parametrize(("drop_last", "built_before"), [(True, True), (False, False)])
+def test_two_ranks_split_every_epoch(npy_cache, tmp_path, drop_last, built_before):
     batch_size = 32  # 300 samples: 150 per rank; drop_last keeps 4 batches each, else 5 (the last of 22)
-    results = _run(npy_cache, tmp_path, batch_size, drop_last)
+    results = _run(npy_cache, tmp_path, batch_size, drop_last, built_before)
     assert [(r["rank"], r["world_size"]) for r in results] == [(0, 2), (1, 2)]
     for epoch in EPOCHS:
         per_rank = [r["epochs"][str(epoch)] for r in results]

@@ -28,12 +28,19 @@ def test_bad_splits_are_quoted(rank, world_size, message):
 
 
 def test_options_resolve_and_check():
-    o = LoaderOptions(batch_size=8, device="cpu")
-    assert (o.rank, o.world_size, o.device) == (0, 1, torch.device("cpu"))
+    o = LoaderOptions(batch_size=8, device="cpu")  # rank and world size: resolved when a pass starts
+    assert (o.rank, o.world_size, o.device) == (None, None, torch.device("cpu"))
     for bad, message in (({"batch_size": 0}, "batch_size must be an int >= 1, got 0"),
                          ({"seed": -1}, "seed must be an int >= 0, got -1"),
                          ({"prefetch": -1}, "prefetch must be an int >= 0, got -1"),
                          ({"shuffle": "yes"}, "shuffle must be True or False, got 'yes'"),
-                         ({"dtype": torch.float64}, "dtype torch.float64")):
+                         ({"dtype": torch.float64}, "dtype torch.float64"),
+                         ({"rank": 2, "world_size": 2}, "rank 2 / world_size 2"),
+                         ({"rank": "0"}, "rank must be an int, got '0'"),
+                         ({"mean": "0.5"}, "mean must be one finite number per channel, got '0.5'"),
+                         ({"mean": [0.5, float("nan")]}, r"mean must be one finite number per channel, got \[0.5, nan\]"),
+                         ({"std": [0.2, 0.0, 0.3]}, r"std must be > 0 for every channel, got \[0.2, 0.0, 0.3\]"),
+                         ({"std": []}, r"std must be one finite number per channel, got \[\]"),
+                         ({"mean": [0.5], "std": [0.2, 0.2]}, "must have one value per channel each")):
         with pytest.raises(ValueError, match=message):
             LoaderOptions(**{"batch_size": 8, "device": "cpu", **bad})
