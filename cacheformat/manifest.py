@@ -96,6 +96,9 @@ def read_manifest(root: str | Path) -> Manifest:
     root = Path(root)
     path = root / MANIFEST
     if not path.is_file():
+        if (root / BUILD_STATE).is_file():
+            raise FormatError(f"no cache at {root} yet: a build there was interrupted before writing {MANIFEST}; "
+                              "re-run the same `cachegen build` command to resume it")
         raise FormatError(f"no cache at {root}: {MANIFEST} not found; build one with `cachegen build`")
     return parse_manifest(read_json(path), root)
 

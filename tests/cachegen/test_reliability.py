@@ -33,7 +33,8 @@ def temporaries(root: Path) -> list[Path]:
 def assert_not_a_cache(root: Path) -> None:
     """What `info` and `verify` say about a folder whose build never finished."""
     for command in ("info", "verify"):
-        assert_one_line_error(run_cli(command, root, expect=1), "manifest.json not found")
+        assert_one_line_error(run_cli(command, root, expect=1), "a build there was interrupted",
+                              "re-run the same `cachegen build` command to resume it")
 
 
 def assert_same_cache(root: Path, clean: Path) -> None:

@@ -109,3 +109,10 @@ def test_a_good_manifest_reads_and_lists_shards_not_samples(built):
 def test_no_manifest_says_how_to_build_one(tmp_path):
     with pytest.raises(FormatError, match=r"no cache at .*: manifest.json not found; build one with `cachegen build`"):
         read_manifest(tmp_path)
+
+
+def test_an_interrupted_build_says_resume(tmp_path):
+    (tmp_path / ".cachegen-build.json").write_text("{}")  # what a build writes first
+    with pytest.raises(FormatError, match=r"no cache at .* yet: a build there was interrupted before writing "
+                                          r"manifest.json; re-run the same `cachegen build` command to resume it"):
+        read_manifest(tmp_path)

@@ -111,3 +111,15 @@ def test_damaged_source_pass_is_named(pair, tmp_path):
     shard.unlink()
     with pytest.raises(ReaderError, match=f"{shard} is missing"):
         LiveLoader(copy, batch_size=8)
+
+
+def test_the_dataset_view_of_a_live_epoch_equals_the_cached_one(pair):
+    from readers import CacheDataset
+
+    cached_dir, live_dir = pair
+    for epoch in (0, 1):
+        cached, live = CacheDataset(cached_dir, epoch=epoch), CacheDataset(live_dir, epoch=epoch)
+        assert len(cached) == len(live) == 300
+        for i in (0, 1, 77, 299, -1):
+            (a, ya), (b, yb) = cached[i], live[i]
+            assert torch.equal(a, b) and ya == yb

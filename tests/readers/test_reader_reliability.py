@@ -259,7 +259,8 @@ def test_an_interrupted_first_build_is_not_a_cache(seven, tmp_path):
     shard.rename(_temporary(shard))
     for read in (load_manifest, lambda c: CachedLoader(c, batch_size=8), lambda c: LiveLoader(c, batch_size=8),
                  lambda c: open_loader(c, batch_size=8)):
-        with pytest.raises(ReaderError, match=rf"no cache at {re.escape(str(cache))}: manifest.json not found"):
+        with pytest.raises(ReaderError, match=rf"no cache at {re.escape(str(cache))} yet: a build there was "
+                                              r"interrupted before writing manifest.json; re-run the same"):
             read(cache)
 
 

@@ -1,0 +1,68 @@
+"""CacheDataset: one epoch of a cache as a map-style dataset (len, random access), for debugging and evaluation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cacheaug.transforms import augment, make_transform, to_pil
+from readers.errors import ReaderError
+from readers.live import _layout, _locate
+from readers.manifest import load_manifest
+from readers.shards import SampleReads, ShardFiles, decode
+
+
+class CacheDataset(torch.utils.data.Dataset):
+    """Sample i of epoch `epoch` of a cache, in the epoch's stored order: (image, label), image a
+    (C, H, W) uint8 tensor as stored (not normalised), label an int.
+
+    A cached epoch is read from its shard (mapped on first use, as CachedLoader does); a live
+    cache's epoch is augmented from the stored source, exactly as LiveLoader and a cached build
+    would give it. Works with any torch DataLoader or sampler; for training, the loaders are the
+    fast path.
+
+    Raises:
+        ReaderError: no cache, a damaged manifest, or an epoch the cache does not have.
+    """
+
+    def __init__(self, cache: str | Path, *, epoch: int = 0) -> None:
+        self.manifest = m = load_manifest(cache)
+        if not isinstance(epoch, int) or isinstance(epoch, bool) or not 0 <= epoch < m.num_epochs:
+            raise ReaderError(f"epoch {epoch!r} is not one of the {m.num_epochs} epochs of {m.root} (0..{m.num_epochs - 1})")
+        self.epoch = epoch
+        if m.mode == "cached":
+            self._shards = m.epochs[epoch]
+            self._starts = np.cumsum([0] + [s.samples for s in self._shards])
+            self._files = ShardFiles(m)
+        else:
+            self._indices = np.concatenate(_layout(m, epoch))
+            self._where, self._labels = _locate(m)
+            self._reads = SampleReads(m)
+            t = m.raw["transform"]
+            self._transform = make_transform(t["spec"], epoch=epoch, epochs=m.num_epochs, size=t["size"],
+                                             schedule=t["schedule"])
+
+    def __len__(self) -> int:
+        return int(self._starts[-1]) if self.manifest.mode == "cached" else len(self._indices)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"sample {i} of an epoch of {n}")
+        i %= n
+        m = self.manifest
+        if m.mode == "live":
+            index = int(self._indices[i])
+            k, j = self._where[index]
+            pixels = augment(self._transform, to_pil(self._reads.pixels(m.source_shards[k], int(j))), seed=m.seed,
+                             epoch=self.epoch, index=index)
+            return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1))), int(self._labels[index])
+        k = int(np.searchsorted(self._starts, i, side="right")) - 1
+        shard, j = self._shards[k], i - int(self._starts[k])
+        opened = self._files.get(shard)
+        h, w, c = m.shape
+        flat = opened.rows[j] if opened.rows is not None else decode(m, shard, opened, j)
+        image = flat.reshape(h, w, c).permute(2, 0, 1).clone()
+        return image, int(self._files.index(shard).labels[j])
