@@ -35,6 +35,8 @@ from cacheaug.transforms import (augment, borrowed_rng, epoch_fingerprint, finge
                                  own_rng, to_hwc_uint8)
 
 PROBES = 8  # source images probed for the channel count and --mode auto's size estimate
+SKIPPED = "skipped.txt"  # source index and name of each sample --on-error skip left out, one a line
+SHOW_SKIPPED = 20  # of them named on the console
 STATS_EPOCH = 0  # mean/std: the source images behind this epoch's shards (each sample once)
 TAR_BYTES_PER_SAMPLE = 1536  # two 512-byte headers and the padded label
 LOCK = ".cachegen-lock"  # in --out while a build runs: flock'ed, holding the builder's pid
@@ -502,8 +504,14 @@ def _build(config: BuildConfig) -> dict:
     if borrowed:
         manifest["mean"], manifest["std"] = borrowed
         manifest["stats_from"] = str(config.stats_from)
-    if manifest["skipped"] and not config.quiet:
-        print(f"cachegen: skipped {len(manifest['skipped'])} unreadable sample(s) (--on-error skip)")
+    if manifest["skipped"]:
+        names = [printable(source.name(i)) for i in manifest["skipped"]]
+        write_atomic(root / SKIPPED, "".join(f"{i}\t{name}\n" for i, name in zip(manifest["skipped"], names)).encode())
+        if not config.quiet:
+            shown = "".join(f"\n  {name}" for name in names[:SHOW_SKIPPED])
+            more = f"\n  ... and {len(names) - SHOW_SKIPPED} more" if len(names) > SHOW_SKIPPED else ""
+            print(f"cachegen: skipped {len(names)} unreadable sample(s) (--on-error skip), all listed in "
+                  f"{printable(str(final / SKIPPED))}:{shown}{more}")
     write_json_atomic(root / MANIFEST, manifest)
     (root / BUILD_STATE).unlink(missing_ok=True)
     if root != final:

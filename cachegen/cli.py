@@ -75,8 +75,14 @@ def build(source, **options) -> None:
 
     manifest = run_build(BuildConfig(source=source, **options))
     if not options["quiet"]:
+        out = Path(options["out"]).resolve()
         image = "x".join(map(str, manifest["output_shape"]))
-        click.echo(f"cachegen: {click.format_filename(options['out'])}: {describe(manifest)}, {image} images")
+        size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+        loader = "CachedLoader" if manifest["mode"] == "cached" else "LiveLoader"
+        click.echo(f"cachegen: {click.format_filename(out)}: {describe(manifest)}, {image} images, "
+                   f"{size / 1e6:.1f} MB on disk")
+        click.echo(f"next: `cachegen info {click.format_filename(options['out'])}`, or read it with "
+                   f"readers.{loader}({str(out)!r}, batch_size=256)")
 
 
 @main.command()

@@ -84,6 +84,32 @@ def test_corrupt_image_skipped_on_request(tmp_path):
     assert m["source"]["num_samples"] == 13 and m["image"]["shape"] == [32, 32, 3]
 
 
+def test_skipped_files_are_named_and_all_listed_beside_the_manifest(tmp_path):
+    root = _folder(tmp_path, n=12)
+    broken = sorted(root / "class2" / f"broken{k:02d}.jpg" for k in range(23))
+    for path in broken:
+        path.write_bytes(b"not an image")
+    result = run_cli("build", root, "--out", tmp_path / "out", "--workers", "1", "--size", "32",
+                     "--transform", "val", "--on-error", "skip")
+    out = (tmp_path / "out").resolve()
+    assert f"skipped 23 unreadable sample(s) (--on-error skip), all listed in {out / 'skipped.txt'}:" in result.output
+    named = [line.strip() for line in result.output.splitlines() if line.startswith("  ")]
+    assert named[:20] == [str(p) for p in broken[:20]] and named[20] == "... and 3 more"
+    listed = (out / "skipped.txt").read_text().splitlines()
+    assert [line.split("\t")[1] for line in listed] == [str(p) for p in broken]
+    assert [int(line.split("\t")[0]) for line in listed] == manifest(out)["skipped"]
+
+
+def test_the_build_summary_names_the_folder_its_size_and_what_to_run_next(tmp_path):
+    out = tmp_path / "cache"
+    result = run_cli("build", _folder(tmp_path), "--out", out, "--workers", "1", "--size", "32", "--transform", "val")
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    lines = result.stdout.strip().splitlines()  # the progress bar is on stderr
+    assert lines[-2] == (f"cachegen: {out.resolve()}: 1 augmented epochs, 1 shards, 12 samples per epoch, "
+                         f"32x32x3 images, {size / 1e6:.1f} MB on disk")
+    assert lines[-1] == f"next: `cachegen info {out}`, or read it with readers.CachedLoader('{out.resolve()}', batch_size=256)"
+
+
 def test_folder_of_varied_sizes_needs_a_fixed_output_shape(tmp_path, monkeypatch):
     root = _folder(tmp_path)
     Image.new("RGB", (60, 20)).save(root / "class0" / "wide.png")
