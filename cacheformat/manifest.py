@@ -209,8 +209,10 @@ def parse_manifest(raw: dict, root: Path) -> Manifest:
             epochs.append(shards)
         source_shards = tuple(_shard(base, s, fail, seen) for s in raw["source_shards"]) if mode == "live" else ()
         want = n - len(skipped)  # each pass holds every sample but the skipped ones, once
-        for what, shards in [*((f"epoch {e}", s) for e, s in enumerate(epochs)), ("the source pass", source_shards)]:
-            if (shards or what != "the source pass" or mode == "live") and sum(s.samples for s in shards) != want:
+        passes = [("the source pass", source_shards)] if mode == "live" else \
+            [(f"epoch {e}", shards) for e, shards in enumerate(epochs)]
+        for what, shards in passes:
+            if sum(s.samples for s in shards) != want:
                 raise fail(f"{what} holds {sum(s.samples for s in shards)} samples, not the {want} of the source")
             if any(s.samples > shard_size for s in shards):
                 raise fail(f"a shard of {what} holds more than shard_size {shard_size} samples")

@@ -274,12 +274,11 @@ def decode(manifest: Manifest, shard: Shard, opened: _Open, j: int) -> torch.Ten
 def epoch_labels(files: ShardFiles, shards: Sequence[Shard], samples: np.ndarray, used: np.ndarray) -> torch.Tensor:
     """The label of every (shard, row) in `samples` (which touch the shards `used`), from the
     shards' index files, in one gather."""
-    base = np.zeros(len(shards) + 1, np.int64)
-    tables = []
+    base = np.zeros(len(shards), np.int64)  # where shard k's labels start in `table`
+    tables, filled = [], 0
     for k in used.tolist():
-        labels = files.index(shards[k]).labels
-        base[k] = sum(len(t) for t in tables)
-        tables.append(labels)
+        tables.append(files.index(shards[k]).labels)
+        base[k], filled = filled, filled + len(tables[-1])
     table = np.concatenate(tables) if tables else np.zeros(0, np.int64)
     return torch.from_numpy(table[base[samples[:, 0]] + samples[:, 1]] if len(samples) else table)
 
@@ -309,18 +308,15 @@ def iter_batches(files: ShardFiles, shards: Sequence[Shard], plan: EpochPlan, *,
         bounds.append(len(samples))
     run_shards = samples[bounds[:-1], 0].tolist() if len(samples) else []
     run = int(np.searchsorted(bounds, start * batch_size))
-    transposed = None
+    # npy rows are HWC: gathered into a scratch batch, then transposed into a channels-first one.
+    scratch = torch.empty((batch_size, m.image_bytes), dtype=torch.uint8) if channels_first and m.encoding == "npy" \
+        else None
     for b in range(start, plan.num_batches):
         if stop():
             return
         lo, hi = b * batch_size, min((b + 1) * batch_size, plan.num_samples)
         images, labels = new_batch(hi - lo)
-        if channels_first and m.encoding == "npy":
-            flat = transposed = transposed if transposed is not None and len(transposed) >= hi - lo else \
-                torch.empty((hi - lo, m.image_bytes), dtype=torch.uint8)
-            flat = flat[:hi - lo]
-        else:
-            flat = images.view(hi - lo, m.image_bytes)
+        flat = scratch[:hi - lo] if scratch is not None else images.view(hi - lo, m.image_bytes)
         while run < len(run_shards) and bounds[run] < hi:
             a, z = bounds[run], bounds[run + 1]
             shard = shards[run_shards[run]]
@@ -335,7 +331,7 @@ def iter_batches(files: ShardFiles, shards: Sequence[Shard], plan: EpochPlan, *,
                     else:
                         flat[a - lo + i] = decoded
             run += 1
-        if channels_first and m.encoding == "npy":
+        if scratch is not None:
             # The 3-channel transpose no gather can fuse cheaply; numpy's strided copy is the fastest measured.
             np.copyto(images.numpy().reshape(hi - lo, c, h * w), flat.numpy().reshape(hi - lo, h * w, c).transpose(0, 2, 1))
         labels.copy_(labels_all[lo:hi])
