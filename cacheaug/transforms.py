@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
+import inspect
 import os
 import random
 import sys
@@ -220,6 +221,43 @@ def make_transform(spec: str, *, epoch: int, epochs: int, size: int, schedule: s
 def fingerprint(spec: str, *, size: int, schedule: str) -> str:
     """A hash naming the transform: its spec, output size and schedule."""
     return hashlib.sha256(f"{spec}|{schedule}|{size}".encode()).hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    """The versions of the libraries a sample's bytes depend on (recorded in the manifest)."""
+    import PIL
+    import torchvision
+
+    return {"torch": torch.__version__, "torchvision": torchvision.__version__, "pillow": PIL.__version__,
+            "numpy": np.__version__}
+
+
+def factory_sha256(spec: str) -> str | None:
+    """sha256 of the source file of a `module:factory` spec's factory (None for a preset, or where
+    the factory has no source file): editing the factory changes the cache it builds."""
+    if ":" not in spec:
+        return None
+    factory = load_factory(spec)
+    try:
+        path = inspect.getsourcefile(factory) or inspect.getsourcefile(inspect.getmodule(factory))
+    except TypeError:  # a builtin or a C extension
+        return None
+    if not path or not os.path.isfile(path):
+        return None
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def drift(manifest: dict) -> list[str]:
+    """What differs here from where a cache was built (the manifest's `versions`, its factory's
+    source), such that augmenting now may not give the built bytes: e.g. ['torch 2.3.0 -> 2.4.1']."""
+    now = library_versions()
+    out = [f"{name} {was} -> {now.get(name)}" for name, was in (manifest.get("versions") or {}).items()
+           if now.get(name) != was]
+    transform = manifest["transform"]
+    if transform.get("factory_sha256") is not None and factory_sha256(transform["spec"]) != transform["factory_sha256"]:
+        out.append(f"the source of factory {transform['spec']} was edited")
+    return out
 
 
 def epoch_fingerprint(transform: Callable) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -23,8 +24,8 @@ FORMAT_VERSION = 2
 MODES = ("cached", "live")
 ENCODINGS = ("npy", "png", "jpg")
 # What makes two builds the same cache; epochs may grow, these may not change.
-IDENTITY_KEYS = ("source", "transform", "seed", "image", "output_shape", "shard_size", "mode")
-STATS_KEYS = ("pixel_sum", "pixel_sqsum", "pixel_count")  # per channel sums, on the shards stats come from
+IDENTITY_KEYS = ("source", "transform", "seed", "image", "output_shape", "shard_size", "mode", "versions")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True, eq=False)
@@ -152,6 +153,11 @@ def parse_manifest(raw: dict, root: Path) -> Manifest:
         spec = raw["source_spec"]["spec"]
         if not all(isinstance(x, str) for x in texts) or not (spec is None or isinstance(spec, str)):
             raise fail("a text field is not text")
+        factory = transform.get("factory_sha256")
+        versions = raw.get("versions", {})
+        if not (factory is None or _is_sha256(factory)) or not (
+                isinstance(versions, dict) and all(isinstance(v, str) for v in versions.values())):
+            raise fail("transform factory_sha256 or versions is not a checksum / a map of version strings")
         if not (_ints([transform["size"]], 1) and (transform["resize"] is None or _ints([transform["resize"]], 1))):
             raise fail(f"transform size {transform['size']!r} / resize {transform['resize']!r} is not a side")
         encoding = image["encoding"]
@@ -248,7 +254,7 @@ def _shard(root: Path, entry: dict, fail, seen: set) -> ShardEntry:
     if not _ints([n, size]):
         raise fail(f"shard {rel}: samples {n!r} / bytes {size!r} are not counts")
     for what, digest in (("sha256", entry["sha256"]), ("index sha256", index["sha256"])):
-        if not (isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)):
+        if not _is_sha256(digest):
             raise fail(f"shard {rel}: {what} {str(digest)[:70]!r} is not a sha256")
     if not _ints([index["bytes"]], 1):
         raise fail(f"shard {rel}: index bytes {index['bytes']!r} is not a count")
@@ -262,8 +268,23 @@ def identity(meta: dict) -> dict:
 
 
 def describe_difference(old: dict, new: dict) -> str:
-    keys = [k for k in IDENTITY_KEYS if old.get(k) != new.get(k)]
-    return ", ".join(keys) or "nothing"
+    """What differs between two builds' identities, in words: 'seed', 'versions (torch 2.3.0 -> 2.4.1)'."""
+    out = []
+    for key in IDENTITY_KEYS:
+        was, now = old.get(key), new.get(key)
+        if was == now:
+            continue
+        if isinstance(was, dict) and isinstance(now, dict):
+            parts = [f"{k} {was.get(k)} -> {now.get(k)}" if k != "factory_sha256" else "the factory's source file was edited"
+                     for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
+            out.append(f"{key} ({'; '.join(parts)})")
+        else:
+            out.append(key)
+    return ", ".join(out) or "nothing"
+
+
+def _is_sha256(x: Any) -> bool:
+    return isinstance(x, str) and _SHA256.fullmatch(x) is not None
 
 
 def _is_int(x: Any) -> bool:

@@ -31,8 +31,8 @@ from cachegen.manifest import (BUILD_STATE, FORMAT, FORMAT_VERSION, MANIFEST, de
 from cachegen.shards import TMP_MARK, encode, index_shard, npy_header_bytes, write_shard
 from cachegen.sources import Source, open_source, printable
 from cachegen.stats import PixelStats, channel_stats, stats_of_cache
-from cacheaug.transforms import (augment, borrowed_rng, epoch_fingerprint, fingerprint, is_random, make_transform,
-                                 own_rng, to_hwc_uint8)
+from cacheaug.transforms import (augment, borrowed_rng, epoch_fingerprint, factory_sha256, fingerprint, is_random,
+                                 library_versions, make_transform, own_rng, to_hwc_uint8)
 
 PROBES = 8  # source images probed for the channel count and --mode auto's size estimate
 SKIPPED = "skipped.txt"  # source index and name of each sample --on-error skip left out, one a line
@@ -441,7 +441,9 @@ def _build(config: BuildConfig) -> dict:
         "source": {"kind": source.kind, "description": source.description,
                    "fingerprint": source.fingerprint(), "num_samples": n},
         "transform": {"spec": spec, "schedule": config.schedule, "size": size, "resize": config.resize,
-                      "fingerprint": fingerprint(spec, size=size, schedule=config.schedule)},
+                      "fingerprint": fingerprint(spec, size=size, schedule=config.schedule),
+                      "factory_sha256": factory_sha256(spec)},
+        "versions": library_versions(),  # a sample's bytes depend on them too
         "seed": config.seed,
         "image": {"encoding": encoding, "shape": list(stored_shape), "dtype": "uint8", "layout": "HWC",
                   **({"npy_header_bytes": npy_header_bytes(stored_shape)} if encoding == "npy" else {})},

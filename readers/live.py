@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from cacheaug.transforms import augment, make_transform, to_pil
+from cacheaug.transforms import augment, drift, make_transform, to_pil
 from cacheformat.layout import epoch_shards
 from readers.errors import ReaderError
 from readers.loader import Loader
@@ -131,6 +132,11 @@ class LiveLoader(Loader):
             _check_shard(shard, verify)
         self._check_epochs()
         self._located: tuple[np.ndarray, np.ndarray] | None = None  # (where, labels), on first use
+        changed = drift(self.manifest.raw)
+        if changed:
+            warnings.warn(f"{cache} was built under other conditions ({'; '.join(changed)}): its samples are "
+                          "augmented here as before, but not promised bit-identical to a cached build's",
+                          stacklevel=2)
 
     def _layout(self, cache_epoch: int) -> list[np.ndarray]:
         if cache_epoch not in self._layouts:

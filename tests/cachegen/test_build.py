@@ -8,6 +8,7 @@ import tarfile
 
 import numpy as np
 import pytest
+import torch
 import webdataset as wds
 
 from cachegen.build import build as run_build
@@ -215,3 +216,25 @@ def test_default_build_uses_the_sample_dataset(tmp_path):
     m = manifest(out)
     assert m["source"]["kind"] == "sample" and len(m["classes"]) == 10
     assert m["transform"]["spec"] == "cifar"
+
+
+def test_an_edited_factory_or_other_library_versions_are_named_not_mixed_in(build, tmp_path, monkeypatch):
+    # The manifest records the factory's source and the library versions a sample's bytes depend on;
+    # growing a cache under a different one would mix two augmentations in one cache.
+    factory = tmp_path / "myaug.py"
+    factory.write_text("from torchvision import transforms as T\n"
+                       "def make(epoch, epochs):\n    return T.RandomHorizontalFlip()\n")
+    monkeypatch.chdir(tmp_path)
+    out = build("--epochs", "2", "--transform", "myaug.py:make")
+    m = manifest(out)
+    assert m["versions"]["torch"] == torch.__version__ and len(m["transform"]["factory_sha256"]) == 64
+    factory.write_text(factory.read_text() + "# tuned\n")
+    result = build("--epochs", "3", "--transform", "myaug.py:make", out=out, expect=1)
+    assert_one_line_error(result, "differs in: transform (the factory's source file was edited)", "--overwrite")
+    build("--epochs", "3", "--transform", "myaug.py:make", "--overwrite", out=out)
+    path = out / "manifest.json"
+    raw = json.loads(path.read_text())
+    raw["versions"]["torch"] = "2.3.0"  # as if built elsewhere
+    path.write_text(json.dumps(raw))
+    result = build("--epochs", "4", "--transform", "myaug.py:make", out=out, expect=1)
+    assert_one_line_error(result, f"differs in: versions (torch 2.3.0 -> {torch.__version__})")

@@ -476,9 +476,10 @@ def test_npz_sources_fuzzed_long(arrays):
 # --- manifests, damaged or edited by hand --------------------------------------------------------
 
 # What verify cannot check against anything (free text, names, the source's own fingerprint, a
-# factory's per-epoch fingerprint) or does not read (extra keys): an edit there may pass.
+# factory's per-epoch fingerprint, the library versions the build ran with) or does not read (extra
+# keys): an edit there may pass.
 UNCHECKED = {("created_by",), ("source", "kind"), ("source", "description"), ("source", "fingerprint"),
-             ("source_spec",), ("transform", "resize"), ("classes",), ("epoch_fingerprints", "*")}
+             ("source_spec",), ("transform", "resize"), ("classes",), ("epoch_fingerprints", "*"), ("versions",)}
 
 
 def _paths(obj, path=()):

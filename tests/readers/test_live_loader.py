@@ -123,3 +123,16 @@ def test_the_dataset_view_of_a_live_epoch_equals_the_cached_one(pair):
         for i in (0, 1, 77, 299, -1):
             (a, ya), (b, yb) = cached[i], live[i]
             assert torch.equal(a, b) and ya == yb
+
+
+def test_a_live_cache_built_under_other_versions_says_so_once(pair, tmp_path):
+    import shutil
+
+    live = shutil.copytree(pair[1], tmp_path / "live")
+    raw = json.loads((live / "manifest.json").read_text())
+    raw["versions"]["torchvision"] = "0.18.0"
+    (live / "manifest.json").write_text(json.dumps(raw))
+    with pytest.warns(UserWarning, match=r"built under other conditions \(torchvision 0.18.0 -> .*\): .* not "
+                                         r"promised bit-identical") as caught:
+        LiveLoader(live, batch_size=32, device="cpu", workers=0)
+    assert len(caught) == 1
