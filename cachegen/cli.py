@@ -36,7 +36,8 @@ def main() -> None:
 @click.option("--epochs", default=10, show_default=True, type=int, help="Augmented epochs to write.")
 @click.option("--out", default="cache", show_default=True, type=click.Path(path_type=Path), help="Cache folder.")
 @click.option("--transform", default="auto", show_default=True,
-              help="Preset (cifar, imagenet, mnist, val) or module:factory called as factory(epoch, epochs).")
+              help="Preset (cifar, imagenet, mnist, val, none: store as is) or module:factory called as "
+                   "factory(epoch, epochs).")
 @click.option("--schedule", default="constant", show_default=True, type=click.Choice(["constant", "linear"]),
               help="Preset strength over epochs: constant, or linear from full to half.")
 @click.option("--size", type=int, help="Output side length for presets [default: the source's].")

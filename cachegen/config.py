@@ -70,6 +70,9 @@ class BuildConfig:
             raise CachegenError(f"unknown --schedule {self.schedule!r}: use {' or '.join(SCHEDULES)}")
         if self.size is not None and not 1 <= self.size <= MAX_SIDE:
             raise CachegenError(f"--size must be positive and at most {MAX_SIDE}, got {self.size}")
+        if self.transform == "none" and self.size is not None:
+            raise CachegenError("--transform none stores every image at its source size: drop --size "
+                                "(or pass --resize N to resize the source first)")
         if self.seed < 0:
             raise CachegenError(f"--seed must be non-negative, got {self.seed}")
         if self.workers < 0:
