@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import webdataset as wds
 
+import cachegen.shards
 from cachegen.shards import (_member_header, encode, index_shard, npy_header_bytes, sample_key, tar_header,
                              write_shard)
 
@@ -55,7 +56,7 @@ def test_a_name_too_long_for_ustar_is_left_to_tarfile():
         _member_header("n" * 101, 7)
 
 
-@pytest.mark.parametrize("encoding,n,shape", [("npy", 0, SHAPE), ("npy", 1, SHAPE), ("npy", 37, SHAPE),
+@pytest.mark.parametrize("encoding,n,shape", [("npy", 0, SHAPE), ("npy", 1, SHAPE), ("npy", 37, SHAPE), ("npy", 150, SHAPE),
                                               ("npy", 5, (7, 5, 1)), ("npy", 3, (300, 200, 3)),
                                               ("png", 9, SHAPE), ("jpg", 9, SHAPE)])
 def test_shard_is_byte_identical_to_webdataset_tarwriter_and_reads_back(tmp_path, encoding, n, shape):
@@ -89,6 +90,15 @@ def test_shard_is_byte_identical_to_webdataset_tarwriter_and_reads_back(tmp_path
                for m in members)
     assert [m.offset_data for m in members[1::2]] == entry["offsets"]
     assert len(data) % tarfile.RECORDSIZE == 0
+
+
+def test_groups_cut_by_pixel_bytes_write_the_same_bytes(tmp_path, monkeypatch):
+    monkeypatch.setattr(cachegen.shards, "GROUP_BYTES", 5000)  # groups of 2 samples of 3072 pixel bytes
+    items = samples(7)
+    groups = list(cachegen.shards._groups(iter(items)))
+    assert [len(g) for g in groups] == [2, 2, 2, 1] and [s for g in groups for s in g] == items
+    write_shard(tmp_path, "shard.tar", "e0000", iter(items), "npy")
+    assert (tmp_path / "shard.tar").read_bytes() == tarwriter_bytes("e0000", items, "npy")
 
 
 def test_webdataset_decodes_what_was_written(tmp_path):
