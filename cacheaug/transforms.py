@@ -27,7 +27,8 @@ from torchvision import transforms as T
 from cacheformat import FormatError
 from cacheformat.seeding import sample_seed
 
-PRESETS = ("cifar", "imagenet", "mnist", "val")
+PRESETS = ("cifar", "imagenet", "mnist", "val", "none")
+DETERMINISTIC = ("val", "none")  # presets written as one epoch
 SCHEDULES = ("constant", "linear")
 
 
@@ -118,6 +119,16 @@ def strength(epoch: int, epochs: int, schedule: str) -> float:
     return 1.0 - 0.5 * epoch / (epochs - 1)
 
 
+class Identity:
+    """The `none` preset: every image as the source holds it (its own size; nothing random)."""
+
+    def __call__(self, image):
+        return image
+
+    def __repr__(self) -> str:
+        return "Identity()"
+
+
 def _preset(name: str, epoch: int, epochs: int, size: int, schedule: str) -> Callable:
     s = strength(epoch, epochs, schedule)
     if name == "cifar":
@@ -137,6 +148,8 @@ def _preset(name: str, epoch: int, epochs: int, size: int, schedule: str) -> Cal
                           T.RandomAffine(degrees=10 * s, translate=(0.1 * s, 0.1 * s))])
     if name == "val":
         return T.Compose([T.Resize(size), T.CenterCrop(size)])
+    if name == "none":
+        return Identity()
     raise TransformError(f"unknown transform preset {name!r}: use one of {', '.join(PRESETS)} or module:factory")
 
 
@@ -197,8 +210,8 @@ def _load_file(path: str, spec: str):
 
 
 def is_random(spec: str) -> bool:
-    """Whether a transform spec augments (False only for the deterministic `val` preset)."""
-    return spec != "val"
+    """Whether a transform spec augments (False only for the deterministic `val` and `none` presets)."""
+    return spec not in DETERMINISTIC
 
 
 def make_transform(spec: str, *, epoch: int, epochs: int, size: int, schedule: str = "constant") -> Callable:

@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from cacheformat import FormatError
+from cacheformat.manifest import ENCODINGS
 
 
 def _one_line_errors(fn):
@@ -37,14 +38,15 @@ def main() -> None:
 @click.option("--epochs", default=10, show_default=True, type=int, help="Augmented epochs to write.")
 @click.option("--out", default="cache", show_default=True, type=click.Path(path_type=Path), help="Cache folder.")
 @click.option("--transform", default="auto", show_default=True,
-              help="Preset (cifar, imagenet, mnist, val) or module:factory called as factory(epoch, epochs).")
+              help="Preset (cifar, imagenet, mnist, val, none: store as is) or module:factory called as "
+                   "factory(epoch, epochs).")
 @click.option("--schedule", default="constant", show_default=True, type=click.Choice(["constant", "linear"]),
               help="Preset strength over epochs: constant, or linear from full to half.")
 @click.option("--size", type=int, help="Output side length for presets [default: the source's: its "
                                         "images' side, or the first image's shorter side for a folder].")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--workers", default=0, show_default=True, type=int, help="Worker processes; 0 = every core.")
-@click.option("--format", "encoding", default="npy", show_default=True, type=click.Choice(["npy", "png", "jpg"]),
+@click.option("--format", "encoding", default="npy", show_default=True, type=click.Choice(ENCODINGS),
               help="Image encoding: raw uint8 npy (fastest to read), png (lossless), jpg (smallest).")
 @click.option("--shard-size", default="1000", show_default=True,
               help="Samples per shard (1000) or bytes of pixels per shard (64MB).")

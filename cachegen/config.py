@@ -11,7 +11,7 @@ from pathlib import Path
 from PIL import Image
 
 from cachegen.errors import CachegenError
-from cachegen.shards import ENCODINGS
+from cacheformat.manifest import ENCODINGS
 from cacheaug.transforms import PRESETS, SCHEDULES
 
 MAX_EPOCHS = 10_000  # epoch-0000 .. epoch-9999: folder names and sample keys have four digits
@@ -72,6 +72,9 @@ class BuildConfig:
             raise CachegenError(f"unknown --schedule {self.schedule!r}: use {' or '.join(SCHEDULES)}")
         if self.size is not None and not 1 <= self.size <= MAX_SIDE:
             raise CachegenError(f"--size must be positive and at most {MAX_SIDE}, got {self.size}")
+        if self.transform == "none" and self.size is not None:
+            raise CachegenError("--transform none stores every image at its source size: drop --size "
+                                "(or pass --resize N to resize the source first)")
         if self.seed < 0:
             raise CachegenError(f"--seed must be non-negative, got {self.seed}")
         if self.workers < 0:

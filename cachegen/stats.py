@@ -11,32 +11,41 @@ import numpy as np
 class PixelStats:
     """Sums of pixels and squared pixels per channel, over images of any size.
 
-    Images are summed in batches: one vectorised reduction instead of one per image.
+    Images are summed in batches of about BATCH_PIXELS pixels: a few vectorised reductions instead
+    of some per image, with memory bounded whatever the image size.
     """
 
-    BATCH = 256
+    BATCH_PIXELS = 1 << 20  # per channel
+    # Reduced in blocks whose sums fit uint32 exactly (65536 * 255**2 < 2**32): numpy sums uint8
+    # and uint16 into uint32 ~4x faster than into int64.
+    BLOCK = 1 << 16
 
     def __init__(self, channels: int) -> None:
         self.sum = np.zeros(channels, np.int64)
         self.sqsum = np.zeros(channels, np.int64)
         self.count = 0
         self.pending: list[np.ndarray] = []
+        self.pending_pixels = 0
 
     def add(self, image: np.ndarray) -> None:
         """Add one HWC (or HW) uint8 image."""
-        self.pending.append(image.reshape(-1, self.sum.size))
-        if len(self.pending) == self.BATCH:
+        pixels = image.reshape(-1, self.sum.size)
+        self.pending.append(pixels)
+        self.pending_pixels += len(pixels)
+        if self.pending_pixels >= self.BATCH_PIXELS:
             self._flush()
 
     def _flush(self) -> None:
         if self.pending:
             # Channel-major first: numpy reduces a contiguous row ~8x faster than a strided column.
             planes = np.ascontiguousarray(np.concatenate(self.pending).T)
-            self.pending = []
+            self.pending, self.pending_pixels = [], 0
             self.count += planes.shape[1]
-            self.sum += planes.sum(1, dtype=np.int64)
-            # uint8 squares fit in uint16; summing them in int64 is exact.
-            self.sqsum += np.square(planes, dtype=np.uint16).sum(1, dtype=np.int64)
+            for start in range(0, planes.shape[1], self.BLOCK):
+                block = planes[:, start:start + self.BLOCK]
+                self.sum += block.sum(1, dtype=np.uint32)
+                # uint8 squares fit in uint16, a block's sum of them in uint32: exact.
+                self.sqsum += np.square(block, dtype=np.uint16).sum(1, dtype=np.uint32)
 
     def totals(self) -> dict:
         """The manifest fields of one shard: pixel_sum, pixel_sqsum, pixel_count."""

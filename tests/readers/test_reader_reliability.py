@@ -242,7 +242,7 @@ def test_a_source_shard_damaged_after_construction_is_named(seven, tmp_path, dam
 # --- build temporaries ---------------------------------------------------------------------------
 
 def _temporary(path: Path) -> Path:
-    from cachegen.shards import TMP_MARK  # the builder's naming: shard-000001.tar.tmp-<pid>
+    from cacheformat.layout import TMP_MARK  # the naming of files being written: shard-000001.tar.tmp-<pid>
 
     return path.with_name(f"{path.name}{TMP_MARK}{DEAD_PID}")
 
