@@ -173,7 +173,7 @@ def _write_index(root: Path, entry: dict) -> dict:
     data = encode_index(entry["offsets"], entry["sizes"], entry["labels"], entry["indices"])
     path = root / index_path(entry["path"])
     if not (path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data):
-        write_atomic(path, data)
+        write_atomic(path, data, sync_folder=False)
     return {"path": entry["path"], "samples": entry["samples"], "bytes": entry["bytes"], "sha256": entry["sha256"],
             "index": index_record(data)}
 

@@ -15,8 +15,10 @@ from cacheformat.manifest import (BUILD_STATE, FORMAT, FORMAT_VERSION, MANIFEST,
 from cachegen.errors import CachegenError
 
 
-def write_atomic(path: Path, data: bytes, *, what: str = "") -> None:
-    """Write `data` to a temp file, fsync, rename over `path`, fsync the folder: all or nothing."""
+def write_atomic(path: Path, data: bytes, *, sync_folder: bool = True) -> None:
+    """Write `data` to a temp file, fsync, rename over `path` (then fsync the folder, unless
+    `sync_folder` is False: an index file, like its shard, is made durable by the manifest's
+    write; the folder's fsync costs a few ms per shard): all or nothing."""
     tmp = path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
@@ -24,11 +26,12 @@ def write_atomic(path: Path, data: bytes, *, what: str = "") -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        if sync_folder:
+            fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise CachegenError(f"cannot write {path}: {e.strerror or e}; free space or fix permissions, "
