@@ -39,6 +39,17 @@ def default_max_open() -> int:
     return max(4, min(1024, soft // 4))
 
 
+def _open_error(shard: Shard, e: OSError) -> ReaderError:
+    if isinstance(e, FileNotFoundError):
+        return ReaderError(f"shard {shard.path} is missing (the manifest lists it); {REBUILD}")
+    return ReaderError(f"cannot open shard {shard.path}: {e.strerror or e}")
+
+
+def _size_error(shard: Shard, size: int) -> ReaderError:
+    return ReaderError(f"shard {shard.path} is {size} bytes, the manifest says {shard.bytes} "
+                       f"(truncated or replaced); {REBUILD}")
+
+
 @dataclass(eq=False)
 class _Open:
     """One mapped shard: its bytes, its npy rows (samples, H*W*C) where periodic, its index."""
@@ -74,13 +85,10 @@ class ShardFiles:
         for shard in shards:
             try:
                 st = os.stat(shard.path)
-            except FileNotFoundError:
-                raise ReaderError(f"shard {shard.path} is missing (the manifest lists it); {REBUILD}") from None
             except OSError as e:
-                raise ReaderError(f"cannot open shard {shard.path}: {e.strerror or e}") from None
+                raise _open_error(shard, e) from None
             if st.st_size != shard.bytes:
-                raise ReaderError(f"shard {shard.path} is {st.st_size} bytes, the manifest says {shard.bytes} "
-                                  f"(truncated or replaced); {REBUILD}")
+                raise _size_error(shard, st.st_size)
             opened = self._open.get(shard.relpath)
             if opened is not None and opened.stat != (st.st_ino, st.st_size):
                 del self._open[shard.relpath]
@@ -123,15 +131,12 @@ class ShardFiles:
         index = self.index(shard)
         try:
             f = open(shard.path, "rb", buffering=0)
-        except FileNotFoundError:
-            raise ReaderError(f"shard {shard.path} is missing (the manifest lists it); {REBUILD}") from None
         except OSError as e:
-            raise ReaderError(f"cannot open shard {shard.path}: {e.strerror or e}") from None
+            raise _open_error(shard, e) from None
         with f:
             st = os.fstat(f.fileno())
             if st.st_size != shard.bytes:
-                raise ReaderError(f"shard {shard.path} is {st.st_size} bytes, the manifest says {shard.bytes} "
-                                  f"(truncated or replaced); {REBUILD}")
+                raise _size_error(shard, st.st_size)
             data = _map_file(f, st.st_size, shard)
         if self.verify and hashlib.sha256(data).hexdigest() != shard.sha256:
             raise ReaderError(f"shard {shard.path} fails its sha256 check (corrupted); {REBUILD}")
@@ -184,19 +189,14 @@ class SampleReads:
             return fd
         try:
             fd = os.open(shard.path, os.O_RDONLY)
-        except FileNotFoundError:
-            raise ReaderError(f"shard {shard.path} is missing (the manifest lists it); {REBUILD}") from None
         except OSError as e:
-            raise ReaderError(f"cannot open shard {shard.path}: {e.strerror or e}") from None
+            raise _open_error(shard, e) from None
         st = os.fstat(fd)
-        size = st.st_size
-        if stat.S_ISDIR(st.st_mode):
+        if stat.S_ISDIR(st.st_mode) or st.st_size != shard.bytes:
             os.close(fd)
-            raise ReaderError(f"cannot open shard {shard.path}: {os.strerror(errno.EISDIR)}")
-        if size != shard.bytes:
-            os.close(fd)
-            raise ReaderError(f"shard {shard.path} is {size} bytes, the manifest says {shard.bytes} "
-                              f"(truncated or replaced); {REBUILD}")
+            if stat.S_ISDIR(st.st_mode):  # os.open opens a folder; reading it would fail later
+                raise _open_error(shard, IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR)))
+            raise _size_error(shard, st.st_size)
         self._fds[shard.relpath] = fd
         while len(self._fds) > self.max_open:
             os.close(self._fds.popitem(last=False)[1])
