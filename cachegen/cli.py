@@ -65,6 +65,8 @@ def main() -> None:
                    "(for a val/test cache; same channels required).")
 @click.option("--overwrite", is_flag=True, help="Replace a different cache already in --out, once the new one "
                                                 "is complete (it is built beside it).")
+@click.option("--dask", metavar="ADDRESS", help="Write the shards on the workers of the Dask scheduler at ADDRESS "
+                                               "(tcp://host:8786); --out must be a folder they all see.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @_one_line_errors
 def build(source, **options) -> None:

@@ -14,7 +14,7 @@ from cacheaug.transforms import augment, make_transform, to_pil
 from cacheformat.layout import epoch_shards
 from readers.errors import ReaderError
 from readers.loader import STAGING_OPTIONS, Loader, open_cache
-from readers.manifest import Manifest, Shard, live_shards, load_manifest
+from readers.manifest import Manifest, Shard, live_shards
 from readers.plan import DEFAULT_WINDOW
 from readers.shards import SampleReads, ShardFiles
 

@@ -73,3 +73,16 @@ def s3_server():
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def dask_cluster():
+    """A real Dask scheduler with 2 worker processes (LocalCluster, in a child process of its own)."""
+    pytest.importorskip("distributed")
+    from daskcluster import DaskCluster
+
+    cluster = DaskCluster()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
