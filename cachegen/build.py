@@ -9,6 +9,7 @@ import multiprocessing as mp
 import os
 import shutil
 import signal
+import warnings
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, replace
@@ -523,7 +524,9 @@ def _run(job: Job, tasks: list[ShardTask], workers: int, dask: str | None = None
 
         with dask_executor(dask) as (executor, client):
             # Sent once, not with every task; a task's result, so a worker lost with it costs nothing.
-            shared = client.submit(_same, job, pure=False)
+            with warnings.catch_warnings():  # "large graph": meant, and once
+                warnings.simplefilter("ignore", UserWarning)
+                shared = client.submit(_same, job, pure=False)
             yield from _completed([executor.submit(write_on_worker, shared, task) for task in tasks])
         return
     if workers == 1 or len(tasks) == 1:

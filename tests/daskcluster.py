@@ -1,5 +1,5 @@
-"""A real Dask cluster for the tests: `LocalCluster(processes=True)` with 2 single-threaded worker
-processes, run in a child process of its own (its nannies would otherwise be children of the test
+"""A real Dask cluster for the tests: `LocalCluster(processes=True)` with single-threaded worker
+processes (2 by default), run in a child process of its own (its nannies would otherwise be children of the test
 process). Prints the scheduler's address, then runs until its stdin closes."""
 
 from __future__ import annotations
@@ -10,17 +10,17 @@ import sys
 import psutil
 
 
-def main() -> None:
+def main(workers: int) -> None:
     from distributed import LocalCluster
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
         print(cluster.scheduler_address, flush=True)
         sys.stdin.read()
 
 
 class DaskCluster:
-    def __init__(self) -> None:
-        self._process = subprocess.Popen([sys.executable, __file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+    def __init__(self, workers: int = 2) -> None:
+        self._process = subprocess.Popen([sys.executable, __file__, str(workers)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                          text=True)
         self.address = self._process.stdout.readline().strip()
         if not self.address.startswith("tcp://"):
@@ -42,4 +42,4 @@ class DaskCluster:
 
 
 if __name__ == "__main__":
-    main()
+    main(int(sys.argv[1]))
