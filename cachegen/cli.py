@@ -82,14 +82,16 @@ def build(source, **options) -> None:
 
 
 @main.command()
-@click.argument("cache", type=click.Path(path_type=Path))
+@click.argument("cache")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @_one_line_errors
-def info(cache: Path, as_json: bool) -> None:
-    """Summarise the cache in CACHE."""
+def info(cache: str, as_json: bool) -> None:
+    """Summarise the cache in CACHE (a folder, or a URL: s3://bucket/prefix)."""
     from cachegen.inspect import summary
+    from cachegen.remote import local_view
 
-    s = summary(cache)
+    with local_view(cache) as root:
+        s = summary(root)
     if as_json:
         click.echo(json.dumps(s, indent=2))
         return
@@ -107,13 +109,17 @@ def info(cache: Path, as_json: bool) -> None:
 
 
 @main.command()
-@click.argument("cache", type=click.Path(path_type=Path))
+@click.argument("cache")
 @_one_line_errors
-def verify(cache: Path) -> None:
-    """Recompute every shard's checksum and sample count; exit 1 naming each bad shard."""
+def verify(cache: str) -> None:
+    """Recompute every shard's checksum and sample count; exit 1 naming each bad shard. CACHE: a
+    folder, or a URL (s3://bucket/prefix: every file is downloaded to a temporary folder first)."""
     from cachegen.inspect import verify as run_verify
+    from cachegen.remote import local_view, named
 
-    checked, problems = run_verify(cache)
+    with local_view(cache, files=True) as root:
+        checked, problems = run_verify(root)
+        problems = [named(p, root, cache) for p in problems]
     for problem in problems:
         click.echo(f"BAD {problem}", err=True)
     if problems:
