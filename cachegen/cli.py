@@ -35,7 +35,10 @@ def main() -> None:
 @main.command()
 @click.argument("source", required=False)
 @click.option("--epochs", default=10, show_default=True, type=int, help="Augmented epochs to write.")
-@click.option("--out", default="cache", show_default=True, type=click.Path(path_type=Path), help="Cache folder.")
+@click.option("--out", default="cache", show_default=True,
+              help="Cache folder, or a URL (s3://bucket/prefix): built in --stage, then uploaded.")
+@click.option("--stage", type=click.Path(path_type=Path), help="With --out URL: the local folder to build in "
+              "before uploading [default: one in the system's temporary folder, named by the URL].")
 @click.option("--transform", default="auto", show_default=True,
               help="Preset (cifar, imagenet, mnist, val) or module:factory called as factory(epoch, epochs).")
 @click.option("--schedule", default="constant", show_default=True, type=click.Choice(["constant", "linear"]),
@@ -74,8 +77,19 @@ def build(source, **options) -> None:
     from cachegen.build import build as run_build
     from cachegen.config import BuildConfig
     from cachegen.inspect import describe
+    from cachegen.remote import check_writable, is_url, stage_folder, upload
 
-    manifest = run_build(BuildConfig(source=source, **options))
+    url, stage = options["out"], options.pop("stage")
+    if not is_url(url):
+        url = None
+    else:
+        check_writable(url)
+        stage = stage or stage_folder(url)
+    manifest = run_build(BuildConfig(source=source, **{**options, "out": stage if url else options["out"]}))
+    if url is not None:
+        sent = upload(stage, url)
+        if not options["quiet"]:
+            click.echo(f"cachegen: uploaded {sent} file(s) to {url} (built in {click.format_filename(stage)})")
     if not options["quiet"]:
         image = "x".join(map(str, manifest["output_shape"]))
         click.echo(f"cachegen: {click.format_filename(options['out'])}: {describe(manifest)}, {image} images")
