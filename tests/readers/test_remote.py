@@ -216,3 +216,30 @@ def test_a_rebuilt_cache_under_the_same_url_is_staged_apart(npy_cache, caches, r
     assert same(batches(second, epochs=(0,)), expected)
     digest = hashlib.sha256((caches["png"] / "manifest.json").read_bytes()).hexdigest()[:16]
     assert second.manifest.root.name == digest
+
+
+def test_a_rank_stages_only_its_share(npy_cache, remote, tmp_path):
+    loader = CachedLoader(remote, local=tmp_path / "scratch", batch_size=25, rank=1, world_size=3, shuffle_window=50,
+                          **FAST)
+    batches(loader, epochs=(0,))
+    plan = loader.plan(0)
+    mine = {loader.manifest.epochs[0][s.shard].relpath for w in plan.windows for s in w.segments}
+    staged = {p.relative_to(loader.manifest.root).as_posix() for p in loader.manifest.root.rglob("*.tar")}
+    assert staged == mine and len(mine) < len(loader.manifest.epochs[0])
+
+
+def test_open_loader_stages_a_live_cache_whole(source, s3fs_fs, tmp_path):
+    from click.testing import CliRunner
+
+    from cachegen.cli import main
+    from readers import LiveLoader
+    from s3server import upload
+
+    result = CliRunner().invoke(main, ["build", str(source[0]), "--out", str(tmp_path / "live"), "--mode", "live",
+                                       "--epochs", "2", "--shard-size", "100", "--workers", "1", "--quiet"])
+    assert result.exit_code == 0, result.output
+    url = f"s3://caches/{uuid.uuid4().hex[:8]}"
+    upload(s3fs_fs, tmp_path / "live", url)
+    staged = open_loader(url, local=tmp_path / "scratch", batch_size=32, workers=0, **FAST)
+    assert isinstance(staged, LiveLoader)
+    assert same(batches(staged), batches(LiveLoader(tmp_path / "live", batch_size=32, workers=0, device="cpu")))
