@@ -84,3 +84,22 @@ def test_an_unreachable_scheduler_is_one_line(tmp_path):
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and f"cannot reach the Dask scheduler at {address}" in lines[0], run.stderr
     assert not (tmp_path / "c" / "manifest.json").exists()
+
+
+def test_a_client_killed_mid_build_resumes_like_a_local_build(dask_cluster, tmp_path):
+    source = make_npz(tmp_path / "data.npz", n=200, size=16)[0]
+    (tmp_path / "slow.py").write_text(SLOW)
+    common = [str(source), "--epochs", "2", "--shard-size", "10", "--transform", f"{tmp_path / 'slow.py'}:factory"]
+    out = tmp_path / "dask"
+    run = dask_build([*common, "--out", str(out)], dask_cluster.address)
+    deadline = time.monotonic() + 120
+    while len(list(out.glob("*/*.tar"))) < 2 and time.monotonic() < deadline and run.poll() is None:
+        time.sleep(0.05)
+    run.kill()  # the client: its tasks are released on the cluster
+    run.communicate()
+    assert not (out / "manifest.json").exists()
+    again = dask_build([*common, "--out", str(out)], dask_cluster.address)
+    output = again.communicate(timeout=300)[0]
+    assert again.returncode == 0, output
+    local_build([*common, "--out", str(tmp_path / "local")])
+    assert tree(out) == tree(tmp_path / "local")
