@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from cacheformat.layout import index_path
+from cacheformat import FormatError
 from cachegen.errors import CachegenError
 from readers.manifest import load_manifest
 from readers.remote import MANIFEST, Stager, filesystem, is_url
@@ -24,11 +25,14 @@ def local_view(cache: str | Path, *, files: bool = False) -> Iterator[Path]:
         return
     with tempfile.TemporaryDirectory(prefix="cachegen-") as tmp:
         stager = Stager(str(cache), tmp)
-        if files:
-            for shard in load_manifest(stager.root).all_shards():
-                for rel in (shard.relpath, index_path(shard.relpath)):
-                    stager.copy(rel)
-        yield stager.root
+        try:
+            if files:
+                for shard in load_manifest(stager.root).all_shards():
+                    for rel in (shard.relpath, index_path(shard.relpath)):
+                        stager.copy(rel)
+            yield stager.root
+        except FormatError as e:  # a damaged manifest or shard: named by its URL, not the download's path
+            raise type(e)(named(str(e), stager.root, cache)) from None
 
 
 def named(text: str, root: Path, cache: str | Path) -> str:

@@ -74,3 +74,13 @@ def test_build_to_a_missing_bucket_is_one_line(s3_server, tmp_path):
                      "--stage", tmp_path / "stage", expect=1)
     assert_one_line_error(result, "cannot write to --out s3://no-such-bucket-x/c")
     assert not (tmp_path / "stage").exists()  # refused before any work
+
+
+def test_verify_of_a_url_names_a_damaged_manifest_by_its_url(uploaded):
+    url, cache, fs = uploaded
+    raw = json.loads((cache / "manifest.json").read_text())
+    raw["epoch_list"][0]["shards"][0]["samples"] += 1
+    fs.pipe_file(f"{url.removeprefix('s3://')}/manifest.json", json.dumps(raw).encode())
+    result = run_cli("verify", url, expect=1)
+    assert_one_line_error(result, f"{url}/manifest.json")
+    assert "cachegen-" not in result.output  # not the temporary folder it was downloaded to
