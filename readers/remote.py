@@ -157,8 +157,8 @@ class Stager:
     def stage_all(self, shards: Iterable) -> None:
         """Fetch every shard and index of `shards` now (a live cache reads all of its source)."""
         shards = list(shards)
-        self.begin(shards, shards)
         try:
+            self.begin(shards, shards)
             for s in shards:
                 self.shard(s)
         finally:

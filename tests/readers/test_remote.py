@@ -228,11 +228,12 @@ def test_a_rank_stages_only_its_share(npy_cache, remote, tmp_path):
     assert staged == mine and len(mine) < len(loader.manifest.epochs[0])
 
 
-def test_open_loader_stages_a_live_cache_whole(source, s3fs_fs, tmp_path):
+@pytest.fixture
+def live_remote(source, s3fs_fs, tmp_path) -> tuple[str, Path]:
+    """A live cache of the test source, built here and uploaded: (url, local folder)."""
     from click.testing import CliRunner
 
     from cachegen.cli import main
-    from readers import LiveLoader
     from s3server import upload
 
     result = CliRunner().invoke(main, ["build", str(source[0]), "--out", str(tmp_path / "live"), "--mode", "live",
@@ -240,6 +241,31 @@ def test_open_loader_stages_a_live_cache_whole(source, s3fs_fs, tmp_path):
     assert result.exit_code == 0, result.output
     url = f"s3://caches/{uuid.uuid4().hex[:8]}"
     upload(s3fs_fs, tmp_path / "live", url)
+    return url, tmp_path / "live"
+
+
+def test_open_loader_stages_a_live_cache_whole(live_remote, tmp_path):
+    from readers import LiveLoader
+
+    url, live = live_remote
     staged = open_loader(url, local=tmp_path / "scratch", batch_size=32, workers=0, **FAST)
     assert isinstance(staged, LiveLoader)
-    assert same(batches(staged), batches(LiveLoader(tmp_path / "live", batch_size=32, workers=0, device="cpu")))
+    assert same(batches(staged), batches(LiveLoader(live, batch_size=32, workers=0, device="cpu")))
+
+
+def test_a_live_cache_with_a_corrupted_index_fails_on_construction_leaving_no_thread(live_remote, s3fs_fs, tmp_path):
+    url, _ = live_remote
+    rel = "source/shard-000001.idx"
+    s3fs_fs.pipe_file(f"{url.removeprefix('s3://')}/{rel}", b"not an index")
+    with pytest.raises(ReaderError, match=f"{url}/{rel}"):
+        open_loader(url, local=tmp_path / "scratch", batch_size=32, workers=0, **FAST)
+
+
+def test_a_corrupted_index_is_a_reader_error_and_leaves_no_thread(npy_cache, remote, s3fs_fs, tmp_path):
+    rel = "epoch-0000/shard-000000.idx"
+    data = bytearray((npy_cache / rel).read_bytes())
+    data[-1] ^= 0xFF
+    s3fs_fs.pipe_file(f"{remote.removeprefix('s3://')}/{rel}", bytes(data))
+    loader = CachedLoader(remote, local=tmp_path / "scratch", batch_size=50, **FAST)
+    with pytest.raises(ReaderError, match=f"{remote}/{rel}.*sha256"):
+        batches(loader, epochs=(0,))  # the autouse fixture checks that the download threads are gone
