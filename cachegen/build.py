@@ -9,7 +9,8 @@ import multiprocessing as mp
 import os
 import shutil
 import signal
-from concurrent.futures import ProcessPoolExecutor, as_completed
+import warnings
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -475,7 +476,7 @@ def _build(config: BuildConfig) -> dict:
     with _Progress(total=sum(len(t.indices) for t in tasks), unit="img", disable=config.quiet or not tasks,
                    desc="cachegen build", dynamic_ncols=True, smoothing=0.1) as bar:
         try:
-            for relpath, entry in _run(job, tasks, config.workers):
+            for relpath, entry in _run(job, tasks, config.workers, config.dask):
                 indexed[relpath] = entry
                 bar.update(entry["samples"])
         except BaseException as e:
@@ -514,6 +515,7 @@ def _build(config: BuildConfig) -> dict:
             more = f"\n  ... and {len(names) - SHOW_SKIPPED} more" if len(names) > SHOW_SKIPPED else ""
             print(f"cachegen: skipped {len(names)} unreadable sample(s) (--on-error skip), all listed in "
                   f"{printable(str(final / SKIPPED))}:{shown}{more}")
+    _remove_temporaries(root)  # a cluster worker killed mid-shard leaves one (Dask wrote that shard again)
     write_json_atomic(root / MANIFEST, manifest)
     (root / BUILD_STATE).unlink(missing_ok=True)
     if root != final:
@@ -521,10 +523,21 @@ def _build(config: BuildConfig) -> dict:
     return manifest
 
 
-def _run(job: Job, tasks: list[ShardTask], workers: int):
-    """Yield (relpath, shard entry) as shards finish, in-process for one worker, else in a pool."""
+def _run(job: Job, tasks: list[ShardTask], workers: int, dask: str | None = None):
+    """Yield (relpath, shard entry) as shards finish: in-process for one worker, else in a pool of
+    processes, or as tasks on the Dask cluster at `dask`; the last two through one Executor seam."""
     global _AUGMENT
     if not tasks:
+        return
+    if dask is not None:
+        from cachegen.cluster import dask_executor, write_on_worker
+
+        with dask_executor(dask) as (executor, client):
+            # Sent once, not with every task; a task's result, so a worker lost with it costs nothing.
+            with warnings.catch_warnings():  # "large graph": meant, and once
+                warnings.simplefilter("ignore", UserWarning)
+                shared = client.submit(_same, job, pure=False)
+            yield from _completed([executor.submit(write_on_worker, shared, task) for task in tasks])
         return
     if workers == 1 or len(tasks) == 1:
         previous_threads = torch.get_num_threads()
@@ -545,13 +558,22 @@ def _run(job: Job, tasks: list[ShardTask], workers: int):
     try:
         futures = [pool.submit(_write_task, task) for task in tasks]
         processes = dict(pool._processes)  # by pid, to say which died (no public accessor before 3.14)
-        for future in as_completed(futures):
-            yield future.result()
+        yield from _completed(futures)
     except BrokenProcessPool:
         _stop(pool, processes)
         raise CachegenError(_death(processes)) from None
     finally:
         _stop(pool, processes)
+
+
+def _same(job: Job) -> Job:
+    return job
+
+
+def _completed(futures: list[Future]):
+    """The results of an Executor's futures, as they finish."""
+    for future in as_completed(futures):
+        yield future.result()
 
 
 def _stop(pool: ProcessPoolExecutor, processes: dict) -> None:

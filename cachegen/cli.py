@@ -36,7 +36,10 @@ def main() -> None:
 @main.command()
 @click.argument("source", required=False)
 @click.option("--epochs", default=10, show_default=True, type=int, help="Augmented epochs to write.")
-@click.option("--out", default="cache", show_default=True, type=click.Path(path_type=Path), help="Cache folder.")
+@click.option("--out", default="cache", show_default=True,
+              help="Cache folder, or a URL (s3://bucket/prefix): built in --stage, then uploaded.")
+@click.option("--stage", type=click.Path(path_type=Path), help="With --out URL: the local folder to build in "
+              "before uploading [default: one in the system's temporary folder, named by the URL].")
 @click.option("--transform", default="auto", show_default=True,
               help="Preset (cifar, imagenet, mnist, val, none: store as is) or module:factory called as "
                    "factory(epoch, epochs).")
@@ -67,6 +70,8 @@ def main() -> None:
                    "(for a val/test cache; same channels required).")
 @click.option("--overwrite", is_flag=True, help="Replace a different cache already in --out, once the new one "
                                                 "is complete (it is built beside it).")
+@click.option("--dask", metavar="ADDRESS", help="Write the shards on the workers of the Dask scheduler at ADDRESS "
+                                               "(tcp://host:8786); --out must be a folder they all see.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @_one_line_errors
 def build(source, **options) -> None:
@@ -74,28 +79,43 @@ def build(source, **options) -> None:
     from cachegen.build import build as run_build
     from cachegen.config import BuildConfig
     from cachegen.inspect import describe
+    from cachegen.remote import check_writable, is_url, stage_folder, upload
 
-    manifest = run_build(BuildConfig(source=source, **options))
+    url, stage = options["out"], options.pop("stage")
+    if not is_url(url):
+        url = None
+    else:
+        check_writable(url)
+        stage = stage or stage_folder(url)
+    manifest = run_build(BuildConfig(source=source, **{**options, "out": stage if url else options["out"]}))
+    if url is not None:
+        sent = upload(stage, url)
+        if not options["quiet"]:
+            click.echo(f"cachegen: uploaded {sent} file(s) to {url} (built in {click.format_filename(stage)})")
     if not options["quiet"]:
-        out = Path(options["out"]).resolve()
+        built = Path(stage if url else options["out"]).resolve()
+        where = url or str(built)
         image = "x".join(map(str, manifest["output_shape"]))
-        size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+        size = sum(p.stat().st_size for p in built.rglob("*") if p.is_file())
         loader = "CachedLoader" if manifest["mode"] == "cached" else "LiveLoader"
-        click.echo(f"cachegen: {click.format_filename(out)}: {describe(manifest)}, {image} images, "
-                   f"{size / 1e6:.1f} MB on disk")
-        click.echo(f"next: `cachegen info {click.format_filename(options['out'])}`, or read it with "
-                   f"readers.{loader}({str(out)!r}, batch_size=256)")
+        local = ", local='/scratch/cache'" if url else ""
+        click.echo(f"cachegen: {click.format_filename(where)}: {describe(manifest)}, {image} images, "
+                   f"{size / 1e6:.1f} MB")
+        click.echo(f"next: `cachegen info {click.format_filename(str(options['out']))}`, or read it with "
+                   f"readers.{loader}({where!r}, batch_size=256{local})")
 
 
 @main.command()
-@click.argument("cache", type=click.Path(path_type=Path))
+@click.argument("cache")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @_one_line_errors
-def info(cache: Path, as_json: bool) -> None:
-    """Summarise the cache in CACHE."""
+def info(cache: str, as_json: bool) -> None:
+    """Summarise the cache in CACHE (a folder, or a URL: s3://bucket/prefix)."""
     from cachegen.inspect import summary
+    from cachegen.remote import local_view
 
-    s = summary(cache)
+    with local_view(cache) as root:
+        s = summary(root)
     if as_json:
         click.echo(json.dumps(s, indent=2))
         return
@@ -113,13 +133,17 @@ def info(cache: Path, as_json: bool) -> None:
 
 
 @main.command()
-@click.argument("cache", type=click.Path(path_type=Path))
+@click.argument("cache")
 @_one_line_errors
-def verify(cache: Path) -> None:
-    """Recompute every shard's checksum and sample count; exit 1 naming each bad shard."""
+def verify(cache: str) -> None:
+    """Recompute every shard's checksum and sample count; exit 1 naming each bad shard. CACHE: a
+    folder, or a URL (s3://bucket/prefix: every file is downloaded to a temporary folder first)."""
     from cachegen.inspect import verify as run_verify
+    from cachegen.remote import local_view, named
 
-    checked, problems = run_verify(cache)
+    with local_view(cache, files=True) as root:
+        checked, problems = run_verify(root)
+        problems = [named(p, root, cache) for p in problems]
     for problem in problems:
         click.echo(f"BAD {problem}", err=True)
     if problems:

@@ -61,6 +61,7 @@ class BuildConfig:
     resize: int | None = None  # deterministic Resize+CenterCrop of every source image, before the transform
     channels: int | None = None  # 1 or 3: convert every source image; None: the source's own
     stats_from: Path | None = None  # a cache whose mean/std this cache's manifest takes (a val cache)
+    dask: str | None = None  # a Dask scheduler's address: shards are written by its workers
 
     def __post_init__(self) -> None:
         if not 1 <= self.epochs <= MAX_EPOCHS:

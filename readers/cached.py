@@ -43,6 +43,16 @@ class CachedLoader(Loader):
         shuffle_window: samples shuffled together (consecutive shards of this rank's share, at
             least one); costs no memory, but each shard a batch touches costs one gather call.
         verify: check each shard's sha256 as it is read.
+        local: for a cache at a URL (s3://bucket/prefix, gs://..., any fsspec protocol): the local
+            folder its manifest, indexes and shards are staged in (in `local/<manifest digest>/`),
+            shared by the processes of a node. Each pass fetches the indexes of this rank's shards,
+            then its shards `download_ahead` (4) ahead of the consumer in `download_threads` (4)
+            threads; each file is checked against the manifest's size and sha256 as it downloads
+            and renamed into place only then; a failure is retried `download_retries` (5) times,
+            waiting `download_backoff` (0.5 s) doubling, then a ReaderError names the URL.
+            `cache_limit` (bytes; None: no limit) deletes shards this pass has finished with once
+            the copy this loader staged grows past it. `storage_options`: passed to fsspec
+            (credentials and endpoints otherwise come from AWS_* variables, ~/.aws, fsspec config).
 
     Raises:
         ReaderError: no cache, a damaged manifest, or more ranks than the epoch can feed.
@@ -56,15 +66,15 @@ class CachedLoader(Loader):
                  dtype: torch.dtype = torch.float32, channels_last: bool = False, rank: int | None = None,
                  world_size: int | None = None, prefetch: int | None = None, shuffle_window: int = DEFAULT_WINDOW,
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                 verify: bool = False) -> None:
+                 verify: bool = False, local: str | Path | None = None, **staging) -> None:
         super().__init__(cache, batch_size=batch_size, device=device, shuffle=shuffle, seed=seed,
                          drop_last=drop_last, normalize=normalize, dtype=dtype, channels_last=channels_last,
                          rank=rank, world_size=world_size, prefetch=prefetch, shuffle_window=shuffle_window,
-                         mean=mean, std=std)
+                         mean=mean, std=std, local=local, **staging)
         self.verify = bool(verify)
         self._check_epochs()
         self._spare: list[torch.Tensor] = []  # CPU host batches the device stage is done with
-        self._files = ShardFiles(self.manifest, verify=self.verify)  # mappings kept between epochs
+        self._files = ShardFiles(self.manifest, verify=self.verify, stager=self._stager)  # mappings kept between epochs
 
     def _shard_sizes(self, cache_epoch: int) -> list[int]:
         return [s.samples for s in self.manifest.epochs[cache_epoch]]

@@ -14,8 +14,8 @@ import torch
 from cacheaug.transforms import augment, drift, make_transform, to_pil
 from cacheformat.layout import epoch_shards
 from readers.errors import ReaderError
-from readers.loader import Loader
-from readers.manifest import Manifest, Shard, live_shards, load_manifest
+from readers.loader import STAGING_OPTIONS, Loader, open_cache
+from readers.manifest import Manifest, Shard, live_shards
 from readers.plan import DEFAULT_WINDOW
 from readers.shards import SampleReads, ShardFiles
 
@@ -110,6 +110,8 @@ class LiveLoader(Loader):
     Takes CachedLoader's arguments, plus:
         workers: augmenting processes; 0 augments in this process; None: ~75 % of the cores.
         verify: check each source shard's sha256 on construction.
+        local (and CachedLoader's download options): for a cache at a URL; a live cache's whole
+            source is staged (and checked) on construction.
     """
 
     MODE = "live"
@@ -119,11 +121,12 @@ class LiveLoader(Loader):
                  dtype: torch.dtype = torch.float32, channels_last: bool = False, rank: int | None = None,
                  world_size: int | None = None, prefetch: int | None = None, shuffle_window: int = DEFAULT_WINDOW,
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                 workers: int | None = None, verify: bool = False) -> None:
+                 workers: int | None = None, verify: bool = False, local: str | Path | None = None,
+                 **staging) -> None:
         super().__init__(cache, batch_size=batch_size, device=device, shuffle=shuffle, seed=seed,
                          drop_last=drop_last, normalize=normalize, dtype=dtype, channels_last=channels_last,
                          rank=rank, world_size=world_size, prefetch=prefetch, shuffle_window=shuffle_window,
-                         mean=mean, std=std)
+                         mean=mean, std=std, local=local, **staging)
         if workers is not None and (not isinstance(workers, int) or isinstance(workers, bool) or workers < 0):
             raise ValueError(f"workers must be an int >= 0 (0: augment in this process), got {workers!r}")
         self.workers = default_workers() if workers is None else workers
@@ -198,6 +201,7 @@ def open_loader(cache: str | Path, *, workers: int | None = None, verify: bool =
     """
     from readers.cached import CachedLoader
 
-    if load_manifest(cache).mode == "live":
+    staging = {k: v for k, v in options.items() if k == "local" or k in STAGING_OPTIONS}
+    if open_cache(cache, **staging)[0].mode == "live":
         return LiveLoader(cache, workers=workers, verify=verify, **options)
     return CachedLoader(cache, verify=verify, **options)

@@ -13,11 +13,36 @@ from readers.errors import ReaderError
 from readers.manifest import Manifest, load_manifest
 from readers.options import LoaderOptions
 from readers.plan import DEFAULT_WINDOW, EpochPlan, plan_epoch, rank_length
+from readers.remote import Stager, is_url
 from readers.split import resolve_rank
 
 # What a saved position depends on: resuming under different values would not be exact.
 _STATE_KEYS = ("seed", "batch_size", "world_size", "drop_last", "shuffle", "shuffle_window", "cache_epochs",
                "samples_per_epoch")
+
+
+# The loaders' options for a remote cache, and the Stager's names for them.
+STAGING_OPTIONS = {"cache_limit": "cache_limit", "download_ahead": "ahead", "download_retries": "retries",
+                   "download_backoff": "backoff", "download_threads": "threads",
+                   "storage_options": "storage_options"}
+
+
+def open_cache(cache: str | Path, local: str | Path | None = None, **staging: Any) -> tuple[Manifest, Stager | None]:
+    """The manifest of `cache`, and for a URL (s3://...) the Stager that copies it into `local` as it
+    is read (`staging`: cache_limit, download_ahead, download_retries, download_backoff,
+    download_threads, storage_options; see readers.remote)."""
+    if not is_url(cache):
+        if staging or local is not None:
+            raise ValueError(f"local= and download options are for a remote cache (a URL); {cache} is a path")
+        return load_manifest(str(cache).removeprefix("file://")), None
+    unknown = sorted(set(staging) - set(STAGING_OPTIONS))
+    if unknown:
+        raise TypeError(f"unexpected keyword argument {unknown[0]!r}")
+    stager = Stager(cache, local, **{STAGING_OPTIONS[k]: v for k, v in staging.items()})
+    manifest = load_manifest(stager.root)
+    if manifest.mode == "live":  # a live epoch reads from all over the source: all of it, now
+        stager.stage_all(manifest.source_shards)
+    return manifest, stager
 
 
 class EpochHook:
@@ -54,7 +79,8 @@ class Loader:
                  dtype: torch.dtype = torch.float32, channels_last: bool = False, rank: int | None = None,
                  world_size: int | None = None, prefetch: int | None = None,
                  shuffle_window: int = DEFAULT_WINDOW, mean: Sequence[float] | None = None,
-                 std: Sequence[float] | None = None) -> None:
+                 std: Sequence[float] | None = None, local: str | Path | None = None,
+                 **staging: Any) -> None:
         self.options = LoaderOptions(batch_size=batch_size, device=device, shuffle=shuffle, seed=seed,
                                      drop_last=drop_last, normalize=normalize, dtype=dtype,
                                      channels_last=channels_last, rank=rank, world_size=world_size,
@@ -62,7 +88,7 @@ class Loader:
         if not isinstance(shuffle_window, int) or isinstance(shuffle_window, bool) or shuffle_window < 1:
             raise ValueError(f"shuffle_window must be an int >= 1 (samples), got {shuffle_window!r}")
         self.shuffle_window = shuffle_window
-        self.manifest: Manifest = load_manifest(cache)
+        self.manifest, self._stager = open_cache(cache, local, **staging)
         if self.manifest.mode != self.MODE:
             other = "LiveLoader" if self.manifest.mode == "live" else "CachedLoader"
             raise ReaderError(f"{cache} is a {self.manifest.mode!r}-mode cache: read it with {other} "

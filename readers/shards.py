@@ -19,6 +19,7 @@ import torch
 from readers.errors import ReaderError
 from readers.manifest import Manifest, Shard, ShardIndex, load_index
 from readers.plan import EpochPlan
+from readers.remote import Stager
 
 NPY_MAGIC = b"\x93NUMPY"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -70,8 +71,9 @@ class ShardFiles:
     """
 
     def __init__(self, manifest: Manifest, *, verify: bool = False, max_open: int | None = None,
-                 max_index_samples: int = 1_000_000) -> None:
+                 max_index_samples: int = 1_000_000, stager: Stager | None = None) -> None:
         self.manifest = manifest
+        self.stager = stager  # a remote cache: files are fetched into manifest.root as they are needed
         self.verify = verify
         self.max_open = max_open or default_max_open()
         self.max_index_samples = max_index_samples
@@ -81,7 +83,10 @@ class ShardFiles:
 
     def check(self, shards: Iterable[Shard]) -> None:
         """Stat each shard: ReaderError where it is missing or not the size the manifest says; a
-        shard replaced since it was mapped (another inode) is mapped again on its next use."""
+        shard replaced since it was mapped (another inode) is mapped again on its next use.
+        (A staged cache's shards are checked as they download instead.)"""
+        if self.stager is not None:
+            return
         for shard in shards:
             try:
                 st = os.stat(shard.path)
@@ -97,6 +102,8 @@ class ShardFiles:
         """The shard's checked index (loaded once, kept while within max_index_samples)."""
         index = self._indexes.get(shard.relpath)
         if index is None:
+            if self.stager is not None:
+                self.stager.index(shard)
             index = load_index(self.manifest, shard)
             self._indexes[shard.relpath] = index
             self._indexed_samples += shard.samples
@@ -113,11 +120,30 @@ class ShardFiles:
         if opened is not None:
             self._open.move_to_end(shard.relpath)
             return opened
+        if self.stager is not None:
+            self.stager.shard(shard)
         opened = self._map(shard)
         self._open[shard.relpath] = opened
         while len(self._open) > self.max_open:
             self._open.popitem(last=False)  # unmapped (and its descriptor closed) once unreferenced
         return opened
+
+    def begin(self, order: Sequence[Shard], used: Iterable[Shard]) -> None:
+        """A pass will read `order` (shards, in the order first read), touching `used`: a staged
+        cache fetches their indexes now and the first shards in the background."""
+        if self.stager is not None:
+            self.stager.begin(order, used)
+
+    def done(self, shard: Shard) -> None:
+        """The pass has read all it reads of `shard` (a staged copy may be evicted)."""
+        if self.stager is not None:
+            self._open.pop(shard.relpath, None)
+            self.stager.done(shard)
+
+    def end(self) -> None:
+        """The pass is over or left: background downloads stop."""
+        if self.stager is not None:
+            self.stager.end()
 
     def __len__(self) -> int:
         """Shards mapped now."""
@@ -286,6 +312,17 @@ def epoch_labels(files: ShardFiles, shards: Sequence[Shard], samples: np.ndarray
 def iter_batches(files: ShardFiles, shards: Sequence[Shard], plan: EpochPlan, *, start: int = 0,
                  new_batch: Callable[[int], tuple[torch.Tensor, torch.Tensor]], channels_first: bool = False,
                  stop: Callable[[], bool] = lambda: False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """_gather's batches; a staged cache's downloads stop with the pass, also when it is left early."""
+    try:
+        yield from _gather(files, shards, plan, start=start, new_batch=new_batch, channels_first=channels_first,
+                           stop=stop)
+    finally:
+        files.end()
+
+
+def _gather(files: ShardFiles, shards: Sequence[Shard], plan: EpochPlan, *, start: int,
+            new_batch: Callable[[int], tuple[torch.Tensor, torch.Tensor]], channels_first: bool,
+            stop: Callable[[], bool]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield the plan's batches from batch `start` on: (images uint8, labels (n,) int64), images
     (n, H, W, C), or (n, C, H, W) with `channels_first`.
 
@@ -298,7 +335,6 @@ def iter_batches(files: ShardFiles, shards: Sequence[Shard], plan: EpochPlan, *,
     samples = plan.samples()
     used = np.unique(samples[:, 0])
     files.check(shards[k] for k in used.tolist())
-    labels_all = epoch_labels(files, shards, samples, used)
     rows_all = torch.from_numpy(samples[:, 1])
     batch_size = plan.batch_size
     # Runs of one shard: cut where the shard changes and at every batch boundary.
@@ -308,6 +344,9 @@ def iter_batches(files: ShardFiles, shards: Sequence[Shard], plan: EpochPlan, *,
         bounds.append(len(samples))
     run_shards = samples[bounds[:-1], 0].tolist() if len(samples) else []
     run = int(np.searchsorted(bounds, start * batch_size))
+    last_run = {k: r for r, k in enumerate(run_shards)}  # after it, the pass is done with shard k
+    files.begin([shards[k] for k in dict.fromkeys(run_shards[run:])], (shards[k] for k in used.tolist()))
+    labels_all = epoch_labels(files, shards, samples, used)
     # npy rows are HWC: gathered into a scratch batch, then transposed into a channels-first one.
     scratch = torch.empty((batch_size, m.image_bytes), dtype=torch.uint8) if channels_first and m.encoding == "npy" \
         else None
@@ -330,6 +369,8 @@ def iter_batches(files: ShardFiles, shards: Sequence[Shard], plan: EpochPlan, *,
                         images[a - lo + i] = decoded.view(h * w, c).t().reshape(c, h, w)
                     else:
                         flat[a - lo + i] = decoded
+            if last_run[run_shards[run]] == run:
+                files.done(shard)
             run += 1
         if scratch is not None:
             # The 3-channel transpose no gather can fuse cheaply; numpy's strided copy is the fastest measured.

@@ -38,3 +38,51 @@ def make_npz(path, n: int = 240, size: int = 32, channels: int = 3, classes: int
 @pytest.fixture
 def npz_source(tmp_path):
     return make_npz(tmp_path / "data.npz")
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 endpoint over HTTP (moto's server, a child process on a free port) for the whole
+    session, found by the standard AWS_* variables (AWS_ENDPOINT_URL included): the code under
+    test is configured the way a user's is."""
+    pytest.importorskip("s3fs")
+    pytest.importorskip("moto")
+    import os
+
+    import fsspec.asyn
+
+    from s3server import S3Server
+
+    server = S3Server()
+    server.start()
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": server.endpoint}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    # fsspec's IO thread and its loop's executor thread live for the session: started here, not in a test.
+    fsspec.asyn.get_loop()
+    from s3server import s3fs_filesystem
+
+    s3fs_filesystem().mkdir("caches")
+    try:
+        yield server
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def dask_cluster():
+    """A real Dask scheduler with 2 worker processes (LocalCluster, in a child process of its own)."""
+    pytest.importorskip("distributed")
+    from daskcluster import DaskCluster
+
+    cluster = DaskCluster()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
