@@ -22,6 +22,10 @@ FORMAT = "cachegen"
 FORMAT_VERSION = 2
 MODES = ("cached", "live")
 ENCODINGS = ("npy", "png", "jpg")
+# Where a live cache is augmented: per sample in CPU worker processes, batch by batch on the
+# loader's device, or the device path when the loader's device is a GPU. Optional in
+# transform.augment_on (absent: "cpu", what every cache built before the field was).
+AUGMENT_ON = ("cpu", "device", "auto")
 # What makes two builds the same cache; epochs may grow, these may not change.
 IDENTITY_KEYS = ("source", "transform", "seed", "image", "output_shape", "shard_size", "mode")
 STATS_KEYS = ("pixel_sum", "pixel_sqsum", "pixel_count")  # per channel sums, on the shards stats come from
@@ -62,6 +66,7 @@ class Manifest:
     epochs: tuple[tuple[ShardEntry, ...], ...]  # mode "cached": the shards of cached epoch e; else ()
     source_shards: tuple[ShardEntry, ...]  # mode "live": the source pass; else ()
     raw: dict[str, Any]
+    augment_on: str = "cpu"  # one of AUGMENT_ON: where a live cache's transform runs
 
     @property
     def image_bytes(self) -> int:
@@ -151,6 +156,10 @@ def parse_manifest(raw: dict, root: Path) -> Manifest:
             raise fail("a text field is not text")
         if not (_ints([transform["size"]], 1) and (transform["resize"] is None or _ints([transform["resize"]], 1))):
             raise fail(f"transform size {transform['size']!r} / resize {transform['resize']!r} is not a side")
+        augment_on = transform.get("augment_on", "cpu")
+        if augment_on not in AUGMENT_ON or (augment_on != "cpu" and mode != "live"):
+            raise fail(f"transform augment_on {augment_on!r} is not one of {', '.join(AUGMENT_ON)} "
+                       "(only a live cache may say other than cpu)")
         encoding = image["encoding"]
         if encoding not in ENCODINGS:
             raise fail(f"image encoding {encoding!r} is not one of {', '.join(ENCODINGS)}")
@@ -223,7 +232,7 @@ def parse_manifest(raw: dict, root: Path) -> Manifest:
                     npy_header_bytes=header, mean=tuple(float(m) for m in raw["mean"]),
                     std=tuple(float(s) for s in raw["std"]), classes=tuple(classes), seed=seed, num_samples=n,
                     shard_size=shard_size, skipped=tuple(skipped), num_epochs=num_epochs, epochs=tuple(epochs),
-                    source_shards=source_shards, raw=raw)
+                    source_shards=source_shards, raw=raw, augment_on=augment_on)
 
 
 def _stats_shards(raw: dict, mode: str) -> list[dict]:
