@@ -31,6 +31,7 @@ from cachegen.manifest import (BUILD_STATE, FORMAT, FORMAT_VERSION, MANIFEST, de
 from cachegen.shards import TMP_MARK, encode, index_shard, npy_header_bytes, write_shard
 from cachegen.sources import Source, open_source, printable
 from cachegen.stats import PixelStats, channel_stats, stats_of_cache
+from cacheaug.batched import augment_batch, batch_seed, make_batched
 from cacheaug.transforms import (augment, borrowed_rng, epoch_fingerprint, fingerprint, is_random, make_transform,
                                  own_rng, to_hwc_uint8)
 
@@ -248,6 +249,27 @@ def _probe(job: Job, probes: list[tuple[int, Image.Image]]) -> tuple[tuple, tupl
     return first.shape, to_hwc_uint8(augment.fit(image)).shape, float(encoded)
 
 
+def _probe_batched(job: Job, probes: list[tuple[int, Image.Image]]) -> tuple[tuple, tuple]:
+    """Augment the probe images as one batch with the batched augmentation (epoch 0): (output
+    shape, source shape), both HWC."""
+    augmenter = _Augmenter(job)
+    pixels = [to_hwc_uint8(augmenter.fit(image)) for _, image in probes]
+    for (index, _), p in zip(probes, pixels):
+        if p.shape != pixels[0].shape:
+            raise CachegenError(f"a live cache stores the source un-augmented, so its images need one shape: "
+                                f"{job.source.name(index)} is {p.shape}, the first is {pixels[0].shape}; "
+                                "pass --resize N")
+    channels = pixels[0].shape[2]
+    batched = make_batched(job.spec, epoch=0, epochs=job.epochs, size=job.size, channels=channels,
+                           schedule=job.schedule)
+    batch = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).float().div_(255.0)
+    out = augment_batch(batched, batch, seed=batch_seed(job.seed, 0, 0), name=job.spec)
+    if out.shape[1] != channels:
+        raise CachegenError(f"transform {job.spec} turns {channels}-channel batches into {out.shape[1]} channels: "
+                            "the batched augmentation must keep the channels (mean/std are per source channel)")
+    return (out.shape[2], out.shape[3], out.shape[1]), pixels[0].shape
+
+
 def _choose_mode(config: BuildConfig, job: Job, n: int, epochs: int, probe_bytes: int) -> str:
     if config.mode != "auto":
         return config.mode
@@ -422,8 +444,15 @@ def _build(config: BuildConfig) -> dict:
         if not config.quiet:
             print(f"cachegen: {printable(str(config.out))} already holds {built} epochs; keeping them all")
     job = replace(job, spec=spec, epochs=epochs, size=size, channels=channels)
-    shape, source_shape, probe_bytes = _probe(replace(job, encoding="npy" if config.mode == "live" else job.encoding),
-                                              probes)
+    augment_on = config.augment_on
+    if augment_on == "auto" and ":" in spec:  # a factory's transform is per sample unless the user says otherwise
+        augment_on = "cpu"
+    if augment_on == "device":  # --mode live (BuildConfig): the batched augmentation gives the output shape
+        shape, source_shape = _probe_batched(job, probes)
+        probe_bytes = float(np.prod(source_shape))
+    else:
+        shape, source_shape, probe_bytes = _probe(replace(job, encoding="npy" if config.mode == "live"
+                                                          else job.encoding), probes)
     job = replace(job, shape=shape, source_shape=source_shape)
     borrowed = stats_of_cache(config.stats_from, shape[2]) if config.stats_from else None  # refused before any work
     n = len(source)
@@ -439,7 +468,8 @@ def _build(config: BuildConfig) -> dict:
         "source": {"kind": source.kind, "description": source.description,
                    "fingerprint": source.fingerprint(), "num_samples": n},
         "transform": {"spec": spec, "schedule": config.schedule, "size": size, "resize": config.resize,
-                      "fingerprint": fingerprint(spec, size=size, schedule=config.schedule)},
+                      "fingerprint": fingerprint(spec, size=size, schedule=config.schedule),
+                      **({"augment_on": augment_on} if mode == "live" else {})},
         "seed": config.seed,
         "image": {"encoding": encoding, "shape": list(stored_shape), "dtype": "uint8", "layout": "HWC",
                   **({"npy_header_bytes": npy_header_bytes(stored_shape)} if encoding == "npy" else {})},

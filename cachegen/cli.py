@@ -37,7 +37,10 @@ def main() -> None:
 @click.option("--epochs", default=10, show_default=True, type=int, help="Augmented epochs to write.")
 @click.option("--out", default="cache", show_default=True, type=click.Path(path_type=Path), help="Cache folder.")
 @click.option("--transform", default="auto", show_default=True,
-              help="Preset (cifar, imagenet, mnist, val) or module:factory called as factory(epoch, epochs).")
+              help="Preset (cifar, imagenet, mnist, val) or module:factory called as factory(epoch, epochs). "
+                   "It returns a torchvision transform of one PIL image, or, with --augment-on device, any "
+                   "nn.Module/callable over float (B, C, H, W) batches in [0, 1] (e.g. a Kornia "
+                   "AugmentationSequential).")
 @click.option("--schedule", default="constant", show_default=True, type=click.Choice(["constant", "linear"]),
               help="Preset strength over epochs: constant, or linear from full to half.")
 @click.option("--size", type=int, help="Output side length for presets [default: the source's: its "
@@ -55,6 +58,10 @@ def main() -> None:
 @click.option("--mode", default="auto", show_default=True, type=click.Choice(["auto", "cached", "live"]),
               help="cached: write augmented epochs; live: write the source once, augment while reading; "
                    "auto: live when the cache would exceed --max-cache-gb.")
+@click.option("--augment-on", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "device"]),
+              help="A live cache: cpu augments per sample (PIL) in worker processes; device gathers uint8 "
+                   "batches, moves them to the loader's device and augments them there in batches (Kornia); "
+                   "auto: device when the loader's device is CUDA (a module:factory: cpu unless you say device).")
 @click.option("--max-cache-gb", default=64.0, show_default=True, type=float,
               help="Largest cache --mode auto writes before it falls back to live.")
 @click.option("--resize", type=int, help="Resize+center-crop every source image to NxN first (deterministic).")
@@ -93,7 +100,8 @@ def info(cache: Path, as_json: bool) -> None:
         return
     click.echo(f"cache      {click.format_filename(cache)}  ({s['mode']}, format {s['format_version']})")
     click.echo(f"source     {s['source']['description']}  ({s['source']['num_samples']} samples)")
-    click.echo(f"transform  {s['transform']['spec']}  schedule={s['transform']['schedule']}  size={s['transform']['size']}")
+    click.echo(f"transform  {s['transform']['spec']}  schedule={s['transform']['schedule']}  size={s['transform']['size']}"
+               + (f"  augment_on={s['transform'].get('augment_on', 'cpu')}" if s["mode"] == "live" else ""))
     click.echo(f"seed       {s['seed']}")
     click.echo(f"contents   {s['contents']}, {s['bytes'] / 1e6:.1f} MB")
     click.echo(f"images     {s['image']['encoding']} {'x'.join(map(str, s['image']['shape']))} uint8"
