@@ -220,7 +220,10 @@ def run_bench(cache: Path | None, *, batch_size: int = 256, workers: int | None 
 
         # One loader per row, iterated pass after pass: each pass is the next epoch, as in training.
         cached_loader = CachedLoader(cache, batch_size=batch_size, device=dev, seed=1)
-        live_loader = open_loader(live_dir, batch_size=batch_size, device=dev, seed=1, workers=loader_workers)
+        live_loader = open_loader(live_dir, batch_size=batch_size, device=dev, seed=1, workers=loader_workers,
+                                  augment_on="cpu")
+        # The same live cache augmented in batches on the device (Kornia), no worker processes.
+        device_loader = open_loader(live_dir, batch_size=batch_size, device=dev, seed=1, augment_on="device")
         online_loader = torch.utils.data.DataLoader(online_ds, batch_size=batch_size, shuffle=True,
                                                     num_workers=loader_workers, pin_memory=dev.type == "cuda",
                                                     persistent_workers=False)
@@ -245,7 +248,8 @@ def run_bench(cache: Path | None, *, batch_size: int = 256, workers: int | None 
         for path in shards:  # warm the page cache: every row reads from memory
             Path(path).read_bytes()
         runs = [("cachegen CachedLoader", lambda: cached_loader),
-                (f"cachegen LiveLoader ({loader_workers} workers)", lambda: live_loader),
+                (f"cachegen LiveLoader, per sample ({loader_workers} workers)", lambda: live_loader),
+                (f"cachegen LiveLoader, batched on {dev.type} (no workers)", lambda: device_loader),
                 (f"online: torchvision DataLoader ({loader_workers} workers)", online),
                 (f"stock webdataset ({loader_workers} workers)", stock_webdataset)]
         if step is not None:  # warm the model up, and measure it alone on one batch already in place

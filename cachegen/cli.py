@@ -161,7 +161,8 @@ def preview(cache: Path, out: Path, samples: int, epochs: int) -> None:
 @click.option("--plot", type=click.Path(path_type=Path), help="Also draw a bar chart to this PNG.")
 @_one_line_errors
 def bench(cache, batch_size, workers, images, min_seconds, warmup, model, device, as_json, plot) -> None:
-    """Measure, side by side: the cache, live augmentation, online augmentation, stock webdataset, plain read().
+    """Measure, side by side: the cache, live augmentation (per sample in workers, and batched on the device),
+    online augmentation, stock webdataset, plain read().
 
     Without CACHE, a 2-epoch sample cache is built first. Every row is warmed up, then timed
     pass after pass until it has seen --images images and --min-seconds seconds. Columns:
