@@ -285,12 +285,12 @@ def format_table(result: dict) -> str:
              f"{c['min_images']} images and {c['min_seconds']:g} s were timed", ""]
 
     def table(rows: list[dict], with_model: bool) -> list[str]:
-        head = f"{'':44s} {'img/s':>9s} {'MB/s':>8s} {'x online':>9s} {'CPU %':>7s}"
+        head = f"{'':50s} {'img/s':>9s} {'MB/s':>8s} {'x online':>9s} {'CPU %':>7s}"
         head += f" {'data wait':>10s}" if with_model else ""
         out = [head + f" {'images':>8s} {'s':>6s}"]
         for r in rows:
             ratio = f"{r['ratio_to_online']:9.2f}" if r["ratio_to_online"] is not None else f"{'-':>9s}"
-            line = f"{r['name']:44s} {r['images_per_s']:9.0f} {r['mb_per_s']:8.1f} {ratio} {r['cpu_percent']:7.0f}"
+            line = f"{r['name']:50s} {r['images_per_s']:9.0f} {r['mb_per_s']:8.1f} {ratio} {r['cpu_percent']:7.0f}"
             if with_model:
                 line += f" {r['data_wait'] * 100:9.0f}%" if r["data_wait"] is not None else f" {'':>10s}"
             out.append(line + f" {r['images']:8d} {r['seconds']:6.1f}")
