@@ -9,7 +9,7 @@ imagenet preset at 224, then read three ways with the same batch size and cores:
   online     a torchvision DataLoader that decodes, resizes and augments every image every time
   live cpu   LiveLoader(augment_on="cpu"): stored uint8 (no decode), PIL augmentation in workers
   live dev   LiveLoader(augment_on="device"): stored uint8 gathered in batches, augmented on the
-             loader's device with Kornia, no workers
+             loader's device with Kornia, no workers (on the CPU: with torch's threads, and with one)
 
 Needs scikit-image (`pip install scikit-image`) for the sample photos.
 """
@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cachegen.bench import _device, _normalizer, _timed  # noqa: E402
+from cachegen.bench import _device, _normalizer, _one_thread, _timed  # noqa: E402
 from cachegen.build import build  # noqa: E402
 from cachegen.config import BuildConfig, default_workers  # noqa: E402
 from cachegen.online import online_dataset  # noqa: E402
@@ -84,12 +84,15 @@ def main() -> None:
                  f"({args.workers} workers)", lambda: ((normalize(x), y) for x, y in online_loader)),
                 (f"live, per sample: stored uint8, PIL in {args.workers} workers", lambda: per_sample),
                 (f"live, batched on {dev.type}: stored uint8, Kornia, no workers", lambda: batched)]
+        if dev.type == "cpu":  # torch's default threads, and one (see cachegen.bench.BATCHED_CPU)
+            rows.append(("live, batched on cpu: stored uint8, Kornia, 1 thread", lambda: batched))
         print(f"{args.images} JPEGs 500x375 q90 -> --resize 256 -> imagenet preset at 224, batch {args.batch_size}, "
               f"device {dev}, {default_workers()} cores, torch {torch.__version__}", flush=True)
         results = []
         for name, make in rows:
-            results.append(_timed(name, make, min_images=args.min_images, min_seconds=args.min_seconds,
-                                  warmup=args.warmup, image_bytes=224 * 224 * 3))
+            with _one_thread(name.endswith("1 thread")):
+                results.append(_timed(name, make, min_images=args.min_images, min_seconds=args.min_seconds,
+                                      warmup=args.warmup, image_bytes=224 * 224 * 3))
             print(f"  measured {name}", file=sys.stderr, flush=True)
     online = results[0].rate
     for r in results:

@@ -9,7 +9,7 @@ from PIL import Image
 
 from tests.cachegen.conftest import assert_one_line_error, run_cli
 
-ROWS = ("cachegen CachedLoader", "cachegen LiveLoader, per sample", "cachegen LiveLoader, batched on cpu",
+ROWS = ("cachegen CachedLoader", "cachegen LiveLoader, per sample", "cachegen LiveLoader, batched on cpu (1 thread",
         "online: torchvision DataLoader", "stock webdataset", "plain read()")
 FAST = ("--images", "300", "--min-seconds", "0.2", "--warmup", "64", "--batch-size", "64", "--workers", "1")
 GREEN, GREY = (46, 125, 50), (120, 120, 120)
