@@ -22,9 +22,10 @@ FORMAT = "cachegen"
 FORMAT_VERSION = 2
 MODES = ("cached", "live")
 ENCODINGS = ("npy", "png", "jpg")
-# Where a live cache is augmented: per sample in CPU worker processes, batch by batch on the
-# loader's device, or the device path when the loader's device is a GPU. Optional in
-# transform.augment_on (absent: "cpu", what every cache built before the field was).
+# Where a cache is augmented: per sample (a cached build's workers, a live reader's), in batches
+# (cacheaug.batched: a cached build's workers, a live reader on its device), or (live only) in
+# batches when the reader's device is a GPU. Optional in transform.augment_on (absent: "cpu", what
+# every cache built before the field was).
 AUGMENT_ON = ("cpu", "device", "auto")
 # What makes two builds the same cache; epochs may grow, these may not change.
 IDENTITY_KEYS = ("source", "transform", "seed", "image", "output_shape", "shard_size", "mode")
@@ -157,9 +158,9 @@ def parse_manifest(raw: dict, root: Path) -> Manifest:
         if not (_ints([transform["size"]], 1) and (transform["resize"] is None or _ints([transform["resize"]], 1))):
             raise fail(f"transform size {transform['size']!r} / resize {transform['resize']!r} is not a side")
         augment_on = transform.get("augment_on", "cpu")
-        if augment_on not in AUGMENT_ON or (augment_on != "cpu" and mode != "live"):
+        if augment_on not in AUGMENT_ON or (augment_on == "auto" and mode != "live"):
             raise fail(f"transform augment_on {augment_on!r} is not one of {', '.join(AUGMENT_ON)} "
-                       "(only a live cache may say other than cpu)")
+                       "(auto: a live cache only)")
         encoding = image["encoding"]
         if encoding not in ENCODINGS:
             raise fail(f"image encoding {encoding!r} is not one of {', '.join(ENCODINGS)}")

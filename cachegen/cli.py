@@ -59,9 +59,10 @@ def main() -> None:
               help="cached: write augmented epochs; live: write the source once, augment while reading; "
                    "auto: live when the cache would exceed --max-cache-gb.")
 @click.option("--augment-on", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "device"]),
-              help="A live cache: cpu augments per sample (PIL) in worker processes; device gathers uint8 "
-                   "batches, moves them to the loader's device and augments them there in batches (Kornia); "
-                   "auto: device when the loader's device is CUDA (a module:factory: cpu unless you say device).")
+              help="cpu: augment per sample (PIL). device: augment in batches (Kornia) - a live cache's "
+                   "reader moves uint8 batches to its device and augments them there; a cached build's "
+                   "workers augment each shard in batches (on the CPU). auto: a live cache augments on the "
+                   "device when the loader's is CUDA; a cached build per sample; a module:factory: cpu.")
 @click.option("--max-cache-gb", default=64.0, show_default=True, type=float,
               help="Largest cache --mode auto writes before it falls back to live.")
 @click.option("--resize", type=int, help="Resize+center-crop every source image to NxN first (deterministic).")

@@ -62,7 +62,7 @@ class BuildConfig:
     resize: int | None = None  # deterministic Resize+CenterCrop of every source image, before the transform
     channels: int | None = None  # 1 or 3: convert every source image; None: the source's own
     stats_from: Path | None = None  # a cache whose mean/std this cache's manifest takes (a val cache)
-    augment_on: str = "auto"  # a live cache: cpu (per sample), device (batched) or auto (device on a GPU)
+    augment_on: str = "auto"  # cpu (per sample), device (batched) or auto (live: device on a GPU; cached: cpu)
 
     def __post_init__(self) -> None:
         if not 1 <= self.epochs <= MAX_EPOCHS:
@@ -88,9 +88,6 @@ class BuildConfig:
             raise CachegenError(f"unknown --mode {self.mode!r}: use auto, cached or live")
         if self.augment_on not in AUGMENT_ON:
             raise CachegenError(f"unknown --augment-on {self.augment_on!r}: use {', '.join(AUGMENT_ON)}")
-        if self.augment_on == "device" and self.mode != "live":
-            raise CachegenError("--augment-on device augments a live cache as it is read: pass --mode live "
-                                "(a cached build augments per sample on the CPU)")
         if not self.max_cache_gb > 0:
             raise CachegenError(f"--max-cache-gb must be positive, got {self.max_cache_gb}")
         if self.resize is not None and not 1 <= self.resize <= MAX_SIDE:

@@ -4,6 +4,7 @@ with 1 and 2 workers on the same samples. Prints the two ratios the project trac
   scaling  = build(2 workers) / build(1 worker)          (goal >= 1.8 on 2 cores; printed beside
              the machine's ceiling: two bare transform loops at once / one)
   overhead = bare transform rate / build(1 worker) - 1    (goal <= 20 %: encode, tar, hash, IPC)
+  device   = build --augment-on device / per-sample build, 2 workers (shards augmented in batches)
 
 Usage: python scripts/bench_build.py [--epochs 4] [--repeats 3]
 """
@@ -50,11 +51,12 @@ def bare_transform_x2(epochs: int) -> float:
         return sum(pool.map(_bare_in_worker, [epochs, epochs]))
 
 
-def timed_build(epochs: int, workers: int, tmp: Path) -> float:
+def timed_build(epochs: int, workers: int, tmp: Path, augment_on: str = "cpu") -> float:
     out = tmp / f"cache-{workers}"
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
-    manifest = build(BuildConfig(out=out, epochs=epochs, workers=workers, quiet=True, transform="cifar"))
+    manifest = build(BuildConfig(out=out, epochs=epochs, workers=workers, quiet=True, transform="cifar",
+                                 augment_on=augment_on, mode="cached"))
     return manifest["epochs"] * manifest["epoch_list"][0]["samples"] / (time.perf_counter() - start)
 
 
@@ -64,23 +66,27 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     rates: dict[str, list[float]] = {"bare transform (1 process)": [], "bare transform (2 processes)": [],
-                                     "build --workers 1": [], "build --workers 2": []}
+                                     "build --workers 1": [], "build --workers 2": [],
+                                     "build --workers 2 --augment-on device": []}
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(args.repeats):  # interleaved, so drift on a shared machine hits all three alike
             rates["bare transform (1 process)"].append(bare_transform(args.epochs))
             rates["bare transform (2 processes)"].append(bare_transform_x2(args.epochs))
             rates["build --workers 1"].append(timed_build(args.epochs, 1, Path(tmp)))
             rates["build --workers 2"].append(timed_build(args.epochs, 2, Path(tmp)))
+            rates["build --workers 2 --augment-on device"].append(timed_build(args.epochs, 2, Path(tmp), "device"))
     med = {k: statistics.median(v) for k, v in rates.items()}
     n = args.epochs * 5000
     print(f"{n} CIFAR-shaped images (built-in sample, cifar preset), median of {args.repeats} runs")
     for name, rate in med.items():
-        print(f"  {name:28s} {rate:8.0f} img/s")
+        print(f"  {name:38s} {rate:8.0f} img/s")
     print(f"scaling  2 workers / 1 worker          {med['build --workers 2'] / med['build --workers 1']:.2f}x  (goal >= 1.8)")
     ceiling = med["bare transform (2 processes)"] / med["bare transform (1 process)"]
     print(f"machine ceiling: 2 bare loops / 1        {ceiling:.2f}x  (what 2 cores give with no cachegen at all)")
     overhead = med["bare transform (1 process)"] / med["build --workers 1"] - 1
     print(f"overhead beyond the bare transform     {overhead * 100:.0f} %   (goal <= 20 %)")
+    device = med["build --workers 2 --augment-on device"] / med["build --workers 2"]
+    print(f"device   batched / per-sample build        {device:.2f}x  (goal >= 3)")
 
 
 if __name__ == "__main__":
