@@ -37,6 +37,7 @@ def test_train_one_epoch(caches, loader):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "img/s" in done.stdout and "data wait" in done.stdout and "val accuracy" in done.stdout
+    assert ("augmenting on the CPU per sample (cpu)" in done.stdout) == (loader == "live")  # auto, on the CPU
     result = json.loads(results.read_text())
     assert result["loader"] == loader and result["tag"] == loader and 0.0 <= result["accuracy"] <= 1.0
 
