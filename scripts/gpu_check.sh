@@ -171,7 +171,7 @@ def to_device(batches):
 online = rate(f"DataLoader, online augmentation, {workers} workers", *train(to_device(forever(dl)), steps))
 live = LiveLoader(sys.argv[3], batch_size=batch, device=device, channels_last=True, drop_last=True)
 assert live.augment_on == "device", live.augment_on
-batched = rate("LiveLoader, augmented on the device in batches (Kornia), no workers", *train(forever(live), steps))
+batched = rate("LiveLoader, batched augmentation on the device, no workers", *train(forever(live), steps))
 print(f"CachedLoader reaches {cached / synthetic:.0%} of the synthetic-data rate; "
       f"device-augmented live {batched / synthetic:.0%} (goal >= 90 %); online augmentation {online / synthetic:.0%}")
 EOF

@@ -97,6 +97,18 @@ def test_device_batches_are_augmented_deterministic_and_cover_the_epoch(live):
     assert not _equal(a, _batches(LiveLoader(live, **{**options, "seed": 4}), 0))  # another order seed
 
 
+def test_device_batches_in_every_layout_and_dtype(live):
+    def first(**options):
+        return next(iter(LiveLoader(live, batch_size=32, seed=3, device="cpu", **options)))[0]
+
+    base = first()
+    channels_last = first(channels_last=True)
+    assert channels_last.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(channels_last, base, atol=1e-5)
+    half = first(dtype=torch.bfloat16)
+    assert half.dtype == torch.bfloat16 and torch.allclose(half.float(), base, atol=0.05)
+
+
 def test_device_batches_really_augment_the_stored_source(live):
     images = np.load(live.parent / "src.npz")["images"]
     loader = LiveLoader(live, batch_size=50, device="cpu", normalize=False, shuffle=False)
