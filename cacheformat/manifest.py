@@ -23,6 +23,11 @@ FORMAT = "cachegen"
 FORMAT_VERSION = 2
 MODES = ("cached", "live")
 ENCODINGS = ("npy", "png", "jpg")
+# Where a cache is augmented: per sample (a cached build's workers, a live reader's), in batches
+# (cacheaug.batched: a cached build's workers, a live reader on its device), or (live only) in
+# batches when the reader's device is a GPU. Optional in transform.augment_on (absent: "cpu", what
+# every cache built before the field was).
+AUGMENT_ON = ("cpu", "device", "auto")
 # What makes two builds the same cache; epochs may grow, these may not change.
 IDENTITY_KEYS = ("source", "transform", "seed", "image", "output_shape", "shard_size", "mode", "versions")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -63,6 +68,7 @@ class Manifest:
     epochs: tuple[tuple[ShardEntry, ...], ...]  # mode "cached": the shards of cached epoch e; else ()
     source_shards: tuple[ShardEntry, ...]  # mode "live": the source pass; else ()
     raw: dict[str, Any]
+    augment_on: str = "cpu"  # one of AUGMENT_ON: where a live cache's transform runs
 
     @property
     def image_bytes(self) -> int:
@@ -160,6 +166,10 @@ def parse_manifest(raw: dict, root: Path) -> Manifest:
             raise fail("transform factory_sha256 or versions is not a checksum / a map of version strings")
         if not (_ints([transform["size"]], 1) and (transform["resize"] is None or _ints([transform["resize"]], 1))):
             raise fail(f"transform size {transform['size']!r} / resize {transform['resize']!r} is not a side")
+        augment_on = transform.get("augment_on", "cpu")
+        if augment_on not in AUGMENT_ON or (augment_on == "auto" and mode != "live"):
+            raise fail(f"transform augment_on {augment_on!r} is not one of {', '.join(AUGMENT_ON)} "
+                       "(auto: a live cache only)")
         encoding = image["encoding"]
         if encoding not in ENCODINGS:
             raise fail(f"image encoding {encoding!r} is not one of {', '.join(ENCODINGS)}")
@@ -234,7 +244,7 @@ def parse_manifest(raw: dict, root: Path) -> Manifest:
                     npy_header_bytes=header, mean=tuple(float(m) for m in raw["mean"]),
                     std=tuple(float(s) for s in raw["std"]), classes=tuple(classes), seed=seed, num_samples=n,
                     shard_size=shard_size, skipped=tuple(skipped), num_epochs=num_epochs, epochs=tuple(epochs),
-                    source_shards=source_shards, raw=raw)
+                    source_shards=source_shards, raw=raw, augment_on=augment_on)
 
 
 def _stats_shards(raw: dict, mode: str) -> list[dict]:

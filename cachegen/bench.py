@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -134,6 +135,24 @@ def _timed(name: str, passes: Callable[[], Iterable], *, min_images: int, min_se
                kind=kind)
 
 
+# The batched-on-the-CPU row runs torch with one thread: on a loaded machine (other jobs on the
+# cores) torch's intra-op thread pool spins at its barriers and batched ops ran ~19x slower with 2
+# threads than with 1 here; one thread in one process is also the fewest cores of any row.
+BATCHED_CPU = "1 thread, no workers"
+
+
+@contextmanager
+def _one_thread(active: bool) -> Iterator[None]:
+    """torch's intra-op threads set to 1 inside, where `active`; as they were outside."""
+    threads = torch.get_num_threads()
+    if active:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _normalizer(mean, std, device):
     scale = torch.tensor([1 / (255 * s) for s in std], device=device).view(1, -1, 1, 1)
     bias = torch.tensor([-m / s for m, s in zip(mean, std)], device=device).view(1, -1, 1, 1)
@@ -220,7 +239,10 @@ def run_bench(cache: Path | None, *, batch_size: int = 256, workers: int | None 
 
         # One loader per row, iterated pass after pass: each pass is the next epoch, as in training.
         cached_loader = CachedLoader(cache, batch_size=batch_size, device=dev, seed=1)
-        live_loader = open_loader(live_dir, batch_size=batch_size, device=dev, seed=1, workers=loader_workers)
+        live_loader = open_loader(live_dir, batch_size=batch_size, device=dev, seed=1, workers=loader_workers,
+                                  augment_on="cpu")
+        # The same live cache augmented in batches on the device (Kornia), no worker processes.
+        device_loader = open_loader(live_dir, batch_size=batch_size, device=dev, seed=1, augment_on="device")
         online_loader = torch.utils.data.DataLoader(online_ds, batch_size=batch_size, shuffle=True,
                                                     num_workers=loader_workers, pin_memory=dev.type == "cuda",
                                                     persistent_workers=False)
@@ -245,7 +267,9 @@ def run_bench(cache: Path | None, *, batch_size: int = 256, workers: int | None 
         for path in shards:  # warm the page cache: every row reads from memory
             Path(path).read_bytes()
         runs = [("cachegen CachedLoader", lambda: cached_loader),
-                (f"cachegen LiveLoader ({loader_workers} workers)", lambda: live_loader),
+                (f"cachegen LiveLoader, per sample ({loader_workers} workers)", lambda: live_loader),
+                (f"cachegen LiveLoader, batched on {dev.type} ({BATCHED_CPU if dev.type == 'cpu' else 'no workers'})",
+                 lambda: device_loader),
                 (f"online: torchvision DataLoader ({loader_workers} workers)", online),
                 (f"stock webdataset ({loader_workers} workers)", stock_webdataset)]
         if step is not None:  # warm the model up, and measure it alone on one batch already in place
@@ -259,8 +283,9 @@ def run_bench(cache: Path | None, *, batch_size: int = 256, workers: int | None 
         limits = dict(min_images=images, min_seconds=min_seconds, warmup=warmup, image_bytes=image_bytes)
         for name, make in runs:
             progress(f"measuring {name} ...")
-            rows.append(_timed(name, make, step=step, kind="model" if name.startswith("model") else "loader",
-                               **limits))
+            with _one_thread(BATCHED_CPU in name):
+                rows.append(_timed(name, make, step=step, kind="model" if name.startswith("model") else "loader",
+                                   **limits))
         progress("measuring plain read() of the shard bytes ...")
         rows.append(_timed("plain read() of the shards", plain_read, kind="ceiling", **limits))
     online_rate = next(r.rate for r in rows if r.name.startswith("online"))
@@ -281,12 +306,12 @@ def format_table(result: dict) -> str:
              f"{c['min_images']} images and {c['min_seconds']:g} s were timed", ""]
 
     def table(rows: list[dict], with_model: bool) -> list[str]:
-        head = f"{'':44s} {'img/s':>9s} {'MB/s':>8s} {'x online':>9s} {'CPU %':>7s}"
+        head = f"{'':58s} {'img/s':>9s} {'MB/s':>8s} {'x online':>9s} {'CPU %':>7s}"
         head += f" {'data wait':>10s}" if with_model else ""
         out = [head + f" {'images':>8s} {'s':>6s}"]
         for r in rows:
             ratio = f"{r['ratio_to_online']:9.2f}" if r["ratio_to_online"] is not None else f"{'-':>9s}"
-            line = f"{r['name']:44s} {r['images_per_s']:9.0f} {r['mb_per_s']:8.1f} {ratio} {r['cpu_percent']:7.0f}"
+            line = f"{r['name']:58s} {r['images_per_s']:9.0f} {r['mb_per_s']:8.1f} {ratio} {r['cpu_percent']:7.0f}"
             if with_model:
                 line += f" {r['data_wait'] * 100:9.0f}%" if r["data_wait"] is not None else f" {'':>10s}"
             out.append(line + f" {r['images']:8d} {r['seconds']:6.1f}")

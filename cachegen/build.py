@@ -32,6 +32,7 @@ from cachegen.manifest import (BUILD_STATE, FORMAT, FORMAT_VERSION, MANIFEST, de
 from cachegen.shards import TMP_MARK, encode, index_shard, npy_header_bytes, write_shard
 from cachegen.sources import Source, open_source, printable
 from cachegen.stats import PixelStats, channel_stats, stats_of_cache
+from cacheaug.batched import augment_batch, batch_seed, make_batched
 from cacheaug.transforms import (augment, borrowed_rng, epoch_fingerprint, factory_sha256, fingerprint, is_random,
                                  library_versions, make_transform, own_rng, to_hwc_uint8)
 
@@ -64,6 +65,7 @@ class Job:
     channels: int | None = None  # every source image converted to 1 (L) or 3 (RGB); None: as loaded
     shape: tuple[int, int, int] | None = None  # every output image's HWC shape
     source_shape: tuple[int, int, int] | None = None  # the (resized) source's, where fixed
+    augment_on: str = "cpu"  # "device": a cached epoch's shard is augmented in batches (cacheaug.batched)
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,15 @@ class _Augmenter:
                                 "(end the transform with a Resize/CenterCrop)")
         return out
 
+    def batched(self, epoch: int):
+        """The batched augmentation of `epoch` (cacheaug.batched), made once per epoch."""
+        job = self.job
+        key = ("batched", epoch)
+        if key not in self.transforms:
+            self.transforms[key] = make_batched(job.spec, epoch=epoch, epochs=job.epochs, size=job.size,
+                                                channels=job.source_shape[2], schedule=job.schedule)
+        return self.transforms[key]
+
     def source_pixels(self, index: int, image: Image.Image) -> np.ndarray:
         """The un-augmented image as a live cache stores it: HWC uint8 of one fixed shape."""
         pixels = to_hwc_uint8(image)
@@ -149,6 +160,9 @@ def _write_task(task: ShardTask) -> tuple[str, dict]:
     job = augment.job
     stats = PixelStats(job.source_shape[2]) if task.stats else None
 
+    if task.epoch is not None and job.augment_on == "device":
+        return _write_batched(task, stats)
+
     def samples():
         for index in task.indices.tolist():
             image = augment.load(index)
@@ -164,6 +178,39 @@ def _write_task(task: ShardTask) -> tuple[str, dict]:
 
     prefix = "src" if task.epoch is None else f"e{task.epoch:04d}"
     entry = write_shard(job.root, task.relpath, prefix, samples(), job.encoding)
+    return task.relpath, {**_write_index(job.root, entry), **(stats.totals() if stats else {})}
+
+
+BUILD_BATCH = 256  # samples of a shard augmented together by a device build
+
+
+def _write_batched(task: ShardTask, stats: PixelStats | None) -> tuple[str, dict]:
+    """A cached epoch's shard, augmented in batches of BUILD_BATCH (`--augment-on device`): batch k
+    of the shard is seeded with batch_seed(seed, epoch, the shard's first source index, k), so the
+    bytes depend on neither the worker count nor the other shards."""
+    augment = _AUGMENT
+    job = augment.job
+    loaded = [(index, augment.load(index)) for index in task.indices.tolist()]
+    loaded = [(index, to_hwc_uint8(image)) for index, image in loaded if image is not None]
+    if stats is not None:
+        for _, pixels in loaded:
+            stats.add(pixels)
+    batched = augment.batched(task.epoch)
+    h, w, c = job.shape
+
+    def samples():
+        for k in range(0, len(loaded), BUILD_BATCH):
+            chunk = loaded[k:k + BUILD_BATCH]
+            pixels = [p for _, p in chunk]
+            _one_shape(job, chunk)
+            batch = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).float().div_(255.0)
+            seed = batch_seed(job.seed, task.epoch, int(task.indices[0]), stream=k // BUILD_BATCH)
+            out = augment_batch(batched, batch, seed=seed, name=job.spec, shape=(c, h, w))
+            rows = out.mul_(255.0).round_().to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+            for (index, _), row in zip(chunk, rows):
+                yield index, int(job.source.labels[index]), row
+
+    entry = write_shard(job.root, task.relpath, f"e{task.epoch:04d}", samples(), job.encoding)
     return task.relpath, {**_write_index(job.root, entry), **(stats.totals() if stats else {})}
 
 
@@ -249,6 +296,32 @@ def _probe(job: Job, probes: list[tuple[int, Image.Image]]) -> tuple[tuple, tupl
                             f"{' (RGBA)' if first.shape[2] == 4 else ''}: pass --channels 3 (or 1), or --format npy")
     encoded = np.mean([len(encode(out, job.encoding)) for out in outputs])
     return first.shape, to_hwc_uint8(augment.fit(image)).shape, float(encoded)
+
+
+def _probe_batched(job: Job, probes: list[tuple[int, Image.Image]]) -> tuple[tuple, tuple]:
+    """Augment the probe images as one batch with the batched augmentation (epoch 0): (output
+    shape, source shape), both HWC."""
+    augmenter = _Augmenter(job)
+    pixels = [to_hwc_uint8(augmenter.fit(image)) for _, image in probes]
+    _one_shape(job, [(index, p) for (index, _), p in zip(probes, pixels)])
+    channels = pixels[0].shape[2]
+    batched = make_batched(job.spec, epoch=0, epochs=job.epochs, size=job.size, channels=channels,
+                           schedule=job.schedule)
+    batch = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).float().div_(255.0)
+    out = augment_batch(batched, batch, seed=batch_seed(job.seed, 0, 0), name=job.spec)
+    if out.shape[1] != channels:
+        raise CachegenError(f"transform {job.spec} turns {channels}-channel batches into {out.shape[1]} channels: "
+                            "the batched augmentation must keep the channels (mean/std are per source channel)")
+    return (out.shape[2], out.shape[3], out.shape[1]), pixels[0].shape
+
+
+def _one_shape(job: Job, images: list[tuple[int, np.ndarray]]) -> None:
+    """CachegenError unless every (index, HWC image) has the first one's shape."""
+    first = images[0][1].shape
+    for index, pixels in images:
+        if pixels.shape != first:
+            raise CachegenError(f"--augment-on device augments whole batches, so the source images need one shape: "
+                                f"{job.source.name(index)} is {pixels.shape}, another {first}; pass --resize N")
 
 
 def _choose_mode(config: BuildConfig, job: Job, n: int, epochs: int, probe_bytes: int) -> str:
@@ -425,14 +498,21 @@ def _build(config: BuildConfig) -> dict:
         if not config.quiet:
             print(f"cachegen: {printable(str(config.out))} already holds {built} epochs; keeping them all")
     job = replace(job, spec=spec, epochs=epochs, size=size, channels=channels)
-    shape, source_shape, probe_bytes = _probe(replace(job, encoding="npy" if config.mode == "live" else job.encoding),
-                                              probes)
+    augment_on = config.augment_on
+    if augment_on == "auto" and ":" in spec:  # a factory's transform is per sample unless the user says otherwise
+        augment_on = "cpu"
+    if augment_on == "device":  # the batched augmentation gives the output shape
+        shape, source_shape = _probe_batched(job, probes)
+        probe_bytes = float(np.prod(shape))  # raw pixels: --mode auto's estimate
+    else:
+        shape, source_shape, probe_bytes = _probe(replace(job, encoding="npy" if config.mode == "live"
+                                                          else job.encoding), probes)
     job = replace(job, shape=shape, source_shape=source_shape)
     borrowed = stats_of_cache(config.stats_from, shape[2]) if config.stats_from else None  # refused before any work
     n = len(source)
     mode = _choose_mode(config, job, n, epochs, probe_bytes)
     stored_shape, encoding = (source_shape, "npy") if mode == "live" else (shape, config.encoding)
-    job = replace(job, encoding=encoding)
+    job = replace(job, encoding=encoding, augment_on=augment_on)
     count, nbytes = parse_shard_size(config.shard_size)
     per_shard = count or max(1, nbytes // int(np.prod(stored_shape)))
 
@@ -443,7 +523,8 @@ def _build(config: BuildConfig) -> dict:
                    "fingerprint": source.fingerprint(), "num_samples": n},
         "transform": {"spec": spec, "schedule": config.schedule, "size": size, "resize": config.resize,
                       "fingerprint": fingerprint(spec, size=size, schedule=config.schedule),
-                      "factory_sha256": factory_sha256(spec)},
+                      "factory_sha256": factory_sha256(spec),
+                      **({"augment_on": augment_on} if mode == "live" or augment_on == "device" else {})},
         "versions": library_versions(),  # a sample's bytes depend on them too
         "seed": config.seed,
         "image": {"encoding": encoding, "shape": list(stored_shape), "dtype": "uint8", "layout": "HWC",

@@ -42,7 +42,9 @@ def main() -> None:
               "before uploading [default: one in the system's temporary folder, named by the URL].")
 @click.option("--transform", default="auto", show_default=True,
               help="Preset (cifar, imagenet, mnist, val, none: store as is) or module:factory called as "
-                   "factory(epoch, epochs).")
+                   "factory(epoch, epochs). It returns a torchvision transform of one PIL image, or, with "
+                   "--augment-on device, any nn.Module/callable over float (B, C, H, W) batches in [0, 1] "
+                   "(e.g. a Kornia AugmentationSequential).")
 @click.option("--schedule", default="constant", show_default=True, type=click.Choice(["constant", "linear"]),
               help="Preset strength over epochs: constant, or linear from full to half.")
 @click.option("--size", type=int, help="Output side length for presets [default: the source's: its "
@@ -60,6 +62,11 @@ def main() -> None:
 @click.option("--mode", default="auto", show_default=True, type=click.Choice(["auto", "cached", "live"]),
               help="cached: write augmented epochs; live: write the source once, augment while reading; "
                    "auto: live when the cache would exceed --max-cache-gb.")
+@click.option("--augment-on", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "device"]),
+              help="cpu: augment per sample (PIL). device: augment in batches (Kornia) - a live cache's "
+                   "reader moves uint8 batches to its device and augments them there; a cached build's "
+                   "workers augment each shard in batches (on the CPU). auto: a live cache augments on the "
+                   "device when the loader's is CUDA; a cached build per sample; a module:factory: cpu.")
 @click.option("--max-cache-gb", default=64.0, show_default=True, type=float,
               help="Largest cache --mode auto writes before it falls back to live.")
 @click.option("--resize", type=int, help="Resize+center-crop every source image to NxN first (deterministic).")
@@ -121,7 +128,8 @@ def info(cache: str, as_json: bool) -> None:
         return
     click.echo(f"cache      {click.format_filename(cache)}  ({s['mode']}, format {s['format_version']})")
     click.echo(f"source     {s['source']['description']}  ({s['source']['num_samples']} samples)")
-    click.echo(f"transform  {s['transform']['spec']}  schedule={s['transform']['schedule']}  size={s['transform']['size']}")
+    click.echo(f"transform  {s['transform']['spec']}  schedule={s['transform']['schedule']}  size={s['transform']['size']}"
+               + (f"  augment_on={s['transform'].get('augment_on', 'cpu')}" if s["mode"] == "live" else ""))
     click.echo(f"seed       {s['seed']}")
     click.echo(f"contents   {s['contents']}, {s['bytes'] / 1e6:.1f} MB")
     click.echo(f"images     {s['image']['encoding']} {'x'.join(map(str, s['image']['shape']))} uint8"
@@ -185,7 +193,8 @@ def preview(cache: Path, out: Path, samples: int, epochs: int) -> None:
 @click.option("--plot", type=click.Path(path_type=Path), help="Also draw a bar chart to this PNG.")
 @_one_line_errors
 def bench(cache, batch_size, workers, images, min_seconds, warmup, model, device, as_json, plot) -> None:
-    """Measure, side by side: the cache, live augmentation, online augmentation, stock webdataset, plain read().
+    """Measure, side by side: the cache, live augmentation (per sample in workers, and batched on the device),
+    online augmentation, stock webdataset, plain read().
 
     Without CACHE, a 2-epoch sample cache is built first. Every row is warmed up, then timed
     pass after pass until it has seen --images images and --min-seconds seconds. Columns:

@@ -13,6 +13,7 @@ from PIL import Image
 from cachegen.errors import CachegenError
 from cacheformat.manifest import ENCODINGS
 from cacheaug.transforms import PRESETS, SCHEDULES
+from cacheformat.manifest import AUGMENT_ON
 
 MAX_EPOCHS = 10_000  # epoch-0000 .. epoch-9999: folder names and sample keys have four digits
 # The largest --size/--resize: its square is PIL's decompression-bomb limit (9459 at 89.5M pixels);
@@ -62,6 +63,7 @@ class BuildConfig:
     channels: int | None = None  # 1 or 3: convert every source image; None: the source's own
     stats_from: Path | None = None  # a cache whose mean/std this cache's manifest takes (a val cache)
     dask: str | None = None  # a Dask scheduler's address: shards are written by its workers
+    augment_on: str = "auto"  # cpu (per sample), device (batched) or auto (live: device on a GPU; cached: cpu)
 
     def __post_init__(self) -> None:
         if not 1 <= self.epochs <= MAX_EPOCHS:
@@ -88,6 +90,8 @@ class BuildConfig:
             raise CachegenError(f"unknown --on-error {self.on_error!r}: use fail or skip")
         if self.mode not in ("auto", "cached", "live"):
             raise CachegenError(f"unknown --mode {self.mode!r}: use auto, cached or live")
+        if self.augment_on not in AUGMENT_ON:
+            raise CachegenError(f"unknown --augment-on {self.augment_on!r}: use {', '.join(AUGMENT_ON)}")
         if not self.max_cache_gb > 0:
             raise CachegenError(f"--max-cache-gb must be positive, got {self.max_cache_gb}")
         if self.resize is not None and not 1 <= self.resize <= MAX_SIDE:

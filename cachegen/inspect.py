@@ -28,7 +28,10 @@ def samples_per_epoch(manifest: dict) -> int:
 
 def describe(manifest: dict) -> str:
     """One line: what the cache holds."""
-    kind = "augmented epochs" if manifest["mode"] == "cached" else "epochs, augmented live"
+    where = {"cpu": "cpu: per sample", "device": "device: in batches on the loader's device",
+             "auto": "auto: in batches on a GPU, else per sample"}
+    kind = "augmented epochs" if manifest["mode"] == "cached" else \
+        f"epochs, augmented live ({where[manifest['transform'].get('augment_on', 'cpu')]})"
     return (f"{manifest['epochs']} {kind}, {len(all_shards(manifest))} shards, "
             f"{samples_per_epoch(manifest)} samples per epoch")
 

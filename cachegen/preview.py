@@ -11,6 +11,7 @@ from torchvision.transforms import functional as F
 from torchvision.utils import make_grid, save_image
 
 from cachegen.build import Job, _Augmenter
+from cacheaug.batched import augment_batch, batch_seed, make_batched
 from cacheaug.transforms import borrowed_rng, to_hwc_uint8, to_pil
 from cachegen.errors import CachegenError
 from cacheformat.index import read_index
@@ -91,8 +92,11 @@ def preview(root: Path, out: Path, *, samples: int = 6, epochs: int = 8) -> tupl
         stored = _Stored(root, m, _locate(indexed[0], set(indices)))
         augment = _Augmenter(_job(m, stored))
         originals = [read_image(root, *stored.located[i], m["image"]) for i in indices]
-        with borrowed_rng():  # the caller's generators, given back once
-            columns = [[augment.augment(e, i, stored.load(i)) for e in range(shown)] for i in indices]
+        if checked.augment_on == "device":  # the shown samples as one batch per epoch, as a device loader would
+            columns = list(zip(*(_batched(checked, e, originals) for e in range(shown))))
+        else:
+            with borrowed_rng():  # the caller's generators, given back once
+                columns = [[augment.augment(e, i, stored.load(i)) for e in range(shown)] for i in indices]
     else:
         originals = _original(m, indices)
         by_epoch = [_locate(indexed[e], set(indices)) for e in range(shown)]
@@ -110,6 +114,17 @@ def preview(root: Path, out: Path, *, samples: int = 6, epochs: int = 8) -> tupl
     except (OSError, ValueError) as e:
         raise CachegenError(f"cannot write {out}: {e}; give a writable path ending in .png") from None
     return len(indices), per_row
+
+
+def _batched(m: Manifest, epoch: int, images: list[np.ndarray]) -> list[np.ndarray]:
+    """`images` (HWC uint8) augmented as one batch with the cache's batched augmentation of `epoch`."""
+    t = m.raw["transform"]
+    batched = make_batched(t["spec"], epoch=epoch, epochs=m.num_epochs, size=t["size"], channels=m.shape[2],
+                           schedule=t["schedule"])
+    batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div_(255.0)
+    h, w, c = m.output_shape
+    out = augment_batch(batched, batch, seed=batch_seed(m.seed, epoch, 0), name=t["spec"], shape=(c, h, w))
+    return list(out.mul(255.0).round_().to(torch.uint8).permute(0, 2, 3, 1).numpy())
 
 
 def _chw(image: np.ndarray, channels: int) -> torch.Tensor:

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 
 from readers.loader import Loader
 from readers.plan import DEFAULT_WINDOW, EpochPlan
-from readers.prefetch import Prefetcher
-from readers.shards import ShardFiles, iter_batches
+from readers.shards import ShardFiles
 
 
 class CachedLoader(Loader):
@@ -73,42 +72,10 @@ class CachedLoader(Loader):
                          mean=mean, std=std, local=local, **staging)
         self.verify = bool(verify)
         self._check_epochs()
-        self._spare: list[torch.Tensor] = []  # CPU host batches the device stage is done with
         self._files = ShardFiles(self.manifest, verify=self.verify, stager=self._stager)  # mappings kept between epochs
 
     def _shard_sizes(self, cache_epoch: int) -> list[int]:
         return [s.samples for s in self.manifest.epochs[cache_epoch]]
 
     def _host_batches(self, plan: EpochPlan, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        shards = self.manifest.epochs[plan.cache_epoch]
-        channels_first = self._copier.host_channels_first
-
-        def produce(stopping: Callable[[], bool] = lambda: False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-            return iter_batches(self._files, shards, plan, start=start, new_batch=self._new_batch,
-                                channels_first=channels_first, stop=stopping)
-
-        if self.options.prefetch:
-            return Prefetcher(produce, depth=self.options.prefetch, where=f"epoch {plan.epoch} of {self.manifest.root}")
-        return produce()
-
-    def _new_batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        pin = self._copier.pin
-        try:
-            images = self._spare.pop() if n == self.options.batch_size else None
-        except IndexError:
-            images = None
-        if images is None:
-            h, w, c = self.manifest.shape
-            shape = (n, c, h, w) if self._copier.host_channels_first else (n, h, w, c)
-            images = torch.empty(shape, dtype=torch.uint8, pin_memory=pin)
-        return images, torch.empty(n, dtype=torch.int64, pin_memory=pin)
-
-    def _recycle(self, host: torch.Tensor, converted: torch.Tensor) -> None:
-        """Keep a CPU host batch for reuse once the device stage has copied out of it: fresh
-        allocations of this size cost page faults. (Pinned batches for CUDA are reused by
-        torch's pinned-memory cache, which also waits for their copies to finish.)"""
-        if (self._copier.pin or len(host) != self.options.batch_size or len(self._spare) > self.options.prefetch + 1
-                or converted.untyped_storage().data_ptr() == host.untyped_storage().data_ptr()):
-            return
-        self._spare.append(host)
-
+        return self._gather(self._files, self.manifest.epochs[plan.cache_epoch], plan, start)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -68,12 +68,14 @@ class DeviceCopier:
         if self._stream is not None:
             self._stream.wait_stream(torch.cuda.current_stream(device))
 
-    def start(self, images: torch.Tensor, labels: torch.Tensor) -> Pending:
-        """Begin moving and converting one batch; returns at once on CUDA."""
+    def start(self, images: torch.Tensor, labels: torch.Tensor,
+              augment: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Pending:
+        """Begin moving and converting one batch; returns at once on CUDA. `augment`, where
+        given, runs on the device between the move and the normalisation (see convert)."""
         if self._stream is None:
-            return Pending(self.convert(images), labels, None)
+            return Pending(self.convert(images, augment), labels, None)
         with torch.cuda.stream(self._stream):
-            images = self.convert(images.to(self.device, non_blocking=True))
+            images = self.convert(images.to(self.device, non_blocking=True), augment)
             labels = labels.to(self.device, non_blocking=True)
             ready = torch.cuda.Event()
             ready.record(self._stream)
@@ -101,10 +103,21 @@ class DeviceCopier:
         """
         return self._stream is None and self.memory_format == torch.contiguous_format and not self.normalize
 
-    def convert(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 host-layout batch -> (B, C, H, W) in `dtype`, normalised, on the tensor's own device."""
+    def convert(self, images: torch.Tensor, augment: Callable[[torch.Tensor], torch.Tensor] | None = None
+                ) -> torch.Tensor:
+        """uint8 host-layout batch -> (B, C, H, W) in `dtype`, normalised, on the tensor's own device.
+
+        With `augment` (float (B, C, H, W) in [0, 1] -> the same, maybe another H, W), the batch
+        is augmented there first (batched augmentation: cacheaug.batched)."""
         if not self.host_channels_first:
             images = images.permute(0, 3, 1, 2)  # NHWC memory seen as NCHW: channels_last strides
+        if augment is not None:
+            augmented = augment(images.to(torch.float32).div_(255.0))
+            if not self.normalize:
+                return augmented.mul(255.0).round_().to(torch.uint8).contiguous(memory_format=self.memory_format)
+            # In [0, 1] units: (x - mean) / std = x * 255 * scale + bias.
+            out = augmented.contiguous(memory_format=self.memory_format).mul_(self._scale * 255.0).add_(self._bias)
+            return out if self.dtype == torch.float32 else out.to(self.dtype)
         if not self.normalize:
             return images.contiguous(memory_format=self.memory_format)
         out = images.to(torch.float32, memory_format=self.memory_format)

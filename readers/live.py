@@ -2,22 +2,28 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import logging
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from cacheaug.batched import AUGMENT_ON, augment_batch, batch_seed, make_batched
 from cacheaug.transforms import augment, drift, make_transform, to_pil
 from cacheformat.layout import epoch_shards
 from readers.errors import ReaderError
 from readers.loader import STAGING_OPTIONS, Loader, open_cache
 from readers.manifest import Manifest, Shard, live_shards
-from readers.plan import DEFAULT_WINDOW
+from readers.plan import DEFAULT_WINDOW, EpochPlan
 from readers.shards import SampleReads, ShardFiles
+
+_log = logging.getLogger(__name__)
 
 
 def _layout(manifest: Manifest, cache_epoch: int) -> list[np.ndarray]:
@@ -108,8 +114,15 @@ class LiveLoader(Loader):
     same device path: uint8 (pinned on CUDA) -> device -> normalised there.
 
     Takes CachedLoader's arguments, plus:
-        workers: augmenting processes; 0 augments in this process; None: ~75 % of the cores.
+        workers: augmenting processes (per-sample path); 0 augments in this process; None: ~75 %
+            of the cores.
         verify: check each source shard's sha256 on construction.
+        augment_on: "cpu" (per sample, PIL, in worker processes: the same samples a cached
+            build gives), "device" (the stored uint8 source gathered as CachedLoader gathers,
+            moved to the device, augmented there batch by batch with cacheaug.batched, then
+            normalised: no worker processes), "auto" (device when the loader's device is CUDA);
+            None: what the cache records (`cachegen build --augment-on`; cpu for older caches).
+            `loader.augment_on` says which path was chosen.
         local (and CachedLoader's download options): for a cache at a URL; a live cache's whole
             source is staged (and checked) on construction.
     """
@@ -121,8 +134,8 @@ class LiveLoader(Loader):
                  dtype: torch.dtype = torch.float32, channels_last: bool = False, rank: int | None = None,
                  world_size: int | None = None, prefetch: int | None = None, shuffle_window: int = DEFAULT_WINDOW,
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                 workers: int | None = None, verify: bool = False, local: str | Path | None = None,
-                 **staging) -> None:
+                 workers: int | None = None, verify: bool = False, augment_on: str | None = None,
+                 local: str | Path | None = None, **staging) -> None:
         super().__init__(cache, batch_size=batch_size, device=device, shuffle=shuffle, seed=seed,
                          drop_last=drop_last, normalize=normalize, dtype=dtype, channels_last=channels_last,
                          rank=rank, world_size=world_size, prefetch=prefetch, shuffle_window=shuffle_window,
@@ -140,6 +153,39 @@ class LiveLoader(Loader):
             warnings.warn(f"{cache} was built under other conditions ({'; '.join(changed)}): its samples are "
                           "augmented here as before, but not promised bit-identical to a cached build's",
                           stacklevel=2)
+        recorded = self.manifest.augment_on
+        if augment_on is not None and augment_on not in AUGMENT_ON:
+            raise ValueError(f"augment_on must be one of {', '.join(AUGMENT_ON)} (None: the cache's, "
+                             f"{recorded!r}), got {augment_on!r}")
+        choice = augment_on or recorded
+        if choice == "auto":  # batched augmentation wins on a GPU; on a CPU per-sample PIL may be faster
+            choice = "device" if self.device.type == "cuda" else "cpu"
+            _log.info("%s: augment_on auto: augmenting on the %s (device %s)", self.manifest.root,
+                      "device, batch by batch" if choice == "device" else "CPU, per sample", self.device)
+        self.augment_on = choice  # "device": batched, on the loader's device; "cpu": per sample, in workers
+        self._files = ShardFiles(self.manifest, verify=False)  # the device path's mappings, kept between epochs
+        self._batched: dict[int, object] = {}  # cache epoch -> its batched augmentation (device path)
+
+    def _device_augment(self, plan: EpochPlan, batch: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        if self.augment_on != "device":
+            return None
+        m, o = self.manifest, self.options
+        t = m.raw["transform"]
+        if plan.cache_epoch not in self._batched:
+            self._batched = {plan.cache_epoch: make_batched(t["spec"], epoch=plan.cache_epoch, epochs=m.num_epochs,
+                                                            size=t["size"], channels=m.output_shape[2],
+                                                            schedule=t["schedule"])}
+        augmentation = self._batched[plan.cache_epoch]
+        rank, world_size = self._split()
+        # A batch's randomness: the cache's seed, the training epoch, the batch, and what decides
+        # which samples it holds (the loader's order seed and the rank layout).
+        seed = batch_seed(m.seed, plan.epoch, batch, stream=(o.seed << 32) + (world_size << 16) + rank)
+        h, w, c = m.output_shape
+        return functools.partial(augment_batch, augmentation, seed=seed, name=t["spec"], shape=(c, h, w))
+
+    def _recycle(self, host: torch.Tensor, converted: torch.Tensor) -> None:
+        if self.augment_on == "device":  # host batches of _gather's; the DataLoader's are its own
+            super()._recycle(host, converted)
 
     def _layout(self, cache_epoch: int) -> list[np.ndarray]:
         if cache_epoch not in self._layouts:
@@ -149,16 +195,23 @@ class LiveLoader(Loader):
     def _shard_sizes(self, cache_epoch: int) -> list[int]:
         return [len(s) for s in self._layout(cache_epoch)]
 
-    def _host_batches(self, plan, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _indices(self, plan: EpochPlan) -> np.ndarray:
+        """The source index of every sample of `plan`, in delivery order."""
         layout = self._layout(plan.cache_epoch)
         positions = plan.samples()
         starts = np.cumsum([0] + [len(s) for s in layout])
         flat = np.concatenate(layout) if layout else np.zeros(0, np.int64)
-        indices = flat[starts[positions[:, 0]] + positions[:, 1]]
-        size = plan.batch_size
-        batches = [indices[k:k + size] for k in range(0, plan.num_batches * size, size)]
+        return flat[starts[positions[:, 0]] + positions[:, 1]]
+
+    def _host_batches(self, plan: EpochPlan, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        indices = self._indices(plan)
         if self._located is None:
             self._located = _locate(self.manifest)
+        if self.augment_on == "device":  # the stored source, gathered as CachedLoader gathers a cached epoch
+            source_plan = _SourcePlan.of(plan, self._located[0][indices])
+            return self._gather(self._files, live_shards(self.manifest), source_plan, start)
+        size = plan.batch_size
+        batches = [indices[k:k + size] for k in range(0, plan.num_batches * size, size)]
         dataset = _LiveBatches(self.manifest, batches, plan.cache_epoch, self._copier.host_channels_first,
                                *self._located)
         extra = {"prefetch_factor": self.options.prefetch or 2, "worker_init_fn": _init_worker} if self.workers else {}
@@ -168,6 +221,28 @@ class LiveLoader(Loader):
                                              num_workers=self.workers, pin_memory=self._copier.pin,
                                              generator=torch.Generator(), **extra)
         return _closing(iter(loader))
+
+
+@dataclass(frozen=True, eq=False)
+class _SourcePlan:
+    """An epoch plan re-addressed to a live cache's source pass, for iter_batches: the same
+    batches, each sample as (source shard, row), each batch sorted by it (one gather per source
+    shard a batch touches)."""
+
+    batch_size: int
+    num_batches: int
+    num_samples: int
+    epoch: int
+    rows: np.ndarray  # (num_samples, 2) int64
+
+    @classmethod
+    def of(cls, plan: EpochPlan, where: np.ndarray) -> _SourcePlan:
+        batch = np.arange(len(where), dtype=np.int64) // plan.batch_size
+        rows = where[np.lexsort((where[:, 1], where[:, 0], batch))] if len(where) else where
+        return cls(plan.batch_size, plan.num_batches, plan.num_samples, plan.epoch, rows)
+
+    def samples(self) -> np.ndarray:
+        return self.rows
 
 
 def _closing(it) -> Iterator:
@@ -194,14 +269,15 @@ def _check_shard(shard: Shard, verify: bool) -> None:
             raise ReaderError(f"{shard.path} fails its sha256 check (corrupted); rebuild it")
 
 
-def open_loader(cache: str | Path, *, workers: int | None = None, verify: bool = False, **options) -> Loader:
+def open_loader(cache: str | Path, *, workers: int | None = None, verify: bool = False,
+                augment_on: str | None = None, **options) -> Loader:
     """A CachedLoader or a LiveLoader, by what the cache's manifest says; same options, same batches.
 
-    `workers` applies to a live cache only (a cached one needs none).
+    `workers` and `augment_on` apply to a live cache only (a cached one needs neither).
     """
     from readers.cached import CachedLoader
 
     staging = {k: v for k, v in options.items() if k == "local" or k in STAGING_OPTIONS}
     if open_cache(cache, **staging)[0].mode == "live":
-        return LiveLoader(cache, workers=workers, verify=verify, **options)
+        return LiveLoader(cache, workers=workers, verify=verify, augment_on=augment_on, **options)
     return CachedLoader(cache, verify=verify, **options)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -10,9 +10,11 @@ import torch
 
 from readers.device import DeviceCopier, Pending
 from readers.errors import ReaderError
-from readers.manifest import Manifest, load_manifest
+from readers.manifest import Manifest, Shard, load_manifest
 from readers.options import LoaderOptions
 from readers.plan import DEFAULT_WINDOW, EpochPlan, plan_epoch, rank_length
+from readers.prefetch import Prefetcher
+from readers.shards import ShardFiles, iter_batches
 from readers.remote import Stager, is_url
 from readers.split import resolve_rank
 
@@ -102,6 +104,7 @@ class Loader:
         self.std = self.options.std or self.manifest.std
         self._copier = DeviceCopier(device=self.options.device, normalize=normalize, mean=self.mean,
                                     std=self.std, dtype=dtype, channels_last=channels_last)
+        self._spare: list[torch.Tensor] = []  # CPU host batches the device stage is done with (_gather's)
         self.sampler = EpochHook(self)  # what Lightning calls set_epoch on
         self._epoch = 0
         self._delivered = 0  # batches of this epoch handed out (or to skip, when placed)
@@ -124,8 +127,45 @@ class Loader:
         """uint8 host batches of `plan` from batch `start`; the iterator has close()."""
         raise NotImplementedError
 
+    def _device_augment(self, plan: EpochPlan, batch: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """The augmentation batch `batch` of `plan` gets on the device (DeviceCopier.convert), or None."""
+        return None
+
+    def _gather(self, files: ShardFiles, shards: Sequence[Shard], plan: EpochPlan,
+                start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """uint8 host batches of `plan` gathered from the mapped `shards` (the fast path): in a
+        background thread `prefetch` batches ahead where asked, else in the consumer's thread."""
+        channels_first = self._copier.host_channels_first
+
+        def produce(stopping: Callable[[], bool] = lambda: False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            return iter_batches(files, shards, plan, start=start, new_batch=self._new_batch,
+                                channels_first=channels_first, stop=stopping)
+
+        if self.options.prefetch:
+            return Prefetcher(produce, depth=self.options.prefetch, where=f"epoch {plan.epoch} of {self.manifest.root}")
+        return produce()
+
+    def _new_batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        pin = self._copier.pin
+        try:
+            images = self._spare.pop() if n == self.options.batch_size else None
+        except IndexError:
+            images = None
+        if images is None:
+            h, w, c = self.manifest.shape
+            shape = (n, c, h, w) if self._copier.host_channels_first else (n, h, w, c)
+            images = torch.empty(shape, dtype=torch.uint8, pin_memory=pin)
+        return images, torch.empty(n, dtype=torch.int64, pin_memory=pin)
+
     def _recycle(self, host: torch.Tensor, converted: torch.Tensor) -> None:
-        """Called when the device stage is done with a host batch."""
+        """Called when the device stage is done with a host batch: keep a CPU host batch of
+        _gather's for reuse once the device stage has copied out of it (fresh allocations of this
+        size cost page faults). Pinned batches for CUDA are reused by torch's pinned-memory cache,
+        which also waits for their copies to finish."""
+        if (self._copier.pin or len(host) != self.options.batch_size or len(self._spare) > self.options.prefetch + 1
+                or converted.untyped_storage().data_ptr() == host.untyped_storage().data_ptr()):
+            return
+        self._spare.append(host)
 
     @property
     def epoch(self) -> int:
@@ -216,7 +256,7 @@ class Loader:
         copier = self._copier
         producer = self._host_batches(plan, start)
         try:
-            pending, error = None, None
+            pending, error, taken = None, None, 0
             while True:
                 try:
                     images, labels = next(producer)
@@ -225,7 +265,9 @@ class Loader:
                 except Exception as e:  # a bad shard: deliver the batch before it first
                     error = e
                     break
-                started = copier.start(images, labels)  # batch k+1 moves while batch k trains
+                # batch k+1 moves (and is augmented, in a device-augmented live pass) while batch k trains
+                started = copier.start(images, labels, self._device_augment(plan, start + taken))
+                taken += 1
                 self._recycle(images, started.images)
                 if pending is not None:
                     yield self._hand_out(pending)

@@ -250,11 +250,11 @@ class Stager:
             try:
                 return attempt()
             except FileNotFoundError as e:
-                if last is not None:  # unreachable a moment ago: a restarting store may not serve it yet
-                    last = e
-                    continue
-                what = "no cache at" if rel == MANIFEST else "missing object"
-                raise ReaderError(f"{what} {url} (bucket or object not found)") from None
+                if rel == MANIFEST:
+                    raise ReaderError(f"no cache at {url} (bucket or object not found)") from None
+                # The manifest lists it: a store that is restarting (or only eventually consistent)
+                # may not serve it yet. Retried; a truly missing one is named after the last try.
+                last = e
             except PermissionError as e:
                 raise ReaderError(f"access to {url} denied ({_reason(e)}); check the credentials") from None
             except ReaderError:

@@ -1,6 +1,7 @@
 """Does reusing augmented epochs cost accuracy? Train the same model for E epochs fed online
 (fresh augmentation every epoch) and from caches of N = E, E/2 and E/4 epochs (the loader wraps
-epoch e to cached epoch e mod N), several seeds each, on the built-in sample; print mean ± std.
+epoch e to cached epoch e mod N), and from a live cache augmented in batches on the device (Kornia,
+fresh every epoch), several seeds each, on the built-in sample; print mean ± std.
 
     python scripts/accuracy.py --epochs 16 --seeds 3 --width 8                      # ~30 min, 2 CPU cores
     python scripts/accuracy.py --epochs 32 --seeds 3 --width 8 --train-size 500     # ~10 min
@@ -49,7 +50,10 @@ def main() -> None:
             caches[n] = tmp / f"cache-{n}"
             sh("cachegen", "build", str(source), "--epochs", str(n), "--out", str(caches[n]), "--quiet",
                "--transform", "cifar")
-        runs = [("online", E, caches[E])] + [("cached", n, caches[n]) for n in caches]
+        live = tmp / "live-device"  # augmented in batches on the loader's device (Kornia), fresh every epoch
+        sh("cachegen", "build", str(source), "--epochs", str(E), "--out", str(live), "--quiet", "--transform", "cifar",
+           "--mode", "live", "--augment-on", "device")
+        runs = [("online", E, caches[E]), ("live", E, live)] + [("cached", n, caches[n]) for n in caches]
         for seed in range(args.seeds):
             for loader, n, cache in runs:
                 print(f"--- {loader} N={n} seed {seed}", flush=True)
@@ -61,7 +65,8 @@ def main() -> None:
           f"(built-in sample: {args.train_size} train / 1000 test images, small ResNet width {args.width})")
     for loader, n, _ in runs:
         accs = [r["accuracy"] * 100 for r in rows if r["tag"] == f"{loader}-{n}"]
-        label = "online (fresh every epoch)" if loader == "online" else f"cached N = {n} (each reused {E // n}x)"
+        label = {"online": "online (fresh every epoch)", "live": "live, batched on the device"}.get(
+            loader, f"cached N = {n} (each reused {E // n}x)")
         spread = statistics.stdev(accs) if len(accs) > 1 else 0.0
         print(f"  {label:34s} {statistics.mean(accs):6.2f} ± {spread:4.2f} %   {[round(a, 1) for a in accs]}")
 

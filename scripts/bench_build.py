@@ -12,6 +12,8 @@ machine hits every row alike. Prints:
   Every ratio is the median over repeats of the two rows measured in the same repeat, printed with
   its range over the repeats (on a shared machine the range says how far to trust it).
   scaling  build(2 workers) / build(1 worker), beside the machine's own ceiling (2 bare loops / 1)
+  device   build --augment-on device (each shard augmented in batches with cacheaug.batched) /
+           the per-sample build, 2 workers (goal >= 3x)
   store    `cachegen build --transform none` (store as is, 1 worker) of WRITE_IMAGES CIFAR-shaped
            images from an .npz, whole command, vs a plain np.save of the same array (the floor);
            FFCV's, LitData's and Mosaic's writers on the same 20000 images are quoted from issue 9
@@ -137,6 +139,8 @@ def main() -> None:
                 "per-shard path, CPU time": shards.cpu,
                 "bare transform (2 processes)": bare_transform_x2(epochs) / 2,  # seconds per n images
                 "build --workers 2": timed_build(tmp / "c", workers=2, **cifar)[0],
+                "build --workers 2 --augment-on device": timed_build(tmp / "c", workers=2, augment_on="device",
+                                                                     mode="cached", **cifar)[0],
                 "np.save": timed_save(tmp / "a.npy", images, sync=False),
                 "np.save + fsync": timed_save(tmp / "a.npy", images, sync=True),
             })
@@ -166,6 +170,8 @@ def main() -> None:
           f"{ratio('per-shard path, CPU time', 'bare transform, CPU time')}")
     print(f"scaling:  build 2 workers / 1 worker {ratio('build --workers 1', 'build --workers 2')}  goal >= 1.8; "
           f"the machine's ceiling, 2 bare loops / 1: {ratio('bare transform (1 process)', 'bare transform (2 processes)')}")
+    print(f"device:   build --augment-on device (shards augmented in batches) / per-sample build, 2 workers "
+          f"{ratio('build --workers 2', 'build --workers 2 --augment-on device')}  goal >= 3")
     print(f"store as is: {args.write_images} CIFAR-shaped images (32x32x3 uint8 .npz), 1 process, whole command")
     print(f"  build --transform none --workers 1  {med['build --transform none']:5.2f} s   "
           f"{ratio('build --transform none', 'np.save')} np.save   "

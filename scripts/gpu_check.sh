@@ -9,8 +9,12 @@
 #      a. synthetic data already on the GPU (the model's own limit),
 #      b. CachedLoader over a cache built here with `cachegen build`,
 #      c. a torchvision DataLoader augmenting online (the cifar preset) with 12 workers;
+#      d. LiveLoader augmenting on the device (batched Kornia, `--augment-on device`), no workers;
 #   3. scripts/train.py for a few steps with each loader (cached, live, online): --device cuda,
-#      NCCL-free single process, bf16 autocast, channels_last, batches delivered on the GPU.
+#      NCCL-free single process, bf16 autocast, channels_last, batches delivered on the GPU;
+#   4. ResNet-50 at 224 px (batch 128) fed by a device-augmented live cache of 256 px images
+#      (imagenet preset) against synthetic data: the share of the synthetic step rate it reaches;
+#   5. the `cuda` tests (device copies, the device-augmented live path on CUDA).
 # Without CUDA it runs everything on the CPU at small sizes (batch 32, 2 workers, a few steps),
 # so the script is known to work; those numbers mean nothing about a GPU.
 set -euo pipefail
@@ -41,7 +45,10 @@ start=$(date +%s)
     --format npy --workers "$WORKERS" --quiet
 echo "gpu_check: cache built in $(( $(date +%s) - start ))s"
 
-"$PYTHON" - "$WORK/cache" "$WORK/source.npz" <<'EOF'
+"$PYTHON" -m cachegen build "$WORK/source.npz" --out "$WORK/live-device" --epochs "$EPOCHS" --transform cifar \
+    --mode live --augment-on device --workers "$WORKERS" --quiet
+
+"$PYTHON" - "$WORK/cache" "$WORK/source.npz" "$WORK/live-device" <<'EOF'
 import sys
 import time
 
@@ -50,7 +57,7 @@ import torch
 import torchvision
 from torchvision import transforms as T
 
-from readers import CachedLoader
+from readers import CachedLoader, LiveLoader
 
 cache, source = sys.argv[1], sys.argv[2]
 cuda = torch.cuda.is_available()
@@ -162,9 +169,84 @@ def to_device(batches):
 
 
 online = rate(f"DataLoader, online augmentation, {workers} workers", *train(to_device(forever(dl)), steps))
+live = LiveLoader(sys.argv[3], batch_size=batch, device=device, channels_last=True, drop_last=True)
+assert live.augment_on == "device", live.augment_on
+batched = rate("LiveLoader, batched augmentation on the device, no workers", *train(forever(live), steps))
 print(f"CachedLoader reaches {cached / synthetic:.0%} of the synthetic-data rate; "
-      f"online augmentation {online / synthetic:.0%}")
+      f"device-augmented live {batched / synthetic:.0%} (goal >= 90 %); online augmentation {online / synthetic:.0%}")
 EOF
+
+# 4. ResNet-50 at 224 px fed by a device-augmented live cache (256 px source, imagenet preset).
+if [ "$SAMPLES" -gt 10000 ]; then BIG=2000 SIDE=256 CROP=224; else BIG=64 SIDE=72 CROP=64; fi
+"$PYTHON" - "$WORK/big.npz" "$BIG" "$SIDE" <<'EOF'
+import sys
+import numpy as np
+rng = np.random.default_rng(1)
+n, side = int(sys.argv[2]), int(sys.argv[3])
+# smooth random content (8x8 blocks of noise): crops and resizes have edges to move
+small = rng.integers(0, 256, (n, side // 8, side // 8, 3), dtype=np.uint8)
+np.savez(sys.argv[1], images=small.repeat(8, 1).repeat(8, 2), labels=rng.integers(0, 100, n))
+EOF
+"$PYTHON" -m cachegen build "$WORK/big.npz" --out "$WORK/live-big" --epochs 2 --transform imagenet --size "$CROP" \
+    --mode live --augment-on device --workers "$WORKERS" --quiet
+"$PYTHON" - "$WORK/live-big" "$CROP" <<'EOF'
+import sys
+import time
+
+import torch
+import torchvision
+
+from readers import LiveLoader
+
+cuda = torch.cuda.is_available()
+device = torch.device("cuda" if cuda else "cpu")
+batch, steps, crop = (128, 40, int(sys.argv[2])) if cuda else (8, 2, int(sys.argv[2]))
+model = torchvision.models.resnet50(num_classes=100).to(device, memory_format=torch.channels_last)
+optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+
+def step(x, y):
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+def run(batches):
+    it = iter(batches)
+    for _ in range(3):
+        step(*next(it))
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step(*next(it))
+    if cuda:
+        torch.cuda.synchronize()
+    return steps * batch / (time.perf_counter() - t0)
+
+
+def forever(loader):
+    epoch = 0
+    while True:
+        loader.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+x = torch.randn(batch, 3, crop, crop, device=device).contiguous(memory_format=torch.channels_last)
+y = torch.randint(0, 100, (batch,), device=device)
+synthetic = run(iter(lambda: (x, y), None))
+live = LiveLoader(sys.argv[1], batch_size=batch, device=device, channels_last=True, drop_last=True)
+fed = run(forever(live))
+print(f"ResNet-50 at {crop} px, batch {batch}: synthetic {synthetic:,.0f} img/s, device-augmented live "
+      f"({live.augment_on}) {fed:,.0f} img/s: {fed / synthetic:.0%} of synthetic (goal >= 90 %)")
+EOF
+
+# 5. The CUDA tests (skipped without a GPU).
+"$PYTHON" -m pytest -q -p no:cacheprovider tests/readers/test_live_device.py tests/readers/test_reader_device.py \
+    -k cuda | tail -3
 # 3. scripts/train.py, a few steps with each loader, on the default device (cuda when there is one).
 "$PYTHON" -m cachegen build "$WORK/source.npz" --out "$WORK/live" --epochs "$EPOCHS" --transform cifar \
     --mode live --workers "$WORKERS" --quiet

@@ -140,6 +140,9 @@ def main() -> None:
             train = CachedLoader(args.cache, **common)
         elif args.loader == "live":
             train = open_loader(args.cache, workers=args.workers, **common)
+            if rank == 0:  # auto picks per cache and device: say which
+                print(f"live cache {args.cache}: augmenting on the "
+                      f"{'device in batches' if train.augment_on == 'device' else 'CPU per sample'} ({train.device})")
         else:
             train = OnlineLoader(args.cache, batch_size=args.batch_size, workers=args.workers, seed=args.seed,
                                  rank=rank, world_size=world, mean=manifest.mean, std=manifest.std, device=device,

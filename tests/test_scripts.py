@@ -37,6 +37,7 @@ def test_train_one_epoch(caches, loader):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "img/s" in done.stdout and "data wait" in done.stdout and "val accuracy" in done.stdout
+    assert ("augmenting on the CPU per sample (cpu)" in done.stdout) == (loader == "live")  # auto, on the CPU
     result = json.loads(results.read_text())
     assert result["loader"] == loader and result["tag"] == loader and 0.0 <= result["accuracy"] <= 1.0
 
@@ -105,3 +106,16 @@ def test_accelerate_example_under_torchrun_is_one_run_of_two_processes(caches, t
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("epoch 0 ") == 1  # printed by the main process only: Accelerate saw 2 processes
+
+
+def test_bench_imagenet_measures_its_three_rows(tmp_path):
+    pytest.importorskip("skimage", reason="the ImageNet-shaped bench draws its photos from scikit-image")
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_imagenet.py"), "--images", "24",
+                           "--min-images", "16", "--min-seconds", "0", "--warmup", "8", "--batch-size", "8",
+                           "--workers", "1", "--device", "cpu"], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    rows = [line for line in done.stdout.splitlines() if "img/s" in line]
+    assert [r.split(":")[0].strip() for r in rows] == ["online", "live, per sample", "live, batched on cpu",
+                                                       "live, batched on cpu"]
+    assert "1.00x online" in rows[0] and rows[3].rstrip().endswith("s)")

@@ -9,8 +9,8 @@ from PIL import Image
 
 from tests.cachegen.conftest import assert_one_line_error, run_cli
 
-ROWS = ("cachegen CachedLoader", "cachegen LiveLoader", "online: torchvision DataLoader", "stock webdataset",
-        "plain read()")
+ROWS = ("cachegen CachedLoader", "cachegen LiveLoader, per sample", "cachegen LiveLoader, batched on cpu (1 thread",
+        "online: torchvision DataLoader", "stock webdataset", "plain read()")
 FAST = ("--images", "300", "--min-seconds", "0.2", "--warmup", "64", "--batch-size", "64", "--workers", "1")
 GREEN, GREY = (46, 125, 50), (120, 120, 120)
 
@@ -25,7 +25,7 @@ def test_bench_json_has_every_row_and_field(build, tmp_path):
     assert (c["batch_size"], c["min_images"], c["min_seconds"], c["warmup_images"]) == (64, 300, 0.2, 64)
     names = [r["name"] for r in data["rows"]]
     assert names[0].startswith("model alone")
-    assert [any(n.startswith(prefix) for n in names) for prefix in ROWS] == [True] * 5
+    assert [any(n.startswith(prefix) for n in names) for prefix in ROWS] == [True] * len(ROWS)
     online = next(r for r in data["rows"] if r["name"].startswith("online"))
     for row in data["rows"]:
         assert row["images"] >= 300 and row["seconds"] >= 0.2 and row["images_per_s"] > 0 and row["cpu_percent"] >= 0

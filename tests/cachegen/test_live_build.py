@@ -24,7 +24,9 @@ def test_live_cache_stores_the_source_once(build, npz_source):
             stored = np.frombuffer(data, np.uint8, 3072, off + 128).reshape(32, 32, 3)
             assert np.array_equal(stored, images[index]) and label == labels[index]
     assert run_cli("verify", out).output.startswith("ok: 5 shards")
-    assert "7 epochs, augmented live, 5 shards, 240 samples per epoch" in run_cli("info", out).output
+    assert m["transform"]["augment_on"] == "auto"  # the default: batched on a GPU, per sample on a CPU
+    assert ("7 epochs, augmented live (auto: in batches on a GPU, else per sample), 5 shards, 240 samples per epoch"
+            in run_cli("info", out).output)
 
 
 def test_live_and_cached_record_the_same_normalisation(build, tmp_path):

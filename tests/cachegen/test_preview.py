@@ -9,9 +9,10 @@ from PIL import Image
 from tests.cachegen.conftest import assert_one_line_error, manifest, run_cli
 
 
-@pytest.mark.parametrize("mode", ["cached", "live"])
+@pytest.mark.parametrize("mode", ["cached", "live", "live-device"])
 def test_preview_grid_has_a_row_per_sample_and_a_column_per_epoch(build, tmp_path, mode):
-    out = build("--epochs", "3", "--mode", mode)
+    out = build("--epochs", "3", "--mode", "live", "--augment-on", "device") if mode == "live-device" else \
+        build("--epochs", "3", "--mode", mode)
     png = tmp_path / "grid.png"
     result = run_cli("preview", out, "--out", png, "--samples", "4")
     assert "4 samples x 4 columns" in result.output
@@ -21,6 +22,7 @@ def test_preview_grid_has_a_row_per_sample_and_a_column_per_epoch(build, tmp_pat
         pixels = np.asarray(grid)
     first_row = [pixels[2:34, 2 + 34 * k:34 + 34 * k] for k in range(4)]
     assert not np.array_equal(first_row[1], first_row[2])  # epochs differ
+    assert not np.array_equal(first_row[0], first_row[1])  # augmented: not the original
 
 
 def test_a_live_preview_shows_the_images_the_cached_build_stored(build, tmp_path):
@@ -51,3 +53,18 @@ def test_preview_to_an_unwritable_path(build, tmp_path):
     out = build("--epochs", "1")
     result = run_cli("preview", out, "--out", tmp_path / "nodir" / "x.png", expect=1)
     assert_one_line_error(result, "cannot write")
+
+
+def test_a_device_augmented_live_preview_shows_the_batched_augmentation(build, tmp_path):
+    import json
+
+    live = build("--epochs", "2", "--mode", "live", "--augment-on", "device")
+    run_cli("preview", live, "--out", tmp_path / "device.png", "--samples", "3")
+    raw = json.loads((live / "manifest.json").read_text())
+    raw["transform"]["augment_on"] = "cpu"  # the same cache read per sample
+    (live / "manifest.json").write_text(json.dumps(raw))
+    run_cli("preview", live, "--out", tmp_path / "cpu.png", "--samples", "3")
+    with Image.open(tmp_path / "device.png") as a, Image.open(tmp_path / "cpu.png") as b:
+        device, cpu = np.asarray(a), np.asarray(b)
+    assert np.array_equal(device[:, :34], cpu[:, :34])  # column 0: the originals
+    assert not np.array_equal(device[:, 34:], cpu[:, 34:])  # the epochs: batched (Kornia) draws, not PIL's

@@ -65,9 +65,10 @@ def test_open_loader_picks_by_the_manifest(pair):
         LiveLoader(cached_dir, batch_size=8)
 
 
-def test_live_resumes_mid_epoch(pair):
+@pytest.mark.parametrize("augment_on", ["cpu", "device"])  # per sample, and batched (cacheaug.batched)
+def test_live_resumes_mid_epoch(pair, augment_on):
     _, live_dir = pair
-    loader = LiveLoader(live_dir, batch_size=32, seed=2, device="cpu", workers=0)
+    loader = LiveLoader(live_dir, batch_size=32, seed=2, device="cpu", workers=0, augment_on=augment_on)
     full = _batches(loader, 1)
     loader.set_epoch(1)
     it = iter(loader)
@@ -75,12 +76,12 @@ def test_live_resumes_mid_epoch(pair):
         next(it)
     state = loader.state_dict()
     it.close()
-    again = LiveLoader(live_dir, batch_size=32, seed=2, device="cpu", workers=0)
+    again = LiveLoader(live_dir, batch_size=32, seed=2, device="cpu", workers=0, augment_on=augment_on)
     again.load_state_dict(state)
     again.set_epoch(1)
     rest = [(x.clone(), y.clone()) for x, y in again]
     assert len(rest) == len(full) - 4
-    assert all(torch.equal(a[0], b[0]) for a, b in zip(rest, full[4:]))
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(rest, full[4:]))
 
 
 def test_breaking_early_leaves_no_worker_behind(pair):

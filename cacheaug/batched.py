@@ -1,0 +1,112 @@
+"""Batched augmentation on Kornia: one call augments a whole (B, C, H, W) float batch, with random
+parameters drawn per sample, on whatever device the batch is on (CPU or CUDA).
+
+The live reader's device path (`--augment-on device`) uses it: uint8 source batches go to the
+device, become float in [0, 1], are augmented here batch by batch, then normalised.
+
+Randomness: a batch is augmented with torch's CPU generator (where Kornia draws its parameters)
+and the batch's device generator seeded from `batch_seed(...)`, both borrowed and given back as
+they were, so a batch depends only on its seed and never moves the caller's generators. The same
+seed gives the same batch on the same device type (and library versions); per-sample (PIL) and
+batched augmentation are equivalent in distribution, not bit-equal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+
+from cacheaug.transforms import TransformError, make_transform, strength
+from cacheformat.manifest import AUGMENT_ON  # noqa: F401  (re-exported: where a live cache augments)
+from cacheformat.seeding import sample_seed
+
+BATCH_SALT = 0xBA7C  # keeps batch seeds apart from the per-sample seeds of the same epoch
+
+
+def batch_seed(seed: int, epoch: int, batch: int, stream: int = 0) -> int:
+    """The seed of batch `batch` of epoch `epoch`; `stream` separates independent sequences of
+    batches (a loader's order seed and its rank layout)."""
+    return sample_seed(sample_seed(seed ^ BATCH_SALT, epoch, batch), stream, 0)
+
+
+def make_batched(spec: str, *, epoch: int, epochs: int, size: int, channels: int,
+                 schedule: str = "constant") -> Callable[[torch.Tensor], torch.Tensor]:
+    """The batched augmentation of `epoch`: a preset's Kornia equivalent, or what a user's
+    `module:factory` returns for (epoch, epochs) (any nn.Module or callable over float
+    (B, C, H, W) batches in [0, 1], e.g. a `kornia.augmentation.AugmentationSequential`)."""
+    if ":" in spec:
+        return make_transform(spec, epoch=epoch, epochs=epochs, size=size, schedule=schedule)
+    import kornia.augmentation as K
+
+    make_transform("val", epoch=epoch, epochs=epochs, size=size, schedule=schedule)  # checks the schedule
+    s = strength(epoch, epochs, schedule)
+    if spec == "cifar":
+        jitter = 0.2 * s
+        return torch.nn.Sequential(
+            K.RandomCrop((size, size), padding=max(1, round(size / 8 * s))),
+            K.RandomHorizontalFlip(),
+            # Saturation needs colour: a grayscale batch is jittered in brightness and contrast only.
+            K.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter if channels == 3 else 0.0, p=1.0),
+        )
+    if spec == "imagenet":
+        return torch.nn.Sequential(
+            K.RandomResizedCrop((size, size), scale=(1.0 - 0.92 * s, 1.0)),
+            K.RandomHorizontalFlip(),
+        )
+    if spec == "mnist":
+        return torch.nn.Sequential(
+            K.Resize(size, side="short"), K.CenterCrop(size),
+            K.RandomAffine(degrees=10 * s, translate=(0.1 * s, 0.1 * s), p=1.0),
+        )
+    if spec == "val":
+        return torch.nn.Sequential(K.Resize(size, side="short"), K.CenterCrop(size))
+    return make_transform(spec, epoch=epoch, epochs=epochs, size=size, schedule=schedule)  # raises: unknown
+
+
+@contextmanager
+def _seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """torch's CPU generator, and `device`'s where it is a GPU, seeded with `seed` inside, as they
+    were outside."""
+    generators = [torch.default_generator]
+    if device.type == "cuda":
+        generators.append(torch.cuda.default_generators[device.index if device.index is not None
+                                                       else torch.cuda.current_device()])
+    states = [g.get_state() for g in generators]
+    try:
+        for g in generators:
+            g.manual_seed(seed)
+        yield
+    finally:
+        for g, state in zip(generators, states):
+            g.set_state(state)
+
+
+def augment_batch(augmentation: Callable, images: torch.Tensor, *, seed: int, name: str,
+                  shape: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """`images` (float (B, C, H, W) in [0, 1]) augmented with the generators seeded with `seed`.
+
+    Returns a float (B, C, H, W) batch clamped to [0, 1]; `shape` (C, H, W), where given, is the
+    output every batch must have.
+
+    Raises:
+        TransformError: the augmentation fails or returns something else than a float batch of
+            the same size (and `shape`), in one line naming `name` (the preset or factory).
+    """
+    with _seeded(seed, images.device):
+        try:
+            out = augmentation(images)
+        except TransformError:
+            raise
+        except Exception as e:
+            raise TransformError(f"transform {name} failed on a batch of shape {tuple(images.shape)}: "
+                                 f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]) from None
+    want = f"a float (B, C, H, W) tensor with B = {len(images)}" + (f" and (C, H, W) = {shape}" if shape else "")
+    if not isinstance(out, torch.Tensor):
+        raise TransformError(f"transform {name} returned {type(out).__name__} for a batch: it must return {want}")
+    if not out.is_floating_point() or out.ndim != 4 or len(out) != len(images) or \
+            (shape is not None and tuple(out.shape[1:]) != tuple(shape)):
+        raise TransformError(f"transform {name} returned a {str(out.dtype).replace('torch.', '')} tensor of shape "
+                             f"{tuple(out.shape)} for a batch of {tuple(images.shape)}: it must return {want}")
+    return out.clamp(0.0, 1.0)
