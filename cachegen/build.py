@@ -9,6 +9,8 @@ import multiprocessing as mp
 import os
 import shutil
 import signal
+import socket
+import threading
 import warnings
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
@@ -604,6 +606,25 @@ def _build(config: BuildConfig) -> dict:
     return manifest
 
 
+_ONE_AT_A_TIME = threading.Lock()  # a Dask worker's threads share the process's global RNGs: one shard at a time
+
+
+def _write_on_worker(job: Job, task: ShardTask) -> tuple[str, dict]:
+    """Write one shard on a Dask worker: the augmenter made once per worker process (for the job
+    the client sent), the process's RNGs cachegen's, one shard at a time."""
+    global _AUGMENT
+    with _ONE_AT_A_TIME:
+        if not job.root.is_dir():
+            raise CachegenError(f"--out {job.root} is not there on Dask worker {socket.gethostname()} "
+                                f"(pid {os.getpid()}): --dask needs an output folder every worker sees at "
+                                "the same path (a shared file system)")
+        if _AUGMENT is None or _AUGMENT.job is not job:
+            torch.set_num_threads(1)
+            own_rng()
+            _AUGMENT = _Augmenter(job)
+        return _write_task(task)
+
+
 def _run(job: Job, tasks: list[ShardTask], workers: int, dask: str | None = None):
     """Yield (relpath, shard entry) as shards finish: in-process for one worker, else in a pool of
     processes, or as tasks on the Dask cluster at `dask`; the last two through one Executor seam."""
@@ -611,14 +632,14 @@ def _run(job: Job, tasks: list[ShardTask], workers: int, dask: str | None = None
     if not tasks:
         return
     if dask is not None:
-        from cachegen.cluster import dask_executor, write_on_worker
+        from cachegen.cluster import dask_executor
 
         with dask_executor(dask) as (executor, client):
             # Sent once, not with every task; a task's result, so a worker lost with it costs nothing.
             with warnings.catch_warnings():  # "large graph": meant, and once
                 warnings.simplefilter("ignore", UserWarning)
                 shared = client.submit(_same, job, pure=False)
-            yield from _completed([executor.submit(write_on_worker, shared, task) for task in tasks])
+            yield from _completed([executor.submit(_write_on_worker, shared, task) for task in tasks])
         return
     if workers == 1 or len(tasks) == 1:
         previous_threads = torch.get_num_threads()

@@ -10,20 +10,12 @@ elsewhere, and a shard is only ever renamed into place complete, so the bytes ar
 
 from __future__ import annotations
 
-import os
-import socket
-import threading
 from collections.abc import Iterator
 from concurrent.futures import Executor
 from contextlib import contextmanager
 from typing import Any
 
-import torch
-
-from cacheaug.transforms import own_rng
 from cachegen.errors import CachegenError
-
-_ONE_AT_A_TIME = threading.Lock()  # a worker's threads share the process's global RNGs: one shard at a time
 
 
 @contextmanager
@@ -45,20 +37,3 @@ def dask_executor(address: str) -> Iterator[tuple[Executor, Any]]:
     finally:
         executor.shutdown(wait=False)  # what is still queued or running is cancelled
         client.close()
-
-
-def write_on_worker(job, task) -> tuple[str, dict]:
-    """Write one shard on a Dask worker: the build's augmenter made once per worker process (for
-    the job the client sent), the process's RNGs cachegen's, one shard at a time."""
-    from cachegen import build
-
-    with _ONE_AT_A_TIME:
-        if not job.root.is_dir():
-            raise CachegenError(f"--out {job.root} is not there on Dask worker {socket.gethostname()} "
-                                f"(pid {os.getpid()}): --dask needs an output folder every worker sees at "
-                                "the same path (a shared file system)")
-        if build._AUGMENT is None or build._AUGMENT.job is not job:
-            torch.set_num_threads(1)
-            own_rng()
-            build._AUGMENT = build._Augmenter(job)
-        return build._write_task(task)
