@@ -51,7 +51,8 @@ def test_a_dask_build_is_byte_identical_to_a_local_build(dask_cluster, tmp_path)
     assert tree(tmp_path / "dask") == tree(tmp_path / "local")
 
 
-def test_a_worker_killed_mid_build_costs_only_its_tasks(dask_cluster, tmp_path):
+def _slow_build_under_way(dask_cluster, tmp_path) -> tuple[list[str], Path, subprocess.Popen]:
+    """(arguments, --out, the process) of a slow Dask build that has finished 2 shards (or ended)."""
     source = make_npz(tmp_path / "data.npz", n=200, size=16)[0]
     (tmp_path / "slow.py").write_text(SLOW)
     common = [str(source), "--epochs", "2", "--shard-size", "10", "--transform", f"{tmp_path / 'slow.py'}:factory"]
@@ -60,6 +61,11 @@ def test_a_worker_killed_mid_build_costs_only_its_tasks(dask_cluster, tmp_path):
     deadline = time.monotonic() + 120
     while len(list(out.glob("*/*.tar"))) < 2 and time.monotonic() < deadline and run.poll() is None:
         time.sleep(0.05)
+    return common, out, run
+
+
+def test_a_worker_killed_mid_build_costs_only_its_tasks(dask_cluster, tmp_path):
+    common, out, run = _slow_build_under_way(dask_cluster, tmp_path)
     assert run.poll() is None, "the build ended before a worker could be killed"
     victim = dask_cluster.worker_pids()[0]
     os.kill(victim, signal.SIGKILL)
@@ -87,14 +93,7 @@ def test_an_unreachable_scheduler_is_one_line(tmp_path):
 
 
 def test_a_client_killed_mid_build_resumes_like_a_local_build(dask_cluster, tmp_path):
-    source = make_npz(tmp_path / "data.npz", n=200, size=16)[0]
-    (tmp_path / "slow.py").write_text(SLOW)
-    common = [str(source), "--epochs", "2", "--shard-size", "10", "--transform", f"{tmp_path / 'slow.py'}:factory"]
-    out = tmp_path / "dask"
-    run = dask_build([*common, "--out", str(out)], dask_cluster.address)
-    deadline = time.monotonic() + 120
-    while len(list(out.glob("*/*.tar"))) < 2 and time.monotonic() < deadline and run.poll() is None:
-        time.sleep(0.05)
+    common, out, run = _slow_build_under_way(dask_cluster, tmp_path)
     run.kill()  # the client: its tasks are released on the cluster
     run.communicate()
     assert not (out / "manifest.json").exists()
