@@ -159,8 +159,8 @@ def parse_manifest(raw: dict, root: Path) -> Manifest:
         spec = raw["source_spec"]["spec"]
         if not all(isinstance(x, str) for x in texts) or not (spec is None or isinstance(spec, str)):
             raise fail("a text field is not text")
-        factory = transform.get("factory_sha256")
-        versions = raw.get("versions", {})
+        factory = transform["factory_sha256"]  # null for a preset; always written
+        versions = raw["versions"]
         if not (factory is None or _is_sha256(factory)) or not (
                 isinstance(versions, dict) and all(isinstance(v, str) for v in versions.values())):
             raise fail("transform factory_sha256 or versions is not a checksum / a map of version strings")

@@ -36,6 +36,8 @@ FAULTS = {
     "transform size 0": (lambda m: m["transform"].update(size=0), "transform size 0"),
     "factory checksum not hex": (lambda m: m["transform"].update(factory_sha256="x"), "factory_sha256 or versions"),
     "versions not strings": (lambda m: m.update(versions={"torch": 2}), "factory_sha256 or versions"),
+    "factory checksum deleted": (lambda m: m["transform"].pop("factory_sha256"), "KeyError: 'factory_sha256'"),
+    "versions deleted": (lambda m: m.pop("versions"), "KeyError: 'versions'"),
     "stats_from a number": (lambda m: m.update(stats_from=3), "stats_from 3 is not the path"),
     "augment_on unknown": (lambda m: m["transform"].update(augment_on="gpu"), "augment_on 'gpu' is not one of cpu"),
     "augment_on auto, cached": (lambda m: m["transform"].update(augment_on="auto"), r"\(auto: a live cache only\)"),
