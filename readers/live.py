@@ -20,7 +20,7 @@ from cacheformat.layout import epoch_shards
 from readers.errors import ReaderError
 from readers.loader import STAGING_OPTIONS, Loader, open_cache
 from readers.manifest import Manifest, Shard, live_shards
-from readers.plan import DEFAULT_WINDOW, EpochPlan
+from readers.plan import DEFAULT_WINDOW, EpochPlan, sort_batches
 from readers.shards import SampleReads, ShardFiles
 
 _log = logging.getLogger(__name__)
@@ -237,9 +237,8 @@ class _SourcePlan:
 
     @classmethod
     def of(cls, plan: EpochPlan, where: np.ndarray) -> _SourcePlan:
-        batch = np.arange(len(where), dtype=np.int64) // plan.batch_size
-        rows = where[np.lexsort((where[:, 1], where[:, 0], batch))] if len(where) else where
-        return cls(plan.batch_size, plan.num_batches, plan.num_samples, plan.epoch, rows)
+        return cls(plan.batch_size, plan.num_batches, plan.num_samples, plan.epoch,
+                   sort_batches(where.astype(np.int64), plan.batch_size))
 
     def samples(self) -> np.ndarray:
         return self.rows

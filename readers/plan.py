@@ -62,15 +62,21 @@ class EpochPlan:
                                    for s in window.segments])
             parts.append(flat[window.order])
         out = np.concatenate(parts)[:self.num_samples].astype(np.int64) if parts else np.zeros((0, 2), np.int64)
-        if not len(out):
-            return out
-        batch = np.arange(len(out), dtype=np.int64) // self.batch_size
-        shard_bits, row_bits = int(out[:, 0].max()).bit_length(), int(out[:, 1].max()).bit_length()
-        if int(batch[-1]).bit_length() + shard_bits + row_bits > 63:  # too big to pack in one int64 key
-            return out[np.lexsort((out[:, 1], out[:, 0], batch))]
-        # One packed key sorted by value: ~3x faster than a three-key lexsort (it runs every epoch).
-        key = np.sort((batch << (shard_bits + row_bits)) | (out[:, 0] << row_bits) | out[:, 1])
-        return np.stack([(key >> row_bits) & ((1 << shard_bits) - 1), key & ((1 << row_bits) - 1)], axis=1)
+        return sort_batches(out, self.batch_size)
+
+
+def sort_batches(samples: np.ndarray, batch_size: int) -> np.ndarray:
+    """(n, 2) int64 (shard, row) pairs with each run of `batch_size` sorted by (shard, row): the
+    same batches, each read with one gather per shard it touches, in file order."""
+    if not len(samples):
+        return samples
+    batch = np.arange(len(samples), dtype=np.int64) // batch_size
+    shard_bits, row_bits = int(samples[:, 0].max()).bit_length(), int(samples[:, 1].max()).bit_length()
+    if int(batch[-1]).bit_length() + shard_bits + row_bits > 63:  # too big to pack in one int64 key
+        return samples[np.lexsort((samples[:, 1], samples[:, 0], batch))]
+    # One packed key sorted by value: ~3x faster than a three-key lexsort (it runs every epoch).
+    key = np.sort((batch << (shard_bits + row_bits)) | (samples[:, 0] << row_bits) | samples[:, 1])
+    return np.stack([(key >> row_bits) & ((1 << shard_bits) - 1), key & ((1 << row_bits) - 1)], axis=1)
 
 
 def rank_length(total: int, *, batch_size: int, world_size: int, drop_last: bool) -> tuple[int, int]:

@@ -47,6 +47,12 @@ def decode(encoding: str, payload: bytes) -> np.ndarray:
     return decode_image(torch.frombuffer(bytearray(payload), dtype=torch.uint8)).permute(1, 2, 0).numpy()
 
 
+def epoch_batches(loader, epoch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every (images, labels) batch of training epoch `epoch`, cloned (kept after the pass)."""
+    loader.set_epoch(epoch)
+    return [(x.clone(), y.clone()) for x, y in loader]
+
+
 def collect(loader) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Every batch of one pass: images as uint8 NHWC arrays, labels as arrays."""
     images, labels = [], []

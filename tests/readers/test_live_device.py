@@ -19,6 +19,7 @@ import torch.multiprocessing as mp
 from click.testing import CliRunner
 
 from cachegen.cli import main
+from loader_checks import epoch_batches
 from readers import LiveLoader, ReaderError, open_loader
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
@@ -52,11 +53,6 @@ def live(tmp_path_factory) -> Path:
     return root / "live"
 
 
-def _batches(loader, epoch):
-    loader.set_epoch(epoch)
-    return [(x.clone(), y.clone()) for x, y in loader]
-
-
 def _equal(a, b) -> bool:
     return len(a) == len(b) and all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(a, b))
 
@@ -84,17 +80,17 @@ def test_device_batches_are_augmented_deterministic_and_cover_the_epoch(live):
     options = dict(batch_size=32, seed=3, device="cpu")
     torch.manual_seed(0)
     state = torch.get_rng_state()
-    a = _batches(LiveLoader(live, **options), 0)
+    a = epoch_batches(LiveLoader(live, **options), 0)
     assert torch.equal(torch.get_rng_state(), state)  # a pass leaves the caller's generator alone
-    b = _batches(LiveLoader(live, **options), 0)
+    b = epoch_batches(LiveLoader(live, **options), 0)
     assert _equal(a, b)
     assert len(a) == 7 and a[0][0].shape == (32, 3, 32, 32) and a[0][0].dtype == torch.float32
     # every sample once per epoch, as the per-sample path delivers it (same batches, other draws)
-    per_sample = _batches(LiveLoader(live, augment_on="cpu", workers=0, **options), 0)
+    per_sample = epoch_batches(LiveLoader(live, augment_on="cpu", workers=0, **options), 0)
     assert [sorted(x[1].tolist()) for x in a] == [sorted(x[1].tolist()) for x in per_sample]
     assert not torch.equal(a[0][0], per_sample[0][0])
-    assert not _equal(a, _batches(LiveLoader(live, **options), 1))  # another epoch
-    assert not _equal(a, _batches(LiveLoader(live, **{**options, "seed": 4}), 0))  # another order seed
+    assert not _equal(a, epoch_batches(LiveLoader(live, **options), 1))  # another epoch
+    assert not _equal(a, epoch_batches(LiveLoader(live, **{**options, "seed": 4}), 0))  # another order seed
 
 
 def test_device_batches_in_every_layout_and_dtype(live):
@@ -112,7 +108,7 @@ def test_device_batches_in_every_layout_and_dtype(live):
 def test_device_batches_really_augment_the_stored_source(live):
     images = np.load(live.parent / "src.npz")["images"]
     loader = LiveLoader(live, batch_size=50, device="cpu", normalize=False, shuffle=False)
-    batches = _batches(loader, 0)
+    batches = epoch_batches(loader, 0)
     assert batches[0][0].dtype == torch.uint8 and batches[0][0].shape == (50, 3, 32, 32)
     source = {images[i].transpose(2, 0, 1).tobytes() for i in range(len(images))}
     delivered = [x.numpy().tobytes() for b in batches for x in b[0]]
@@ -143,7 +139,7 @@ def test_ddp_ranks_get_equal_disjoint_batches_as_a_single_process_would(live, tm
     source = np.load(live.parent / "src.npz")["labels"]
     assert sum(labels[0].values()) + sum(labels[1].values()) == 192 <= len(source)
     for r, result in enumerate(ranks):  # each rank's batches are the ones this process computes for that rank
-        mine = _batches(LiveLoader(live, batch_size=16, device="cpu", normalize=False, drop_last=True, rank=r,
+        mine = epoch_batches(LiveLoader(live, batch_size=16, device="cpu", normalize=False, drop_last=True, rank=r,
                                    world_size=2), 0)
         assert [(x.numpy().tolist(), y.tolist()) for x, y in mine] == [tuple(b) for b in map(tuple, result["batches"])]
     assert ranks[0]["batches"][0][0] != ranks[1]["batches"][0][0]
@@ -165,7 +161,7 @@ def test_a_kornia_factory_builds_and_reads(tmp_path, factory):
     assert result.exit_code == 0, result.output
     manifest = json.loads((tmp_path / "k" / "manifest.json").read_text())
     assert manifest["output_shape"] == [24, 24, 3] and manifest["transform"]["augment_on"] == "device"
-    batches = _batches(LiveLoader(tmp_path / "k", batch_size=20, device="cpu"), 0)
+    batches = epoch_batches(LiveLoader(tmp_path / "k", batch_size=20, device="cpu"), 0)
     assert [tuple(x.shape) for x, _ in batches] == [(20, 3, 24, 24)] * 3
     # a factory without --augment-on device stays per sample (auto records cpu for a module:factory)
     result = _build(tmp_path, "k2", "--mode", "live", "--transform", f"{factory}:pipeline")
@@ -185,10 +181,10 @@ def test_cuda_device_path_is_deterministic_and_auto_picks_it(live):
     loader = LiveLoader(live, augment_on="auto", **options)
     assert loader.augment_on == "device"
     state = torch.cuda.get_rng_state()
-    a, b = _batches(loader, 0), _batches(LiveLoader(live, **options), 0)
+    a, b = epoch_batches(loader, 0), epoch_batches(LiveLoader(live, **options), 0)
     assert torch.equal(torch.cuda.get_rng_state(), state)
     assert _equal(a, b) and a[0][0].device.type == "cuda" and a[0][0].shape == (32, 3, 32, 32)
-    cpu = _batches(LiveLoader(live, batch_size=32, seed=3, device="cpu", augment_on="device"), 0)
+    cpu = epoch_batches(LiveLoader(live, batch_size=32, seed=3, device="cpu", augment_on="device"), 0)
     assert [torch.equal(x[1].cpu(), y[1]) for x, y in zip(a, cpu)] == [True] * len(a)  # same samples per batch
     # the parameters are drawn on the CPU: the same crops and flips; float kernels may differ slightly
     assert max(float((x[0].cpu() - y[0]).abs().max()) for x, y in zip(a, cpu)) < 0.1

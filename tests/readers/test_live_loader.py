@@ -10,6 +10,7 @@ import torch
 from click.testing import CliRunner
 
 from cachegen.cli import main
+from loader_checks import epoch_batches
 from readers import CachedLoader, LiveLoader, ReaderError, open_loader
 
 
@@ -27,22 +28,17 @@ def pair(tmp_path_factory):
     return root / "cached", root / "live"
 
 
-def _batches(loader, epoch):
-    loader.set_epoch(epoch)
-    return [(x.clone(), y.clone()) for x, y in loader]
-
-
 @pytest.mark.parametrize("workers", [0, 2])
 def test_live_equals_cached_batch_for_batch(pair, workers):
     cached_dir, live_dir = pair
     options = dict(batch_size=32, seed=5, device="cpu")
     cached, live = CachedLoader(cached_dir, **options), LiveLoader(live_dir, workers=workers, **options)
     for epoch in (0, 1, 2):  # epoch 2 wraps to cached epoch 0 with a fresh order
-        a, b = _batches(cached, epoch), _batches(live, epoch)
+        a, b = epoch_batches(cached, epoch), epoch_batches(live, epoch)
         assert len(a) == len(b) == len(cached) == len(live) == 10
         for (xa, ya), (xb, yb) in zip(a, b):
             assert torch.equal(ya, yb) and torch.equal(xa, xb)
-    assert not torch.equal(_batches(live, 0)[0][0], _batches(live, 1)[0][0])
+    assert not torch.equal(epoch_batches(live, 0)[0][0], epoch_batches(live, 1)[0][0])
 
 
 def test_live_equals_cached_per_rank_and_in_uint8(pair):
@@ -50,8 +46,8 @@ def test_live_equals_cached_per_rank_and_in_uint8(pair):
     for rank in (0, 1):
         options = dict(batch_size=16, seed=1, device="cpu", rank=rank, world_size=2, normalize=False,
                        drop_last=True)
-        a = _batches(CachedLoader(cached_dir, **options), 1)
-        b = _batches(LiveLoader(live_dir, workers=0, **options), 1)
+        a = epoch_batches(CachedLoader(cached_dir, **options), 1)
+        b = epoch_batches(LiveLoader(live_dir, workers=0, **options), 1)
         assert [torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(a, b)] == [True] * len(a)
         assert a[0][0].dtype == torch.uint8 and a[0][0].shape == (16, 3, 32, 32)
 
@@ -69,7 +65,7 @@ def test_open_loader_picks_by_the_manifest(pair):
 def test_live_resumes_mid_epoch(pair, augment_on):
     _, live_dir = pair
     loader = LiveLoader(live_dir, batch_size=32, seed=2, device="cpu", workers=0, augment_on=augment_on)
-    full = _batches(loader, 1)
+    full = epoch_batches(loader, 1)
     loader.set_epoch(1)
     it = iter(loader)
     for _ in range(4):

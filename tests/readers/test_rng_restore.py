@@ -13,6 +13,7 @@ import torch
 from click.testing import CliRunner
 
 from cachegen.cli import main
+from loader_checks import epoch_batches
 from readers import CachedLoader, LiveLoader
 
 FACTORY = '''
@@ -57,18 +58,13 @@ def rng_pair(tmp_path_factory):
         sys.path.remove(str(root))
 
 
-def _epoch(loader, epoch):
-    loader.set_epoch(epoch)
-    return [(x.clone(), y.clone()) for x, y in loader]
-
-
 @pytest.mark.parametrize("workers", [0, 2])
 def test_live_equals_cached_for_random_and_numpy_transforms(rng_pair, workers):
     cached_dir, live_dir = rng_pair
     options = dict(batch_size=32, seed=4, device="cpu", normalize=False)
     cached, live = CachedLoader(cached_dir, **options), LiveLoader(live_dir, workers=workers, **options)
     for epoch in (0, 1):
-        a, b = _epoch(cached, epoch), _epoch(live, epoch)
+        a, b = epoch_batches(cached, epoch), epoch_batches(live, epoch)
         assert len(a) == len(b) == 5
         assert all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(a, b))
 
@@ -84,7 +80,7 @@ def test_in_process_live_epoch_gives_the_callers_generators_back(rng_pair):
     _, live_dir = rng_pair
     loader = LiveLoader(live_dir, batch_size=32, device="cpu", workers=0, shuffle=False)
     before = _seed_caller()
-    assert len(_epoch(loader, 1)) == 5
+    assert len(epoch_batches(loader, 1)) == 5
     assert random.getstate() == before[1] and repr(np.random.get_state()) == before[2]
 
 
@@ -92,5 +88,5 @@ def test_in_process_live_epoch_leaves_torchs_generator_alone(rng_pair):
     _, live_dir = rng_pair
     loader = LiveLoader(live_dir, batch_size=32, device="cpu", workers=0, shuffle=False)
     before = _seed_caller()
-    _epoch(loader, 1)
+    epoch_batches(loader, 1)
     assert torch.equal(torch.get_rng_state(), before[0])
