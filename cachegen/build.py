@@ -681,10 +681,15 @@ def _completed(futures: list[Future]):
 def _stop(pool: ProcessPoolExecutor, processes: dict) -> None:
     """Shut the pool down now: queued shards cancelled, workers still writing one terminated
     (the caller removes their temporaries), every process joined."""
+    # shutdown() forgets the pool's manager thread, so a second shutdown(wait=True) would not wait for it
+    # to reap the workers: without this join, a worker's exit code could still be unset when read.
+    manager = pool._executor_manager_thread
     pool.shutdown(wait=False, cancel_futures=True)
     for process in processes.values():
         if process.is_alive():
             process.terminate()
+    if manager is not None:
+        manager.join()
     pool.shutdown(wait=True)
 
 
