@@ -48,23 +48,20 @@ def _locate(manifest: Manifest) -> tuple[np.ndarray, np.ndarray]:
 
 
 class _LiveBatches(torch.utils.data.Dataset):
-    """Item k: batch k of an epoch, read from the source pass and augmented, as uint8 tensors.
+    """Item (cache epoch, source indices): that batch, read from the source pass and augmented with
+    that cached epoch's transform, as uint8 tensors.
 
-    Runs in DataLoader worker processes: each reads the samples it needs with pread (a bounded
-    number of source shards open at a time), and builds the epoch's transform once.
+    Runs in DataLoader worker processes that live as long as the loader (persistent, across
+    epochs): each reads the samples it needs with pread (a bounded number of source shards open at
+    a time) and builds an epoch's transform once.
     """
 
-    def __init__(self, manifest: Manifest, batches: list[np.ndarray], cache_epoch: int, channels_first: bool,
-                 where: np.ndarray, labels: np.ndarray) -> None:
-        self.manifest, self.batches, self.cache_epoch = manifest, batches, cache_epoch
-        self.channels_first = channels_first
+    def __init__(self, manifest: Manifest, channels_first: bool, where: np.ndarray, labels: np.ndarray) -> None:
+        self.manifest, self.channels_first = manifest, channels_first
         self.shards = live_shards(manifest)
         self.where, self.labels = where, labels
         self._reads: SampleReads | None = None
-        self._transform = None
-
-    def __len__(self) -> int:
-        return len(self.batches)
+        self._transform: tuple[int, Callable] | None = None  # (cache epoch, its transform)
 
     def _pixels(self, index: int) -> np.ndarray:
         if self._reads is None:  # made in the worker process: open files are not shared
@@ -73,22 +70,40 @@ class _LiveBatches(torch.utils.data.Dataset):
         # Opening a shard checks its size again (it may have been cut since construction).
         return self._reads.pixels(self.shards[k], int(j))
 
-    def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        raw = self.manifest.raw
-        if self._transform is None:
+    def _epoch_transform(self, cache_epoch: int) -> Callable:
+        if self._transform is None or self._transform[0] != cache_epoch:
+            raw = self.manifest.raw
             t = raw["transform"]
-            self._transform = make_transform(t["spec"], epoch=self.cache_epoch, epochs=raw["epochs"], size=t["size"],
-                                              schedule=t["schedule"])
-        indices = self.batches[k]
+            self._transform = (cache_epoch, make_transform(t["spec"], epoch=cache_epoch, epochs=raw["epochs"],
+                                                           size=t["size"], schedule=t["schedule"]))
+        return self._transform[1]
+
+    def __getitem__(self, task: tuple[int, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        cache_epoch, indices = task
+        raw = self.manifest.raw
+        transform = self._epoch_transform(cache_epoch)
         h, w, c = raw["output_shape"]
         images = torch.empty((len(indices), c, h, w) if self.channels_first else (len(indices), h, w, c),
                              dtype=torch.uint8)
         rows = images.numpy()  # filled in place, through numpy: augmented outputs may be read-only
         for j, index in enumerate(indices.tolist()):
-            out = augment(self._transform, to_pil(self._pixels(index)), seed=raw["seed"], epoch=self.cache_epoch,
-                          index=index)
+            out = augment(transform, to_pil(self._pixels(index)), seed=raw["seed"], epoch=cache_epoch, index=index)
             rows[j] = out.transpose(2, 0, 1) if self.channels_first else out
         return images, torch.from_numpy(self.labels[indices])
+
+
+class _Tasks(torch.utils.data.Sampler):
+    """The workers' DataLoader's sampler: the batches of the pass being read, as (cache epoch,
+    source indices). Each pass replaces them; the DataLoader and its worker processes stay."""
+
+    def __init__(self) -> None:
+        self.tasks: list[tuple[int, np.ndarray]] = []
+
+    def __iter__(self) -> Iterator[tuple[int, np.ndarray]]:
+        return iter(self.tasks)
+
+    def __len__(self) -> int:
+        return len(self.tasks)
 
 
 def _init_worker(_: int) -> None:
@@ -165,6 +180,9 @@ class LiveLoader(Loader):
         self.augment_on = choice  # "device": batched, on the loader's device; "cpu": per sample, in workers
         self._files = ShardFiles(self.manifest, verify=False)  # the device path's mappings, kept between epochs
         self._batched: dict[int, object] = {}  # cache epoch -> its batched augmentation (device path)
+        self._tasks = _Tasks()
+        self._workers_loader: torch.utils.data.DataLoader | None = None  # per-sample path, made on its first pass
+        self._pass: object | None = None  # the per-sample pass now reading (one at a time: the workers are shared)
 
     def _device_augment(self, plan: EpochPlan, batch: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
         if self.augment_on != "device":
@@ -211,16 +229,44 @@ class LiveLoader(Loader):
             source_plan = _SourcePlan.of(plan, self._located[0][indices])
             return self._gather(self._files, live_shards(self.manifest), source_plan, start)
         size = plan.batch_size
-        batches = [indices[k:k + size] for k in range(0, plan.num_batches * size, size)]
-        dataset = _LiveBatches(self.manifest, batches, plan.cache_epoch, self._copier.host_channels_first,
-                               *self._located)
-        extra = {"prefetch_factor": self.options.prefetch or 2, "worker_init_fn": _init_worker} if self.workers else {}
-        # A generator of its own: the DataLoader draws a base seed from it on every iter(), which
-        # would otherwise move the caller's torch generator (samples are seeded per sample anyway).
-        loader = torch.utils.data.DataLoader(dataset, batch_size=None, sampler=range(start, len(batches)),
-                                             num_workers=self.workers, pin_memory=self._copier.pin,
-                                             generator=torch.Generator(), **extra)
-        return _closing(iter(loader))
+        self._tasks.tasks = [(plan.cache_epoch, indices[k:k + size])
+                             for k in range(start * size, plan.num_batches * size, size)]
+        token = self._pass = object()
+        return self._per_sample(iter(self._augmenting()), token)
+
+    def _augmenting(self) -> torch.utils.data.DataLoader:
+        """The DataLoader over _LiveBatches whose worker processes augment every per-sample pass:
+        started on the first, kept across epochs (as `persistent_workers=True` keeps them)."""
+        if self._workers_loader is None:
+            dataset = _LiveBatches(self.manifest, self._copier.host_channels_first, *self._located)
+            extra = ({"prefetch_factor": self.options.prefetch or 2, "worker_init_fn": _init_worker,
+                      "persistent_workers": True} if self.workers else {})
+            # A generator of its own: the DataLoader draws a base seed from it on every iter(), which
+            # would otherwise move the caller's torch generator (samples are seeded per sample anyway).
+            self._workers_loader = torch.utils.data.DataLoader(
+                dataset, batch_size=None, sampler=self._tasks, num_workers=self.workers,
+                pin_memory=self._copier.pin, generator=torch.Generator(), **extra)
+        return self._workers_loader
+
+    def _per_sample(self, batches: Iterator, token: object) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The workers' batches of one pass; a newer pass takes the workers over (this one then stops)."""
+        while True:
+            if self._pass is not token:  # checked before taking a batch: it would be the newer pass's
+                raise ReaderError(f"a newer pass over this LiveLoader of {self.manifest.root} started: read one "
+                                  "pass at a time (or make a second LiveLoader to read two at once)")
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            yield batch
+
+    def close(self) -> None:
+        """Stop the worker processes and let go of the mapped source; a later pass starts them again."""
+        pool, self._workers_loader, self._pass = self._workers_loader, None, None
+        workers = getattr(pool, "_iterator", None)  # persistent workers live in the DataLoader's iterator
+        if workers is not None:
+            workers._shutdown_workers()
+        super().close()
 
 
 @dataclass(frozen=True, eq=False)
@@ -242,16 +288,6 @@ class _SourcePlan:
 
     def samples(self) -> np.ndarray:
         return self.rows
-
-
-def _closing(it) -> Iterator:
-    """A generator over a DataLoader iterator whose close() shuts the worker processes down."""
-    try:
-        yield from it
-    finally:
-        shutdown = getattr(it, "_shutdown_workers", None)
-        if shutdown is not None:
-            shutdown()
 
 
 def _check_shard(shard: Shard, verify: bool) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -53,10 +54,12 @@ class EpochHook:
     reaches the loader's own set_epoch."""
 
     def __init__(self, loader: Loader) -> None:
-        self._loader = loader
+        self._loader = weakref.ref(loader)  # no cycle: a loader is freed (its workers stopped) when dropped
 
     def set_epoch(self, epoch: int) -> None:
-        self._loader.set_epoch(epoch)
+        loader = self._loader()
+        if loader is not None:
+            loader.set_epoch(epoch)
 
 
 class Loader:
@@ -109,6 +112,19 @@ class Loader:
         self._epoch = 0
         self._delivered = 0  # batches of this epoch handed out (or to skip, when placed)
         self._placed = True  # the next pass starts at (_epoch, _delivered) as they are
+
+    def close(self) -> None:
+        """Let go of what the loader keeps between passes (a LiveLoader's worker processes, mapped
+        shards) now rather than when it is dropped; a later pass opens them again. Also `with loader:`."""
+        files = getattr(self, "_files", None)
+        if files is not None:
+            files.close()
+
+    def __enter__(self) -> Loader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _check_epochs(self) -> None:
         # The split known now (torch.distributed may be initialised only later: then again when a pass starts).

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import json
+import multiprocessing
+import time
 
 import numpy as np
 import pytest
@@ -87,6 +90,75 @@ def test_breaking_early_leaves_no_worker_behind(pair):
         if i == 1:
             break
     # the autouse fixture in tests/conftest.py fails the test if a worker process is left
+
+
+def same(a, b) -> bool:
+    return len(a) == len(b) and all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(a, b))
+
+
+def workers_now() -> set[int]:
+    return {p.pid for p in multiprocessing.active_children()}
+
+
+def gone_soon() -> bool:
+    deadline = time.monotonic() + 5
+    while workers_now() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return not workers_now()
+
+
+def test_workers_are_kept_across_epochs_and_stop_when_the_loader_is_dropped(pair):
+    _, live_dir = pair
+    options = dict(batch_size=32, seed=3, device="cpu")
+    expected = [epoch_batches(LiveLoader(live_dir, workers=0, **options), e) for e in (0, 1, 2)]
+    gc.disable()  # reference counting alone must free the loader: no cycle may keep its workers alive
+    try:
+        loader = LiveLoader(live_dir, workers=2, **options)
+        assert same(epoch_batches(loader, 0), expected[0])
+        workers = workers_now()
+        assert len(workers) == 2  # kept after the pass
+        assert same(epoch_batches(loader, 1), expected[1])  # another cached epoch: another transform
+        assert same(epoch_batches(loader, 2), expected[2])
+        assert workers_now() == workers  # the same processes served every epoch
+        del loader
+        assert gone_soon()
+    finally:
+        gc.enable()
+
+
+def test_a_pass_left_early_is_read_again_whole_by_the_same_workers(pair):
+    _, live_dir = pair
+    options = dict(batch_size=32, seed=4, device="cpu")
+    expected = epoch_batches(LiveLoader(live_dir, workers=0, **options), 0)
+    with LiveLoader(live_dir, workers=2, prefetch=3, **options) as loader:
+        loader.set_epoch(0)
+        it = iter(loader)
+        next(it), next(it)
+        it.close()  # batches the workers made ahead for that pass are left in flight
+        workers = workers_now()
+        again = [(x.clone(), y.clone()) for x, y in loader]  # left early: the same epoch again, from its start
+        assert same(again, expected) and workers_now() == workers
+    assert gone_soon()  # close() stopped them
+
+
+def test_a_newer_pass_takes_the_workers_over_and_the_older_one_says_so(pair):
+    _, live_dir = pair
+    options = dict(batch_size=32, seed=5, device="cpu")
+    expected = epoch_batches(LiveLoader(live_dir, workers=0, **options), 0)
+    loader = LiveLoader(live_dir, workers=2, **options)
+    older = iter(loader)
+    next(older)
+    loader.set_epoch(0)
+    newer = iter(loader)
+    first = next(newer)
+    with pytest.raises(ReaderError, match="a newer pass over this LiveLoader .* one pass at a time"):
+        list(older)
+    rest = [(x.clone(), y.clone()) for x, y in newer]
+    assert same([(first[0].clone(), first[1].clone())] + rest, expected)  # never a batch of the other pass
+    loader.close()
+    assert gone_soon()
+    assert same(epoch_batches(loader, 0), expected)  # a pass after close() starts workers again
+    loader.close()
 
 
 def test_damaged_source_pass_is_named(pair, tmp_path):
