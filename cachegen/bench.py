@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from cachegen.build import build
-from cachegen.config import BuildConfig, default_workers
+from cachegen.config import BuildConfig, default_workers, parse_device
 from cachegen.errors import CachegenError
 from cachegen.manifest import read_manifest
 from cachegen.online import online_dataset
@@ -185,24 +185,6 @@ def _model(device: torch.device, classes: int):
     return step
 
 
-def _device(name: str | None) -> torch.device:
-    """--device as a torch.device that works here; a one-line error for a bad name or a missing GPU."""
-    if not name:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise CachegenError(f"unknown --device {name!r}: use cpu or cuda (cuda:N for GPU N)") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise CachegenError(f"--device {name}: bench measures cpu or cuda only")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise CachegenError(f"--device {name}: torch sees no CUDA GPU here; use --device cpu")
-    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
-        raise CachegenError(f"--device {name}: there are {torch.cuda.device_count()} CUDA GPU(s) here, "
-                            f"numbered from 0")
-    return dev
-
-
 def run_bench(cache: Path | None, *, batch_size: int = 256, workers: int | None = None, images: int = 20000,
               min_seconds: float = 3.0, warmup: int = 1000, model: bool = False, device: str | None = None,
               progress: Callable[[str], None] = print) -> dict:
@@ -213,7 +195,7 @@ def run_bench(cache: Path | None, *, batch_size: int = 256, workers: int | None 
     from readers import CachedLoader, open_loader  # cachegen may use the readers; never the reverse
 
     workers = workers or default_workers()
-    dev = _device(device)  # before any building: a bad --device fails at once
+    dev = parse_device(device)  # before any building: a bad --device fails at once
     with tempfile.TemporaryDirectory(prefix="cachegen-bench-") as tmp:
         if cache is None:
             progress("building a sample cache (2 epochs) and a live cache to measure ...")

@@ -12,7 +12,9 @@ import signal
 import socket
 import threading
 import warnings
-from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, as_completed, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -24,7 +26,7 @@ from torchvision import transforms as T
 from tqdm import tqdm
 
 from cachegen import __version__
-from cachegen.config import BuildConfig, parse_shard_size
+from cachegen.config import BuildConfig, parse_device, parse_shard_size
 from cachegen.errors import CachegenError
 from cacheformat import FormatError
 from cacheformat.index import encode_index, index_record
@@ -68,6 +70,7 @@ class Job:
     shape: tuple[int, int, int] | None = None  # every output image's HWC shape
     source_shape: tuple[int, int, int] | None = None  # the (resized) source's, where fixed
     augment_on: str = "cpu"  # "device": a cached epoch's shard is augmented in batches (cacheaug.batched)
+    device: str | None = None  # a device build's augmentation runs here, on this device; None: in the workers
 
 
 @dataclass(frozen=True)
@@ -160,10 +163,10 @@ def _init_worker(job: Job) -> None:
 def _write_task(task: ShardTask) -> tuple[str, dict]:
     augment = _AUGMENT
     job = augment.job
-    stats = PixelStats(job.source_shape[2]) if task.stats else None
-
     if task.epoch is not None and job.augment_on == "device":
-        return _write_batched(task, stats)
+        _, indices, pixels, totals = _load_shard(task)
+        return _write_rows(task, indices, _augment_shard(job, augment.batched(task.epoch), task, pixels), totals)
+    stats = PixelStats(job.source_shape[2]) if task.stats else None
 
     def samples():
         for index in task.indices.tolist():
@@ -186,34 +189,47 @@ def _write_task(task: ShardTask) -> tuple[str, dict]:
 BUILD_BATCH = 256  # samples of a shard augmented together by a device build
 
 
-def _write_batched(task: ShardTask, stats: PixelStats | None) -> tuple[str, dict]:
-    """A cached epoch's shard, augmented in batches of BUILD_BATCH (`--augment-on device`): batch k
-    of the shard is seeded with batch_seed(seed, epoch, the shard's first source index, k), so the
-    bytes depend on neither the worker count nor the other shards."""
+def _load_shard(task: ShardTask) -> tuple[ShardTask, np.ndarray, np.ndarray, dict]:
+    """A cached epoch's shard's source images for batched augmentation (`--augment-on device`):
+    (task, source indices of the readable ones, their pixels NHWC uint8, the pixel statistics the
+    task asks for)."""
     augment = _AUGMENT
     job = augment.job
     loaded = [(index, augment.load(index)) for index in task.indices.tolist()]
     loaded = [(index, to_hwc_uint8(image)) for index, image in loaded if image is not None]
+    stats = PixelStats(job.source_shape[2]) if task.stats else None
     if stats is not None:
         for _, pixels in loaded:
             stats.add(pixels)
-    batched = augment.batched(task.epoch)
+    if loaded:
+        _one_shape(job, loaded)
+    pixels = np.stack([p for _, p in loaded]) if loaded else np.zeros((0, *job.source_shape), np.uint8)
+    return task, np.array([i for i, _ in loaded], np.int64), pixels, (stats.totals() if stats else {})
+
+
+def _augment_shard(job: Job, batched: Callable, task: ShardTask, pixels: np.ndarray,
+                   device: torch.device = torch.device("cpu")) -> np.ndarray:
+    """A shard's pixels (NHWC uint8) augmented on `device` in batches of BUILD_BATCH, back as NHWC
+    uint8: batch k is seeded with batch_seed(seed, epoch, the shard's first source index, k), so the
+    bytes depend on neither the worker count, nor the other shards, nor where this runs (on one
+    device type)."""
     h, w, c = job.shape
+    rows = np.empty((len(pixels), h, w, c), np.uint8)
+    for k in range(0, len(pixels), BUILD_BATCH):
+        batch = torch.from_numpy(pixels[k:k + BUILD_BATCH]).to(device).permute(0, 3, 1, 2).float().div_(255.0)
+        seed = batch_seed(job.seed, task.epoch, int(task.indices[0]), stream=k // BUILD_BATCH)
+        out = augment_batch(batched, batch, seed=seed, name=job.spec, shape=(c, h, w))
+        rows[k:k + len(out)] = out.mul_(255.0).round_().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return rows
 
-    def samples():
-        for k in range(0, len(loaded), BUILD_BATCH):
-            chunk = loaded[k:k + BUILD_BATCH]
-            pixels = [p for _, p in chunk]
-            _one_shape(job, chunk)
-            batch = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).float().div_(255.0)
-            seed = batch_seed(job.seed, task.epoch, int(task.indices[0]), stream=k // BUILD_BATCH)
-            out = augment_batch(batched, batch, seed=seed, name=job.spec, shape=(c, h, w))
-            rows = out.mul_(255.0).round_().to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
-            for (index, _), row in zip(chunk, rows):
-                yield index, int(job.source.labels[index]), row
 
-    entry = write_shard(job.root, task.relpath, f"e{task.epoch:04d}", samples(), job.encoding)
-    return task.relpath, {**_write_index(job.root, entry), **(stats.totals() if stats else {})}
+def _write_rows(task: ShardTask, indices: np.ndarray, rows: np.ndarray, totals: dict) -> tuple[str, dict]:
+    """Write a cached epoch's shard of augmented rows (and its index); its manifest entry."""
+    job = _AUGMENT.job
+    labels = job.source.labels
+    samples = ((index, int(labels[index]), row) for index, row in zip(indices.tolist(), rows))
+    entry = write_shard(job.root, task.relpath, f"e{task.epoch:04d}", samples, job.encoding)
+    return task.relpath, {**_write_index(job.root, entry), **totals}
 
 
 def _write_index(root: Path, entry: dict) -> dict:
@@ -514,7 +530,13 @@ def _build(config: BuildConfig) -> dict:
     n = len(source)
     mode = _choose_mode(config, job, n, epochs, probe_bytes)
     stored_shape, encoding = (source_shape, "npy") if mode == "live" else (shape, config.encoding)
-    job = replace(job, encoding=encoding, augment_on=augment_on)
+    # A cached device build augments in this process on the GPU where there is one, else in the workers.
+    device = (str(parse_device(config.device)) if config.device else "cuda" if torch.cuda.is_available() else None) \
+        if mode == "cached" and augment_on == "device" else None
+    if config.device and mode == "live":  # --mode auto chose live
+        raise CachegenError(f"--mode auto chose a live cache (a cached one would exceed --max-cache-gb), augmented as it is read, on the "
+                            f"loader's device: drop --device {config.device}, or pass --mode cached")
+    job = replace(job, encoding=encoding, augment_on=augment_on, device=device)
     count, nbytes = parse_shard_size(config.shard_size)
     per_shard = count or max(1, nbytes // int(np.prod(stored_shape)))
 
@@ -609,9 +631,9 @@ def _build(config: BuildConfig) -> dict:
 _ONE_AT_A_TIME = threading.Lock()  # a Dask worker's threads share the process's global RNGs: one shard at a time
 
 
-def _write_on_worker(job: Job, task: ShardTask) -> tuple[str, dict]:
-    """Write one shard on a Dask worker: the augmenter made once per worker process (for the job
-    the client sent), the process's RNGs cachegen's, one shard at a time."""
+def _on_worker(job: Job, fn: Callable, *args):
+    """fn(*args) on a Dask worker (fn: a stage of writing a shard): the augmenter made once per
+    worker process (for the job the client sent), the process's RNGs cachegen's, one shard at a time."""
     global _AUGMENT
     with _ONE_AT_A_TIME:
         if not job.root.is_dir():
@@ -622,7 +644,7 @@ def _write_on_worker(job: Job, task: ShardTask) -> tuple[str, dict]:
             torch.set_num_threads(1)
             own_rng()
             _AUGMENT = _Augmenter(job)
-        return _write_task(task)
+        return fn(*args)
 
 
 def _run(job: Job, tasks: list[ShardTask], workers: int, dask: str | None = None):
@@ -639,14 +661,15 @@ def _run(job: Job, tasks: list[ShardTask], workers: int, dask: str | None = None
             with warnings.catch_warnings():  # "large graph": meant, and once
                 warnings.simplefilter("ignore", UserWarning)
                 shared = client.submit(_same, job, pure=False)
-            yield from _completed([executor.submit(_write_on_worker, shared, task) for task in tasks])
+            yield from _stream(job, tasks, lambda fn, *args: executor.submit(_on_worker, shared, fn, *args),
+                               ahead=2 * max(1, len(client.nthreads())))
         return
     if workers == 1 or len(tasks) == 1:
         previous_threads = torch.get_num_threads()
         torch.set_num_threads(1)
         _AUGMENT = _Augmenter(job)
         try:
-            yield from map(_write_task, tasks)
+            yield from _stream(job, tasks, _now, ahead=1)
         finally:
             torch.set_num_threads(previous_threads)
             _AUGMENT = None
@@ -656,16 +679,55 @@ def _run(job: Job, tasks: list[ShardTask], workers: int, dask: str | None = None
     method = mp.get_start_method(allow_none=True) or ("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     pool = ProcessPoolExecutor(min(workers, len(tasks)), mp_context=mp.get_context(method),
                                initializer=_init_worker, initargs=(job,))
-    processes = {}
+    processes = pool._processes  # by pid, filled as they start: to say which died (no public accessor before 3.14)
     try:
-        futures = [pool.submit(_write_task, task) for task in tasks]
-        processes = dict(pool._processes)  # by pid, to say which died (no public accessor before 3.14)
-        yield from _completed(futures)
+        yield from _stream(job, tasks, pool.submit, ahead=2 * workers)
     except BrokenProcessPool:
         _stop(pool, processes)
         raise CachegenError(_death(processes)) from None
     finally:
         _stop(pool, processes)
+
+
+def _stream(job: Job, tasks: list[ShardTask], submit: Callable[..., Future], ahead: int):
+    """Yield (relpath, shard entry) as `submit` (an Executor's) gets the shards written. A device
+    build with job.device augments here, on that device (a GPU), shard by shard in order, while the
+    executor loads the source images of the next `ahead` shards and writes the augmented ones."""
+    if job.device is None:
+        yield from _completed([submit(_write_task, task) for task in tasks])
+        return
+    device = torch.device(job.device)
+    waiting, loads, writes = iter(tasks), deque(), set()
+    batched: dict[int, Callable] = {}  # the current epoch's augmentation, on the device
+
+    def load_ahead() -> None:
+        while len(loads) < ahead and (task := next(waiting, None)) is not None:
+            loads.append(submit(_load_shard, task))
+
+    load_ahead()
+    while loads:
+        task, indices, pixels, totals = loads.popleft().result()
+        load_ahead()
+        if task.epoch not in batched:
+            augmentation = make_batched(job.spec, epoch=task.epoch, epochs=job.epochs, size=job.size,
+                                        channels=job.source_shape[2], schedule=job.schedule)
+            batched = {task.epoch: augmentation.to(device) if isinstance(augmentation, torch.nn.Module)
+                       else augmentation}
+        rows = _augment_shard(job, batched[task.epoch], task, pixels, device)
+        writes.add(submit(_write_rows, task, indices, rows, totals))
+        if len(writes) >= ahead:  # written no faster than augmented: hold at most `ahead` shards of rows
+            wait(writes, return_when=FIRST_COMPLETED)
+        for done in [w for w in writes if w.done()]:
+            writes.discard(done)
+            yield done.result()
+    yield from _completed(list(writes))
+
+
+def _now(fn: Callable, *args) -> Future:
+    """fn(*args), run now, as a finished Future: the one-process executor."""
+    future = Future()
+    future.set_result(fn(*args))
+    return future
 
 
 def _same(job: Job) -> Job:

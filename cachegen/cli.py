@@ -64,9 +64,12 @@ def main() -> None:
                    "auto: live when the cache would exceed --max-cache-gb.")
 @click.option("--augment-on", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "device"]),
               help="cpu: augment per sample (PIL). device: augment in batches (Kornia) - a live cache's "
-                   "reader moves uint8 batches to its device and augments them there; a cached build's "
-                   "workers augment each shard in batches (on the CPU). auto: a live cache augments on the "
+                   "reader moves uint8 batches to its device and augments them there; a cached build "
+                   "augments each shard in batches (where --device says). auto: a live cache augments on the "
                    "device when the loader's is CUDA; a cached build per sample; a module:factory: cpu.")
+@click.option("--device", help="Where a cached --augment-on device build augments: cuda[:N] (in this process, on "
+                             "the GPU; the workers load, encode and write) or cpu (in this process) [default: cuda "
+                             "when torch sees one, else in the workers, on their CPUs].")
 @click.option("--max-cache-gb", default=64.0, show_default=True, type=float,
               help="Largest cache --mode auto writes before it falls back to live.")
 @click.option("--resize", type=int, help="Resize+center-crop every source image to NxN first (deterministic).")

@@ -8,6 +8,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from PIL import Image
 
 from cachegen.errors import CachegenError
@@ -64,6 +65,7 @@ class BuildConfig:
     stats_from: Path | None = None  # a cache whose mean/std this cache's manifest takes (a val cache)
     dask: str | None = None  # a Dask scheduler's address: shards are written by its workers
     augment_on: str = "auto"  # cpu (per sample), device (batched) or auto (live: device on a GPU; cached: cpu)
+    device: str | None = None  # where a cached --augment-on device build augments (this process); None: cuda or workers
 
     def __post_init__(self) -> None:
         if not 1 <= self.epochs <= MAX_EPOCHS:
@@ -92,6 +94,14 @@ class BuildConfig:
             raise CachegenError(f"unknown --mode {self.mode!r}: use auto, cached or live")
         if self.augment_on not in AUGMENT_ON:
             raise CachegenError(f"unknown --augment-on {self.augment_on!r}: use {', '.join(AUGMENT_ON)}")
+        if self.device is not None:
+            parse_device(self.device)
+            if self.augment_on != "device":
+                raise CachegenError(f"--device {self.device} is where --augment-on device augments a cached build: "
+                                    "add --augment-on device, or drop --device")
+            if self.mode == "live":
+                raise CachegenError("a live cache is augmented as it is read, on the loader's device: drop --device "
+                                    "(or build --mode cached)")
         if not self.max_cache_gb > 0:
             raise CachegenError(f"--max-cache-gb must be positive, got {self.max_cache_gb}")
         if self.resize is not None and not 1 <= self.resize <= MAX_SIDE:
@@ -104,3 +114,22 @@ class BuildConfig:
             object.__setattr__(self, "stats_from", Path(self.stats_from))
         if self.workers == 0:
             object.__setattr__(self, "workers", default_workers())
+
+
+def parse_device(name: str | None) -> torch.device:
+    """--device as a torch.device that works here (None: cuda if torch sees one, else cpu); a
+    one-line error for a bad name or a missing GPU."""
+    if not name:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise CachegenError(f"unknown --device {name!r}: use cpu or cuda (cuda:N for GPU N)") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise CachegenError(f"--device {name}: use cpu or cuda (cuda:N for GPU N)")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CachegenError(f"--device {name}: torch sees no CUDA GPU here; use --device cpu")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise CachegenError(f"--device {name}: there are {torch.cuda.device_count()} CUDA GPU(s) here, "
+                            f"numbered from 0")
+    return dev

@@ -26,9 +26,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cachegen.bench import _device, _normalizer, _one_thread, _timed  # noqa: E402
+from cachegen.bench import _normalizer, _one_thread, _timed  # noqa: E402
 from cachegen.build import build  # noqa: E402
-from cachegen.config import BuildConfig, default_workers  # noqa: E402
+from cachegen.config import BuildConfig, default_workers, parse_device  # noqa: E402
 from cachegen.online import online_dataset  # noqa: E402
 from readers import LiveLoader  # noqa: E402
 
@@ -68,7 +68,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=128)
     parser.add_argument("--device", help="cpu or cuda [default: cuda if available]")
     args = parser.parse_args()
-    dev = _device(args.device)
+    dev = parse_device(args.device)
     with tempfile.TemporaryDirectory(prefix="cachegen-imagenet-") as tmp:
         folder, live = Path(tmp) / "jpegs", Path(tmp) / "live"
         make_folder(folder, args.images)

@@ -14,7 +14,8 @@
 #      NCCL-free single process, bf16 autocast, channels_last, batches delivered on the GPU;
 #   4. ResNet-50 at 224 px (batch 128) fed by a device-augmented live cache of 256 px images
 #      (imagenet preset) against synthetic data: the share of the synthetic step rate it reaches;
-#   5. the `cuda` tests (device copies, the device-augmented live path on CUDA).
+#   5. the `cuda` tests (device copies, the device-augmented live path on CUDA, the GPU build);
+#   and, first, the build itself: per sample in the workers vs --augment-on device --device cuda.
 # Without CUDA it runs everything on the CPU at small sizes (batch 32, 2 workers, a few steps),
 # so the script is known to work; those numbers mean nothing about a GPU.
 set -euo pipefail
@@ -40,10 +41,19 @@ n = int(sys.argv[2])
 np.savez(sys.argv[1], images=rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), labels=rng.integers(0, 10, n))
 EOF
 
-start=$(date +%s)
+began=$(date +%s)
+start=$(date +%s.%N)
 "$PYTHON" -m cachegen build "$WORK/source.npz" --out "$WORK/cache" --epochs "$EPOCHS" --transform cifar \
     --format npy --workers "$WORKERS" --quiet
-echo "gpu_check: cache built in $(( $(date +%s) - start ))s"
+per_sample=$("$PYTHON" -c "import sys, time; print(f'{time.time() - float(sys.argv[1]):.1f}')" "$start")
+# The same build augmented in batches on the device (this process on the GPU; the workers load and write).
+DEV=$("$PYTHON" -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')
+start=$(date +%s.%N)
+"$PYTHON" -m cachegen build "$WORK/source.npz" --out "$WORK/cache-device" --epochs "$EPOCHS" --transform cifar \
+    --format npy --workers "$WORKERS" --augment-on device --device "$DEV" --quiet
+batched=$("$PYTHON" -c "import sys, time; print(f'{time.time() - float(sys.argv[1]):.1f}')" "$start")
+echo "gpu_check: cache built per sample in ${per_sample}s; --augment-on device --device $DEV in ${batched}s" \
+     "($("$PYTHON" -c "import sys; print(f'{float(sys.argv[1]) / float(sys.argv[2]):.2f}')" "$per_sample" "$batched")x)"
 
 "$PYTHON" -m cachegen build "$WORK/source.npz" --out "$WORK/live-device" --epochs "$EPOCHS" --transform cifar \
     --mode live --augment-on device --workers "$WORKERS" --quiet
@@ -246,6 +256,7 @@ EOF
 
 # 5. The CUDA tests (skipped without a GPU).
 "$PYTHON" -m pytest -q -p no:cacheprovider tests/readers/test_live_device.py tests/readers/test_reader_device.py \
+    tests/cachegen/test_device_build.py \
     -k cuda | tail -3
 # 3. scripts/train.py, a few steps with each loader, on the default device (cuda when there is one).
 "$PYTHON" -m cachegen build "$WORK/source.npz" --out "$WORK/live" --epochs "$EPOCHS" --transform cifar \
@@ -260,4 +271,4 @@ for loader in cached live online; do
         --max-steps "$STEPS" --batch-size "$BATCH" --workers 2 | sed 's/^/  /'
 done
 
-echo "gpu_check: done in $(( $(date +%s) - start ))s"
+echo "gpu_check: done in $(( $(date +%s) - began ))s"

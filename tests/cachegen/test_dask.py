@@ -51,6 +51,18 @@ def test_a_dask_build_is_byte_identical_to_a_local_build(dask_cluster, tmp_path)
     assert tree(tmp_path / "dask") == tree(tmp_path / "local")
 
 
+def test_a_dask_build_augmented_on_the_client_is_byte_identical_to_a_local_build(dask_cluster, tmp_path):
+    """--device: the client augments each shard (on its GPU; on the CPU here), the cluster's workers
+    load the source and write the shards."""
+    source = make_npz(tmp_path / "data.npz", n=120, size=16)[0]
+    common = [str(source), "--epochs", "2", "--shard-size", "25", "--transform", "cifar", "--augment-on", "device"]
+    local_build([*common, "--out", str(tmp_path / "local")])  # augmented in the local workers
+    run = dask_build([*common, "--device", "cpu", "--out", str(tmp_path / "dask")], dask_cluster.address)
+    out = run.communicate(timeout=300)[0]
+    assert run.returncode == 0, out
+    assert tree(tmp_path / "dask") == tree(tmp_path / "local")
+
+
 def _slow_build_under_way(dask_cluster, tmp_path) -> tuple[list[str], Path, subprocess.Popen]:
     """(arguments, --out, the process) of a slow Dask build that has finished 2 shards (or ended)."""
     source = make_npz(tmp_path / "data.npz", n=200, size=16)[0]

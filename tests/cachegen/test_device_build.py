@@ -1,9 +1,13 @@
 """`cachegen build --augment-on device` for a cached build: each shard augmented in batches
-(cacheaug.batched) in the worker pool, deterministic whatever the worker count."""
+(cacheaug.batched), in the worker pool or (--device) in the main process on a GPU, deterministic
+whatever the worker count."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
+import pytest
 import torch
 
 from readers import CachedLoader
@@ -44,3 +48,81 @@ def test_a_device_build_needs_one_image_shape(tmp_path):
     result = run_cli("build", tmp_path / "src", "--out", tmp_path / "c", "--augment-on", "device", "--quiet",
                      "--transform", "imagenet", "--size", "32", "--workers", "1", expect=1)
     assert_one_line_error(result, "--augment-on device augments whole batches", "pass --resize N")
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_augmenting_in_this_process_gives_the_bytes_the_workers_give(npz_source, tmp_path, workers):
+    """--device cpu: this process augments each shard (as it does on a GPU with --device cuda) while
+    the workers load the source and encode and write the shards: the same bytes as the workers'
+    own batched augmentation, whatever the worker count."""
+    common = [npz_source[0], "--shard-size", "50", "--quiet", "--epochs", "2", "--augment-on", "device"]
+    run_cli("build", *common, "--out", tmp_path / "workers", "--workers", "2")
+    run_cli("build", *common, "--out", tmp_path / "here", "--workers", workers, "--device", "cpu")
+    assert shard_bytes(tmp_path / "here") == shard_bytes(tmp_path / "workers")
+    assert manifest(tmp_path / "here") == manifest(tmp_path / "workers")
+    assert run_cli("verify", tmp_path / "here").output.startswith("ok: ")
+
+
+RECORDING = """
+import os, pathlib
+
+def make(epoch, epochs):
+    def augment(batch):  # a batched augmentation that notes which process ran it
+        pathlib.Path(os.environ["AUGMENTED_IN"], str(os.getpid())).touch()
+        return batch.flip(-1) if epoch % 2 else batch.flip(-2)
+    return augment
+"""
+
+
+def test_with_device_this_process_augments_and_the_workers_do_not(npz_source, tmp_path, monkeypatch):
+    (tmp_path / "recording.py").write_text(RECORDING)
+    common = [npz_source[0], "--shard-size", "50", "--quiet", "--epochs", "2", "--augment-on", "device",
+              "--transform", f"{tmp_path / 'recording.py'}:make", "--workers", "2"]
+    ran = {}
+    for name, extra in (("workers", []), ("here", ["--device", "cpu"])):
+        (tmp_path / name / "pids").mkdir(parents=True)
+        monkeypatch.setenv("AUGMENTED_IN", str(tmp_path / name / "pids"))
+        run_cli("build", *common, *extra, "--out", tmp_path / name / "cache")
+        ran[name] = {int(p.name) for p in (tmp_path / name / "pids").iterdir()}
+    assert ran["here"] == {os.getpid()}  # the build ran in this process (CliRunner)
+    assert len(ran["workers"] - {os.getpid()}) >= 1  # the workers augmented (this process probed the first batch)
+    assert shard_bytes(tmp_path / "here" / "cache") == shard_bytes(tmp_path / "workers" / "cache")
+
+
+def test_a_build_interrupted_on_one_side_of_the_device_option_resumes_on_the_other(npz_source, tmp_path):
+    common = [npz_source[0], "--shard-size", "50", "--quiet", "--augment-on", "device", "--workers", "2"]
+    run_cli("build", *common, "--out", tmp_path / "whole", "--epochs", "3")
+    run_cli("build", *common, "--out", tmp_path / "grown", "--epochs", "1", "--device", "cpu")
+    run_cli("build", *common, "--out", tmp_path / "grown", "--epochs", "3")  # epochs 1 and 2 in the workers
+    assert shard_bytes(tmp_path / "grown") == shard_bytes(tmp_path / "whole")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--device", "cpu"], "--device cpu is where --augment-on device augments a cached build: add --augment-on"),
+    (["--device", "cpu", "--augment-on", "device", "--mode", "live"], "a live cache is augmented as it is read"),
+    (["--device", "gpu", "--augment-on", "device"], "unknown --device 'gpu': use cpu or cuda"),
+    (["--device", "cuda:99", "--augment-on", "device"], "--device cuda:99"),
+])
+def test_a_bad_device_for_a_build_is_one_line(build, args, message, tmp_path):
+    assert_one_line_error(build(*args, expect=1), message)
+    assert not (tmp_path / "cache" / "manifest.json").exists()
+
+
+@cuda
+def test_a_build_augmented_with_cuda_is_deterministic_and_equivalent(npz_source, tmp_path):
+    common = [npz_source[0], "--shard-size", "50", "--quiet", "--epochs", "2", "--augment-on", "device"]
+    run_cli("build", *common, "--out", tmp_path / "gpu1", "--workers", "1", "--device", "cuda")
+    run_cli("build", *common, "--out", tmp_path / "gpu2", "--workers", "2", "--device", "cuda")
+    run_cli("build", *common, "--out", tmp_path / "cpu", "--workers", "2", "--device", "cpu")
+    assert shard_bytes(tmp_path / "gpu1") == shard_bytes(tmp_path / "gpu2")  # one device type: the same bytes
+    gpu, cpu = manifest(tmp_path / "gpu1"), manifest(tmp_path / "cpu")
+    assert gpu["output_shape"] == cpu["output_shape"] and gpu["mean"] == cpu["mean"]  # mean: of the source
+    assert run_cli("verify", tmp_path / "gpu1").output.startswith("ok: ")
+    loader = CachedLoader(tmp_path / "gpu1", batch_size=240, device="cpu", normalize=False, shuffle=False)
+    (x, y), = list(loader)
+    assert sorted(y.tolist()) == sorted(npz_source[2].tolist())
+    source = {img.transpose(2, 0, 1).tobytes() for img in npz_source[1]}
+    assert sum(img.numpy().tobytes() in source for img in x) < 24  # augmented

@@ -154,7 +154,7 @@ def test_auto_mode_estimates_from_real_encoded_images(tmp_path):
 
 @pytest.mark.parametrize("device, message", [
     ("cpux", "unknown --device 'cpux': use cpu or cuda"),
-    ("meta", "--device meta: bench measures cpu or cuda only"),
+    ("meta", "--device meta: use cpu or cuda"),
     pytest.param("cuda", "torch sees no CUDA GPU here; use --device cpu",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")),
     ("cuda:99", "--device cuda:99"),
