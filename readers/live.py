@@ -258,15 +258,21 @@ class LiveLoader(Loader):
                 batch = next(batches)
             except StopIteration:
                 return
+            except BaseException:  # a failed pass (a damaged shard, a worker lost): its workers stop with it
+                self._stop_workers()
+                raise
             yield batch
 
     def close(self) -> None:
         """Stop the worker processes and let go of the mapped source; a later pass starts them again."""
+        self._stop_workers()
+        super().close()
+
+    def _stop_workers(self) -> None:
         pool, self._workers_loader, self._pass = self._workers_loader, None, None
         workers = getattr(pool, "_iterator", None)  # persistent workers live in the DataLoader's iterator
         if workers is not None:
             workers._shutdown_workers()
-        super().close()
 
 
 @dataclass(frozen=True, eq=False)

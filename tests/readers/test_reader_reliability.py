@@ -436,6 +436,15 @@ def _assert_flat(at_5: dict, at_end: dict, threads_before: set) -> None:
     assert at_end["rss_kb"] - at_5["rss_kb"] < RSS_GROWTH_KB, (at_5, at_end)
     assert at_end["threads"] == at_5["threads"] and at_end["fds"] == at_5["fds"], (at_5, at_end)
     assert at_end["maps"] - at_5["maps"] <= MAPS_SLACK, (at_5, at_end)
+    _assert_all_gone(threads_before)
+
+
+def _assert_all_gone(threads_before: set) -> None:
+    """No thread started since `threads_before` and no child process left, allowing a closed
+    multiprocessing queue's feeder thread the moment it takes to end."""
+    deadline = time.monotonic() + 5
+    while [t for t in threading.enumerate() if t not in threads_before] and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert [t for t in threading.enumerate() if t not in threads_before] == []
     assert multiprocessing.active_children() == []
 
@@ -467,19 +476,24 @@ def test_fifty_epochs_stay_flat(seven, prefetch, verify, stop_after):
     assert np.median(closes) < _POLL_S / 2, f"closing an epoch took {np.median(closes) * 1e3:.0f} ms (median)"
 
 
-def test_live_epochs_leave_no_worker_behind(seven):
-    """6 epochs with a worker process each: every worker is gone when its epoch ends."""
+def test_live_epochs_share_their_workers_and_close_leaves_nothing(seven):
+    """6 epochs served by one worker process, kept between them (persistent); threads and files
+    flat; close() leaves no process and no thread behind."""
     threads_before = set(threading.enumerate())
     loader = LiveLoader(seven["live"], batch_size=64, device="cpu", workers=1)
     for epoch in range(6):
         loader.set_epoch(epoch)
         assert sum(len(x) for x, _ in loader) == SEVEN_SAMPLES
-        assert multiprocessing.active_children() == []
+        workers = [p.pid for p in multiprocessing.active_children()]
+        if epoch == 0:
+            first = workers
+        assert len(workers) == 1 and workers == first
         if epoch == 1:
             at_2 = _resources()
     at_end = _resources()
     assert at_end["threads"] == at_2["threads"] and at_end["fds"] == at_2["fds"], (at_2, at_end)
-    assert [t for t in threading.enumerate() if t not in threads_before] == []
+    loader.close()
+    _assert_all_gone(threads_before)
 
 
 @pytest.mark.slow
@@ -492,7 +506,9 @@ def test_fifty_live_epochs_stay_flat(seven, workers):
         assert sum(len(x) for x, _ in loader) == SEVEN_SAMPLES
         if epoch == 4:
             at_5 = _resources()
-    _assert_flat(at_5, _resources(), threads_before)
+    at_end = _resources()
+    loader.close()  # the workers (kept across epochs) stop: no process or thread is left
+    _assert_flat(at_5, at_end, threads_before)
 
 
 @pytest.mark.slow
