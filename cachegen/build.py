@@ -103,6 +103,17 @@ class _Augmenter:
                                 "fix or remove it, or pass --on-error skip") from None
         return self.fit(self.resize(image) if self.resize else image)
 
+    def pixels(self, index: int) -> np.ndarray | None:
+        """What load gives, as HWC uint8: straight from a source that holds arrays where nothing is
+        resized or converted (no PIL image made and read back), else through load."""
+        job = self.job
+        if job.resize is None:
+            array = job.source.pixels(index)
+            if array is not None and (job.channels is None or array.shape[2] == job.channels):
+                return array
+        image = self.load(index)
+        return None if image is None else to_hwc_uint8(image)
+
     def fit(self, image: Image.Image) -> Image.Image:
         channels = self.job.channels
         if channels is None or len(image.getbands()) == channels:
@@ -135,9 +146,8 @@ class _Augmenter:
                                                 channels=job.source_shape[2], schedule=job.schedule)
         return self.transforms[key]
 
-    def source_pixels(self, index: int, image: Image.Image) -> np.ndarray:
-        """The un-augmented image as a live cache stores it: HWC uint8 of one fixed shape."""
-        pixels = to_hwc_uint8(image)
+    def source_pixels(self, index: int, pixels: np.ndarray) -> np.ndarray:
+        """The un-augmented image (self.pixels) as a live cache stores it: HWC uint8 of one fixed shape."""
         if pixels.shape != self.job.source_shape:
             raise CachegenError(f"a live cache stores the source un-augmented, so its images need one shape: "
                                 f"{self.job.source.name(index)} is {pixels.shape}, the first is "
@@ -170,16 +180,20 @@ def _write_task(task: ShardTask) -> tuple[str, dict]:
 
     def samples():
         for index in task.indices.tolist():
+            if task.epoch is None:  # a live cache's source pass
+                pixels = augment.pixels(index)
+                if pixels is None:
+                    continue
+                if stats is not None:
+                    stats.add(pixels)
+                yield index, int(job.source.labels[index]), augment.source_pixels(index, pixels)
+                continue
             image = augment.load(index)
             if image is None:
                 continue
             if stats is not None:
                 stats.add(to_hwc_uint8(image))
-            if task.epoch is None:
-                pixels = augment.source_pixels(index, image)
-            else:
-                pixels = augment.augment(task.epoch, index, image)
-            yield index, int(job.source.labels[index]), pixels
+            yield index, int(job.source.labels[index]), augment.augment(task.epoch, index, image)
 
     prefix = "src" if task.epoch is None else f"e{task.epoch:04d}"
     entry = write_shard(job.root, task.relpath, prefix, samples(), job.encoding)
@@ -195,8 +209,8 @@ def _load_shard(task: ShardTask) -> tuple[ShardTask, np.ndarray, np.ndarray, dic
     task asks for)."""
     augment = _AUGMENT
     job = augment.job
-    loaded = [(index, augment.load(index)) for index in task.indices.tolist()]
-    loaded = [(index, to_hwc_uint8(image)) for index, image in loaded if image is not None]
+    loaded = [(index, augment.pixels(index)) for index in task.indices.tolist()]
+    loaded = [(index, pixels) for index, pixels in loaded if pixels is not None]
     stats = PixelStats(job.source_shape[2]) if task.stats else None
     if stats is not None:
         for _, pixels in loaded:
@@ -268,7 +282,7 @@ def _source_stats(job: Job, indices: list[int]) -> dict:
     augment = _Augmenter(job)
     stats = PixelStats(job.source_shape[2])
     for index in indices:
-        stats.add(to_hwc_uint8(augment.load(index)))
+        stats.add(augment.pixels(index))
     return stats.totals()
 
 

@@ -42,6 +42,11 @@ class Source:
     def load(self, index: int) -> Image.Image:
         raise NotImplementedError
 
+    def pixels(self, index: int) -> np.ndarray | None:
+        """The image as HWC uint8 without making a PIL image, where the source holds arrays (the
+        same bytes as load's); None: use load."""
+        return None
+
     def fingerprint(self) -> str:
         raise NotImplementedError
 
@@ -67,6 +72,10 @@ class ArraySource(Source):
     def load(self, index: int) -> Image.Image:
         image = self.images[index]
         return Image.fromarray(image) if image.ndim == 2 else to_pil(image)
+
+    def pixels(self, index: int) -> np.ndarray:
+        image = self.images[index]
+        return image[:, :, None] if image.ndim == 2 else image
 
     def fingerprint(self) -> str:
         if self._fingerprint is None:

@@ -13,7 +13,8 @@ machine hits every row alike. Prints:
   its range over the repeats (on a shared machine the range says how far to trust it).
   scaling  build(2 workers) / build(1 worker), beside the machine's own ceiling (2 bare loops / 1)
   device   build --augment-on device (each shard augmented in batches with cacheaug.batched) /
-           the per-sample build, 2 workers (goal >= 3x)
+           the per-sample build (goal >= 3x): whole builds with 2 workers, fixed costs included; and
+           the marginal cost per image (the per-shard path, 1 worker), what a large build approaches
   store    `cachegen build --transform none` (store as is, 1 worker) of WRITE_IMAGES CIFAR-shaped
            images from an .npz, whole command, vs a plain np.save of the same array (the floor);
            FFCV's, LitData's and Mosaic's writers on the same 20000 images are quoted from issue 9
@@ -144,6 +145,9 @@ def main() -> None:
                 "np.save": timed_save(tmp / "a.npy", images, sync=False),
                 "np.save + fsync": timed_save(tmp / "a.npy", images, sync=True),
             })
+            with ShardClock() as batched_shards:
+                timed_build(tmp / "c", workers=1, augment_on="device", mode="cached", **cifar)
+            row["per-shard path, 1 worker, --augment-on device"] = batched_shards.seconds
             row["build --transform none"], row["build --transform none, CPU time"] = timed_build(
                 tmp / "c", source=str(npz), transform="none", workers=1)
             for name, value in row.items():
@@ -170,8 +174,12 @@ def main() -> None:
           f"{ratio('per-shard path, CPU time', 'bare transform, CPU time')}")
     print(f"scaling:  build 2 workers / 1 worker {ratio('build --workers 1', 'build --workers 2')}  goal >= 1.8; "
           f"the machine's ceiling, 2 bare loops / 1: {ratio('bare transform (1 process)', 'bare transform (2 processes)')}")
-    print(f"device:   build --augment-on device (shards augmented in batches) / per-sample build, 2 workers "
-          f"{ratio('build --workers 2', 'build --workers 2 --augment-on device')}  goal >= 3")
+    print(f"device:   build --augment-on device (shards augmented in batches) / per-sample build, goal >= 3:\n"
+          f"          whole build, 2 workers {ratio('build --workers 2', 'build --workers 2 --augment-on device')}; "
+          f"marginal cost per image, 1 worker "
+          f"{ratio('per-shard path, 1 worker', 'per-shard path, 1 worker, --augment-on device')} "
+          f"({med['per-shard path, 1 worker, --augment-on device'] / n * 1e6:.0f} vs "
+          f"{med['per-shard path, 1 worker'] / n * 1e6:.0f} us/image)")
     print(f"store as is: {args.write_images} CIFAR-shaped images (32x32x3 uint8 .npz), 1 process, whole command")
     print(f"  build --transform none --workers 1  {med['build --transform none']:5.2f} s   "
           f"{ratio('build --transform none', 'np.save')} np.save   "

@@ -126,3 +126,29 @@ def test_a_build_augmented_with_cuda_is_deterministic_and_equivalent(npz_source,
     assert sorted(y.tolist()) == sorted(npz_source[2].tolist())
     source = {img.transpose(2, 0, 1).tobytes() for img in npz_source[1]}
     assert sum(img.numpy().tobytes() in source for img in x) < 24  # augmented
+
+
+@pytest.mark.parametrize("shape", [(6, 9, 7), (6, 9, 7, 1), (6, 9, 7, 3), (6, 9, 7, 4)])
+def test_an_array_source_gives_a_batched_build_the_pixels_load_gives(shape):
+    """A device build (and a live source pass) takes an array source's pixels as they are, without
+    making a PIL image and reading it back: the same bytes."""
+    from cacheaug.transforms import to_hwc_uint8
+    from cachegen.sources import ArraySource
+
+    images = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    source = ArraySource(images, np.zeros(6, np.int64), ("a",), kind="npz", description="test")
+    for i in range(6):
+        fast, slow = source.pixels(i), to_hwc_uint8(source.load(i))
+        assert fast.dtype == np.uint8 and fast.shape == slow.shape and np.array_equal(fast, slow)
+
+
+def test_a_batched_build_converting_channels_takes_the_converted_pixels(tmp_path):
+    rng = np.random.default_rng(3)
+    np.savez(tmp_path / "gray.npz", images=rng.integers(0, 256, (40, 16, 16), dtype=np.uint8),
+             labels=rng.integers(0, 2, 40))
+    run_cli("build", tmp_path / "gray.npz", "--out", tmp_path / "c", "--channels", "3", "--augment-on", "device",
+            "--transform", "val", "--quiet", "--workers", "1", "--epochs", "1")
+    m = manifest(tmp_path / "c")
+    assert m["output_shape"] == [16, 16, 3] and len(m["mean"]) == 3
+    (x, _), = list(CachedLoader(tmp_path / "c", batch_size=40, device="cpu", normalize=False, shuffle=False))
+    assert torch.equal(x[:, 0], x[:, 1]) and torch.equal(x[:, 1], x[:, 2])  # grey, as three equal channels
