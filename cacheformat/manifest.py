@@ -28,6 +28,9 @@ ENCODINGS = ("npy", "png", "jpg")
 # batches when the reader's device is a GPU. Optional in transform.augment_on (absent: "cpu", what
 # every cache built before the field was).
 AUGMENT_ON = ("cpu", "device", "auto")
+# The device type a cached `augment_on` device build augmented on (transform.augment_device): its
+# bytes are promised for that type only, so it is part of the build's identity.
+AUGMENT_DEVICES = ("cpu", "cuda")
 # What makes two builds the same cache; epochs may grow, these may not change.
 IDENTITY_KEYS = ("source", "transform", "seed", "image", "output_shape", "shard_size", "mode", "versions")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -170,6 +173,10 @@ def parse_manifest(raw: dict, root: Path) -> Manifest:
         if augment_on not in AUGMENT_ON or (augment_on == "auto" and mode != "live"):
             raise fail(f"transform augment_on {augment_on!r} is not one of {', '.join(AUGMENT_ON)} "
                        "(auto: a live cache only)")
+        device = transform.get("augment_device")  # a cached device build's: its bytes are one device type's
+        if device is not None and (device not in AUGMENT_DEVICES or augment_on != "device" or mode != "cached"):
+            raise fail(f"transform augment_device {device!r} is not one of {', '.join(AUGMENT_DEVICES)} "
+                       "(a cached build augmented on the device only)")
         encoding = image["encoding"]
         if encoding not in ENCODINGS:
             raise fail(f"image encoding {encoding!r} is not one of {', '.join(ENCODINGS)}")

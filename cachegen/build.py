@@ -562,7 +562,9 @@ def _build(config: BuildConfig) -> dict:
         "transform": {"spec": spec, "schedule": config.schedule, "size": size, "resize": config.resize,
                       "fingerprint": fingerprint(spec, size=size, schedule=config.schedule),
                       "factory_sha256": factory_sha256(spec),
-                      **({"augment_on": augment_on} if mode == "live" or augment_on == "device" else {})},
+                      **({"augment_on": augment_on} if mode == "live" or augment_on == "device" else {}),
+                      **({"augment_device": torch.device(device).type if device else "cpu"}
+                         if mode == "cached" and augment_on == "device" else {})},
         "versions": library_versions(),  # a sample's bytes depend on them too
         "seed": config.seed,
         "image": {"encoding": encoding, "shape": list(stored_shape), "dtype": "uint8", "layout": "HWC",

@@ -66,6 +66,26 @@ def test_augmenting_in_this_process_gives_the_bytes_the_workers_give(npz_source,
     assert run_cli("verify", tmp_path / "here").output.startswith("ok: ")
 
 
+def test_the_device_type_is_recorded_and_another_type_cannot_extend_the_cache(npz_source, tmp_path):
+    import json
+
+    common = [npz_source[0], "--shard-size", "50", "--quiet", "--augment-on", "device", "--workers", "1"]
+    run_cli("build", *common, "--out", tmp_path / "c", "--epochs", "1")
+    run_cli("build", *common, "--out", tmp_path / "here", "--epochs", "1", "--device", "cpu")
+    assert manifest(tmp_path / "c")["transform"]["augment_device"] == "cpu"
+    assert manifest(tmp_path / "here")["transform"]["augment_device"] == "cpu"
+    # A cache made on a GPU (its manifest says so) is not extended here on the CPU: the new epochs'
+    # bytes would be another device type's.
+    path = tmp_path / "c" / "manifest.json"
+    raw = json.loads(path.read_text())
+    raw["transform"]["augment_device"] = "cuda"
+    path.write_text(json.dumps(raw))
+    before = shard_bytes(tmp_path / "c")
+    result = run_cli("build", *common, "--out", tmp_path / "c", "--epochs", "2", expect=1)
+    assert_one_line_error(result, "differs in: transform (augment_device cuda -> cpu)")
+    assert shard_bytes(tmp_path / "c") == before
+
+
 RECORDING = """
 import os, pathlib
 
@@ -120,6 +140,7 @@ def test_a_build_augmented_with_cuda_is_deterministic_and_equivalent(npz_source,
     assert shard_bytes(tmp_path / "gpu1") == shard_bytes(tmp_path / "gpu2")  # one device type: the same bytes
     gpu, cpu = manifest(tmp_path / "gpu1"), manifest(tmp_path / "cpu")
     assert gpu["output_shape"] == cpu["output_shape"] and gpu["mean"] == cpu["mean"]  # mean: of the source
+    assert gpu["transform"]["augment_device"] == "cuda" and cpu["transform"]["augment_device"] == "cpu"
     assert run_cli("verify", tmp_path / "gpu1").output.startswith("ok: ")
     loader = CachedLoader(tmp_path / "gpu1", batch_size=240, device="cpu", normalize=False, shuffle=False)
     (x, y), = list(loader)
