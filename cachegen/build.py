@@ -137,13 +137,15 @@ class _Augmenter:
                                 "(end the transform with a Resize/CenterCrop)")
         return out
 
-    def batched(self, epoch: int):
-        """The batched augmentation of `epoch` (cacheaug.batched), made once per epoch."""
+    def batched(self, epoch: int, device: torch.device = torch.device("cpu")):
+        """The batched augmentation of `epoch` (cacheaug.batched) on `device`, made once per epoch."""
         job = self.job
         key = ("batched", epoch)
         if key not in self.transforms:
-            self.transforms[key] = make_batched(job.spec, epoch=epoch, epochs=job.epochs, size=job.size,
-                                                channels=job.source_shape[2], schedule=job.schedule)
+            augmentation = make_batched(job.spec, epoch=epoch, epochs=job.epochs, size=job.size,
+                                        channels=job.source_shape[2], schedule=job.schedule)
+            self.transforms[key] = augmentation.to(device) if isinstance(augmentation, torch.nn.Module) \
+                else augmentation
         return self.transforms[key]
 
     def source_pixels(self, index: int, pixels: np.ndarray) -> np.ndarray:
@@ -714,7 +716,7 @@ def _stream(job: Job, tasks: list[ShardTask], submit: Callable[..., Future], ahe
         return
     device = torch.device(job.device)
     waiting, loads, writes = iter(tasks), deque(), set()
-    batched: dict[int, Callable] = {}  # the current epoch's augmentation, on the device
+    here = _Augmenter(job)  # makes each epoch's augmentation on the device
 
     def load_ahead() -> None:
         while len(loads) < ahead and (task := next(waiting, None)) is not None:
@@ -724,12 +726,7 @@ def _stream(job: Job, tasks: list[ShardTask], submit: Callable[..., Future], ahe
     while loads:
         task, indices, pixels, totals = loads.popleft().result()
         load_ahead()
-        if task.epoch not in batched:
-            augmentation = make_batched(job.spec, epoch=task.epoch, epochs=job.epochs, size=job.size,
-                                        channels=job.source_shape[2], schedule=job.schedule)
-            batched = {task.epoch: augmentation.to(device) if isinstance(augmentation, torch.nn.Module)
-                       else augmentation}
-        rows = _augment_shard(job, batched[task.epoch], task, pixels, device)
+        rows = _augment_shard(job, here.batched(task.epoch, device), task, pixels, device)
         writes.add(submit(_write_rows, task, indices, rows, totals))
         if len(writes) >= ahead:  # written no faster than augmented: hold at most `ahead` shards of rows
             wait(writes, return_when=FIRST_COMPLETED)
