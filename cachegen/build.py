@@ -176,7 +176,7 @@ def _write_task(task: ShardTask) -> tuple[str, dict]:
     augment = _AUGMENT
     job = augment.job
     if task.epoch is not None and job.augment_on == "device":
-        _, indices, pixels, totals = _load_shard(task)
+        indices, pixels, totals = _load_shard(task)
         return _write_rows(task, indices, _augment_shard(job, augment.batched(task.epoch), task, pixels), totals)
     stats = PixelStats(job.source_shape[2]) if task.stats else None
 
@@ -205,10 +205,10 @@ def _write_task(task: ShardTask) -> tuple[str, dict]:
 BUILD_BATCH = 256  # samples of a shard augmented together by a device build
 
 
-def _load_shard(task: ShardTask) -> tuple[ShardTask, np.ndarray, np.ndarray, dict]:
+def _load_shard(task: ShardTask) -> tuple[np.ndarray, np.ndarray, dict]:
     """A cached epoch's shard's source images for batched augmentation (`--augment-on device`):
-    (task, source indices of the readable ones, their pixels NHWC uint8, the pixel statistics the
-    task asks for)."""
+    (source indices of the readable ones, their pixels NHWC uint8, the pixel statistics the task
+    asks for)."""
     augment = _AUGMENT
     job = augment.job
     loaded = [(index, augment.pixels(index)) for index in task.indices.tolist()]
@@ -220,7 +220,7 @@ def _load_shard(task: ShardTask) -> tuple[ShardTask, np.ndarray, np.ndarray, dic
     if loaded:
         _one_shape(job, loaded)
     pixels = np.stack([p for _, p in loaded]) if loaded else np.zeros((0, *job.source_shape), np.uint8)
-    return task, np.array([i for i, _ in loaded], np.int64), pixels, (stats.totals() if stats else {})
+    return np.array([i for i, _ in loaded], np.int64), pixels, (stats.totals() if stats else {})
 
 
 def _augment_shard(job: Job, batched: Callable, task: ShardTask, pixels: np.ndarray,
@@ -546,12 +546,13 @@ def _build(config: BuildConfig) -> dict:
     n = len(source)
     mode = _choose_mode(config, job, n, epochs, probe_bytes)
     stored_shape, encoding = (source_shape, "npy") if mode == "live" else (shape, config.encoding)
+    if config.device and mode == "live":  # --mode auto chose live
+        raise CachegenError(f"--mode auto chose a live cache (a cached one would exceed --max-cache-gb), augmented "
+                            f"as it is read, on the loader's device: drop --device {config.device}, or pass --mode "
+                            "cached")
     # A cached device build augments in this process on the GPU where there is one, else in the workers.
     device = (str(parse_device(config.device)) if config.device else "cuda" if torch.cuda.is_available() else None) \
         if mode == "cached" and augment_on == "device" else None
-    if config.device and mode == "live":  # --mode auto chose live
-        raise CachegenError(f"--mode auto chose a live cache (a cached one would exceed --max-cache-gb), augmented as it is read, on the "
-                            f"loader's device: drop --device {config.device}, or pass --mode cached")
     job = replace(job, encoding=encoding, augment_on=augment_on, device=device)
     count, nbytes = parse_shard_size(config.shard_size)
     per_shard = count or max(1, nbytes // int(np.prod(stored_shape)))
@@ -720,11 +721,12 @@ def _stream(job: Job, tasks: list[ShardTask], submit: Callable[..., Future], ahe
 
     def load_ahead() -> None:
         while len(loads) < ahead and (task := next(waiting, None)) is not None:
-            loads.append(submit(_load_shard, task))
+            loads.append((task, submit(_load_shard, task)))
 
     load_ahead()
     while loads:
-        task, indices, pixels, totals = loads.popleft().result()
+        task, loading = loads.popleft()
+        indices, pixels, totals = loading.result()
         load_ahead()
         rows = _augment_shard(job, here.batched(task.epoch, device), task, pixels, device)
         writes.add(submit(_write_rows, task, indices, rows, totals))

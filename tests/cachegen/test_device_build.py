@@ -131,6 +131,13 @@ def test_a_bad_device_for_a_build_is_one_line(build, args, message, tmp_path):
     assert not (tmp_path / "cache" / "manifest.json").exists()
 
 
+def test_device_with_a_build_that_auto_mode_makes_live_is_one_line(npz_source, tmp_path):
+    result = run_cli("build", npz_source[0], "--out", tmp_path / "c", "--augment-on", "device", "--device", "cpu",
+                     "--max-cache-gb", "0.000001", "--workers", "1", "--quiet", expect=1)
+    assert_one_line_error(result, "--mode auto chose a live cache", "drop --device cpu, or pass --mode cached")
+    assert not (tmp_path / "c" / "manifest.json").exists()
+
+
 @cuda
 def test_a_build_augmented_with_cuda_is_deterministic_and_equivalent(npz_source, tmp_path):
     common = [npz_source[0], "--shard-size", "50", "--quiet", "--epochs", "2", "--augment-on", "device"]
