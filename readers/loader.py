@@ -287,7 +287,8 @@ class Loader:
                           window=self.shuffle_window)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(images, labels) on the device: images (B, C, H, W), labels int64 (B,)."""
+        """(images, labels) on the device: images (B, C, H, W), labels int64 (B,); with a
+        batch_transform, (images, targets) as it returns them (MixUp: targets float (B, classes))."""
         self._place()
         plan = self.plan()
         start, self._placed = self._delivered, False
