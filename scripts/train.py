@@ -130,6 +130,8 @@ def main() -> None:
     p.add_argument("--cutmix", type=float, default=0.0, metavar="ALPHA",
                    help="CutMix every batch, Beta(ALPHA, ALPHA) (0: off; recipes use 1.0); with --mixup: one of "
                         "the two per batch")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads on the CPU (0: the cores / processes); 1 on a machine shared with other work")
     p.add_argument("--json", help="append one JSON line with the result to this file")
     p.add_argument("--tag", default="", help="a label stored with the JSON result")
     args = p.parse_args()
@@ -153,7 +155,7 @@ def main() -> None:
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     torch.manual_seed(args.seed)
     if not cuda:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+        torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world))
 
     # drop_last=False, as the online DataLoader: every loader takes the same number of steps per epoch.
     common = dict(batch_size=args.batch_size, seed=args.seed, device=device, drop_last=False, channels_last=cuda)
