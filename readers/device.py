@@ -69,14 +69,20 @@ class DeviceCopier:
             self._stream.wait_stream(torch.cuda.current_stream(device))
 
     def start(self, images: torch.Tensor, labels: torch.Tensor,
-              augment: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Pending:
+              augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+              then: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+              ) -> Pending:
         """Begin moving and converting one batch; returns at once on CUDA. `augment`, where
-        given, runs on the device between the move and the normalisation (see convert)."""
+        given, runs on the device between the move and the normalisation (see convert); `then`
+        (images, labels) -> (images, targets) after it (a batch transform), on the same stream."""
         if self._stream is None:
-            return Pending(self.convert(images, augment), labels, None)
+            images = self.convert(images, augment)
+            return Pending(*(then(images, labels) if then is not None else (images, labels)), None)
         with torch.cuda.stream(self._stream):
             images = self.convert(images.to(self.device, non_blocking=True), augment)
             labels = labels.to(self.device, non_blocking=True)
+            if then is not None:
+                images, labels = then(images, labels)
             ready = torch.cuda.Event()
             ready.record(self._stream)
         return Pending(images, labels, ready)
