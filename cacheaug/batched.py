@@ -4,14 +4,17 @@ parameters drawn per sample, on whatever device the batch is on (CPU or CUDA).
 The live reader's device path (`--augment-on device`) uses it: uint8 source batches go to the
 device, become float in [0, 1], are augmented here batch by batch, then normalised.
 
-Placement and randomness, the same in the build and the loader: the augmentation is moved to
-the batch's device (`place`), so Kornia draws its random parameters there, from that device's
-generator, with no host-to-device copy (and no wait) per parameter. A batch is augmented with
-torch's CPU generator and the batch's device generator seeded from `batch_seed(...)`, both
-borrowed and given back as they were, so a batch depends only on its seed and never moves the
-caller's generators. It runs in full float32 whatever the caller set: autocast is off inside and,
-on CUDA, TF32 too. The same seed gives the same batch on the same device type (and library
-versions); per-sample (PIL) and batched augmentation are equivalent in distribution, not bit-equal.
+Placement and randomness, the same in the build and the loader (`place`): the augmentation's
+buffers go to the batch's device, while Kornia draws its random parameters on the CPU, from torch's
+CPU generator. Kornia moves each parameter to a CUDA batch with a non-blocking copy and branches
+on CPU values, so a batch costs no wait for the GPU; drawn on the GPU instead, Kornia 0.9 reads
+some of them back (`.tolist()`, `.any()`), a wait each. A batch is augmented with torch's CPU
+generator and the batch's device generator seeded from `batch_seed(...)`, both borrowed and given
+back as they were, so a batch depends only on its seed and never moves the caller's generators: the
+same seed gives the same parameters on the CPU and on a GPU. It runs in full float32 whatever the
+caller set: autocast is off inside and, on CUDA, TF32 too. The same seed gives the same batch on
+the same device type (and library versions); per-sample (PIL) and batched augmentation are
+equivalent in distribution, not bit-equal.
 """
 
 from __future__ import annotations
@@ -71,9 +74,15 @@ def make_batched(spec: str, *, epoch: int, epochs: int, size: int, channels: int
 def place(augmentation: Callable[[torch.Tensor], torch.Tensor], device: torch.device
           ) -> Callable[[torch.Tensor], torch.Tensor]:
     """`augmentation` on `device`: a module (a preset's, or a factory's) is moved there with its
-    buffers and, for Kornia's, the samplers its random parameters come from; any other callable
-    is returned as it is."""
-    return augmentation.to(device) if isinstance(augmentation, torch.nn.Module) else augmentation
+    buffers, and every Kornia augmentation in it keeps drawing its parameters on the CPU (moving a
+    Kornia module moves its samplers too); any other callable is returned as it is."""
+    if not isinstance(augmentation, torch.nn.Module):
+        return augmentation
+    augmentation = augmentation.to(device)
+    for module in augmentation.modules():
+        if hasattr(module, "set_rng_device_and_dtype"):  # Kornia's augmentations (and their param generators)
+            module.set_rng_device_and_dtype(torch.device("cpu"), torch.float32)
+    return augmentation
 
 
 @contextmanager

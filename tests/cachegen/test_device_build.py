@@ -50,7 +50,7 @@ def test_a_device_build_needs_one_image_shape(tmp_path):
     assert_one_line_error(result, "--augment-on device augments whole batches", "pass --resize N")
 
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+cuda = pytest.mark.cuda  # skipped without a GPU (tests/conftest.py)
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
