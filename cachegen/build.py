@@ -143,7 +143,8 @@ class _Augmenter:
         job = self.job
         key = ("batched", epoch)
         if key not in self.transforms:
-            # Placed as the live loader places it: parameters drawn on `device`, from its generator.
+            # Placed as the live loader places it (cacheaug.batched.place): buffers on `device`,
+            # Kornia's draws on the CPU.
             self.transforms[key] = place(make_batched(job.spec, epoch=epoch, epochs=job.epochs, size=job.size,
                                                       channels=job.source_shape[2], schedule=job.schedule), device)
         return self.transforms[key]

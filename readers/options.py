@@ -18,9 +18,9 @@ class LoaderOptions:
 
     `device` is checked on construction (None: cuda if available); an index-less cuda is bound
     to a GPU when a pass starts (readers.device.resolve_device: LOCAL_RANK's, or the current
-    one). `prefetch` is resolved now (a prefetch thread on CUDA only). `rank` and `world_size` are checked now but kept as given: None is
-    resolved when a pass starts (readers.split.resolve_rank), so a loader built before
-    `init_process_group` still splits. `mean`/`std` (None: the manifest's) are checked to be
+    one). `prefetch` is resolved now (a prefetch thread on CUDA only). `rank` and `world_size`
+    are checked now but kept as given: None is resolved when a pass starts
+    (readers.split.resolve_rank), so a loader built before `init_process_group` still splits. `mean`/`std` (None: the manifest's) are checked to be
     finite numbers with std > 0 here, and against the cache's channels by the loader.
     """
 

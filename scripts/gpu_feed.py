@@ -128,7 +128,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--workers", type=int, default=0, help="workers of the per-sample rows (0: 75%% of this rank's cores)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="workers of the per-sample rows (0: 75%% of this rank's cores)")
     p.add_argument("--device", default=None, help="cuda when there is one, else cpu")
     p.add_argument("--cached", help="a cached build (CachedLoader row)")
     p.add_argument("--live-device", help="a live cache (LiveLoader augmenting on the device row)")

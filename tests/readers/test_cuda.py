@@ -138,8 +138,10 @@ class _SlowStage(CachedLoader):
 
     def _device_augment(self, plan, batch):
         def slow(images: torch.Tensor) -> torch.Tensor:
-            torch.cuda._sleep(20_000_000)  # ~10 ms of GPU time on the current (side) stream
-            return images
+            work = torch.ones(4096, 4096, device=images.device)
+            for _ in range(8):  # ~ms of GPU work each, on the current (side) stream
+                work = work @ work / 4096  # stays all ones, exactly
+            return images + 0 * work[0, 0]  # the batch depends on the slow work
         return slow
 
 
