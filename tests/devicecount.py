@@ -11,8 +11,7 @@ import traceback
 
 import torch
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
-from torch.utils._pytree import tree_map
+from torch.utils._python_dispatch import TorchDispatchMode  # where torch's docs import it from
 
 _COPIES = {"_to_copy", "copy_", "_copy_from", "_copy_from_and_resize"}
 _FROM_DATA = (torch.tensor, torch.as_tensor, torch.asarray)  # made on the host, then copied: no dispatch sees the data
@@ -87,8 +86,7 @@ class _Shadowing(TorchDispatchMode):
             return args[0]._shadow.item()
         if name in _COPIES and "meta" in devices and _target(name, args, kwargs) == "cpu":
             self.gpu.count(self.gpu.to_host, name)  # a meta tensor has no data to copy: its shadow's
-            with _disable_current_modes():
-                return func(*tree_map(_cpu, args), **tree_map(_cpu, kwargs))
+            return func(*_map(_cpu, args), **_map(_cpu, kwargs))  # this mode is off inside its own handler
         out = func(*args, **kwargs)
         if name in _COPIES:
             target = out.device.type if isinstance(out, torch.Tensor) else None
@@ -107,8 +105,7 @@ class _Shadowing(TorchDispatchMode):
         if missing:
             raise RuntimeError(f"{func}: a meta tensor without a shadow (made outside MetaGPU?)")
 
-        with _disable_current_modes():
-            shadow = func(*tree_map(_cpu, args), **tree_map(_cpu, kwargs))
+        shadow = func(*_map(_cpu, args), **_map(_cpu, kwargs))
         for meta, value in zip(_tensors(out), _tensors(shadow)):
             if meta.device.type == "meta":
                 meta._shadow = value
@@ -137,7 +134,16 @@ def _target(name: str, args, kwargs) -> str:
     return args[0].device.type  # copy_ and kin: into their first argument
 
 
+def _map(fn, tree):
+    """`fn` applied to every leaf of nested lists, tuples and dicts (an op's arguments or results)."""
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_map(fn, x) for x in tree)
+    if isinstance(tree, dict):
+        return {k: _map(fn, v) for k, v in tree.items()}
+    return fn(tree)
+
+
 def _tensors(tree) -> list[torch.Tensor]:
     found: list[torch.Tensor] = []
-    tree_map(lambda x: found.append(x) if isinstance(x, torch.Tensor) else None, tree)
+    _map(lambda x: found.append(x) if isinstance(x, torch.Tensor) else None, tree)
     return found
