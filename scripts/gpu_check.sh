@@ -160,8 +160,8 @@ train_each() {  # scripts/train.py a few steps with each loader, on the default 
 export PYTHON WORK SAMPLES EPOCHS BIG SIDE CROP WORKERS TRAIN
 export -f sources build_rates live_caches train_each
 step "sources" 40 sources
-step "build rates" 90 build_rates
-step "live caches" 60 live_caches
+step "build rates" 120 build_rates
+step "live caches" 90 live_caches
 step "feed 32 px: ResNet-18" 70 "$PYTHON" scripts/gpu_feed.py --model resnet18 --classes 10 "${FEED32[@]}" \
     --cached "$WORK/cache" --live-device "$WORK/live" --live-cpu "$WORK/live-cpu" --online "$WORK/cache"
 step "feed $CROP px: ResNet-50" 90 "$PYTHON" scripts/gpu_feed.py --model resnet50 --classes 100 "${FEED224[@]}" \
