@@ -129,3 +129,20 @@ def test_bench_imagenet_measures_its_three_rows(tmp_path):
     assert [r.split(":")[0].strip() for r in rows] == ["online", "live, per sample", "live, batched on cpu",
                                                        "live, batched on cpu"]
     assert "1.00x online" in rows[0] and rows[3].rstrip().endswith("s)")
+
+
+def test_gpu_feed_prints_every_row_against_synthetic(caches, tmp_path):
+    """scripts/gpu_feed.py (gpu_check.sh's feed steps) at toy sizes on the CPU: every row measured."""
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_feed.py"), "--model", "resnet18",
+                           "--classes", "3", "--batch-size", "8", "--steps", "1", "--warmup", "1", "--workers", "1",
+                           "--device", "cpu", "--copies", "2", "--cached", str(caches / "cached"),
+                           "--live-device", str(caches / "live"), "--live-cpu", str(caches / "live"),
+                           "--online", str(caches / "cached")], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line.strip() for line in done.stdout.splitlines() if "of synthetic" in line]
+    assert [r.split("  ")[0] for r in rows] == ["CachedLoader", "LiveLoader, batched on the device",
+                                                "LiveLoader, per sample, 1 workers",
+                                                "DataLoader, online augmentation, 1 workers"]
+    assert all("data wait" in r for r in rows) and "synthetic data already on the device" in done.stdout
+    assert "uint8 pinned" in done.stdout  # --copies
