@@ -4,17 +4,23 @@ parameters drawn per sample, on whatever device the batch is on (CPU or CUDA).
 The live reader's device path (`--augment-on device`) uses it: uint8 source batches go to the
 device, become float in [0, 1], are augmented here batch by batch, then normalised.
 
-Randomness: a batch is augmented with torch's CPU generator (where Kornia draws its parameters)
-and the batch's device generator seeded from `batch_seed(...)`, both borrowed and given back as
-they were, so a batch depends only on its seed and never moves the caller's generators. The same
-seed gives the same batch on the same device type (and library versions); per-sample (PIL) and
-batched augmentation are equivalent in distribution, not bit-equal.
+Placement and randomness, the same in the build and the loader (`place`): the augmentation's
+buffers go to the batch's device, while Kornia draws its random parameters on the CPU, from torch's
+CPU generator. Kornia moves each parameter to a CUDA batch with a non-blocking copy and branches
+on CPU values, so a batch costs no wait for the GPU; drawn on the GPU instead, Kornia 0.9 reads
+some of them back (`.tolist()`, `.any()`), a wait each. A batch is augmented with torch's CPU
+generator and the batch's device generator seeded from `batch_seed(...)`, both borrowed and given
+back as they were, so a batch depends only on its seed and never moves the caller's generators: the
+same seed gives the same parameters on the CPU and on a GPU. It runs in full float32 whatever the
+caller set: autocast is off inside and, on CUDA, TF32 too. The same seed gives the same batch on
+the same device type (and library versions); per-sample (PIL) and batched augmentation are
+equivalent in distribution, not bit-equal.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -65,6 +71,38 @@ def make_batched(spec: str, *, epoch: int, epochs: int, size: int, channels: int
     return make_transform(spec, epoch=epoch, epochs=epochs, size=size, schedule=schedule)  # raises: unknown
 
 
+def place(augmentation: Callable[[torch.Tensor], torch.Tensor], device: torch.device
+          ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`augmentation` on `device`: a module (a preset's, or a factory's) is moved there with its
+    buffers, and every Kornia augmentation in it keeps drawing its parameters on the CPU (moving a
+    Kornia module moves its samplers too); any other callable is returned as it is."""
+    if not isinstance(augmentation, torch.nn.Module):
+        return augmentation
+    augmentation = augmentation.to(device)
+    for module in augmentation.modules():
+        if hasattr(module, "set_rng_device_and_dtype"):  # Kornia's augmentations (and their param generators)
+            module.set_rng_device_and_dtype(torch.device("cpu"), torch.float32)
+    return augmentation
+
+
+@contextmanager
+def _float32(device: torch.device) -> Iterator[None]:
+    """Full float32 on `device` inside, whatever the caller's autocast and TF32 settings: a
+    batch's pixels must not depend on the training loop's precision. TF32 is a process-wide
+    switch; the loader and the build augment on the thread that would otherwise use it."""
+    autocast = torch.autocast(device.type, enabled=False) if device.type in ("cpu", "cuda") else nullcontext()
+    tf32 = device.type == "cuda"
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) if tf32 else None
+    try:
+        if tf32:
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        with autocast:
+            yield
+    finally:
+        if saved is not None:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 @contextmanager
 def seeded(seed: int, device: torch.device) -> Iterator[None]:
     """torch's CPU generator, and `device`'s where it is a GPU, seeded with `seed` inside, as they
@@ -94,7 +132,7 @@ def augment_batch(augmentation: Callable, images: torch.Tensor, *, seed: int, na
         TransformError: the augmentation fails or returns something else than a float batch of
             the same size (and `shape`), in one line naming `name` (the preset or factory).
     """
-    with seeded(seed, images.device):
+    with seeded(seed, images.device), _float32(images.device):
         try:
             out = augmentation(images)
         except TransformError:

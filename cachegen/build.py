@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import math
 import multiprocessing as mp
 import os
 import shutil
@@ -36,7 +37,7 @@ from cachegen.manifest import (BUILD_STATE, FORMAT, FORMAT_VERSION, MANIFEST, de
 from cachegen.shards import TMP_MARK, encode, index_shard, npy_header_bytes, write_shard
 from cachegen.sources import Source, open_source, printable
 from cachegen.stats import PixelStats, channel_stats, stats_of_cache
-from cacheaug.batched import augment_batch, batch_seed, make_batched
+from cacheaug.batched import augment_batch, batch_seed, make_batched, place
 from cacheaug.transforms import (augment, borrowed_rng, epoch_fingerprint, factory_sha256, fingerprint, is_random,
                                  library_versions, make_transform, own_rng, to_hwc_uint8)
 
@@ -142,10 +143,10 @@ class _Augmenter:
         job = self.job
         key = ("batched", epoch)
         if key not in self.transforms:
-            augmentation = make_batched(job.spec, epoch=epoch, epochs=job.epochs, size=job.size,
-                                        channels=job.source_shape[2], schedule=job.schedule)
-            self.transforms[key] = augmentation.to(device) if isinstance(augmentation, torch.nn.Module) \
-                else augmentation
+            # Placed as the live loader places it (cacheaug.batched.place): buffers on `device`,
+            # Kornia's draws on the CPU.
+            self.transforms[key] = place(make_batched(job.spec, epoch=epoch, epochs=job.epochs, size=job.size,
+                                                      channels=job.source_shape[2], schedule=job.schedule), device)
         return self.transforms[key]
 
     def source_pixels(self, index: int, pixels: np.ndarray) -> np.ndarray:
@@ -202,7 +203,16 @@ def _write_task(task: ShardTask) -> tuple[str, dict]:
     return task.relpath, {**_write_index(job.root, entry), **(stats.totals() if stats else {})}
 
 
-BUILD_BATCH = 256  # samples of a shard augmented together by a device build
+BUILD_BATCH = 256  # samples of a shard augmented together by a device build (fewer for large images)
+BATCH_BYTES = 2**30  # a device build's float batch at most: 256 images up to ~590 px square, fewer above
+HELD_BYTES = 2**31  # a device build's shards held in this process (loaded, or augmented and not yet written)
+
+
+def build_batch(shape: tuple[int, ...]) -> int:
+    """Samples augmented together for images of `shape` (the larger of source and output): BUILD_BATCH,
+    or as many as fit BATCH_BYTES in float32. A function of the shape alone, so the bytes of a build
+    depend on neither the machine nor the worker count."""
+    return max(1, min(BUILD_BATCH, BATCH_BYTES // (4 * math.prod(shape))))
 
 
 def _load_shard(task: ShardTask) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -225,18 +235,26 @@ def _load_shard(task: ShardTask) -> tuple[np.ndarray, np.ndarray, dict]:
 
 def _augment_shard(job: Job, batched: Callable, task: ShardTask, pixels: np.ndarray,
                    device: torch.device = torch.device("cpu")) -> np.ndarray:
-    """A shard's pixels (NHWC uint8) augmented on `device` in batches of BUILD_BATCH, back as NHWC
-    uint8: batch k is seeded with batch_seed(seed, epoch, the shard's first source index, k), so the
-    bytes depend on neither the worker count, nor the other shards, nor where this runs (on one
-    device type)."""
+    """A shard's pixels (NHWC uint8) augmented on `device` in batches of build_batch(...), back as
+    NHWC uint8: batch k is seeded with batch_seed(seed, epoch, the shard's first source index, k), so
+    the bytes depend on neither the worker count, nor the other shards, nor where this runs (on one
+    device type). On CUDA every batch is queued (pinned copies both ways, no wait between batches)
+    and the shard is waited for once."""
     h, w, c = job.shape
-    rows = np.empty((len(pixels), h, w, c), np.uint8)
-    for k in range(0, len(pixels), BUILD_BATCH):
-        batch = torch.from_numpy(pixels[k:k + BUILD_BATCH]).to(device).permute(0, 3, 1, 2).float().div_(255.0)
-        seed = batch_seed(job.seed, task.epoch, int(task.indices[0]), stream=k // BUILD_BATCH)
+    size = build_batch(max(job.shape, pixels.shape[1:], key=math.prod))
+    cuda = device.type == "cuda"
+    source = torch.from_numpy(pixels)
+    rows = torch.empty((len(pixels), h, w, c), dtype=torch.uint8, pin_memory=cuda)
+    if cuda:
+        source = source.pin_memory()
+    for k in range(0, len(pixels), size):
+        batch = source[k:k + size].to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
+        seed = batch_seed(job.seed, task.epoch, int(task.indices[0]), stream=k // size)
         out = augment_batch(batched, batch, seed=seed, name=job.spec, shape=(c, h, w))
-        rows[k:k + len(out)] = out.mul_(255.0).round_().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return rows
+        rows[k:k + len(out)].copy_(out.mul_(255.0).round_().to(torch.uint8).permute(0, 2, 3, 1), non_blocking=True)
+    if cuda:
+        torch.cuda.current_stream(device).synchronize()
+    return rows.numpy()
 
 
 def _write_rows(task: ShardTask, indices: np.ndarray, rows: np.ndarray, totals: dict) -> tuple[str, dict]:
@@ -716,6 +734,9 @@ def _stream(job: Job, tasks: list[ShardTask], submit: Callable[..., Future], ahe
         yield from _completed([submit(_write_task, task) for task in tasks])
         return
     device = torch.device(job.device)
+    # Loaded shards and augmented ones not yet written, `ahead` of each at most: within HELD_BYTES.
+    shard_bytes = max(len(t.indices) for t in tasks) * max(math.prod(job.shape), math.prod(job.source_shape))
+    ahead = max(1, min(ahead, HELD_BYTES // (2 * shard_bytes)))
     waiting, loads, writes = iter(tasks), deque(), set()
     here = _Augmenter(job)  # makes each epoch's augmentation on the device
 

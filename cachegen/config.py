@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ from cachegen.errors import CachegenError
 from cacheformat.manifest import ENCODINGS
 from cacheaug.transforms import PRESETS, SCHEDULES
 from cacheformat.manifest import AUGMENT_ON
+from readers import split
 
 MAX_EPOCHS = 10_000  # epoch-0000 .. epoch-9999: folder names and sample keys have four digits
 # The largest --size/--resize: its square is PIL's decompression-bomb limit (9459 at 89.5M pixels);
@@ -24,11 +24,9 @@ _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "M
 
 
 def default_workers() -> int:
-    """Every core this process may use: nothing else runs during a build."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
+    """Every core this process may use (its share where LOCAL_WORLD_SIZE ranks share the machine):
+    nothing else runs during a build."""
+    return split.default_workers(1.0)
 
 
 def parse_shard_size(text: str) -> tuple[int | None, int | None]:

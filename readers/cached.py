@@ -26,7 +26,9 @@ class CachedLoader(Loader):
     Args:
         cache: the cache folder (the one holding manifest.json).
         batch_size: samples per batch; without drop_last the last batch may be smaller.
-        device: where batches go; None: cuda if available, else cpu.
+        device: where batches go; None: cuda if available, else cpu. An index-less cuda is the GPU
+            LOCAL_RANK names (torchrun, Lightning, Accelerate), else the current one, when a pass
+            starts (docs/gpu.md).
         shuffle: shuffle shards and samples each epoch; False reads in manifest order.
         seed: with the epoch, fixes the order: the same seed gives the same batches anywhere.
         drop_last: drop each rank's last partial batch (and the remainder of an epoch that does

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -10,22 +11,64 @@ import torch
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def check_device(device: str | torch.device | None) -> torch.device:
+    """`device` checked now, its GPU index kept as given: None is cuda when torch sees a GPU, else
+    cpu; an index-less cuda is bound to a GPU by resolve_device when a pass starts.
+
+    Raises:
+        ValueError: not a torch device, not cpu or cuda, cuda without a GPU, or a GPU index that
+            does not exist, in one line.
+    """
+    available = torch.cuda.is_available()
+    return pick_device(device, cuda_available=available, device_count=torch.cuda.device_count() if available else 0,
+                       current=None, env={})
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """`device`, or cuda when one is available and cpu otherwise."""
+    """`device` with its GPU index: an index-less cuda (or None on a machine with a GPU) is GPU
+    LOCAL_RANK under a launcher that sets it (torchrun, Lightning, Accelerate), else the current
+    GPU. Call it when work starts, not when a loader is built: a loader made before
+    `torch.cuda.set_device` then still lands on its rank's GPU.
+
+    Raises:
+        ValueError: as check_device, or a LOCAL_RANK with no GPU of that index.
+    """
+    available = torch.cuda.is_available()
+    needs_current = available and (device is None or str(device) == "cuda") and "LOCAL_RANK" not in os.environ
+    return pick_device(device, cuda_available=available, device_count=torch.cuda.device_count() if available else 0,
+                       current=torch.cuda.current_device() if needs_current else None, env=os.environ)
+
+
+def pick_device(device: str | torch.device | None, *, cuda_available: bool, device_count: int,
+                current: int | None, env: Mapping[str, str]) -> torch.device:
+    """The device resolve_device gives, as a pure function of what it looks at: whether CUDA is
+    available, how many GPUs there are, the current GPU's index (None: leave an index-less cuda
+    as it is) and the environment (LOCAL_RANK)."""
     if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if cuda_available else "cpu"
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError):
-        raise ValueError(f"device {device!r} is not a torch device") from None
+        raise ValueError(f"device {device!r} is not a torch device: use cpu, cuda or cuda:N") from None
     if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device {str(device)!r} is not supported: use cpu or cuda")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {str(device)!r} was asked for but CUDA is not available")
-        if device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-    return device
+        raise ValueError(f"device {str(device)!r} is not supported: use cpu, cuda or cuda:N")
+    if device.type == "cpu":
+        return torch.device("cpu")
+    if not cuda_available:
+        raise ValueError(f"device {str(device)!r} was asked for but CUDA is not available")
+    index, why = device.index, ""
+    if index is None:
+        local = env.get("LOCAL_RANK")
+        if local is not None:
+            if not local.strip().isdigit():
+                raise ValueError(f"LOCAL_RANK={local!r} in the environment is not a GPU index (an int >= 0)")
+            index, why = int(local), f" (LOCAL_RANK={local.strip()})"
+        else:
+            index = current
+    if index is not None and index >= device_count:
+        raise ValueError(f"device cuda:{index}{why} does not exist: {device_count} CUDA GPU(s) here, "
+                         f"cuda:0 to cuda:{device_count - 1}")
+    return torch.device("cuda", index) if index is not None else device
 
 
 @dataclass(frozen=True, eq=False)
@@ -42,9 +85,14 @@ class DeviceCopier:
 
     Host batches are (B, H, W, C), the cache's layout, or (B, C, H, W) when
     host_channels_first says so. On CUDA the host batch should be pinned: the copy is
-    non_blocking on a side stream, and the conversion (to `dtype`, minus mean, over std) runs
-    on that stream too, so batch k+1 moves and converts while batch k trains. Moving uint8 is
-    4x less PCIe traffic than float. Without CUDA the same steps run on the CPU, same values.
+    non_blocking on a high-priority side stream, and the conversion (to `dtype`, minus mean,
+    over std; any device augmentation before it) runs on that stream too, so batch k+1 moves
+    and converts while batch k trains, ahead of the training kernels queued beside it. Moving
+    uint8 is 4x less PCIe traffic than float. Without CUDA the same steps run on the CPU, same
+    values.
+
+    An index-less cuda `device` is bound to a GPU by bind() (resolve_device: LOCAL_RANK's, or the
+    current one), which a loader calls when a pass starts; the stream and the mean/std live there.
     """
 
     def __init__(self, *, device: torch.device, normalize: bool, mean: Sequence[float], std: Sequence[float],
@@ -53,20 +101,32 @@ class DeviceCopier:
             raise ValueError(f"dtype {dtype!r} is not one of {', '.join(map(str, DTYPES))}")
         if len(mean) != len(std) or min(std, default=1.0) <= 0:
             raise ValueError(f"mean {list(mean)!r} and std {list(std)!r} must be one value per channel, std > 0")
-        self.device = device
+        self.requested = torch.device(device)
         self.normalize = normalize
         self.dtype = dtype if normalize else torch.uint8
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.pin = device.type == "cuda"
+        self.pin = self.requested.type == "cuda"
         # (x - 255 mean) / (255 std) as one multiply-add per element.
-        scale = torch.tensor([1.0 / (255.0 * s) for s in std], dtype=torch.float32)
-        bias = torch.tensor([-m / s for m, s in zip(mean, std)], dtype=torch.float32)
-        self._scale = scale.view(1, -1, 1, 1).to(device)
-        self._bias = bias.view(1, -1, 1, 1).to(device)
-        self._rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # image width -> per-row scale, bias
-        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._host_scale = torch.tensor([1.0 / (255.0 * s) for s in std], dtype=torch.float32).view(1, -1, 1, 1)
+        self._host_bias = torch.tensor([-m / s for m, s in zip(mean, std)], dtype=torch.float32).view(1, -1, 1, 1)
+        self.device: torch.device | None = None  # bound by bind()
+        self._stream: torch.cuda.Stream | None = None
+
+    def bind(self) -> torch.device:
+        """Resolve the device now and move the stream and constants there if it changed; the device."""
+        device = resolve_device(self.requested) if self.pin else self.requested
+        if device != self.device:
+            self.device = device
+            self._scale = self._host_scale.to(device)
+            self._bias = self._host_bias.to(device)
+            self._rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # image width -> per-row scale, bias
+            if device.type == "cuda":
+                # The highest priority there is: a batch's copy and augmentation run ahead of the
+                # training kernels already queued, so the next step never waits on them.
+                self._stream = torch.cuda.Stream(device, priority=min(torch.cuda.Stream.priority_range()))
         if self._stream is not None:
             self._stream.wait_stream(torch.cuda.current_stream(device))
+        return device
 
     def start(self, images: torch.Tensor, labels: torch.Tensor,
               augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
@@ -75,6 +135,8 @@ class DeviceCopier:
         """Begin moving and converting one batch; returns at once on CUDA. `augment`, where
         given, runs on the device between the move and the normalisation (see convert); `then`
         (images, labels) -> (images, targets) after it (a batch transform), on the same stream."""
+        if self.device is None:
+            self.bind()
         if self._stream is None:
             images = self.convert(images, augment)
             return Pending(*(then(images, labels) if then is not None else (images, labels)), None)
@@ -88,10 +150,10 @@ class DeviceCopier:
         return Pending(images, labels, ready)
 
     def finish(self, pending: Pending) -> tuple[torch.Tensor, torch.Tensor]:
-        """The batch, usable on the current stream (which waits for it on the GPU, not the host)."""
+        """The batch, usable on the current stream of its GPU (which waits for it on the GPU, not the host)."""
         if pending.ready is None:
             return pending.images, pending.labels
-        current = torch.cuda.current_stream(self.device)
+        current = torch.cuda.current_stream(pending.images.device)
         current.wait_event(pending.ready)
         # The side stream allocated these; tell the allocator the current stream uses them too.
         pending.images.record_stream(current)
@@ -107,7 +169,7 @@ class DeviceCopier:
         it; a float one by its conversion (measured faster), and channels_last needs no
         transpose at all (NHWC memory is channels_last).
         """
-        return self._stream is None and self.memory_format == torch.contiguous_format and not self.normalize
+        return not self.pin and self.memory_format == torch.contiguous_format and not self.normalize
 
     def convert(self, images: torch.Tensor, augment: Callable[[torch.Tensor], torch.Tensor] | None = None
                 ) -> torch.Tensor:
@@ -115,6 +177,8 @@ class DeviceCopier:
 
         With `augment` (float (B, C, H, W) in [0, 1] -> the same, maybe another H, W), the batch
         is augmented there first (batched augmentation: cacheaug.batched)."""
+        if self.device is None:
+            self.bind()
         if not self.host_channels_first:
             images = images.permute(0, 3, 1, 2)  # NHWC memory seen as NCHW: channels_last strides
         if augment is not None:

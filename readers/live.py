@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
-import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -14,9 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cacheaug.batched import AUGMENT_ON, augment_batch, make_batched
+from cacheaug.batched import AUGMENT_ON, augment_batch, make_batched, place
 from cacheaug.transforms import augment, drift, make_transform, to_pil
 from cacheformat.layout import epoch_shards
+from readers import split
 from readers.batch_transform import ORDER_SALT, batch_order
 from readers.errors import ReaderError
 from readers.loader import STAGING_OPTIONS, Loader, open_cache
@@ -107,17 +108,20 @@ class _Tasks(torch.utils.data.Sampler):
         return len(self.tasks)
 
 
+# What the per-sample path's workers hold ahead of the consumer, in pinned host memory on CUDA
+# (page-locked: every rank of a machine takes it from the same RAM): 2 batches per worker of 12
+# at 224 px and batch 256 is ~0.9 GB; 72 workers at that prefetch would be ~5.5 GB per rank.
+PINNED_BYTES = 2**30
+
+
 def _init_worker(_: int) -> None:
     torch.set_num_threads(1)  # one worker per core already
 
 
 def default_workers() -> int:
-    """About 75 % of the cores: the rest feed the GPU and the training loop."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 1
-    return max(1, int(0.75 * cores))
+    """About 75 % of this rank's cores (the machine's, split between LOCAL_WORLD_SIZE ranks): the
+    rest feed the GPU and the training loop."""
+    return split.default_workers(0.75)
 
 
 class LiveLoader(Loader):
@@ -177,12 +181,12 @@ class LiveLoader(Loader):
                              f"{recorded!r}), got {augment_on!r}")
         choice = augment_on or recorded
         if choice == "auto":  # batched augmentation wins on a GPU; on a CPU per-sample PIL may be faster
-            choice = "device" if self.device.type == "cuda" else "cpu"
+            choice = "device" if self.options.device.type == "cuda" else "cpu"
             _log.info("%s: augment_on auto: augmenting on the %s (device %s)", self.manifest.root,
-                      "device, batch by batch" if choice == "device" else "CPU, per sample", self.device)
+                      "device, batch by batch" if choice == "device" else "CPU, per sample", self.options.device)
         self.augment_on = choice  # "device": batched, on the loader's device; "cpu": per sample, in workers
         self._files = ShardFiles(self.manifest, verify=False)  # the device path's mappings, kept between epochs
-        self._batched: dict[int, object] = {}  # cache epoch -> its batched augmentation (device path)
+        self._batched: dict[tuple, object] = {}  # (cache epoch, device) -> its batched augmentation (device path)
         self._tasks = _Tasks()
         self._workers_loader: torch.utils.data.DataLoader | None = None  # per-sample path, made on its first pass
         self._pass: object | None = None  # the per-sample pass now reading (one at a time: the workers are shared)
@@ -192,13 +196,12 @@ class LiveLoader(Loader):
             return None
         m = self.manifest
         t = m.raw["transform"]
-        if plan.cache_epoch not in self._batched:
-            batched = make_batched(t["spec"], epoch=plan.cache_epoch, epochs=m.num_epochs, size=t["size"],
-                                   channels=m.output_shape[2], schedule=t["schedule"])
-            if isinstance(batched, torch.nn.Module):  # its buffers (a Kornia pipeline's) go where the batches are
-                batched = batched.to(self.device)
-            self._batched = {plan.cache_epoch: batched}
-        augmentation = self._batched[plan.cache_epoch]
+        key = (plan.cache_epoch, self._copier.device)  # on the device this pass is bound to, as a build places it
+        if key not in self._batched:
+            self._batched = {key: place(make_batched(t["spec"], epoch=plan.cache_epoch, epochs=m.num_epochs,
+                                                     size=t["size"], channels=m.output_shape[2],
+                                                     schedule=t["schedule"]), self._copier.device)}
+        augmentation = self._batched[key]
         # A batch's randomness: the cache's seed, the training epoch, the batch, and what decides
         # which samples it holds (the loader's order seed and the rank layout).
         seed = self._batch_seed(plan.epoch, batch)
@@ -244,14 +247,17 @@ class LiveLoader(Loader):
         self._tasks.tasks = [(plan.cache_epoch, indices[k:k + size])
                              for k in range(start * size, plan.num_batches * size, size)]
         token = self._pass = object()
-        return self._per_sample(iter(self._augmenting()), token)
+        # The DataLoader's pin-memory thread pins on the GPU current when its iterator is made: this pass's.
+        with torch.cuda.device(self._copier.device) if self._copier.pin else contextlib.nullcontext():
+            batches = iter(self._augmenting())
+        return self._per_sample(batches, token)
 
     def _augmenting(self) -> torch.utils.data.DataLoader:
         """The DataLoader over _LiveBatches whose worker processes augment every per-sample pass:
         started on the first, kept across epochs (as `persistent_workers=True` keeps them)."""
         if self._workers_loader is None:
             dataset = _LiveBatches(self.manifest, self._copier.host_channels_first, *self._located)
-            extra = ({"prefetch_factor": self.options.prefetch or 2, "worker_init_fn": _init_worker,
+            extra = ({"prefetch_factor": self._prefetch_factor(), "worker_init_fn": _init_worker,
                       "persistent_workers": True} if self.workers else {})
             # A generator of its own: the DataLoader draws a base seed from it on every iter(), which
             # would otherwise move the caller's torch generator (samples are seeded per sample anyway).
@@ -259,6 +265,13 @@ class LiveLoader(Loader):
                 dataset, batch_size=None, sampler=self._tasks, num_workers=self.workers,
                 pin_memory=self._copier.pin, generator=torch.Generator(), **extra)
         return self._workers_loader
+
+    def _prefetch_factor(self) -> int:
+        """Batches each worker has in flight: the loader's prefetch (2 by default), fewer where the
+        pinned batches of all workers together would pass PINNED_BYTES (at least 1 each)."""
+        h, w, c = self.manifest.raw["output_shape"]
+        batch_bytes = self.options.batch_size * h * w * c
+        return max(1, min(self.options.prefetch or 2, PINNED_BYTES // (self.workers * batch_bytes)))
 
     def _per_sample(self, batches: Iterator, token: object) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The workers' batches of one pass; a newer pass takes the workers over (this one then stops)."""

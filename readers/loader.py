@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from readers.batch_transform import TRANSFORM_SALT, BatchTransform, loader_batch_seed, reordered
-from readers.device import DeviceCopier, Pending
+from readers.device import DeviceCopier, Pending, resolve_device
 from readers.errors import ReaderError
 from readers.manifest import Manifest, Shard, load_manifest
 from readers.options import LoaderOptions
@@ -230,7 +230,8 @@ class Loader:
 
     @property
     def device(self) -> torch.device:
-        return self.options.device
+        """Where batches go, resolved now (an index-less cuda: LOCAL_RANK's GPU, or the current one)."""
+        return resolve_device(self.options.device)
 
     def set_epoch(self, epoch: int) -> None:
         """Read training epoch `epoch` (cached epoch epoch mod N) on the next pass.
@@ -298,6 +299,7 @@ class Loader:
         if start >= plan.num_batches:
             return
         copier = self._copier
+        copier.bind()  # an index-less cuda resolved now: LOCAL_RANK's GPU, or the current one
         producer = self._host_batches(plan, start)
         try:
             pending, error, taken = None, None, 0

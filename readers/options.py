@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from readers.device import DTYPES, resolve_device
+from readers.device import DTYPES, check_device
 from readers.split import check_split
 
 
@@ -16,10 +16,11 @@ from readers.split import check_split
 class LoaderOptions:
     """Batching, order, device and distributed options; see CachedLoader for what each means.
 
-    `device` and `prefetch` are resolved on construction (None: cuda if available; a prefetch
-    thread on CUDA only). `rank` and `world_size` are checked now but kept as given: None is
-    resolved when a pass starts (readers.split.resolve_rank), so a loader built before
-    `init_process_group` still splits. `mean`/`std` (None: the manifest's) are checked to be
+    `device` is checked on construction (None: cuda if available); an index-less cuda is bound
+    to a GPU when a pass starts (readers.device.resolve_device: LOCAL_RANK's, or the current
+    one). `prefetch` is resolved now (a prefetch thread on CUDA only). `rank` and `world_size`
+    are checked now but kept as given: None is resolved when a pass starts
+    (readers.split.resolve_rank), so a loader built before `init_process_group` still splits. `mean`/`std` (None: the manifest's) are checked to be
     finite numbers with std > 0 here, and against the cache's channels by the loader.
     """
 
@@ -52,7 +53,7 @@ class LoaderOptions:
         object.__setattr__(self, "std", _check_stats("std", self.std, 0.0))
         if self.mean is not None and self.std is not None and len(self.mean) != len(self.std):
             raise ValueError(f"mean {list(self.mean)!r} and std {list(self.std)!r} must have one value per channel each")
-        object.__setattr__(self, "device", resolve_device(self.device))
+        object.__setattr__(self, "device", check_device(self.device))
         if self.prefetch is None:
             # A reader thread pays off when the consumer mostly waits on a GPU; on the CPU it
             # competes with the consumer for the same cores and the GIL, and measures slower.

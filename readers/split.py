@@ -1,4 +1,5 @@
-"""Which share of the data this process reads: rank and world size, by default from torch.distributed.
+"""Which share of the data (and of the machine) this process has: rank and world size, by default from
+torch.distributed; the cores per local rank.
 
 They are resolved when a loader starts a pass (and for len()), not when it is built: a loader made
 before `init_process_group` (as Lightning's DDP strategy, Accelerate or torchrun scripts often do)
@@ -8,6 +9,7 @@ still reads only its rank's share.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 
 import torch.distributed as dist
 
@@ -65,3 +67,29 @@ def resolve_rank(rank: int | None = None, world_size: int | None = None, *, stri
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} / world_size {world_size} is not a valid split: need 0 <= rank < world_size")
     return rank, world_size
+
+
+def local_world_size(env: Mapping[str, str] | None = None) -> int:
+    """Processes sharing this machine: LOCAL_WORLD_SIZE (torchrun, Lightning and Accelerate set
+    it) where it is a positive int, else 1."""
+    value = (os.environ if env is None else env).get("LOCAL_WORLD_SIZE", "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else 1
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def default_workers(share: float = 1.0, *, cores: int | None = None, env: Mapping[str, str] | None = None) -> int:
+    """Worker processes a loader or a build starts by default: `share` of this process's part of
+    the cores, which are split evenly between the LOCAL_WORLD_SIZE ranks of the machine (8 ranks
+    on 96 cores: 12 each, not 96 each). At least 1.
+
+    `cores` (None: available_cores()) and `env` (None: os.environ) are what a test passes.
+    """
+    cores = available_cores() if cores is None else cores
+    return max(1, int(share * max(1, cores // local_world_size(env))))

@@ -1,274 +1,174 @@
 #!/usr/bin/env bash
-# GPU check for readers/: one invocation, under 5 minutes end to end.
+# GPU check: one invocation, every step run whatever the others did, a summary at the end; a few
+# minutes on an H200 (each step has a time limit, and all of them BUDGET=460 s: under 8 minutes).
 #
-#   scripts/gpu_check.sh            # on a machine with an NVIDIA GPU (or on the CPU, at toy sizes)
+#   PYTHON=python3 scripts/gpu_check.sh    # from a checkout; the project need not be installed
 #
-# Measures, in one run, on the same data:
-#   1. host -> device images/s for a batch of 512: uint8 pinned, uint8 pageable, float32 pinned;
-#   2. ResNet-18 (batch 512, channels_last, bf16 autocast) training images/s fed by
-#      a. synthetic data already on the GPU (the model's own limit),
-#      b. CachedLoader over a cache built here with `cachegen build`,
-#      c. a torchvision DataLoader augmenting online (the cifar preset) with 12 workers;
-#      d. LiveLoader augmenting on the device (batched Kornia, `--augment-on device`), no workers;
-#   3. scripts/train.py for a few steps with each loader (cached, live, online): --device cuda,
-#      NCCL-free single process, bf16 autocast, channels_last, batches delivered on the GPU;
-#   4. ResNet-50 at 224 px (batch 128) fed by a device-augmented live cache of 256 px images
-#      (imagenet preset) against synthetic data: the share of the synthetic step rate it reaches;
-#   5. the `cuda` tests (device copies, the device-augmented live path on CUDA, the GPU build);
-#   and, first, the build itself: per sample in the workers vs --augment-on device --device cuda.
-# Without CUDA it runs everything on the CPU at small sizes (batch 32, 2 workers, a few steps),
-# so the script is known to work; those numbers mean nothing about a GPU.
-set -euo pipefail
+# On a machine with an NVIDIA GPU it prints, all measured in this run:
+#   build    `cachegen build` images/s: per sample in worker processes vs --augment-on device
+#            --device cuda (batched on the GPU), for CIFAR-shaped 32 px (cifar preset) and 256 px
+#            sources cropped to 224 (imagenet preset);
+#   feed 32  ResNet-18 at 32 px (batch 512) fed by CachedLoader, LiveLoader on the device, LiveLoader
+#            per sample, an online DataLoader, each as a share of the synthetic-data rate (goal
+#            >= 90 %) with its data wait (scripts/gpu_feed.py), after host -> device copy rates;
+#   feed 224 ResNet-50 at 224 px (batch 128), the same rows;
+#   train    scripts/train.py, a few steps with each loader (cached, live, online);
+#   tests    pytest -m cuda (every CUDA test).
+# Without CUDA every step runs on the CPU at toy sizes, so the script is known to run; those numbers
+# say nothing about a GPU. Missing packages are named in one line first (docs/gpu.md: carrying wheels).
+set -uo pipefail
 
-cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-python}
+cd "$(dirname "$0")/.." || exit 1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+PYTHON=${PYTHON:-python3}
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu-check-XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
+began=$(date +%s)
+
+# 0. Every import the steps need, checked in one line.
+missing=$("$PYTHON" - <<'EOF' 2>&1
+import importlib
+names = ["torch", "torchvision", "numpy", "PIL", "click", "tqdm", "pytest", "kornia", "webdataset", "braceexpand",
+         "cacheformat", "cacheaug", "readers", "cachegen.cli"]
+gone = []
+for name in names:
+    try:
+        importlib.import_module(name)
+    except Exception as e:  # noqa: BLE001 - each missing one named
+        gone.append(f"{name} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+print("; ".join(gone))
+EOF
+) || missing="$PYTHON does not run: $missing"
+if [ -n "$missing" ]; then
+    echo "gpu_check: cannot start, missing: $missing (docs/gpu.md: scripts/gpu_wheels.sh, then carry .whl)"
+    exit 2
+fi
 
 if "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
-    SAMPLES=50000 EPOCHS=2 WORKERS=0
+    GPU=1 SAMPLES=50000 EPOCHS=2 BIG=4000 SIDE=256 CROP=224 WORKERS=0
+    FEED32=(--batch-size 512 --steps 60 --warmup 5 --copies 200) FEED224=(--batch-size 128 --steps 40 --warmup 5)
+    TRAIN="--max-steps 30 --batch-size 512"
 else
-    SAMPLES=2000 EPOCHS=1 WORKERS=2
+    GPU=0 SAMPLES=1000 EPOCHS=1 BIG=48 SIDE=72 CROP=64 WORKERS=2
+    FEED32=(--batch-size 32 --steps 3 --warmup 1 --copies 5 --workers 2)
+    FEED224=(--batch-size 8 --steps 2 --warmup 1 --workers 2) TRAIN="--max-steps 3 --batch-size 32 --workers 2"
 fi
-echo "gpu_check: $SAMPLES CIFAR-shaped samples, work dir $WORK"
+echo "gpu_check: $("$PYTHON" -c 'import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available()
+else "no GPU: the CPU at toy sizes, numbers say nothing about a GPU")'); $SAMPLES images at 32 px, $BIG at" \
+     "$SIDE px; $(nproc) cores; work dir $WORK"
 
-# A CIFAR-shaped source: random pixels are enough to time reading and training.
-"$PYTHON" - "$WORK/source.npz" "$SAMPLES" <<'EOF'
+declare -a SUMMARY=()
+FAILED=0
+
+# Seconds for all the steps, so that a slow or hung step cannot take the others' time; on the CPU
+# (toy sizes, but no GPU doing the work) every limit is SCALE times longer.
+if [ "$GPU" = 1 ]; then BUDGET=${BUDGET:-460} SCALE=1; else BUDGET=${BUDGET:-2400} SCALE=8; fi
+
+step() {  # step NAME LIMIT_S COMMAND...: run it, its output indented, its outcome kept for the summary
+    local name=$1 limit=$2 start rc left
+    shift 2
+    left=$(( BUDGET - ($(date +%s) - began) ))
+    if [ "$left" -lt 10 ]; then
+        FAILED=$((FAILED + 1))
+        SUMMARY+=("SKIPPED       $name (the ${BUDGET}s budget is spent)")
+        return
+    fi
+    limit=$(( limit * SCALE ))
+    [ "$limit" -gt "$left" ] && limit=$left
+    echo "== $name"
+    start=$(date +%s)
+    # bash -c: the steps below are shell functions (exported), which timeout cannot run by itself
+    timeout --kill-after=10 "$limit" bash -c '"$@"' step "$@" 2>&1 | sed 's/^/  /'
+    rc=${PIPESTATUS[0]}
+    local took=$(( $(date +%s) - start ))
+    if [ "$rc" -eq 0 ]; then
+        SUMMARY+=("ok       ${took}s  $name")
+    else
+        FAILED=$((FAILED + 1))
+        local why="exit $rc"
+        [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ] && why="timed out after ${limit}s"
+        SUMMARY+=("FAILED   ${took}s  $name ($why)")
+    fi
+}
+
+sources() {  # CIFAR-shaped random pixels (enough to time reading), and smooth 256 px ones (crops have edges)
+    "$PYTHON" - "$WORK" "$SAMPLES" "$BIG" "$SIDE" <<'EOF'
 import sys
 import numpy as np
+work, n, big, side = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 rng = np.random.default_rng(0)
-n = int(sys.argv[2])
-np.savez(sys.argv[1], images=rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), labels=rng.integers(0, 10, n))
+np.savez(f"{work}/small.npz", images=rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), labels=rng.integers(0, 10, n))
+blocks = rng.integers(0, 256, (big, side // 8, side // 8, 3), dtype=np.uint8)
+np.savez(f"{work}/big.npz", images=blocks.repeat(8, 1).repeat(8, 2), labels=rng.integers(0, 100, big))
 EOF
+}
 
-began=$(date +%s)
-start=$(date +%s.%N)
-"$PYTHON" -m cachegen build "$WORK/source.npz" --out "$WORK/cache" --epochs "$EPOCHS" --transform cifar \
-    --format npy --workers "$WORKERS" --quiet
-per_sample=$("$PYTHON" -c "import sys, time; print(f'{time.time() - float(sys.argv[1]):.1f}')" "$start")
-# The same build augmented in batches on the device (this process on the GPU; the workers load and write).
-DEV=$("$PYTHON" -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')
-start=$(date +%s.%N)
-"$PYTHON" -m cachegen build "$WORK/source.npz" --out "$WORK/cache-device" --epochs "$EPOCHS" --transform cifar \
-    --format npy --workers "$WORKERS" --augment-on device --device "$DEV" --quiet
-batched=$("$PYTHON" -c "import sys, time; print(f'{time.time() - float(sys.argv[1]):.1f}')" "$start")
-echo "gpu_check: cache built per sample in ${per_sample}s; --augment-on device --device $DEV in ${batched}s" \
-     "($("$PYTHON" -c "import sys; print(f'{float(sys.argv[1]) / float(sys.argv[2]):.2f}')" "$per_sample" "$batched")x)"
-
-"$PYTHON" -m cachegen build "$WORK/source.npz" --out "$WORK/live-device" --epochs "$EPOCHS" --transform cifar \
-    --mode live --augment-on device --workers "$WORKERS" --quiet
-
-"$PYTHON" - "$WORK/cache" "$WORK/source.npz" "$WORK/live-device" <<'EOF'
-import sys
-import time
-
-import numpy as np
-import torch
-import torchvision
-from torchvision import transforms as T
-
-from readers import CachedLoader, LiveLoader
-
-cache, source = sys.argv[1], sys.argv[2]
-cuda = torch.cuda.is_available()
-device = torch.device("cuda" if cuda else "cpu")
-batch = 512 if cuda else 32
-steps = 60 if cuda else 3
-workers = 12 if cuda else 2
-print(f"device {torch.cuda.get_device_name() if cuda else 'cpu (toy sizes: numbers mean nothing)'}, "
-      f"batch {batch}, torch {torch.__version__}")
-
-
-def sync():
-    if cuda:
-        torch.cuda.synchronize()
-
-
-def rate(name, images, seconds):
-    print(f"  {name:<62} {images / seconds:>12,.0f} img/s")
-    return images / seconds
-
-
-# 1. Host -> device copies.
-print("host -> device, batch of 512 CIFAR images")
-copies = 200 if cuda else 5
-for name, dtype, pin in (("uint8 pinned", torch.uint8, True), ("uint8 pageable", torch.uint8, False),
-                         ("float32 pinned", torch.float32, True)):
-    host = torch.zeros((512, 32, 32, 3), dtype=dtype, pin_memory=pin and cuda)
-    host.to(device, non_blocking=True)
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(copies):
-        host.to(device, non_blocking=True)
-    sync()
-    rate(name, copies * 512, time.perf_counter() - t0)
-
-# 2. ResNet-18 training fed three ways.
-model = torchvision.models.resnet18(num_classes=10).to(device, memory_format=torch.channels_last)
-optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-loss_fn = torch.nn.CrossEntropyLoss()
-
-
-def step(x, y):
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-        loss = loss_fn(model(x), y)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-
-
-def train(batches, n):
-    """Images/s over n steps, after 3 warm-up steps."""
-    it = iter(batches)
-    for _ in range(3):
-        step(*next(it))
-    sync()
-    t0, seen = time.perf_counter(), 0
-    for _ in range(n):
-        x, y = next(it)
-        step(x, y)
-        seen += len(x)
-    sync()
-    return seen, time.perf_counter() - t0
-
-
-def forever(loader):
-    epoch = 0
-    while True:
-        if hasattr(loader, "set_epoch"):
-            loader.set_epoch(epoch)
-        yield from loader
-        epoch += 1
-
-
-print(f"ResNet-18 training, batch {batch}")
-x = torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
-y = torch.randint(0, 10, (batch,), device=device)
-synthetic = rate("synthetic data already on the device", *train(iter(lambda: (x, y), None), steps))
-
-loader = CachedLoader(cache, batch_size=batch, device=device, channels_last=True, drop_last=True)
-cached = rate("CachedLoader (uint8 pinned, side stream, normalise on device)", *train(forever(loader), steps))
-
-data = np.load(source)
-mean, std = loader.manifest.mean, loader.manifest.std
-augment = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ColorJitter(0.2, 0.2, 0.2),
-                     T.ToTensor(), T.Normalize(mean, std)])
-
-
-class Online(torch.utils.data.Dataset):
-    def __init__(self, images, labels):
-        self.images, self.labels = images, labels
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        from PIL import Image
-        return augment(Image.fromarray(self.images[i])), int(self.labels[i])
-
-
-dl = torch.utils.data.DataLoader(Online(data["images"], data["labels"]), batch_size=batch, shuffle=True,
-                                 num_workers=workers, pin_memory=cuda, drop_last=True, persistent_workers=True,
-                                 prefetch_factor=4, multiprocessing_context="fork")
-
-
-def to_device(batches):
-    for xb, yb in batches:
-        yield (xb.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last),
-               yb.to(device, non_blocking=True))
-
-
-online = rate(f"DataLoader, online augmentation, {workers} workers", *train(to_device(forever(dl)), steps))
-live = LiveLoader(sys.argv[3], batch_size=batch, device=device, channels_last=True, drop_last=True)
-assert live.augment_on == "device", live.augment_on
-batched = rate("LiveLoader, batched augmentation on the device, no workers", *train(forever(live), steps))
-print(f"CachedLoader reaches {cached / synthetic:.0%} of the synthetic-data rate; "
-      f"device-augmented live {batched / synthetic:.0%} (goal >= 90 %); online augmentation {online / synthetic:.0%}")
-EOF
-
-# 4. ResNet-50 at 224 px fed by a device-augmented live cache (256 px source, imagenet preset).
-if [ "$SAMPLES" -gt 10000 ]; then BIG=2000 SIDE=256 CROP=224; else BIG=64 SIDE=72 CROP=64; fi
-"$PYTHON" - "$WORK/big.npz" "$BIG" "$SIDE" <<'EOF'
-import sys
-import numpy as np
-rng = np.random.default_rng(1)
-n, side = int(sys.argv[2]), int(sys.argv[3])
-# smooth random content (8x8 blocks of noise): crops and resizes have edges to move
-small = rng.integers(0, 256, (n, side // 8, side // 8, 3), dtype=np.uint8)
-np.savez(sys.argv[1], images=small.repeat(8, 1).repeat(8, 2), labels=rng.integers(0, 100, n))
-EOF
-"$PYTHON" -m cachegen build "$WORK/big.npz" --out "$WORK/live-big" --epochs 2 --transform imagenet --size "$CROP" \
-    --mode live --augment-on device --workers "$WORKERS" --quiet
-"$PYTHON" - "$WORK/live-big" "$CROP" <<'EOF'
+build_rates() {  # builds timed in this process (startup excluded), per sample vs batched on the device
+    "$PYTHON" - "$WORK" "$EPOCHS" "$WORKERS" "$CROP" <<'EOF'
 import sys
 import time
 
 import torch
-import torchvision
 
-from readers import LiveLoader
+from cachegen.build import build
+from cachegen.config import BuildConfig
 
-cuda = torch.cuda.is_available()
-device = torch.device("cuda" if cuda else "cpu")
-batch, steps, crop = (128, 40, int(sys.argv[2])) if cuda else (8, 2, int(sys.argv[2]))
-model = torchvision.models.resnet50(num_classes=100).to(device, memory_format=torch.channels_last)
-optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-
-
-def step(x, y):
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-        loss = torch.nn.functional.cross_entropy(model(x), y)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-
-
-def run(batches):
-    it = iter(batches)
-    for _ in range(3):
-        step(*next(it))
-    if cuda:
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step(*next(it))
-    if cuda:
-        torch.cuda.synchronize()
-    return steps * batch / (time.perf_counter() - t0)
-
-
-def forever(loader):
-    epoch = 0
-    while True:
-        loader.set_epoch(epoch)
-        yield from loader
-        epoch += 1
-
-
-x = torch.randn(batch, 3, crop, crop, device=device).contiguous(memory_format=torch.channels_last)
-y = torch.randint(0, 100, (batch,), device=device)
-synthetic = run(iter(lambda: (x, y), None))
-live = LiveLoader(sys.argv[1], batch_size=batch, device=device, channels_last=True, drop_last=True)
-fed = run(forever(live))
-print(f"ResNet-50 at {crop} px, batch {batch}: synthetic {synthetic:,.0f} img/s, device-augmented live "
-      f"({live.augment_on}) {fed:,.0f} img/s: {fed / synthetic:.0%} of synthetic (goal >= 90 %)")
+work, epochs, workers, crop = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+device = "cuda" if torch.cuda.is_available() else "cpu"
+if device == "cuda":
+    torch.zeros(1, device=device)  # CUDA's start-up, not the build's
+for source, preset, size, name in (("small", "cifar", 32, "cache"), ("big", "imagenet", crop, "big-cache")):
+    rates = {}
+    for row, extra in (("per sample", {}), (f"--augment-on device --device {device}",
+                                            {"augment_on": "device", "device": device})):
+        out = f"{work}/{name}" + ("-device" if extra else "")
+        config = BuildConfig(source=f"{work}/{source}.npz", out=out, epochs=epochs, transform=preset, size=size,
+                             workers=workers, mode="cached", quiet=True, **extra)
+        start = time.perf_counter()
+        manifest = build(config)
+        seconds = time.perf_counter() - start
+        rates[row] = sum(e["samples"] for e in manifest["epoch_list"]) / seconds  # images written, every epoch
+        print(f"{preset} {size} px, {config.workers} workers, {row:<32} {rates[row]:>10,.0f} img/s ({seconds:.1f} s)")
+    per_sample, batched = rates.values()
+    print(f"{preset} {size} px: the device build is {batched / per_sample:.2f}x the per-sample build")
 EOF
+}
 
-# 5. The CUDA tests (skipped without a GPU).
-"$PYTHON" -m pytest -q -p no:cacheprovider tests/readers/test_live_device.py tests/readers/test_reader_device.py \
-    tests/cachegen/test_device_build.py \
-    -k cuda | tail -3
-# 3. scripts/train.py, a few steps with each loader, on the default device (cuda when there is one).
-"$PYTHON" -m cachegen build "$WORK/source.npz" --out "$WORK/live" --epochs "$EPOCHS" --transform cifar \
-    --mode live --workers "$WORKERS" --quiet
-"$PYTHON" -m cachegen build "$WORK/source.npz" --out "$WORK/val" --transform val --stats-from "$WORK/cache" \
-    --workers "$WORKERS" --quiet
-if [ "$SAMPLES" -gt 10000 ]; then STEPS=30 BATCH=512; else STEPS=3 BATCH=32; fi
-for loader in cached live online; do
-    cache="$WORK/cache"; [ "$loader" = live ] && cache="$WORK/live"
-    echo "gpu_check: scripts/train.py --loader $loader, $STEPS steps"
-    "$PYTHON" scripts/train.py --cache "$cache" --val "$WORK/val" --loader "$loader" --epochs 1 \
-        --max-steps "$STEPS" --batch-size "$BATCH" --workers 2 | sed 's/^/  /'
-done
+live_caches() {  # live caches for the feed rows (device-augmented, per sample) and a val cache for train.py
+    local args=(--epochs "$EPOCHS" --workers "$WORKERS" --quiet --mode live)
+    "$PYTHON" -m cachegen build "$WORK/small.npz" --out "$WORK/live" --transform cifar --augment-on device "${args[@]}" &&
+    "$PYTHON" -m cachegen build "$WORK/small.npz" --out "$WORK/live-cpu" --transform cifar --augment-on cpu "${args[@]}" &&
+    "$PYTHON" -m cachegen build "$WORK/big.npz" --out "$WORK/big-live" --transform imagenet --size "$CROP" \
+        --augment-on device "${args[@]}" &&
+    "$PYTHON" -m cachegen build "$WORK/big.npz" --out "$WORK/big-live-cpu" --transform imagenet --size "$CROP" \
+        --augment-on cpu "${args[@]}" &&
+    "$PYTHON" -m cachegen build "$WORK/small.npz" --out "$WORK/val" --transform val --stats-from "$WORK/cache" \
+        --workers "$WORKERS" --quiet && echo "built the live and val caches"
+}
 
-echo "gpu_check: done in $(( $(date +%s) - began ))s"
+train_each() {  # scripts/train.py a few steps with each loader, on the default device
+    local loader cache rc=0
+    for loader in cached live online; do
+        cache="$WORK/cache"; [ "$loader" = live ] && cache="$WORK/live-cpu"
+        echo "scripts/train.py --loader $loader"
+        "$PYTHON" scripts/train.py --cache "$cache" --val "$WORK/val" --loader "$loader" --epochs 1 $TRAIN \
+            || rc=1
+    done
+    return $rc
+}
+
+export PYTHON WORK SAMPLES EPOCHS BIG SIDE CROP WORKERS TRAIN
+export -f sources build_rates live_caches train_each
+step "sources" 40 sources
+step "build rates" 120 build_rates
+step "live caches" 90 live_caches
+step "feed 32 px: ResNet-18" 70 "$PYTHON" scripts/gpu_feed.py --model resnet18 --classes 10 "${FEED32[@]}" \
+    --cached "$WORK/cache" --live-device "$WORK/live" --live-cpu "$WORK/live-cpu" --online "$WORK/cache"
+step "feed $CROP px: ResNet-50" 90 "$PYTHON" scripts/gpu_feed.py --model resnet50 --classes 100 "${FEED224[@]}" \
+    --cached "$WORK/big-cache" --live-device "$WORK/big-live" --live-cpu "$WORK/big-live-cpu" --online "$WORK/big-cache"
+step "train.py, each loader" 80 train_each
+step "pytest -m cuda" 120 "$PYTHON" -m pytest -q -p no:cacheprovider -m cuda --continue-on-collection-errors tests
+
+echo "== summary (GPU: $([ "$GPU" = 1 ] && echo yes || echo no), $(( $(date +%s) - began ))s)"
+printf '  %s\n' "${SUMMARY[@]}"
+[ "$FAILED" -eq 0 ]

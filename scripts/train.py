@@ -11,7 +11,8 @@ augmentation feeding it; logs img/s and data-wait % per epoch and the accuracy o
 v2.MixUp / v2.CutMix; both given: v2.RandomChoice of them, as torchvision's reference recipe),
 trained with soft-target cross-entropy; the online loader applies the same transform unseeded.
 
---device defaults to cuda when there is one (each torchrun process takes cuda:LOCAL_RANK); on CUDA
+--device defaults to cuda when there is one (each torchrun process takes cuda:LOCAL_RANK, a plain
+run the current GPU); on CUDA
 the model trains in channels_last with bf16 autocast, and every loader (cached, live, online)
 delivers its batches on that device. On the built-in sample (5000 images, 32x32) an epoch takes
 a few seconds on a CPU.
@@ -31,6 +32,8 @@ from torch import nn
 
 from cachegen.online import online_dataset
 from readers import CachedLoader, ReaderError, load_manifest, open_loader
+from readers.device import resolve_device
+from readers.split import default_workers, local_world_size
 
 
 class Block(nn.Module):
@@ -119,8 +122,9 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=max(1, int(0.75 * (os.cpu_count() or 1))),
-                   help="CPU workers of the live and online loaders")
+    p.add_argument("--workers", type=int, default=default_workers(0.75),
+                   help="CPU workers of the live and online loaders (default: 75%% of this process's share of "
+                        "the cores, which LOCAL_WORLD_SIZE processes split)")
     p.add_argument("--width", type=int, default=16, help="channels of the first stage")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cuda (default when available; cuda:LOCAL_RANK under torchrun) or cpu")
@@ -139,23 +143,28 @@ def main() -> None:
         device = torch.device(args.device)
     except RuntimeError:
         sys.exit(f"train.py: error: --device {args.device!r} is not a torch device (use cuda or cpu)")
+    if device.index is not None and local_world_size() > 1:
+        sys.exit(f"train.py: error: --device {args.device} would put all {local_world_size()} processes of this "
+                 "machine on one GPU: pass --device cuda (each process takes cuda:LOCAL_RANK)")
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit(f"train.py: error: --device {args.device} but CUDA is not available here (use --device cpu)")
     if device.type not in ("cuda", "cpu"):
         sys.exit(f"train.py: error: --device {args.device}: use cuda or cpu")
+    try:
+        device = resolve_device(device)  # cuda: GPU LOCAL_RANK under torchrun, else the current one (0)
+    except ValueError as e:
+        sys.exit(f"train.py: error: --device {args.device}: {e}")
 
     distributed = "WORLD_SIZE" in os.environ
     cuda = device.type == "cuda"
     if cuda:
-        if distributed and device.index is None:
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # one GPU per process
         torch.cuda.set_device(device)
     if distributed:
         dist.init_process_group("nccl" if cuda else "gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     torch.manual_seed(args.seed)
     if not cuda:
-        torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world))
+        torch.set_num_threads(args.threads or default_workers())  # this process's share of the machine's cores
 
     # drop_last=False, as the online DataLoader: every loader takes the same number of steps per epoch.
     common = dict(batch_size=args.batch_size, seed=args.seed, device=device, drop_last=False, channels_last=cuda)

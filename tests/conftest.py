@@ -10,6 +10,19 @@ import numpy as np
 import pytest
 
 
+def pytest_collection_modifyitems(config, items):
+    """`@pytest.mark.cuda` (registered in pyproject.toml): `pytest -m cuda` selects every CUDA test,
+    and without a GPU each is skipped, not failed."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs an NVIDIA GPU (torch.cuda.is_available() is False)")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def no_leftover_threads_or_processes():
     """Fail any test that leaves a thread or a child process behind (a pool or prefetcher not shut down)."""

@@ -4,6 +4,7 @@ Accelerate examples (an epoch or two, tiny), each as its docstring runs it."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -68,10 +69,10 @@ def test_accelerate_example_trains_and_resumes(caches, tmp_path):
     assert "epoch 0 " not in resumed.stdout and "epoch 1 " in resumed.stdout  # continued after epoch 0
 
 
-def _train(caches, *args, cwd: Path, launcher=()) -> subprocess.CompletedProcess:
+def _train(caches, *args, cwd: Path, launcher=(), env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *launcher, str(ROOT / "scripts" / "train.py"), "--val", str(caches / "val"),
                            "--batch-size", "32", "--width", "4", "--workers", "1", *map(str, args)],
-                          cwd=cwd, capture_output=True, text=True, timeout=300)
+                          cwd=cwd, capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})})
 
 
 def test_train_under_torchrun_splits_the_epoch_over_gloo(caches, tmp_path):
@@ -110,6 +111,15 @@ def test_train_refuses_in_one_line(caches, tmp_path, args, message):
     assert message in lines[0]
 
 
+def test_train_refuses_one_gpu_index_for_every_local_process(caches, tmp_path):
+    done = _train(caches, "--cache", caches / "cached", "--device", "cuda:0", cwd=tmp_path,
+                  env={"LOCAL_WORLD_SIZE": "2", "LOCAL_RANK": "1"})
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 1 and len(lines) == 1, done.stderr
+    assert lines[0] == ("train.py: error: --device cuda:0 would put all 2 processes of this machine on one GPU: "
+                        "pass --device cuda (each process takes cuda:LOCAL_RANK)")
+
+
 def test_accelerate_example_under_torchrun_is_one_run_of_two_processes(caches, tmp_path):
     pytest.importorskip("accelerate")
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -131,3 +141,20 @@ def test_bench_imagenet_measures_its_three_rows(tmp_path):
     assert [r.split(":")[0].strip() for r in rows] == ["online", "live, per sample", "live, batched on cpu",
                                                        "live, batched on cpu"]
     assert "1.00x online" in rows[0] and rows[3].rstrip().endswith("s)")
+
+
+def test_gpu_feed_prints_every_row_against_synthetic(caches, tmp_path):
+    """scripts/gpu_feed.py (gpu_check.sh's feed steps) at toy sizes on the CPU: every row measured."""
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_feed.py"), "--model", "resnet18",
+                           "--classes", "3", "--batch-size", "8", "--steps", "1", "--warmup", "1", "--workers", "1",
+                           "--device", "cpu", "--copies", "2", "--cached", str(caches / "cached"),
+                           "--live-device", str(caches / "live"), "--live-cpu", str(caches / "live"),
+                           "--online", str(caches / "cached")], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line.strip() for line in done.stdout.splitlines() if "of synthetic" in line]
+    assert [r.split("  ")[0] for r in rows] == ["CachedLoader", "LiveLoader, batched on the device",
+                                                "LiveLoader, per sample, 1 workers",
+                                                "DataLoader, online augmentation, 1 workers"]
+    assert all("data wait" in r for r in rows) and "synthetic data already on the device" in done.stdout
+    assert "uint8 pinned" in done.stdout  # --copies

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from cacheaug.batched import augment_batch, batch_seed, make_batched
+from cacheaug.batched import augment_batch, batch_seed, make_batched, place
 from cacheaug.transforms import TransformError, augment, make_transform, to_pil
 
 # (preset, channels, stored side, output size): cifar crops at the source's size, imagenet
@@ -124,3 +124,37 @@ def test_a_wrong_output_shape_is_named_when_the_shape_is_known():
     with pytest.raises(TransformError, match=r"must return .*\(C, H, W\) = \(3, 24, 24\)"):
         augment_batch(make_batched("cifar", epoch=0, epochs=2, size=32, channels=3), _batch(_source(3, 32)), seed=0,
                       name="cifar", shape=(3, 24, 24))
+
+
+class _Scaled(torch.nn.Module):
+    """A factory's module with a buffer: it must sit on the batch's device."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("gain", torch.full((1, 1, 1, 1), 0.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gain
+
+
+def _flip_and_scale() -> torch.nn.Module:
+    import kornia.augmentation as K
+
+    return torch.nn.Sequential(K.RandomHorizontalFlip(), _Scaled())
+
+
+def test_place_moves_buffers_and_keeps_kornias_draws_on_the_cpu():
+    meta = torch.device("meta")
+    placed = place(_flip_and_scale(), meta)
+    assert placed[1].gain.device == meta  # the buffer goes with the batch
+    assert placed[0].device == torch.device("cpu")  # Kornia draws where it branches on the values: the CPU
+    same = lambda x: x  # noqa: E731
+    assert place(same, meta) is same
+
+
+@pytest.mark.cuda
+def test_a_placed_module_with_a_buffer_gives_the_cpus_batch_on_cuda():
+    x = torch.rand(16, 3, 8, 8, generator=torch.Generator().manual_seed(4))
+    cpu = augment_batch(place(_flip_and_scale(), torch.device("cpu")), x, seed=7, name="flip")
+    gpu = augment_batch(place(_flip_and_scale(), torch.device("cuda")), x.cuda(), seed=7, name="flip")
+    assert torch.equal(gpu.cpu(), cpu)  # the same flips: drawn on the CPU in both

@@ -50,7 +50,7 @@ def test_a_device_build_needs_one_image_shape(tmp_path):
     assert_one_line_error(result, "--augment-on device augments whole batches", "pass --resize N")
 
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+cuda = pytest.mark.cuda  # skipped without a GPU (tests/conftest.py)
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
@@ -180,3 +180,12 @@ def test_a_batched_build_converting_channels_takes_the_converted_pixels(tmp_path
     assert m["output_shape"] == [16, 16, 3] and len(m["mean"]) == 3
     (x, _), = list(CachedLoader(tmp_path / "c", batch_size=40, device="cpu", normalize=False, shuffle=False))
     assert torch.equal(x[:, 0], x[:, 1]) and torch.equal(x[:, 1], x[:, 2])  # grey, as three equal channels
+
+
+def test_device_build_batches_are_bounded_in_bytes_by_the_image_shape_alone():
+    from cachegen.build import BATCH_BYTES, BUILD_BATCH, build_batch
+
+    assert build_batch((32, 32, 3)) == build_batch((224, 224, 3)) == BUILD_BATCH  # the seeds of every build so far
+    big = build_batch((1024, 1024, 3))
+    assert 1 <= big < BUILD_BATCH and big * 1024 * 1024 * 3 * 4 <= BATCH_BYTES < (big + 1) * 1024 * 1024 * 3 * 4
+    assert build_batch((20000, 20000, 3)) == 1

@@ -22,7 +22,7 @@ from cachegen.cli import main
 from loader_checks import epoch_batches
 from readers import LiveLoader, ReaderError, open_loader
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+cuda = pytest.mark.cuda  # skipped without a GPU (tests/conftest.py)
 
 KORNIA_FACTORY = '''
 import kornia.augmentation as K

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from readers.device import DeviceCopier, resolve_device
+from readers.device import DeviceCopier, check_device, pick_device, resolve_device
 
 MEAN, STD = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+cuda = pytest.mark.cuda  # skipped without a GPU (tests/conftest.py)
 
 
 def _batch() -> torch.Tensor:
@@ -67,7 +67,7 @@ def test_bad_options_are_quoted():
 def test_resolve_device():
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device(None).type == ("cuda" if torch.cuda.is_available() else "cpu")
-    with pytest.raises(ValueError, match="'meta' is not supported"):
+    with pytest.raises(ValueError, match="'meta' is not supported: use cpu, cuda or cuda:N"):
         resolve_device("meta")
     with pytest.raises(ValueError, match="'banana' is not a torch device"):
         resolve_device("banana")
@@ -91,3 +91,102 @@ def test_cuda_side_stream_matches_the_cpu(normalize, channels_last):
     assert images.is_cuda and labels.is_cuda and labels.dtype == torch.int64
     cpu = _run(_copier(normalize=normalize, channels_last=channels_last), hwc)
     torch.testing.assert_close(images.cpu(), cpu)
+
+
+GPUS = dict(cuda_available=True, device_count=2)
+
+
+@pytest.mark.parametrize(("requested", "current", "env", "expected"), [
+    (None, 0, {}, "cuda:0"),  # a GPU machine's default: the current GPU
+    ("cuda", 1, {}, "cuda:1"),  # after torch.cuda.set_device(1)
+    ("cuda", 0, {"LOCAL_RANK": "1"}, "cuda:1"),  # torchrun: the rank's GPU, whatever is current
+    (None, 0, {"LOCAL_RANK": "1"}, "cuda:1"),
+    ("cuda:0", 1, {"LOCAL_RANK": "1"}, "cuda:0"),  # an explicit index wins
+    (torch.device("cuda", 1), 0, {}, "cuda:1"),
+    ("cpu", 0, {"LOCAL_RANK": "1"}, "cpu"),
+    ("cuda", None, {}, "cuda"),  # check_device: an index-less cuda stays so until a pass starts
+])
+def test_pick_device_finds_the_gpu_of_this_rank(requested, current, env, expected):
+    assert pick_device(requested, current=current, env=env, **GPUS) == torch.device(expected)
+
+
+@pytest.mark.parametrize(("requested", "env", "message"), [
+    ("cuda:2", {}, r"device cuda:2 does not exist: 2 CUDA GPU\(s\) here, cuda:0 to cuda:1"),
+    ("cuda", {"LOCAL_RANK": "3"}, r"device cuda:3 \(LOCAL_RANK=3\) does not exist: 2 CUDA GPU\(s\) here"),
+    (None, {"LOCAL_RANK": "x"}, "LOCAL_RANK='x' in the environment is not a GPU index"),
+    ("gpu", {}, "'gpu' is not a torch device: use cpu, cuda or cuda:N"),
+])
+def test_pick_device_errors_are_one_line(requested, env, message):
+    with pytest.raises(ValueError, match=message) as error:
+        pick_device(requested, current=0, env=env, **GPUS)
+    assert "\n" not in str(error.value)
+
+
+def test_pick_device_without_cuda():
+    assert pick_device(None, cuda_available=False, device_count=0, current=None, env={"LOCAL_RANK": "1"}) == \
+        torch.device("cpu")
+    with pytest.raises(ValueError, match="'cuda:1' was asked for but CUDA is not available"):
+        pick_device("cuda:1", cuda_available=False, device_count=0, current=None, env={})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="only meaningful without CUDA")
+def test_check_device_and_a_cpu_copier_under_torchrun(monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "3")  # no GPU: the CPU whatever the rank
+    assert check_device(None) == resolve_device(None) == torch.device("cpu")
+    copier = _copier()
+    assert copier.device is None  # bound when the first batch (or a loader's pass) starts
+    _run(copier, _batch())
+    assert copier.device == torch.device("cpu")
+
+
+def _device_stage(gpu, spec: str, placed: bool):
+    """One batch through the device stage on the stand-in GPU: DeviceCopier.convert with the
+    preset's batched augmentation (placed as a loader places it, or moved with Kornia's samplers),
+    counted from the batch's arrival to the normalised result."""
+    import functools
+
+    from cacheaug.batched import augment_batch, make_batched, place
+
+    meta = torch.device("meta")
+    augmentation = make_batched(spec, epoch=0, epochs=2, size=24, channels=3)
+    augmentation = place(augmentation, meta) if placed else augmentation.to(meta)
+    copier = _copier(device=meta, channels_last=True)
+    copier.bind()
+    host = torch.randint(0, 256, (8, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    images = gpu.device_tensor(host)
+    gpu.counting = True
+    out = copier.convert(images, functools.partial(augment_batch, augmentation, seed=5, name=spec, shape=(3, 24, 24)))
+    gpu.counting = False
+    return gpu.value(out)
+
+
+@pytest.mark.parametrize("spec", ["cifar", "imagenet", "mnist", "val"])
+def test_device_augmentation_never_makes_the_host_wait(spec):
+    from devicecount import MetaGPU
+
+    with MetaGPU() as gpu:
+        out = _device_stage(gpu, spec, placed=True)
+    assert out.shape == (8, 3, 24, 24) and out.dtype == torch.float32 and out.isfinite().all()
+    # Kornia's parameters, drawn on the CPU, travel with non-blocking copies; nothing comes back.
+    assert "blocking" not in gpu.to_device and gpu.to_host == []
+    with MetaGPU() as gpu:  # Kornia's samplers moved to the device too: it reads parameters back
+        _device_stage(gpu, spec, placed=False)
+    assert gpu.to_host or spec in ("imagenet", "val")  # imagenet's and val's crops draw nothing to read back
+
+
+def test_device_augmentation_ignores_the_callers_autocast():
+    """Under the training loop's bf16 autocast a batch gets the same pixels (Kornia's warp is a
+    matmul, which autocast would run in bf16)."""
+    import functools
+
+    from cacheaug.batched import augment_batch, make_batched, place
+
+    host = torch.randint(0, 256, (8, 28, 28, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    copier = _copier(channels_last=True)
+    augmentation = place(make_batched("mnist", epoch=0, epochs=2, size=28, channels=3), torch.device("cpu"))
+    augment = functools.partial(augment_batch, augmentation, seed=9, name="mnist", shape=(3, 28, 28))
+    plain = copier.convert(host, augment)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = copier.convert(host, augment)
+        assert torch.is_autocast_enabled("cpu")  # and the caller's autocast is on again after
+    assert under.dtype == torch.float32 and torch.equal(under, plain)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from readers import LoaderOptions
-from readers.split import resolve_rank
+from readers.split import available_cores, default_workers, local_world_size, resolve_rank
 
 
 def test_defaults_outside_torch_distributed():
@@ -44,3 +44,29 @@ def test_options_resolve_and_check():
                          ({"mean": [0.5], "std": [0.2, 0.2]}, "must have one value per channel each")):
         with pytest.raises(ValueError, match=message):
             LoaderOptions(**{"batch_size": 8, "device": "cpu", **bad})
+
+
+@pytest.mark.parametrize(("cores", "env", "share", "expected"), [
+    (96, {}, 1.0, 96),
+    (96, {"LOCAL_WORLD_SIZE": "8"}, 1.0, 12),  # 8 ranks on one machine: 12 cores each
+    (96, {"LOCAL_WORLD_SIZE": "8"}, 0.75, 9),
+    (4, {"LOCAL_WORLD_SIZE": "8"}, 0.75, 1),  # never 0
+    (16, {"LOCAL_WORLD_SIZE": "junk"}, 1.0, 16),  # not a launcher's value: ignored
+    (16, {"LOCAL_WORLD_SIZE": "0"}, 1.0, 16),
+])
+def test_default_workers_split_the_cores_between_local_ranks(cores, env, share, expected):
+    assert default_workers(share, cores=cores, env=env) == expected
+
+
+def test_the_loader_and_the_build_defaults_follow_local_world_size(monkeypatch):
+    from cachegen.config import BuildConfig
+    from cachegen.config import default_workers as build_workers
+    from readers.live import default_workers as live_workers
+
+    cores = available_cores()
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert build_workers() == BuildConfig(workers=0).workers == cores
+    assert live_workers() == max(1, int(0.75 * cores))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(2 * cores))  # more ranks than cores: one worker each
+    assert build_workers() == BuildConfig(workers=0).workers == live_workers() == 1
+    assert local_world_size() == 2 * cores
