@@ -260,8 +260,8 @@ def cache_factory(transform: dict, *, trust_code: bool, factory: Callable | None
         return CacheFactory(spec)
     if not callable(factory):
         raise TransformError(f"factory= must be callable as factory(epoch, epochs), got {type(factory).__name__}")
-    given = CacheFactory(spec, factory)
-    name = getattr(factory, "__qualname__", type(factory).__name__)
+    given = factory if isinstance(factory, CacheFactory) else CacheFactory(spec, factory)  # one resolved already
+    name = getattr(given.factory, "__qualname__", type(given.factory).__name__)
     if recorded is not None and given.sha256 is not None and given.sha256 != recorded:
         raise TransformError(f"factory= {name} is not the factory {where} was built with ({spec}): its source "
                              f"file's sha256 is {given.sha256[:16]}..., the cache records {recorded[:16]}...; "

@@ -192,8 +192,7 @@ def run_bench(cache: Path | None, *, batch_size: int = 256, workers: int | None 
 
     Each row: `warmup` images untimed, then passes repeated until >= `images` images and
     >= `min_seconds` seconds have been timed. The online and live rows augment with the cache's
-    transform and read the source it names: a `module:factory`, or a source read with pickle,
-    only with `trust_code` (the sample cache built here needs none)."""
+    transform: a `module:factory` only with `trust_code` (the sample cache built here needs none)."""
     from readers import CachedLoader, open_loader  # cachegen may use the readers; never the reverse
 
     workers = workers or default_workers()

@@ -27,8 +27,8 @@ def _one_line_errors(fn):
     return wrapper
 
 
-TRUST_HELP = ("Import and run the code the cache's manifest names (a module:factory transform; a source read "
-              "with pickle): only for a cache from someone you trust. A preset needs nothing.")
+TRUST_HELP = ("Import and run the code the cache's manifest names (a module:factory transform, from sys.path): "
+              "only for a cache from someone you trust. A preset needs nothing.")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -183,8 +183,7 @@ def preview(cache: Path, out: Path, samples: int, epochs: int, trust_code: bool)
     """Draw a grid: rows are samples, columns the original then each epoch's augmentation."""
     from cachegen.preview import preview as run_preview
 
-    rows, columns = run_preview(cache, out, samples=samples, epochs=epochs, trust_code=trust_code,
-                                note=lambda msg: click.echo(f"cachegen: {msg}", err=True))
+    rows, columns = run_preview(cache, out, samples=samples, epochs=epochs, trust_code=trust_code)
     click.echo(f"wrote {click.format_filename(out)}: {rows} samples x {columns} columns")
 
 

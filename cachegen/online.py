@@ -15,7 +15,7 @@ from torchvision import transforms as T
 from cachegen.errors import CachegenError
 from cachegen.manifest import read_manifest
 from cachegen.sources import Source, open_source
-from cachegen.trust import pickled_source, trusted_factory
+from cachegen.trust import trusted_factory
 from cacheaug.transforms import CacheFactory, make_transform
 
 
@@ -55,11 +55,8 @@ class OnlineDataset(torch.utils.data.Dataset):
 
 def online_dataset(cache: Path, *, trust_code: bool = False) -> OnlineDataset:
     """The online equivalent of a cache: its source, its transform (`dataset.factory`: its
-    `module:factory`, imported only with `trust_code`, as is a source read with pickle)."""
+    `module:factory`, imported only with `trust_code`)."""
     m = read_manifest(cache)
-    pickled = None if trust_code else pickled_source(m)
-    if pickled:
-        raise CachegenError(f"{cache}: online augmentation reads {pickled}")
     factory = trusted_factory(cache, m, trust_code)
     spec = m["source_spec"]
     source = open_source(spec["spec"], split=spec["split"])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,7 @@ from cacheformat.index import read_index
 from cachegen.manifest import Manifest, load_manifest
 from cachegen.shards import read_image
 from cachegen.sources import open_source
-from cachegen.trust import pickled_source, trusted_factory
+from cachegen.trust import trusted_factory
 
 
 def _indexed(m: Manifest, shards) -> list[dict]:
@@ -69,13 +68,8 @@ class _Stored:
         return f"sample {index}"
 
 
-def _original(m: dict, indices: list[int], trust_code: bool, note: Callable[[str], None]) -> list[np.ndarray] | None:
-    """The un-augmented source images (resized as the build did), or None where the source is gone,
-    or where opening it would unpickle files and the cache is not trusted."""
-    pickled = None if trust_code else pickled_source(m)
-    if pickled:
-        note(f"no originals column: preview would read {pickled}")
-        return None
+def _original(m: dict, indices: list[int]) -> list[np.ndarray] | None:
+    """The un-augmented source images (resized as the build did), or None where the source is gone."""
     try:
         source = open_source(m["source_spec"]["spec"], split=m["source_spec"]["split"])
     except CachegenError:
@@ -86,13 +80,11 @@ def _original(m: dict, indices: list[int], trust_code: bool, note: Callable[[str
     return [to_hwc_uint8(augmenter.load(i)) for i in indices]
 
 
-def preview(root: Path, out: Path, *, samples: int = 6, epochs: int = 8, trust_code: bool = False,
-            note: Callable[[str], None] = lambda _: None) -> tuple[int, int]:
+def preview(root: Path, out: Path, *, samples: int = 6, epochs: int = 8, trust_code: bool = False) -> tuple[int, int]:
     """Write a PNG grid to `out`: one row per sample, the original then each epoch. Returns (rows, columns).
 
     A live cache whose transform is a `module:factory` is previewed only with `trust_code` (its
-    code runs); without it, a cached cache's originals are left out where reading its source would
-    unpickle files (`note` says so)."""
+    code runs; cacheaug.transforms.cache_factory); a cached one runs no code."""
     root = Path(root)
     checked = load_manifest(root)
     m = checked.raw
@@ -111,7 +103,7 @@ def preview(root: Path, out: Path, *, samples: int = 6, epochs: int = 8, trust_c
             with borrowed_rng():  # the caller's generators, given back once
                 columns = _per_sample(checked, stored, indices, shown, factory)
     else:
-        originals = _original(m, indices, trust_code, note)
+        originals = _original(m, indices)
         by_epoch = [_locate(indexed[e], set(indices)) for e in range(shown)]
         columns = [[read_image(root, *by_epoch[e][i], m["image"]) for e in range(shown)] for i in indices]
     h, w, c = m["output_shape"]

@@ -251,21 +251,4 @@ def open_source(spec: str | None, *, split: str = "train") -> Source:
     return FolderSource(path)
 
 
-# The torchvision datasets whose files are Python pickles (MNIST's are raw bytes, or torch.load with
-# weights_only): opening one runs whatever code its files say.
-PICKLED_KINDS = ("cifar10", "cifar100")
-
-
-def loads_pickles(spec: str | None) -> bool:
-    """Whether opening source `spec` (as a manifest records it) would unpickle files: a pickle can
-    run any code, so a command that reads a cache opens such a source only when the user trusts it."""
-    if spec in (None, "", "sample"):
-        return False
-    kind, sep, _ = spec.partition(":")
-    if sep and kind.lower() in TORCHVISION_KINDS:
-        return kind.lower() in PICKLED_KINDS
-    path = Path(spec)
-    return path.is_dir() and _detect(path) in PICKLED_KINDS
-
-
-__all__ = ["ArraySource", "FolderSource", "Source", "loads_pickles", "open_source", "printable"]
+__all__ = ["ArraySource", "FolderSource", "Source", "open_source", "printable"]

@@ -108,7 +108,7 @@ def main() -> None:
     p.add_argument("--json", help="append one JSON line with the result to this file")
     p.add_argument("--tag", default="", help="a label stored with the JSON result")
     p.add_argument("--trust-code", action="store_true", help="run the code the cache names (a module:factory "
-                   "transform, a source read with pickle): only for a cache you trust")
+                   "transform): only for a cache you trust")
     args = p.parse_args()
     try:
         device = torch.device(args.device)
