@@ -180,10 +180,13 @@ def _load_module(name: str, spec: str, search_cwd: bool):
         return importlib.import_module(name)
     except ModuleNotFoundError as e:
         if e.name == name or name.startswith(f"{e.name}."):  # the module itself, not one it imports
-            where = f"in the current folder ({cwd}) nor on sys.path" if search_cwd else \
-                "on sys.path (a reader does not look in the current folder: add the module's folder to PYTHONPATH)"
-            raise TransformError(f"cannot import module {name!r} for --transform {spec}: not {where}; "
-                                "for a file elsewhere give path/to/file.py:factory") from None
+            if not search_cwd:
+                raise TransformError(f"cannot import module {name!r} of the cache's transform {spec}: not on "
+                                     "sys.path (a reader does not look in the current folder): add the module's "
+                                     "folder to PYTHONPATH, or pass the factory yourself (factory=)") from None
+            raise TransformError(f"cannot import module {name!r} for --transform {spec}: not in the current "
+                                f"folder ({cwd}) nor on sys.path; for a file elsewhere give "
+                                "path/to/file.py:factory") from None
         raise TransformError(f"cannot import module {name!r} for --transform {spec}: {e}") from None
     except Exception as e:  # anything the module raises on import
         raise TransformError(f"cannot import module {name!r} for --transform {spec}: "

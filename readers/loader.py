@@ -371,8 +371,8 @@ class Loader:
             return
         if state["cache"] != mine["cache"]:
             raise ValueError(f"cannot resume: the state was taken on another cache (digest {str(state['cache'])[:16]}, "
-                             f"{self.manifest.root} is {mine['cache'][:16]}: another seed, source, transform or build); "
-                             "resume with the cache the state was saved from")
+                             f"{self.manifest.root} is {mine['cache'][:16]}: another seed, source, transform or "
+                             "build); resume with the cache the state was saved from")
         if state["augment_on"] != mine["augment_on"]:
             raise ValueError(f"cannot resume: the state was taken augmenting on {state['augment_on']!r}, this loader "
                              f"augments on {mine['augment_on']!r}: pass augment_on={state['augment_on']!r}")

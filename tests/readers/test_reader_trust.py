@@ -101,7 +101,8 @@ def test_trusted_a_live_cache_gives_its_cached_builds_batches(evil, workers, mon
 def test_trusted_a_module_is_still_not_looked_for_in_the_current_folder(evil, monkeypatch, no_cwd_on_path):
     monkeypatch.chdir(evil.live)
     path = list(sys.path)
-    with pytest.raises(ReaderError, match=r"not on sys.path \(a reader does not look in the current folder"):
+    with pytest.raises(ReaderError, match=r"not on sys.path \(a reader does not look in the current folder\): "
+                                          "add the module's folder to PYTHONPATH"):
         LiveLoader(".", workers=0, trust_code=True, **OPTIONS)
     assert evil.ran() == [] and sys.path == path
 
