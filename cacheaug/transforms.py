@@ -291,7 +291,7 @@ def make_transform(spec: str, *, epoch: int, epochs: int, size: int, schedule: s
         raise TransformError(f"unknown schedule {schedule!r}: use one of {', '.join(SCHEDULES)}")
     if ":" in spec:
         try:
-            transform = (factory or load_factory(spec))(epoch, epochs)
+            transform = (factory if factory is not None else load_factory(spec))(epoch, epochs)
         except TransformError:
             raise
         except Exception as e:

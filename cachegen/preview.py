@@ -88,8 +88,8 @@ def preview(root: Path, out: Path, *, samples: int = 6, epochs: int = 8, trust_c
     root = Path(root)
     checked = load_manifest(root)
     m = checked.raw
-    factory = trusted_factory(root, m, trust_code) if m["mode"] == "live" else None
     live = m["mode"] == "live"
+    factory = trusted_factory(root, m, trust_code) if live else None  # before anything else: nothing runs untrusted
     passes = [checked.source_shards] if live else checked.epochs[:min(epochs, m["epochs"])]
     indexed = [_indexed(checked, shards) for shards in passes]
     indices = [i for s in indexed[0] for i in s["indices"]][:samples]
