@@ -37,13 +37,14 @@ def batch_seed(seed: int, epoch: int, batch: int, stream: int = 0) -> int:
     return sample_seed(sample_seed(seed ^ BATCH_SALT, epoch, batch), stream, 0)
 
 
-def make_batched(spec: str, *, epoch: int, epochs: int, size: int, channels: int,
-                 schedule: str = "constant") -> Callable[[torch.Tensor], torch.Tensor]:
+def make_batched(spec: str, *, epoch: int, epochs: int, size: int, channels: int, schedule: str = "constant",
+                 factory: Callable | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
     """The batched augmentation of `epoch`: a preset's Kornia equivalent, or what a user's
     `module:factory` returns for (epoch, epochs) (any nn.Module or callable over float
-    (B, C, H, W) batches in [0, 1], e.g. a `kornia.augmentation.AugmentationSequential`)."""
+    (B, C, H, W) batches in [0, 1], e.g. a `kornia.augmentation.AugmentationSequential`).
+    `factory`: as make_transform's (a reader's resolved factory)."""
     if ":" in spec:
-        return make_transform(spec, epoch=epoch, epochs=epochs, size=size, schedule=schedule)
+        return make_transform(spec, epoch=epoch, epochs=epochs, size=size, schedule=schedule, factory=factory)
     import kornia.augmentation as K
 
     make_transform("val", epoch=epoch, epochs=epochs, size=size, schedule=schedule)  # checks the schedule

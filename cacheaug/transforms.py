@@ -12,8 +12,9 @@ import importlib.util
 import inspect
 import os
 import random
-import sys
 import re
+import sys
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from typing import Any
@@ -153,15 +154,17 @@ def _preset(name: str, epoch: int, epochs: int, size: int, schedule: str) -> Cal
     raise TransformError(f"unknown transform preset {name!r}: use one of {', '.join(PRESETS)} or module:factory")
 
 
-def load_factory(spec: str) -> Callable[[int, int], Any]:
+def load_factory(spec: str, *, search_cwd: bool = True) -> Callable[[int, int], Any]:
     """Import a user's `module:factory` or `path/to/file.py:factory` (called as factory(epoch, epochs)
-    -> transform). A module is looked for in the current folder first, then on sys.path."""
+    -> transform). A module is looked for in the current folder first (`search_cwd`: the builder's,
+    whose user typed the spec; a reader's spec comes from a manifest, so readers pass False), then on
+    sys.path."""
     where, _, attr = spec.rpartition(":")
     if not where or not attr:
         raise TransformError(f"bad transform {spec!r}: expected a preset ({', '.join(PRESETS)}), module:factory "
                             "or path/to/file.py:factory")
     module = _load_file(where, spec) if where.endswith(".py") or "/" in where or os.sep in where else \
-        _load_module(where, spec)
+        _load_module(where, spec, search_cwd)
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise TransformError(f"{where} has no callable {attr!r} (from --transform {spec}); "
@@ -169,21 +172,28 @@ def load_factory(spec: str) -> Callable[[int, int], Any]:
     return factory
 
 
-def _load_module(name: str, spec: str):
-    sys.path.insert(0, os.getcwd())
+def _load_module(name: str, spec: str, search_cwd: bool):
+    cwd = os.getcwd()
+    if search_cwd:
+        sys.path.insert(0, cwd)
     try:
         return importlib.import_module(name)
     except ModuleNotFoundError as e:
         if e.name == name or name.startswith(f"{e.name}."):  # the module itself, not one it imports
+            if not search_cwd:
+                raise TransformError(f"cannot import module {name!r} of the cache's transform {spec}: not on "
+                                     "sys.path (a reader does not look in the current folder): add the module's "
+                                     "folder to PYTHONPATH, or pass the factory yourself (factory=)") from None
             raise TransformError(f"cannot import module {name!r} for --transform {spec}: not in the current "
-                                f"folder ({os.getcwd()}) nor on sys.path; for a file elsewhere give "
+                                f"folder ({cwd}) nor on sys.path; for a file elsewhere give "
                                 "path/to/file.py:factory") from None
         raise TransformError(f"cannot import module {name!r} for --transform {spec}: {e}") from None
     except Exception as e:  # anything the module raises on import
         raise TransformError(f"cannot import module {name!r} for --transform {spec}: "
                             f"{type(e).__name__}: {e}") from None
     finally:
-        sys.path.remove(os.getcwd())
+        if search_cwd:
+            sys.path.remove(cwd)
 
 
 def _load_file(path: str, spec: str):
@@ -209,18 +219,79 @@ def _load_file(path: str, spec: str):
     return module
 
 
+class CacheFactory:
+    """A cache's `module:factory` as a reader calls it: imported from its spec because the user
+    trusts the cache (from sys.path only, never the current folder), or the user's own callable
+    (`given`). `sha256`: its source file's, now. Pickles as (spec, given): a spawned DataLoader
+    worker imports the spec again, as this process did on the user's word."""
+
+    def __init__(self, spec: str, given: Callable[[int, int], Any] | None = None) -> None:
+        self.spec, self.given = spec, given
+        self.factory = given if given is not None else load_factory(spec, search_cwd=False)
+        self.sha256 = source_sha256(self.factory)
+
+    def __call__(self, epoch: int, epochs: int) -> Any:
+        return self.factory(epoch, epochs)
+
+    def __reduce__(self) -> tuple:
+        return CacheFactory, (self.spec, self.given)
+
+
+def cache_factory(transform: dict, *, trust_code: bool, factory: Callable | None, where: str,
+                  opt_in: str) -> CacheFactory | None:
+    """The factory a cache's manifest names (its `transform` record), as a reader may call it; None
+    for a preset (data: nothing to trust).
+
+    A cache is data: its `module:factory` is imported only with `trust_code`. Or the user passes
+    the factory itself (`factory`), checked against the sha256 the manifest records for its source
+    file (without importing anything the manifest names).
+
+    Raises:
+        TransformError: a factory named and neither given nor trusted (one line: what would run,
+            and `opt_in`, how to allow it), or a given factory whose source is not the recorded one.
+    """
+    spec, recorded = transform["spec"], transform.get("factory_sha256")
+    if ":" not in spec:
+        if factory is not None:
+            raise TransformError(f"{where} augments with the preset {spec!r}, not a factory: drop factory=")
+        return None
+    if factory is None and not trust_code:
+        digest = f"source sha256 {recorded[:16]}..." if recorded else "no source hash recorded"
+        raise TransformError(f"{where}: its transform is code, factory {spec!r} ({digest}), and reading the "
+                             f"cache would import and run it; {opt_in}")
+    if factory is None:
+        return CacheFactory(spec)
+    if not callable(factory):
+        raise TransformError(f"factory= must be callable as factory(epoch, epochs), got {type(factory).__name__}")
+    given = factory if isinstance(factory, CacheFactory) else CacheFactory(spec, factory)  # one resolved already
+    name = getattr(given.factory, "__qualname__", type(given.factory).__name__)
+    if recorded is not None and given.sha256 is not None and given.sha256 != recorded:
+        raise TransformError(f"factory= {name} is not the factory {where} was built with ({spec}): its source "
+                             f"file's sha256 is {given.sha256[:16]}..., the cache records {recorded[:16]}...; "
+                             "pass that factory, or rebuild the cache with yours")
+    if recorded is not None and given.sha256 is None:
+        warnings.warn(f"factory= {name} has no source file to check against the sha256 {where} records for "
+                      f"{spec}: its samples are what your factory makes, not promised to be the build's",
+                      stacklevel=4)
+    return given
+
+
 def is_random(spec: str) -> bool:
     """Whether a transform spec augments (False only for the deterministic `val` and `none` presets)."""
     return spec not in DETERMINISTIC
 
 
-def make_transform(spec: str, *, epoch: int, epochs: int, size: int, schedule: str = "constant") -> Callable:
-    """The transform for `epoch` of `epochs`: a preset name or a user's `module:factory`."""
+def make_transform(spec: str, *, epoch: int, epochs: int, size: int, schedule: str = "constant",
+                   factory: Callable[[int, int], Any] | None = None) -> Callable:
+    """The transform for `epoch` of `epochs`: a preset name or a user's `module:factory`.
+
+    `factory`: what a `module:factory` spec names, already resolved (a reader's CacheFactory); None:
+    imported from the spec here, the current folder searched first (the builder's way)."""
     if schedule not in SCHEDULES:
         raise TransformError(f"unknown schedule {schedule!r}: use one of {', '.join(SCHEDULES)}")
     if ":" in spec:
         try:
-            transform = load_factory(spec)(epoch, epochs)
+            transform = (factory if factory is not None else load_factory(spec))(epoch, epochs)
         except TransformError:
             raise
         except Exception as e:
@@ -248,9 +319,12 @@ def library_versions() -> dict[str, str]:
 def factory_sha256(spec: str) -> str | None:
     """sha256 of the source file of a `module:factory` spec's factory (None for a preset, or where
     the factory has no source file): editing the factory changes the cache it builds."""
-    if ":" not in spec:
-        return None
-    factory = load_factory(spec)
+    return source_sha256(load_factory(spec)) if ":" in spec else None
+
+
+def source_sha256(factory: Callable) -> str | None:
+    """sha256 of the file `factory` (a function or class) is defined in; None where it has none (a
+    builtin, a C extension, a notebook cell, a callable object). Reads the file: imports nothing."""
     try:
         path = inspect.getsourcefile(factory) or inspect.getsourcefile(inspect.getmodule(factory))
     except TypeError:  # a builtin or a C extension
@@ -261,15 +335,16 @@ def factory_sha256(spec: str) -> str | None:
         return hashlib.sha256(f.read()).hexdigest()
 
 
-def drift(manifest: dict) -> list[str]:
-    """What differs here from where a cache was built (the manifest's `versions`, its factory's
-    source), such that augmenting now may not give the built bytes: e.g. ['torch 2.3.0 -> 2.4.1']."""
+def drift(manifest: dict, factory: CacheFactory | None = None) -> list[str]:
+    """What differs here from where a cache was built (the manifest's `versions`, the source of
+    `factory`, the cache's factory as resolved by the reader), such that augmenting now may not give
+    the built bytes: e.g. ['torch 2.3.0 -> 2.4.1']."""
     now = library_versions()
     out = [f"{name} {was} -> {now.get(name)}" for name, was in (manifest.get("versions") or {}).items()
            if now.get(name) != was]
-    transform = manifest["transform"]
-    if transform.get("factory_sha256") is not None and factory_sha256(transform["spec"]) != transform["factory_sha256"]:
-        out.append(f"the source of factory {transform['spec']} was edited")
+    recorded = manifest["transform"].get("factory_sha256")
+    if factory is not None and recorded is not None and factory.sha256 != recorded:
+        out.append(f"the source of factory {factory.spec} was edited")
     return out
 
 

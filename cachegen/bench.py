@@ -187,11 +187,12 @@ def _model(device: torch.device, classes: int):
 
 def run_bench(cache: Path | None, *, batch_size: int = 256, workers: int | None = None, images: int = 20000,
               min_seconds: float = 3.0, warmup: int = 1000, model: bool = False, device: str | None = None,
-              progress: Callable[[str], None] = print) -> dict:
+              trust_code: bool = False, progress: Callable[[str], None] = print) -> dict:
     """Measure every way of feeding batches; return {'rows': [...], 'config': {...}}.
 
     Each row: `warmup` images untimed, then passes repeated until >= `images` images and
-    >= `min_seconds` seconds have been timed."""
+    >= `min_seconds` seconds have been timed. The online and live rows augment with the cache's
+    transform: a `module:factory` only with `trust_code` (the sample cache built here needs none)."""
     from readers import CachedLoader, open_loader  # cachegen may use the readers; never the reverse
 
     workers = workers or default_workers()
@@ -201,12 +202,15 @@ def run_bench(cache: Path | None, *, batch_size: int = 256, workers: int | None 
             progress("building a sample cache (2 epochs) and a live cache to measure ...")
             cache = Path(tmp) / "cached"
             build(BuildConfig(out=cache, epochs=2, workers=workers, quiet=True, mode="cached"))
+            trust_code = True  # built here, by us
         m = read_manifest(cache)
         if m["mode"] != "cached":
             raise CachegenError(f"{cache} is a live cache: bench needs a cached one (build with --mode cached)")
+        # Checks the source is still there and unchanged; refuses code the user did not trust.
+        online_ds = online_dataset(cache, trust_code=trust_code)
+        factory = online_ds.factory  # the same factory for the live rows: imported once, on the user's word
         live_dir = Path(tmp) / "live"
         spec = m["source_spec"]
-        online_ds = online_dataset(cache)  # checks the source is still there and unchanged
         build(BuildConfig(source=spec["spec"], split=spec["split"], out=live_dir, epochs=m["epochs"],
                           transform=m["transform"]["spec"], schedule=m["transform"]["schedule"],
                           size=m["transform"]["size"], resize=m["transform"]["resize"], seed=m["seed"],
@@ -222,9 +226,10 @@ def run_bench(cache: Path | None, *, batch_size: int = 256, workers: int | None 
         # One loader per row, iterated pass after pass: each pass is the next epoch, as in training.
         cached_loader = CachedLoader(cache, batch_size=batch_size, device=dev, seed=1)
         live_loader = open_loader(live_dir, batch_size=batch_size, device=dev, seed=1, workers=loader_workers,
-                                  augment_on="cpu")
+                                  augment_on="cpu", factory=factory)
         # The same live cache augmented in batches on the device (Kornia), no worker processes.
-        device_loader = open_loader(live_dir, batch_size=batch_size, device=dev, seed=1, augment_on="device")
+        device_loader = open_loader(live_dir, batch_size=batch_size, device=dev, seed=1, augment_on="device",
+                                    factory=factory)
         online_loader = torch.utils.data.DataLoader(online_ds, batch_size=batch_size, shuffle=True,
                                                     num_workers=loader_workers, pin_memory=dev.type == "cuda",
                                                     persistent_workers=False)

@@ -27,6 +27,10 @@ def _one_line_errors(fn):
     return wrapper
 
 
+TRUST_HELP = ("Import and run the code the cache's manifest names (a module:factory transform, from sys.path): "
+              "only for a cache from someone you trust. A preset needs nothing.")
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="cachegen")
 def main() -> None:
@@ -133,6 +137,10 @@ def info(cache: str, as_json: bool) -> None:
     click.echo(f"source     {s['source']['description']}  ({s['source']['num_samples']} samples)")
     click.echo(f"transform  {s['transform']['spec']}  schedule={s['transform']['schedule']}  size={s['transform']['size']}"
                + (f"  augment_on={s['transform'].get('augment_on', 'cpu')}" if s["mode"] == "live" else ""))
+    if ":" in s["transform"]["spec"]:
+        digest = s["transform"].get("factory_sha256") or "not recorded (no source file)"
+        click.echo(f"factory    {s['transform']['spec']}  sha256 {digest}  (code: runs only with trust_code=True / "
+                   "--trust-code)")
     click.echo(f"seed       {s['seed']}")
     click.echo(f"contents   {s['contents']}, {s['bytes'] / 1e6:.1f} MB")
     click.echo(f"images     {s['image']['encoding']} {'x'.join(map(str, s['image']['shape']))} uint8"
@@ -169,12 +177,13 @@ def verify(cache: str) -> None:
               help="PNG file to write.")
 @click.option("--samples", default=6, show_default=True, type=click.IntRange(1, 64), help="Rows: samples shown.")
 @click.option("--epochs", default=8, show_default=True, type=click.IntRange(1, 64), help="Most epochs shown.")
+@click.option("--trust-code", is_flag=True, help=TRUST_HELP)
 @_one_line_errors
-def preview(cache: Path, out: Path, samples: int, epochs: int) -> None:
+def preview(cache: Path, out: Path, samples: int, epochs: int, trust_code: bool) -> None:
     """Draw a grid: rows are samples, columns the original then each epoch's augmentation."""
     from cachegen.preview import preview as run_preview
 
-    rows, columns = run_preview(cache, out, samples=samples, epochs=epochs)
+    rows, columns = run_preview(cache, out, samples=samples, epochs=epochs, trust_code=trust_code)
     click.echo(f"wrote {click.format_filename(out)}: {rows} samples x {columns} columns")
 
 
@@ -194,8 +203,9 @@ def preview(cache: Path, out: Path, samples: int, epochs: int) -> None:
 @click.option("--device", help="cpu or cuda [default: cuda if available].")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @click.option("--plot", type=click.Path(path_type=Path), help="Also draw a bar chart to this PNG.")
+@click.option("--trust-code", is_flag=True, help=TRUST_HELP)
 @_one_line_errors
-def bench(cache, batch_size, workers, images, min_seconds, warmup, model, device, as_json, plot) -> None:
+def bench(cache, batch_size, workers, images, min_seconds, warmup, model, device, as_json, plot, trust_code) -> None:
     """Measure, side by side: the cache, live augmentation (per sample in workers, and batched on the device),
     online augmentation, stock webdataset, plain read().
 
@@ -218,7 +228,7 @@ def bench(cache, batch_size, workers, images, min_seconds, warmup, model, device
 
     say = (lambda msg: click.echo(msg, err=True)) if as_json else click.echo
     result = run_bench(cache, batch_size=batch_size, workers=workers or None, images=images, min_seconds=min_seconds,
-                       warmup=warmup, model=model, device=device, progress=say)
+                       warmup=warmup, model=model, device=device, trust_code=trust_code, progress=say)
     click.echo(json.dumps(result, indent=2) if as_json else format_table(result))
     if plot:
         draw(result, plot)

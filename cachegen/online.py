@@ -15,7 +15,8 @@ from torchvision import transforms as T
 from cachegen.errors import CachegenError
 from cachegen.manifest import read_manifest
 from cachegen.sources import Source, open_source
-from cacheaug.transforms import make_transform
+from cachegen.trust import trusted_factory
+from cacheaug.transforms import CacheFactory, make_transform
 
 
 class OnlineDataset(torch.utils.data.Dataset):
@@ -25,8 +26,8 @@ class OnlineDataset(torch.utils.data.Dataset):
     DataLoader's workers start).
     """
 
-    def __init__(self, manifest: dict, source: Source) -> None:
-        self.source = source
+    def __init__(self, manifest: dict, source: Source, factory: CacheFactory | None = None) -> None:
+        self.source, self.factory = source, factory
         t = manifest["transform"]
         self.spec, self.size, self.schedule, self.epochs = t["spec"], t["size"], t["schedule"], manifest["epochs"]
         self.resize = T.Compose([T.Resize(t["resize"]), T.CenterCrop(t["resize"])]) if t["resize"] else None
@@ -34,7 +35,7 @@ class OnlineDataset(torch.utils.data.Dataset):
 
     def set_epoch(self, epoch: int) -> None:
         self.transform = make_transform(self.spec, epoch=epoch % self.epochs, epochs=self.epochs, size=self.size,
-                                        schedule=self.schedule)
+                                        schedule=self.schedule, factory=self.factory)
 
     def __len__(self) -> int:
         return len(self.source)
@@ -52,12 +53,14 @@ class OnlineDataset(torch.utils.data.Dataset):
         return out, int(self.source.labels[index])
 
 
-def online_dataset(cache: Path) -> OnlineDataset:
-    """The online equivalent of a cache: its source, its transform."""
+def online_dataset(cache: Path, *, trust_code: bool = False) -> OnlineDataset:
+    """The online equivalent of a cache: its source, its transform (`dataset.factory`: its
+    `module:factory`, imported only with `trust_code`)."""
     m = read_manifest(cache)
+    factory = trusted_factory(cache, m, trust_code)
     spec = m["source_spec"]
     source = open_source(spec["spec"], split=spec["split"])
     if source.fingerprint() != m["source"]["fingerprint"]:
         raise CachegenError(f"the source of {cache} ({m['source']['description']}) has changed since the "
                             "build: online augmentation needs the same source")
-    return OnlineDataset(m, source)
+    return OnlineDataset(m, source, factory)

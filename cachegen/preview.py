@@ -12,12 +12,14 @@ from torchvision.utils import make_grid, save_image
 
 from cachegen.build import Job, _Augmenter
 from cacheaug.batched import augment_batch, batch_seed, make_batched
-from cacheaug.transforms import borrowed_rng, to_hwc_uint8, to_pil
+from cacheaug.transforms import CacheFactory, augment, borrowed_rng, make_transform, to_hwc_uint8, to_pil
 from cachegen.errors import CachegenError
+from cacheformat import FormatError
 from cacheformat.index import read_index
 from cachegen.manifest import Manifest, load_manifest
 from cachegen.shards import read_image
 from cachegen.sources import open_source
+from cachegen.trust import trusted_factory
 
 
 def _indexed(m: Manifest, shards) -> list[dict]:
@@ -74,29 +76,32 @@ def _original(m: dict, indices: list[int]) -> list[np.ndarray] | None:
         return None
     if source.fingerprint() != m["source"]["fingerprint"]:
         return None
-    augment = _Augmenter(_job(m, source))
-    return [to_hwc_uint8(augment.load(i)) for i in indices]
+    augmenter = _Augmenter(_job(m, source))  # loads and resizes only: no transform is made
+    return [to_hwc_uint8(augmenter.load(i)) for i in indices]
 
 
-def preview(root: Path, out: Path, *, samples: int = 6, epochs: int = 8) -> tuple[int, int]:
-    """Write a PNG grid to `out`: one row per sample, the original then each epoch. Returns (rows, columns)."""
+def preview(root: Path, out: Path, *, samples: int = 6, epochs: int = 8, trust_code: bool = False) -> tuple[int, int]:
+    """Write a PNG grid to `out`: one row per sample, the original then each epoch. Returns (rows, columns).
+
+    A live cache whose transform is a `module:factory` is previewed only with `trust_code` (its
+    code runs; cacheaug.transforms.cache_factory); a cached one runs no code."""
     root = Path(root)
     checked = load_manifest(root)
     m = checked.raw
     live = m["mode"] == "live"
+    factory = trusted_factory(root, m, trust_code) if live else None  # before anything else: nothing runs untrusted
     passes = [checked.source_shards] if live else checked.epochs[:min(epochs, m["epochs"])]
     indexed = [_indexed(checked, shards) for shards in passes]
     indices = [i for s in indexed[0] for i in s["indices"]][:samples]
     shown = min(epochs, m["epochs"])
     if live:
         stored = _Stored(root, m, _locate(indexed[0], set(indices)))
-        augment = _Augmenter(_job(m, stored))
         originals = [read_image(root, *stored.located[i], m["image"]) for i in indices]
         if checked.augment_on == "device":  # the shown samples as one batch per epoch, as a device loader would
-            columns = list(zip(*(_batched(checked, e, originals) for e in range(shown))))
+            columns = list(zip(*(_batched(checked, e, originals, factory) for e in range(shown))))
         else:
             with borrowed_rng():  # the caller's generators, given back once
-                columns = [[augment.augment(e, i, stored.load(i)) for e in range(shown)] for i in indices]
+                columns = _per_sample(checked, stored, indices, shown, factory)
     else:
         originals = _original(m, indices)
         by_epoch = [_locate(indexed[e], set(indices)) for e in range(shown)]
@@ -116,11 +121,33 @@ def preview(root: Path, out: Path, *, samples: int = 6, epochs: int = 8) -> tupl
     return len(indices), per_row
 
 
-def _batched(m: Manifest, epoch: int, images: list[np.ndarray]) -> list[np.ndarray]:
+def _per_sample(m: Manifest, stored: _Stored, indices: list[int], shown: int,
+                factory: CacheFactory | None) -> list[list[np.ndarray]]:
+    """Each of `indices` augmented per sample in each of the first `shown` epochs, as LiveLoader's
+    per-sample path gives it (the builder's seeds, the reader's factory)."""
+    t = m.raw["transform"]
+    columns = []
+    for e in range(shown):
+        transform = make_transform(t["spec"], epoch=e, epochs=m.num_epochs, size=t["size"], schedule=t["schedule"],
+                                   factory=factory)
+        try:
+            column = [augment(transform, stored.load(i), seed=m.seed, epoch=e, index=i) for i in indices]
+        except FormatError:  # ours, already one line (the output is not an image)
+            raise
+        except Exception as err:
+            raise CachegenError(f"transform {t['spec']} failed in preview: {type(err).__name__}: {err}") from None
+        if any(out.shape != m.output_shape for out in column):
+            raise CachegenError(f"transform {t['spec']} gave images of another shape than the cache's "
+                                f"{m.output_shape} in epoch {e}: it is not the transform the cache was built with")
+        columns.append(column)
+    return [list(row) for row in zip(*columns)]
+
+
+def _batched(m: Manifest, epoch: int, images: list[np.ndarray], factory: CacheFactory | None) -> list[np.ndarray]:
     """`images` (HWC uint8) augmented as one batch with the cache's batched augmentation of `epoch`."""
     t = m.raw["transform"]
     batched = make_batched(t["spec"], epoch=epoch, epochs=m.num_epochs, size=t["size"], channels=m.shape[2],
-                           schedule=t["schedule"])
+                           schedule=t["schedule"], factory=factory)
     batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div_(255.0)
     h, w, c = m.output_shape
     out = augment_batch(batched, batch, seed=batch_seed(m.seed, epoch, 0), name=t["spec"], shape=(c, h, w))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from readers.errors import ReaderError
 from readers.live import _layout, _locate
 from readers.manifest import load_manifest
 from readers.shards import SampleReads, ShardFiles, decode
+from readers.trust import reader_factory
 
 
 class CacheDataset(torch.utils.data.Dataset):
@@ -29,12 +31,17 @@ class CacheDataset(torch.utils.data.Dataset):
     a batch's randomness for the whole batch). Works with any torch DataLoader or sampler; for
     training, the loaders are the fast path.
 
+    `trust_code` and `factory`: as LiveLoader's, for a live cache whose transform is a
+    `module:factory` (nothing the manifest names is imported without one of them).
+
     Raises:
-        ReaderError: no cache, a damaged manifest, or an epoch the cache does not have.
+        ReaderError: no cache, a damaged manifest, an epoch the cache does not have, or a factory
+            neither trusted nor given.
         TransformError: the cache's transform cannot be made, or fails on a sample (one line).
     """
 
-    def __init__(self, cache: str | Path, *, epoch: int = 0) -> None:
+    def __init__(self, cache: str | Path, *, epoch: int = 0, trust_code: bool = False,
+                 factory: Callable[[int, int], object] | None = None) -> None:
         self.manifest = m = load_manifest(cache)
         if not isinstance(epoch, int) or isinstance(epoch, bool) or not 0 <= epoch < m.num_epochs:
             raise ReaderError(f"epoch {epoch!r} is not one of the {m.num_epochs} epochs of {m.root} (0..{m.num_epochs - 1})")
@@ -44,6 +51,7 @@ class CacheDataset(torch.utils.data.Dataset):
             self._starts = np.cumsum([0] + [s.samples for s in self._shards])
             self._files = ShardFiles(m)
         else:
+            resolved = reader_factory(m, trust_code=trust_code, factory=factory)  # before anything else
             self._indices = np.concatenate(_layout(m, epoch))
             self._where, self._labels = _locate(m)
             self._reads = SampleReads(m)
@@ -52,7 +60,7 @@ class CacheDataset(torch.utils.data.Dataset):
             make = make_batched if self._batched else make_transform
             extra = {"channels": m.output_shape[2]} if self._batched else {}
             self._transform = make(t["spec"], epoch=epoch, epochs=m.num_epochs, size=t["size"],
-                                   schedule=t["schedule"], **extra)
+                                   schedule=t["schedule"], factory=resolved, **extra)
 
     def __len__(self) -> int:
         return int(self._starts[-1]) if self.manifest.mode == "cached" else len(self._indices)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from cacheaug.batched import AUGMENT_ON, augment_batch, make_batched, place
-from cacheaug.transforms import augment, drift, make_transform, to_pil
+from cacheaug.transforms import CacheFactory, augment, drift, make_transform, to_pil
 from cacheformat.layout import epoch_shards
 from readers import split
 from readers.batch_transform import ORDER_SALT, batch_order
@@ -24,6 +24,7 @@ from readers.loader import STAGING_OPTIONS, Loader, open_cache
 from readers.manifest import Manifest, Shard, live_shards
 from readers.plan import DEFAULT_WINDOW, EpochPlan, sort_batches
 from readers.shards import SampleReads, ShardFiles
+from readers.trust import reader_factory
 
 _log = logging.getLogger(__name__)
 
@@ -58,8 +59,9 @@ class _LiveBatches(torch.utils.data.Dataset):
     a time) and builds an epoch's transform once.
     """
 
-    def __init__(self, manifest: Manifest, channels_first: bool, where: np.ndarray, labels: np.ndarray) -> None:
-        self.manifest, self.channels_first = manifest, channels_first
+    def __init__(self, manifest: Manifest, channels_first: bool, where: np.ndarray, labels: np.ndarray,
+                 factory: CacheFactory | None) -> None:
+        self.manifest, self.channels_first, self.factory = manifest, channels_first, factory
         self.shards = live_shards(manifest)
         self.where, self.labels = where, labels
         self._reads: SampleReads | None = None
@@ -77,7 +79,8 @@ class _LiveBatches(torch.utils.data.Dataset):
             raw = self.manifest.raw
             t = raw["transform"]
             self._transform = (cache_epoch, make_transform(t["spec"], epoch=cache_epoch, epochs=raw["epochs"],
-                                                           size=t["size"], schedule=t["schedule"]))
+                                                           size=t["size"], schedule=t["schedule"],
+                                                           factory=self.factory))
         return self._transform[1]
 
     def __getitem__(self, task: tuple[int, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,6 +150,11 @@ class LiveLoader(Loader):
             and an nn.Module augmentation is moved to the loader's device.
         local (and CachedLoader's download options): for a cache at a URL; a live cache's whole
             source is staged (and checked) on construction.
+        trust_code: a cache whose transform is a `module:factory` is code: without trust_code=True
+            it is not imported (a ReaderError says what it would run). With it, the module is
+            imported from sys.path (never the current folder) in this process and the workers.
+        factory: the cache's factory, passed yourself (called as factory(epoch, epochs)) instead of
+            trusting the cache to name it; its source file must have the sha256 the cache records.
     """
 
     MODE = "live"
@@ -157,6 +165,7 @@ class LiveLoader(Loader):
                  world_size: int | None = None, prefetch: int | None = None, shuffle_window: int = DEFAULT_WINDOW,
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                  workers: int | None = None, verify: bool = False, augment_on: str | None = None,
+                 trust_code: bool = False, factory: Callable[[int, int], object] | None = None,
                  local: str | Path | None = None, batch_transform: Callable | None = None, **staging) -> None:
         super().__init__(cache, batch_size=batch_size, device=device, shuffle=shuffle, seed=seed,
                          drop_last=drop_last, normalize=normalize, dtype=dtype, channels_last=channels_last,
@@ -165,12 +174,13 @@ class LiveLoader(Loader):
         if workers is not None and (not isinstance(workers, int) or isinstance(workers, bool) or workers < 0):
             raise ValueError(f"workers must be an int >= 0 (0: augment in this process), got {workers!r}")
         self.workers = default_workers() if workers is None else workers
+        self._factory = reader_factory(self.manifest, trust_code=trust_code, factory=factory)  # before any code runs
         self._layouts: dict[int, list[np.ndarray]] = {}
         for shard in live_shards(self.manifest):
             _check_shard(shard, verify)
         self._check_epochs()
         self._located: tuple[np.ndarray, np.ndarray] | None = None  # (where, labels), on first use
-        changed = drift(self.manifest.raw)
+        changed = drift(self.manifest.raw, self._factory)
         if changed:
             warnings.warn(f"{cache} was built under other conditions ({'; '.join(changed)}): its samples are "
                           "augmented here as before, but not promised bit-identical to a cached build's",
@@ -200,7 +210,8 @@ class LiveLoader(Loader):
         if key not in self._batched:
             self._batched = {key: place(make_batched(t["spec"], epoch=plan.cache_epoch, epochs=m.num_epochs,
                                                      size=t["size"], channels=m.output_shape[2],
-                                                     schedule=t["schedule"]), self._copier.device)}
+                                                     schedule=t["schedule"], factory=self._factory),
+                                         self._copier.device)}
         augmentation = self._batched[key]
         # A batch's randomness: the cache's seed, the training epoch, the batch, and what decides
         # which samples it holds (the loader's order seed and the rank layout).
@@ -256,7 +267,7 @@ class LiveLoader(Loader):
         """The DataLoader over _LiveBatches whose worker processes augment every per-sample pass:
         started on the first, kept across epochs (as `persistent_workers=True` keeps them)."""
         if self._workers_loader is None:
-            dataset = _LiveBatches(self.manifest, self._copier.host_channels_first, *self._located)
+            dataset = _LiveBatches(self.manifest, self._copier.host_channels_first, *self._located, self._factory)
             extra = ({"prefetch_factor": self._prefetch_factor(), "worker_init_fn": _init_worker,
                       "persistent_workers": True} if self.workers else {})
             # A generator of its own: the DataLoader draws a base seed from it on every iter(), which
@@ -336,14 +347,17 @@ def _check_shard(shard: Shard, verify: bool) -> None:
 
 
 def open_loader(cache: str | Path, *, workers: int | None = None, verify: bool = False,
-                augment_on: str | None = None, **options) -> Loader:
+                augment_on: str | None = None, trust_code: bool = False,
+                factory: Callable[[int, int], object] | None = None, **options) -> Loader:
     """A CachedLoader or a LiveLoader, by what the cache's manifest says; same options, same batches.
 
-    `workers` and `augment_on` apply to a live cache only (a cached one needs neither).
+    `workers`, `augment_on`, `trust_code` and `factory` apply to a live cache only (a cached one
+    stores its augmented epochs: reading it runs no code).
     """
     from readers.cached import CachedLoader
 
     staging = {k: v for k, v in options.items() if k == "local" or k in STAGING_OPTIONS}
     if open_cache(cache, **staging)[0].mode == "live":
-        return LiveLoader(cache, workers=workers, verify=verify, augment_on=augment_on, **options)
+        return LiveLoader(cache, workers=workers, verify=verify, augment_on=augment_on, trust_code=trust_code,
+                          factory=factory, **options)
     return CachedLoader(cache, verify=verify, **options)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -13,7 +14,7 @@ import torch
 from readers.batch_transform import TRANSFORM_SALT, BatchTransform, loader_batch_seed, reordered
 from readers.device import DeviceCopier, Pending, resolve_device
 from readers.errors import ReaderError
-from readers.manifest import Manifest, Shard, load_manifest
+from readers.manifest import Manifest, Shard, cache_digest, load_manifest
 from readers.options import LoaderOptions
 from readers.plan import DEFAULT_WINDOW, EpochPlan, plan_epoch, rank_length
 from readers.prefetch import Prefetcher
@@ -80,6 +81,7 @@ class Loader:
     """
 
     MODE = ""  # the manifest mode this loader reads
+    augment_on: str | None = None  # a LiveLoader's augmentation path ("cpu" or "device"); None: nothing to augment
     batch_sampler = None  # as a DataLoader without one: Lightning reads it next to `sampler` (val loaders)
 
     def __init__(self, cache: str | Path, *, batch_size: int, device: torch.device | str | None = None,
@@ -352,7 +354,7 @@ class Loader:
         Lightning saves it in its checkpoints by itself (a loader with state_dict and
         load_state_dict is "stateful" to it); with Accelerate, `register_for_checkpointing`.
         """
-        return {"epoch": self._epoch, "batches_done": self._delivered, **self._state_identity()}
+        return {"epoch": self._epoch, "batches_done": self._delivered, **self._state_identity(), **self._cache_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume where `state` was taken: the next pass starts at the next batch (the next
@@ -362,6 +364,7 @@ class Loader:
             ValueError: the state was taken with a different seed, batch size, world size,
                 order or cache, so resuming would not be exact.
         """
+        self._check_cache_state(state)
         mine = self._state_identity()
         for key in _STATE_KEYS:
             if key not in state:
@@ -377,3 +380,32 @@ class Loader:
         if done == length:  # a complete epoch: the next pass reads the next one, as the saving loader's would
             epoch, done = epoch + 1, 0
         self._epoch, self._delivered, self._placed = epoch, done, True
+
+    def _cache_state(self) -> dict[str, Any]:
+        """What a state says of the cache it was taken on: its digest (readers.manifest.cache_digest)
+        and where a live loader augmented (per sample and in batches give different samples)."""
+        return {"cache": self._digest, "augment_on": self.augment_on}
+
+    @functools.cached_property
+    def _digest(self) -> str:
+        return cache_digest(self.manifest)  # once: O(shards)
+
+    def _check_cache_state(self, state: dict[str, Any]) -> None:
+        """Refuse, in one line, a state taken on another cache or another augmentation path; a
+        state saved before states named their cache resumes with a warning (nothing to check)."""
+        if not isinstance(state, dict):
+            raise ValueError(f"state is a {type(state).__name__}, not a loader state_dict")
+        mine = self._cache_state()
+        if "cache" not in state or "augment_on" not in state:
+            if not all(key in state for key in _STATE_KEYS):
+                return  # not a state at all: load_state_dict names the missing key
+            warnings.warn(f"the state does not name the cache it was taken on (saved by an older cachegen): resuming "
+                          f"{self.manifest.root} without checking it is the same cache", stacklevel=3)
+            return
+        if state["cache"] != mine["cache"]:
+            raise ValueError(f"cannot resume: the state was taken on another cache (digest {str(state['cache'])[:16]}, "
+                             f"{self.manifest.root} is {mine['cache'][:16]}: another seed, source, transform or "
+                             "build); resume with the cache the state was saved from")
+        if state["augment_on"] != mine["augment_on"]:
+            raise ValueError(f"cannot resume: the state was taken augmenting on {state['augment_on']!r}, this loader "
+                             f"augments on {mine['augment_on']!r}: pass augment_on={state['augment_on']!r}")

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 from cacheformat import FormatError
 from cacheformat.index import ShardIndex, read_index
-from cacheformat.manifest import Manifest, ShardEntry, read_manifest
+from cacheformat.manifest import Manifest, ShardEntry, identity, read_manifest
 from readers.errors import ReaderError
 
 Shard = ShardEntry  # a shard as the manifest lists it
 
-__all__ = ["Manifest", "Shard", "ShardIndex", "load_manifest", "load_index", "live_shards"]
+__all__ = ["Manifest", "Shard", "ShardIndex", "cache_digest", "load_manifest", "load_index", "live_shards"]
 
 
 def load_manifest(root: str | Path) -> Manifest:
@@ -44,3 +46,12 @@ def live_shards(manifest: Manifest) -> tuple[Shard, ...]:
     if manifest.mode != "live":
         raise ReaderError(f"{manifest.root} is a {manifest.mode!r}-mode cache: it has no source pass to augment live")
     return manifest.source_shards
+
+
+def cache_digest(manifest: Manifest) -> str:
+    """A sha256 naming the samples a cache holds: its identity (source, transform, seed, image,
+    shard size, mode, library versions: cacheformat.manifest.identity) and every shard's sha256,
+    in manifest order. Not where it lies: a copy elsewhere, or a remote cache staged locally, has
+    the digest of the original; the same build re-run (same bytes) too."""
+    named = {"identity": identity(manifest.raw), "shards": [s.sha256 for s in manifest.all_shards()]}
+    return hashlib.sha256(json.dumps(named, sort_keys=True, separators=(",", ":")).encode()).hexdigest()

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from cacheformat import FormatError
 from cachegen.online import online_dataset
 from readers import CachedLoader, ReaderError, load_manifest, open_loader
 from readers.device import resolve_device
@@ -61,8 +62,9 @@ class OnlineLoader:
     """What users do today: torchvision Dataset + DataLoader workers, normalised like the cache."""
 
     def __init__(self, cache: str, *, batch_size: int, workers: int, seed: int, rank: int, world_size: int,
-                 mean, std, device: torch.device, channels_last: bool = False, batch_transform=None) -> None:
-        self.dataset = online_dataset(cache)
+                 mean, std, device: torch.device, channels_last: bool = False, batch_transform=None,
+                 trust_code: bool = False) -> None:
+        self.dataset = online_dataset(cache, trust_code=trust_code)
         self.sampler = torch.utils.data.DistributedSampler(self.dataset, num_replicas=world_size, rank=rank,
                                                            shuffle=True, seed=seed)
         self.loader = torch.utils.data.DataLoader(self.dataset, batch_size=batch_size, sampler=self.sampler,
@@ -138,6 +140,8 @@ def main() -> None:
                    help="torch threads on the CPU (0: the cores / processes); 1 on a machine shared with other work")
     p.add_argument("--json", help="append one JSON line with the result to this file")
     p.add_argument("--tag", default="", help="a label stored with the JSON result")
+    p.add_argument("--trust-code", action="store_true", help="run the code the cache names (a module:factory "
+                   "transform): only for a cache you trust")
     args = p.parse_args()
     try:
         device = torch.device(args.device)
@@ -179,17 +183,17 @@ def main() -> None:
         if args.loader == "cached":
             train = CachedLoader(args.cache, **common)
         elif args.loader == "live":
-            train = open_loader(args.cache, workers=args.workers, **common)
+            train = open_loader(args.cache, workers=args.workers, trust_code=args.trust_code, **common)
             if rank == 0:  # auto picks per cache and device: say which
                 print(f"live cache {args.cache}: augmenting on the "
                       f"{'device in batches' if train.augment_on == 'device' else 'CPU per sample'} ({train.device})")
         else:
             train = OnlineLoader(args.cache, batch_size=args.batch_size, workers=args.workers, seed=args.seed,
                                  rank=rank, world_size=world, mean=manifest.mean, std=manifest.std, device=device,
-                                 channels_last=cuda, batch_transform=mix)
+                                 channels_last=cuda, batch_transform=mix, trust_code=args.trust_code)
         val = CachedLoader(args.val, batch_size=256, shuffle=False, device=device, channels_last=cuda, rank=0,
                            world_size=1)
-    except ReaderError as e:
+    except FormatError as e:  # ReaderError, and the online loader's CachegenError and TransformError
         sys.exit(f"train.py: error: {e}")
     classes = len(val.manifest.classes)
     if mix is not None and rank == 0:

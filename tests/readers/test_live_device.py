@@ -161,7 +161,7 @@ def test_a_kornia_factory_builds_and_reads(tmp_path, factory):
     assert result.exit_code == 0, result.output
     manifest = json.loads((tmp_path / "k" / "manifest.json").read_text())
     assert manifest["output_shape"] == [24, 24, 3] and manifest["transform"]["augment_on"] == "device"
-    batches = epoch_batches(LiveLoader(tmp_path / "k", batch_size=20, device="cpu"), 0)
+    batches = epoch_batches(LiveLoader(tmp_path / "k", batch_size=20, device="cpu", trust_code=True), 0)
     assert [tuple(x.shape) for x, _ in batches] == [(20, 3, 24, 24)] * 3
     # a factory without --augment-on device stays per sample (auto records cpu for a module:factory)
     result = _build(tmp_path, "k2", "--mode", "live", "--transform", f"{factory}:pipeline")

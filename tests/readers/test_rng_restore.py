@@ -62,7 +62,7 @@ def rng_pair(tmp_path_factory):
 def test_live_equals_cached_for_random_and_numpy_transforms(rng_pair, workers):
     cached_dir, live_dir = rng_pair
     options = dict(batch_size=32, seed=4, device="cpu", normalize=False)
-    cached, live = CachedLoader(cached_dir, **options), LiveLoader(live_dir, workers=workers, **options)
+    cached, live = CachedLoader(cached_dir, **options), LiveLoader(live_dir, workers=workers, trust_code=True, **options)
     for epoch in (0, 1):
         a, b = epoch_batches(cached, epoch), epoch_batches(live, epoch)
         assert len(a) == len(b) == 5
@@ -78,7 +78,7 @@ def _seed_caller():
 
 def test_in_process_live_epoch_gives_the_callers_generators_back(rng_pair):
     _, live_dir = rng_pair
-    loader = LiveLoader(live_dir, batch_size=32, device="cpu", workers=0, shuffle=False)
+    loader = LiveLoader(live_dir, batch_size=32, device="cpu", workers=0, shuffle=False, trust_code=True)
     before = _seed_caller()
     assert len(epoch_batches(loader, 1)) == 5
     assert random.getstate() == before[1] and repr(np.random.get_state()) == before[2]
@@ -86,7 +86,7 @@ def test_in_process_live_epoch_gives_the_callers_generators_back(rng_pair):
 
 def test_in_process_live_epoch_leaves_torchs_generator_alone(rng_pair):
     _, live_dir = rng_pair
-    loader = LiveLoader(live_dir, batch_size=32, device="cpu", workers=0, shuffle=False)
+    loader = LiveLoader(live_dir, batch_size=32, device="cpu", workers=0, shuffle=False, trust_code=True)
     before = _seed_caller()
     epoch_batches(loader, 1)
     assert torch.equal(torch.get_rng_state(), before[0])

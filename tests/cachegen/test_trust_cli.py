@@ -1,0 +1,74 @@
+"""`cachegen preview`, `bench` and `info` on a cache that names code: nothing of it runs without
+--trust-code (in-process through Click, and as a real `python -m cachegen` in the cache's folder)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from malicious import evil, evil_caches  # noqa: F401  (fixtures)
+from tests.cachegen.conftest import assert_one_line_error, run_cli
+
+ROOT = Path(__file__).resolve().parents[2]
+FAST = ("--images", "64", "--min-seconds", "0", "--warmup", "0", "--batch-size", "32", "--workers", "1")
+
+
+def test_preview_without_trust_code_runs_nothing(evil, tmp_path, monkeypatch):
+    monkeypatch.chdir(evil.live)
+    monkeypatch.syspath_prepend(str(evil.live))  # importable, and still not imported
+    result = run_cli("preview", ".", "--out", tmp_path / "grid.png", expect=1)
+    assert_one_line_error(result, "factory 'evil:make'", "would import and run it", "--trust-code")
+    assert evil.ran() == [] and "evil" not in sys.modules and not (tmp_path / "grid.png").exists()
+
+
+def test_preview_with_trust_code_runs_the_factory(evil, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(evil.live))  # where the trusted module is found: sys.path
+    result = run_cli("preview", evil.live, "--out", tmp_path / "grid.png", "--samples", "3", "--trust-code")
+    assert "3 samples x 3 columns" in result.output and (tmp_path / "grid.png").is_file()
+    assert evil.ran() == ["IMPORTED", "CALLED"]
+
+
+def test_preview_of_a_cached_cache_needs_no_trust(evil, tmp_path):
+    run_cli("preview", evil.cached, "--out", tmp_path / "grid.png", "--samples", "2")
+    assert evil.ran() == []
+
+
+def test_bench_without_trust_code_runs_nothing(evil, monkeypatch):
+    monkeypatch.chdir(evil.cached)
+    monkeypatch.syspath_prepend(str(evil.cached))
+    result = run_cli("bench", ".", *FAST, expect=1)
+    assert_one_line_error(result, "factory 'evil:make'", "--trust-code")
+    assert evil.ran() == [] and "evil" not in sys.modules
+
+
+def test_bench_with_trust_code_measures_every_row(evil, monkeypatch):
+    monkeypatch.syspath_prepend(str(evil.cached))
+    data = json.loads(run_cli("bench", evil.cached, *FAST, "--json", "--trust-code").stdout)
+    assert len(data["rows"]) == 6 and all(row["images"] >= 64 for row in data["rows"])
+    assert evil.ran() == ["IMPORTED", "CALLED"]
+
+
+def test_info_shows_the_factory_and_its_hash(evil):
+    recorded = json.loads((evil.live / "manifest.json").read_text())["transform"]["factory_sha256"]
+    output = run_cli("info", evil.live).output
+    assert f"factory    evil:make  sha256 {recorded}" in output and "--trust-code" in output
+    assert evil.ran() == []
+
+
+@pytest.mark.parametrize("command", [["preview", "."], ["bench", ".", *FAST]])
+def test_a_real_cachegen_in_the_cache_folder_refuses_in_one_line(evil, command):
+    """`python -m cachegen` puts the current folder on sys.path itself: evil.py is importable, and
+    still not imported."""
+    cache = evil.live if command[0] == "preview" else evil.cached
+    done = subprocess.run([sys.executable, "-m", "cachegen", *command], cwd=cache, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert done.returncode == 1 and done.stdout == ""
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and "factory 'evil:make'" in lines[0], done.stderr
+    assert "--trust-code" in lines[0] and "Traceback" not in done.stderr
+    assert evil.ran() == []
