@@ -232,13 +232,14 @@ def kornia_live(tmp_path_factory) -> Path:
 
 
 def test_cache_dataset_of_a_device_cache_uses_the_batched_augmentation(kornia_live):
-    dataset = CacheDataset(kornia_live, epoch=0)  # a per-sample path would fail: the factory is batch-only
+    # a per-sample path would fail: the factory is batch-only
+    dataset = CacheDataset(kornia_live, epoch=0, trust_code=True)
     state = torch.get_rng_state()
     image, label = dataset[5]
     assert torch.equal(torch.get_rng_state(), state)
     assert image.dtype == torch.uint8 and image.shape == (3, 24, 24) and isinstance(label, int)
-    assert torch.equal(CacheDataset(kornia_live, epoch=0)[5][0], image)  # seeded per sample
-    assert not torch.equal(CacheDataset(kornia_live, epoch=1)[5][0], image)
+    assert torch.equal(CacheDataset(kornia_live, epoch=0, trust_code=True)[5][0], image)  # seeded per sample
+    assert not torch.equal(CacheDataset(kornia_live, epoch=1, trust_code=True)[5][0], image)
     assert not torch.equal(dataset[6][0], image)
 
 
@@ -252,7 +253,7 @@ def test_cache_dataset_names_a_failing_factory_in_one_line(tmp_path, monkeypatch
     monkeypatch.setenv("KAUG_BROKEN", "1")
     with pytest.raises(TransformError, match=r"transform .*:broken_later failed on sample \d+ of epoch 0: "
                                              r"ZeroDivisionError: division by zero$"):
-        CacheDataset(cache, epoch=0)[0]
+        CacheDataset(cache, epoch=0, trust_code=True)[0]
 
 
 @cuda
