@@ -158,3 +158,15 @@ def test_a_cache_grown_at_its_url_keeps_the_objects_it_shares(s3_server, tmp_pat
     assert {k: after[k] for k in before if k != "manifest.json"} == \
         {k: v for k, v in before.items() if k != "manifest.json"}  # epoch 0: the same objects, kept where they were
     assert "ok: 6 shards verified" in run_cli("verify", url).output
+
+
+def test_a_remote_manifest_bigger_than_any_manifest_is_not_downloaded(uploaded, tmp_path, monkeypatch):
+    import readers.remote
+    from readers import CachedLoader, ReaderError
+
+    url, cache, _ = uploaded
+    size = (cache / "manifest.json").stat().st_size
+    monkeypatch.setattr(readers.remote, "MAX_MANIFEST_BYTES", size - 1)  # the cap, made smaller than this one
+    with pytest.raises(ReaderError, match=rf"{url}/manifest.json is {size} bytes, more than any manifest"):
+        CachedLoader(url, batch_size=8, local=tmp_path / "staged")
+    assert not (tmp_path / "staged").exists() or not any((tmp_path / "staged").rglob("manifest.json"))
