@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -20,7 +18,6 @@ from cachegen.manifest import write_manifest
 from readers import CachedLoader
 from tests.cachegen.conftest import manifest, run_cli, shard_bytes
 from tests.cachegen.test_overwrite import image_folder, one_line_error
-from tests.conftest import make_npz
 
 ARGS = ["--epochs", "2", "--shard-size", "50", "--quiet"]
 

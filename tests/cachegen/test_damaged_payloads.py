@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -125,3 +126,14 @@ def test_the_readers_name_a_damaged_payload_whose_checksums_pass(built, tmp_path
     assert done.returncode == 3, (done.returncode, done.stderr)  # the error, not a segfault
     lines = done.stdout.strip().splitlines()
     assert len(lines) == 1 and f"{root / SHARD}: sample 3 does not decode as {encoding}" in lines[0], lines
+
+
+def test_bench_decode_prints_each_ratio():
+    script = Path(__file__).parents[2] / "scripts" / "bench_decode.py"
+    done = subprocess.run([sys.executable, str(script), "--sizes", "8", "--seconds", "0.01"], capture_output=True,
+                          text=True, timeout=300, env={**os.environ,
+                                                       "PYTHONPATH": str(Path(__file__).parents[2])})
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert lines[0].startswith("machine: ") and "torch threads 1" in lines[0]
+    assert [line.split(":")[0] for line in lines[1:]] == ["8x8 png", "8x8 jpg"] and all("ratio" in x for x in lines[1:])
