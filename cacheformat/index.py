@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,7 +55,8 @@ def read_index(manifest: Manifest, shard: ShardEntry) -> ShardIndex:
     rebuild = "re-run the same `cachegen build` to rebuild it"
     try:
         with open(path, "rb") as f:
-            data = f.read(shard.index_bytes + 1)
+            size = os.fstat(f.fileno()).st_size  # the file's size, not the manifest's number, bounds the read
+            data = f.read(min(size, shard.index_bytes) + 1)
     except FileNotFoundError:
         raise FormatError(f"index {path} is missing (the manifest lists its shard); {rebuild}") from None
     except OSError as e:

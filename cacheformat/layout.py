@@ -8,6 +8,8 @@ deliver the same samples in the same order.
 
 from __future__ import annotations
 
+import functools
+import io
 import tarfile
 from collections.abc import Iterable
 
@@ -17,6 +19,11 @@ EPOCH_ORDER_SALT = 0x5EED  # keeps the epoch permutation's stream apart from oth
 TMP_MARK = ".tmp-"  # a file being written is named <name>.tmp-<pid>; never part of a cache
 INDEX_SUFFIX = ".idx"  # shard-000012.tar's index is shard-000012.idx
 BLOCK = tarfile.BLOCKSIZE  # 512: tar headers and member data are padded to it
+RECORD = tarfile.RECORDSIZE  # 10240: a shard ends with two zero blocks, then zeros up to a whole record
+# The least a sample takes in a shard: its label member (a header block, the label in one block)
+# and its image member (a header block, a payload of at least one byte in at least one block).
+SAMPLE_MIN_BYTES = 4 * BLOCK
+INDEX_COLUMNS = 4  # offset, size, label, source index: int64 each (cacheformat.index)
 
 
 def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
@@ -73,3 +80,35 @@ def npy_layout(payload_bytes: int) -> tuple[int, int]:
     sample j's payload starts at first + j * pitch. Readers map a shard as (samples, pitch) rows.
     """
     return 3 * BLOCK, 3 * BLOCK + padded(payload_bytes)
+
+
+def tar_bytes(members: int) -> int:
+    """A shard's size when its members take `members` bytes: then two zero blocks, then zeros up to
+    a whole record (what tarfile and the builder write)."""
+    return members + 2 * BLOCK + -(members + 2 * BLOCK) % RECORD
+
+
+def shard_size_problem(samples: int, size: int, npy_payload_bytes: int | None) -> str | None:
+    """Why `size` bytes cannot be a shard of `samples` samples, or None: an npy shard's size is exact
+    (every sample is one pitch), any other's is whole records of at least SAMPLE_MIN_BYTES a sample.
+    What bounds a manifest's sample counts by its files' sizes, before anything costs O(samples)."""
+    if npy_payload_bytes is not None:
+        exact = tar_bytes(samples * npy_layout(npy_payload_bytes)[1])
+        return None if size == exact else f"{samples} npy samples make a {exact}-byte shard, not {size}"
+    least = tar_bytes(samples * SAMPLE_MIN_BYTES)
+    if size % RECORD or size < least:
+        return f"{samples} samples take at least {least} bytes in whole {RECORD}-byte records, not {size}"
+    return None
+
+
+@functools.lru_cache(maxsize=64)
+def _index_header_bytes(samples: int) -> int:
+    out = io.BytesIO()
+    np.lib.format.write_array_header_1_0(out, {"descr": "<i8", "fortran_order": False,
+                                               "shape": (samples, INDEX_COLUMNS)})
+    return len(out.getvalue())
+
+
+def index_bytes(samples: int) -> int:
+    """The exact size of the index file of a shard of `samples` samples: its .npy header, then rows."""
+    return _index_header_bytes(samples) + 8 * INDEX_COLUMNS * samples

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from cacheformat.errors import FormatError
-from cacheformat.layout import index_path, npy_layout
+from cacheformat.layout import index_bytes, index_path, npy_layout, shard_size_problem
 
 MANIFEST = "manifest.json"
 BUILD_STATE = ".cachegen-build.json"  # a build's identity, written first; a cache in progress
@@ -34,6 +35,9 @@ AUGMENT_DEVICES = ("cpu", "cuda")
 # What makes two builds the same cache; epochs may grow, these may not change.
 IDENTITY_KEYS = ("source", "transform", "seed", "image", "output_shape", "shard_size", "mode", "versions")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+# The largest manifest read (~250 bytes a shard: over a million shards); a bigger file is not one.
+MAX_MANIFEST_BYTES = 256 << 20
+REBUILD = "re-run the same `cachegen build` to rebuild it"
 
 
 @dataclass(frozen=True, eq=False)
@@ -117,7 +121,11 @@ def read_json(path: Path) -> dict:
     """A JSON object from `path`; FormatError where it is unreadable or not an object."""
     try:
         with open(path, "rb") as f:
-            raw = json.load(f)
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_MANIFEST_BYTES:
+                raise FormatError(f"{path} is {size} bytes, more than any manifest ({MAX_MANIFEST_BYTES}): not a "
+                                  "cachegen manifest; rebuild the cache with `cachegen build --overwrite`")
+            raw = json.loads(f.read(size + 1))  # bounded by the file (a read buffer of the cap would cost it)
     except (OSError, ValueError, RecursionError) as e:  # RecursionError: absurdly nested JSON
         raise FormatError(f"{path} is unreadable or not JSON ({type(e).__name__}: {str(e)[:80]}); "
                           "rebuild the cache with `cachegen build --overwrite`") from None
@@ -222,15 +230,17 @@ def parse_manifest(raw: dict, root: Path) -> Manifest:
             raise fail(f"a live cache lists {len(epoch_list)} cached epochs (needs none) and its source_shards")
         base = root.absolute()  # shard paths stay right if the process changes directory
         epochs, seen = [], set()
+        payload = header + math.prod(shape) if encoding == "npy" else None  # an npy shard's size is exact
         for e, entry in enumerate(epoch_list):
             if not (isinstance(entry, dict) and entry["epoch"] == e and _is_int(entry["epoch"])):
                 raise fail(f"epoch_list[{e}] is not epoch {e}")
-            shards = tuple(_shard(base, s, fail, seen) for s in entry["shards"])
+            shards = tuple(_shard(base, s, fail, seen, payload) for s in entry["shards"])
             total = sum(s.samples for s in shards)
             if entry["samples"] != total:
                 raise fail(f"epoch {e} says {entry['samples']!r} samples but its shards hold {total}")
             epochs.append(shards)
-        source_shards = tuple(_shard(base, s, fail, seen) for s in raw["source_shards"]) if mode == "live" else ()
+        source_shards = tuple(_shard(base, s, fail, seen, payload) for s in raw["source_shards"]) \
+            if mode == "live" else ()
         want = n - len(skipped)  # each pass holds every sample but the skipped ones, once
         passes = [("the source pass", source_shards)] if mode == "live" else \
             [(f"epoch {e}", shards) for e, shards in enumerate(epochs)]
@@ -254,12 +264,35 @@ def parse_manifest(raw: dict, root: Path) -> Manifest:
                     source_shards=source_shards, raw=raw, augment_on=augment_on)
 
 
+def check_files(manifest: Manifest) -> None:
+    """Every listed shard and index file that is there is the size the manifest says: O(shards)
+    stats, which bound every count in the manifest by real file sizes before a reader allocates
+    anything per sample. A missing file (a cache staged as it is read, a shard deleted) is named
+    when it is read.
+
+    Raises:
+        FormatError: the first file whose size differs, named with both sizes.
+    """
+    for shard in manifest.all_shards():
+        for what, path, size, cut in (("shard", shard.path, shard.bytes, "truncated"),
+                                      ("index", shard.index_path, shard.index_bytes, "cut")):
+            try:
+                actual = os.stat(path).st_size
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                raise FormatError(f"cannot read {what} {path}: {e.strerror or e}") from None
+            if actual != size:
+                raise FormatError(f"{what} {path} is {actual} bytes, the manifest says {size} "
+                                  f"({cut} or replaced); {REBUILD}")
+
+
 def _stats_shards(raw: dict, mode: str) -> list[dict]:
     shards = raw["source_shards"] if mode == "live" else [s for e in raw["epoch_list"] for s in e["shards"]]
     return [s for s in shards if "pixel_count" in s]
 
 
-def _shard(root: Path, entry: dict, fail, seen: set) -> ShardEntry:
+def _shard(root: Path, entry: dict, fail, seen: set, npy_payload: int | None) -> ShardEntry:
     rel = entry["path"]
     parts = PurePosixPath(rel).parts if isinstance(rel, str) else ()
     if not parts or PurePosixPath(rel).is_absolute() or ".." in parts or rel in (".", "") or not rel.endswith(".tar"):
@@ -275,6 +308,11 @@ def _shard(root: Path, entry: dict, fail, seen: set) -> ShardEntry:
             raise fail(f"shard {rel}: {what} {str(digest)[:70]!r} is not a sha256")
     if not _ints([index["bytes"]], 1):
         raise fail(f"shard {rel}: index bytes {index['bytes']!r} is not a count")
+    problem = shard_size_problem(n, size, npy_payload)  # the bytes bound the samples
+    if problem:
+        raise fail(f"shard {rel}: {problem}")
+    if index["bytes"] != index_bytes(n):
+        raise fail(f"shard {rel}: the index of {n} samples is {index_bytes(n)} bytes, not {index['bytes']}")
     return ShardEntry(path=root / rel, relpath=rel, samples=n, bytes=size, sha256=entry["sha256"],
                       index_path=root / index_path(rel), index_bytes=index["bytes"], index_sha256=index["sha256"])
 

@@ -4,13 +4,17 @@ write the manifest last."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import fcntl
+import glob
 import math
 import multiprocessing as mp
 import os
 import shutil
 import signal
 import socket
+import sys
 import threading
 import warnings
 from collections import deque
@@ -26,14 +30,15 @@ from PIL import Image
 from torchvision import transforms as T
 from tqdm import tqdm
 
-from cachegen import __version__
+from cachegen import __version__, faults
 from cachegen.config import BuildConfig, parse_device, parse_shard_size
 from cachegen.errors import CachegenError
 from cacheformat import FormatError
 from cacheformat.index import encode_index, index_record
 from cacheformat.layout import epoch_shards, index_path, shard_path, source_pass, source_shard_path
 from cachegen.manifest import (BUILD_STATE, FORMAT, FORMAT_VERSION, MANIFEST, describe_difference, identity,
-                               read_json, read_manifest, write_atomic, write_json_atomic)
+                               fsync_folder, read_json, read_manifest, write_atomic, write_json_atomic,
+                               write_manifest)
 from cachegen.shards import TMP_MARK, encode, index_shard, npy_header_bytes, write_shard
 from cachegen.sources import Source, open_source, printable
 from cachegen.stats import PixelStats, channel_stats, stats_of_cache
@@ -96,6 +101,7 @@ class _Augmenter:
         --on-error skip."""
         job = self.job
         try:
+            faults.before_read(job.source, index)
             image = job.source.load(index)
         except Exception as e:
             if job.on_error == "skip":
@@ -291,7 +297,8 @@ def _finished(job: Job, task: ShardTask, known: dict | None) -> dict:
     index_file = root / index_path(task.relpath)
     if known is None or "index" not in known or not index_file.is_file() \
             or index_file.stat().st_size != known["index"]["bytes"]:
-        known = _write_index(root, index_shard(root, task.relpath, job.encoding, stored))
+        recorded = (known["bytes"], known["sha256"]) if known else None  # checked before anything is decoded
+        known = _write_index(root, index_shard(root, task.relpath, job.encoding, stored, recorded))
     if task.stats and "pixel_count" not in known:
         known = {**known, **_source_stats(job, _read_indices(root, task.relpath).tolist())}
     return known
@@ -427,12 +434,62 @@ def _beside(root: Path, meta: dict) -> tuple[Path, dict | None]:
         return work, None
 
 
+REPLACED = ".cachegen-replaced"  # in a cache an --overwrite is swapping out: what is left of it is deleted
+
+
 def _replace(root: Path, work: Path) -> None:
-    """Put the complete cache in `work` in the place of the old one in `root`, then delete the old."""
+    """Put the complete cache in `work` in the place of the old one in `root`, then delete the old.
+
+    At every instant `root` holds the old cache or the new one: one atomic exchange where the
+    system has it (Linux), else two renames, which the next build finishes if a crash falls
+    between them (_finish_swap). The old cache is marked first, so what a crash leaves of it is
+    known for what it is and deleted by the next build."""
     old = root.parent / f".{root.name}.replaced-{os.getpid()}"
-    os.rename(root, old)
-    os.rename(work, root)
+    (root / REPLACED).touch()
+    if _exchange(work, root):
+        faults.kill_at("swap:exchanged")
+        os.rename(work, old)
+    else:
+        os.rename(root, old)
+        faults.kill_at("swap:old-moved")
+        os.rename(work, root)
+    fsync_folder(root.parent)
+    faults.kill_at("swap:replaced")
     shutil.rmtree(old)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (renameat2 RENAME_EXCHANGE); False where the system cannot."""
+    if not faults.exchange_allowed() or not sys.platform.startswith("linux"):
+        return False
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:  # a C library without it (glibc < 2.28, musl)
+        return False
+    at_cwd, exchange = -100, 2  # AT_FDCWD, RENAME_EXCHANGE
+    if renameat2(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # a file system or kernel without it
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _finish_swap(root: Path) -> None:
+    """Finish an --overwrite swap a crash interrupted, before anything else looks at `root`: where
+    `root` is missing and the old cache was moved aside, the new one goes in its place if it is
+    complete, else the old one comes back; then what is left of swapped-out caches is deleted."""
+    parent = root.parent
+    if not parent.is_dir():
+        return
+    work = parent / f".{root.name}.building"
+    replaced = sorted(parent.glob(f".{glob.escape(root.name)}.replaced-*"), key=lambda p: p.stat().st_mtime)
+    if not root.exists() and replaced:
+        os.rename(work if (work / MANIFEST).is_file() else replaced.pop(), root)
+        fsync_folder(parent)
+    if (work / REPLACED).exists():  # an exchange happened, the old cache was not yet moved on
+        replaced.append(work)
+    for old in replaced:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 _LOCK_FD: int | None = None  # the build lock's descriptor, which forked workers close
@@ -514,6 +571,7 @@ def build(config: BuildConfig) -> dict:
 
     The caller's torch, `random` and numpy RNG states are as they were when it returns."""
     root = config.out
+    _finish_swap(root.absolute())
     if root.exists() and not root.is_dir():
         raise CachegenError(f"--out {root} is a file, not a folder")
     created = not root.exists()
@@ -614,19 +672,9 @@ def _build(config: BuildConfig) -> dict:
     known = {s["path"]: s for entry in (previous or {}).get("epoch_list", []) for s in entry["shards"]}
     known.update({s["path"]: s for s in (previous or {}).get("source_shards", [])})
     indexed = {t.relpath: _finished(job, t, known.get(t.relpath)) for t in plan if (root / t.relpath).exists()}
-    tasks = [t for t in plan if t.relpath not in indexed]
-    with _Progress(total=sum(len(t.indices) for t in tasks), unit="img", disable=config.quiet or not tasks,
-                   desc="cachegen build", dynamic_ncols=True, smoothing=0.1) as bar:
-        try:
-            for relpath, entry in _run(job, tasks, config.workers, config.dask):
-                indexed[relpath] = entry
-                bar.update(entry["samples"])
-        except BaseException as e:
-            _remove_temporaries(root)
-            if isinstance(e, CachegenError) and root != final:
-                raise CachegenError(f"{e} [--overwrite: {printable(str(final))} is untouched until the new cache "
-                                    "is complete]") from None
-            raise
+    _write_shards(config, job, [t for t in plan if t.relpath not in indexed], indexed, final)
+    if job.on_error == "skip":
+        _skip_everywhere(config, job, plan, indexed, final)
 
     # How to open the source again (preview): not part of the identity, a path may be spelt two ways.
     manifest = {**meta, "epochs": epochs, "source_spec": {"spec": config.source, "split": config.split}}
@@ -658,11 +706,43 @@ def _build(config: BuildConfig) -> dict:
             print(f"cachegen: skipped {len(names)} unreadable sample(s) (--on-error skip), all listed in "
                   f"{printable(str(final / SKIPPED))}:{shown}{more}")
     _remove_temporaries(root)  # a cluster worker killed mid-shard leaves one (Dask wrote that shard again)
-    write_json_atomic(root / MANIFEST, manifest)
+    write_manifest(root, manifest, {Path(t.relpath).parent for t in plan})
     (root / BUILD_STATE).unlink(missing_ok=True)
     if root != final:
         _replace(final, root)
     return manifest
+
+
+def _write_shards(config: BuildConfig, job: Job, tasks: list[ShardTask], indexed: dict, final: Path) -> None:
+    """Write `tasks`' shards (a progress bar on the console), their entries into `indexed`; on any
+    failure, no temporary is left and an --overwrite says the old cache is untouched."""
+    with _Progress(total=sum(len(t.indices) for t in tasks), unit="img", disable=config.quiet or not tasks,
+                   desc="cachegen build", dynamic_ncols=True, smoothing=0.1) as bar:
+        try:
+            for relpath, entry in _run(job, tasks, config.workers, config.dask):
+                indexed[relpath] = entry
+                bar.update(entry["samples"])
+        except BaseException as e:
+            _remove_temporaries(job.root)
+            if isinstance(e, CachegenError) and job.root != final:
+                raise CachegenError(f"{e} [--overwrite: {printable(str(final))} is untouched until the new cache "
+                                    "is complete]") from None
+            raise
+
+
+def _skip_everywhere(config: BuildConfig, job: Job, plan: list[ShardTask], indexed: dict, final: Path) -> None:
+    """--on-error skip: a sample left out of one epoch (a read error there only: a transient one on
+    NFS, a FUSE mount) is left out of every epoch. The shards that hold it are written again without
+    it, the same bytes a build that never read it writes, until every epoch skips the same samples
+    (a rewrite may meet another unreadable sample: at most as many rounds as samples skipped)."""
+    while True:
+        held = {t.relpath: _read_indices(job.root, t.relpath) for t in plan}
+        skipped = np.unique(np.concatenate([np.setdiff1d(t.indices, held[t.relpath]) for t in plan]))
+        again = [replace(t, indices=t.indices[~np.isin(t.indices, skipped)]) for t in plan
+                 if np.isin(held[t.relpath], skipped).any()]
+        if not again:
+            return
+        _write_shards(config, job, again, indexed, final)
 
 
 _ONE_AT_A_TIME = threading.Lock()  # a Dask worker's threads share the process's global RNGs: one shard at a time

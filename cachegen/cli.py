@@ -103,7 +103,7 @@ def build(source, **options) -> None:
         stage = stage or stage_folder(url)
     manifest = run_build(BuildConfig(source=source, **{**options, "out": stage if url else options["out"]}))
     if url is not None:
-        sent = upload(stage, url)
+        sent = upload(stage, url, overwrite=options["overwrite"])
         if not options["quiet"]:
             click.echo(f"cachegen: uploaded {sent} file(s) to {url} (built in {click.format_filename(stage)})")
     if not options["quiet"]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ from cacheformat.layout import epoch_shards, source_pass
 from cachegen.build import STATS_EPOCH
 from cachegen.errors import CachegenError
 from cachegen.manifest import MANIFEST, Manifest, load_manifest
-from cachegen.shards import index_shard
+from cachegen.shards import check_shard, index_shard
 from cachegen.stats import channel_stats
 from cacheaug.transforms import fingerprint
 
@@ -70,48 +71,85 @@ def _manifest_problem(m: Manifest) -> str | None:
 
 def verify(root: Path) -> tuple[int, list[str]]:
     """Check the manifest, then every shard and index it lists; return (shards checked, one line per
-    bad shard)."""
+    bad shard).
+
+    In order, so that nothing costs more than the files beside the manifest: the manifest's fields
+    and bounds (cacheformat), every file's size (a stat each), then the layout (O(samples), only
+    once every size matched: a manifest cannot make it allocate more than its files hold), each
+    shard's sha256 and its index, and last each payload decoded (cacheformat.payload).
+    """
     m = load_manifest(root)
     problem = _manifest_problem(m)
     if problem:
-        raise CachegenError(f"{Path(root) / MANIFEST} is damaged or was edited by hand ({problem}); "
-                            "rebuild with --overwrite")
-    problems, checked = [], []
+        _edited(root, problem)
+    problems = {s.relpath: p for s in m.all_shards() if (p := _size_problem(s))}
+    if not problems:
+        _check_layout(root, m)
+    for shard in m.all_shards():
+        if shard.relpath not in problems and (problem := _shard_problem(m, shard)):
+            problems[shard.relpath] = problem
+    return len(m.all_shards()), [problems[s.relpath] for s in m.all_shards() if s.relpath in problems]
+
+
+def _check_layout(root: Path, m: Manifest) -> None:
+    """Each pass's shards hold the source indices its seed, shard_size and skipped put there (an
+    index that does not load is left to _shard_problem, which names its shard)."""
     for what, shards, expected in _layout(m):
         if len(shards) != len(expected):
-            raise CachegenError(f"{Path(root) / MANIFEST} is damaged or was edited by hand ({what} lists "
-                                f"{len(shards)} shards, its seed and shard_size make {len(expected)}); "
-                                "rebuild with --overwrite")
+            _edited(root, f"{what} lists {len(shards)} shards, its seed and shard_size make {len(expected)}")
         for shard, indices in zip(shards, expected):
             try:
                 index = read_index(m, shard)
-            except FormatError as e:
-                problems.append(f"{shard.path}: {e}")
+            except FormatError:
                 continue
             if index.indices.tolist() != indices.tolist():  # consistent with the manifest, not with its rules
-                raise CachegenError(f"{Path(root) / MANIFEST} is damaged or was edited by hand ({what} does not "
-                                    "hold the samples its seed, shard_size and skipped put there); "
-                                    "rebuild with --overwrite")
-            checked.append((shard, index))
-    problems += [p for p in (_shard_problem(m, shard, index) for shard, index in checked) if p]
-    return len(m.all_shards()), problems
+                _edited(root, f"{what} does not hold the samples its seed, shard_size and skipped put there")
 
 
-def _shard_problem(m: Manifest, shard, index) -> str | None:
-    """What is wrong with a shard whose index checked out: its size, checksum or contents."""
-    path = shard.path
-    if not path.is_file():
-        return f"{path}: missing"
-    if path.stat().st_size != shard.bytes:
-        return f"{path}: {path.stat().st_size} bytes, manifest says {shard.bytes} (truncated or replaced)"
+def _edited(root: Path, what: str):
+    raise CachegenError(f"{Path(root) / MANIFEST} is damaged or was edited by hand ({what}); "
+                        "rebuild with --overwrite")
+
+
+def _size_problem(shard) -> str | None:
+    """A shard or index file that is missing or not the size the manifest says (a stat each)."""
+    for path, size in ((shard.path, shard.bytes), (shard.index_path, shard.index_bytes)):
+        actual = path.stat().st_size if path.is_file() else None
+        what = "" if path == shard.path else f"index {path} "
+        if actual is None:
+            return f"{shard.path}: {what or ''}{'is missing (the manifest lists its shard)' if what else 'missing'}"
+        if actual != size:
+            return f"{shard.path}: {what}{actual} bytes, manifest says {size} (truncated or replaced)"
+    return None
+
+
+def _shard_problem(m: Manifest, shard) -> str | None:
+    """What is wrong with a shard whose size checked out: its index, its checksum (before anything
+    in it is decoded), then its contents against its index."""
+    try:
+        index = read_index(m, shard)
+    except FormatError as e:
+        return f"{shard.path}: {e}"
+    problem = check_shard(shard.path, shard.bytes, shard.sha256)
+    if problem:
+        return f"{shard.path}: {_tar_problem(shard.path) or problem}"
     try:
         got = index_shard(m.root, shard.relpath, m.encoding, m.shape)
     except CachegenError as e:
         return str(e)
-    if got["sha256"] != shard.sha256:
-        return f"{path}: sha256 mismatch (corrupted)"
     wrong = [k for k, column in (("offsets", index.offsets), ("sizes", index.sizes), ("labels", index.labels),
                                  ("indices", index.indices)) if got[k] != column.tolist()]
     if wrong:
-        return f"{path}: contents disagree with its index ({', '.join(wrong)})"
+        return f"{shard.path}: contents disagree with its index ({', '.join(wrong)})"
+    return None
+
+
+def _tar_problem(path: Path) -> str | None:
+    """Where a shard failed its checksum: a tar header that no longer parses, named (headers only,
+    nothing decoded), else None."""
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            tar.getmembers()
+    except (tarfile.TarError, OSError) as e:
+        return f"is not a readable tar ({e})"
     return None

@@ -12,6 +12,7 @@ from cacheformat import manifest as contract
 from cacheformat.layout import TMP_MARK
 from cacheformat.manifest import (BUILD_STATE, FORMAT, FORMAT_VERSION, MANIFEST, Manifest,  # noqa: F401 - re-exported
                                   describe_difference, identity)
+from cachegen import faults
 from cachegen.errors import CachegenError
 
 
@@ -22,20 +23,50 @@ def write_atomic(path: Path, data: bytes, *, sync_folder: bool = True) -> None:
     tmp = path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
+            faults.before_write(path)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
         if sync_folder:
-            fd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_folder(path.parent)
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise CachegenError(f"cannot write {path}: {e.strerror or e}; free space or fix permissions, "
                             "then re-run the same command to resume") from None
+
+
+def fsync_folder(folder: Path) -> None:
+    """fsync `folder`: the renames into it (a shard's, the manifest's) survive a power cut once
+    this returns."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_manifest(root: Path, manifest: dict, folders) -> None:
+    """Commit a build: check `manifest` with the readers' own contract (every field, the bounds,
+    each listed file there and of its size: cacheformat), fsync every shard folder in `folders`
+    (relative to `root`), so no rename a manifest relies on can be lost, then write it atomically.
+
+    Raises:
+        CachegenError: the manifest would be refused by the readers (a cachegen bug: nothing is
+            written, the shards are kept), or it cannot be written.
+    """
+    try:
+        checked = contract.parse_manifest(json.loads(json.dumps(manifest)), root)  # as a reader gets it
+        contract.check_files(checked)
+        missing = [s.relpath for s in checked.all_shards() if not (s.path.is_file() and s.index_path.is_file())]
+        if missing:
+            raise FormatError(f"shard {missing[0]} or its index is missing")
+    except FormatError as e:
+        raise CachegenError(f"the build made a manifest its readers would refuse, so it was not written "
+                            f"({e}); the shards are kept: report this as a cachegen bug") from None
+    for folder in sorted(set(folders)):
+        fsync_folder(root / folder)
+    write_json_atomic(root / MANIFEST, manifest)
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:

@@ -13,9 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torchvision.io import decode_image, encode_jpeg, encode_png
+from torchvision.io import encode_jpeg, encode_png
 
-from cacheformat.layout import TMP_MARK, padded, sample_key
+from cacheformat import FormatError
+from cacheformat.layout import TMP_MARK, padded, sample_key, tar_bytes
+from cacheformat.payload import CodecMessages, decode_payload
+from cachegen import faults
 from cachegen.errors import CachegenError
 
 JPEG_QUALITY = 95
@@ -49,7 +52,6 @@ TAR_OWNER = "cachegen"
 TAR_MODE = 0o444
 _NAME_FIELD = 100  # ustar: the name is bytes 0..100, the checksum bytes 148..156 of each 512-byte header
 _CHKSUM_AT = 148
-_END_OF_ARCHIVE = 2 * tarfile.BLOCKSIZE  # two zero blocks, then zeros up to a whole tarfile.RECORDSIZE
 
 
 def tar_header(name: str, size: int) -> bytes:
@@ -138,13 +140,14 @@ def write_shard(root: Path, relpath: str, key_prefix: str, samples: Iterable[tup
                     chunk = b"".join((_member_header(f"{key}.cls", len(cls)), cls, _padding(len(cls)),
                                       _member_header(f"{key}.{encoding}", size), *payload, _padding(size)))
                     sha.update(chunk)
+                    faults.before_write(tmp)
                     f.write(chunk)
                     offsets.append(position + len(chunk) - padded(size))
                     sizes.append(size)
                     labels.append(label)
                     indices.append(index)
                     position += len(chunk)
-            end = _END_OF_ARCHIVE + -(position + _END_OF_ARCHIVE) % tarfile.RECORDSIZE
+            end = tar_bytes(position) - position
             sha.update(bytes(end))
             f.write(bytes(end))
             position += end
@@ -166,14 +169,6 @@ def write_shard(root: Path, relpath: str, key_prefix: str, samples: Iterable[tup
     }
 
 
-def _pixels(data: memoryview, offset: int, size: int, encoding: str, header: int) -> np.ndarray:
-    if encoding == "npy":
-        return np.frombuffer(data, np.uint8, size - header, offset + header)
-    # A writable copy: torch warns (on the user's terminal) when it wraps read-only bytes.
-    encoded = torch.frombuffer(bytearray(data[offset:offset + size]), dtype=torch.uint8)
-    return decode_image(encoded).permute(1, 2, 0).numpy()
-
-
 def read_image(root: Path, shard: dict, j: int, image: dict) -> np.ndarray:
     """Sample `j` of a manifest shard entry as HWC uint8 (`image` is the manifest's image block)."""
     path = root / shard["path"]
@@ -181,25 +176,81 @@ def read_image(root: Path, shard: dict, j: int, image: dict) -> np.ndarray:
         with open(path, "rb") as f:
             f.seek(shard["offsets"][j])
             data = f.read(shard["sizes"][j])
-        header = image.get("npy_header_bytes", 0)
-        return _pixels(memoryview(data), 0, len(data), image["encoding"], header).reshape(image["shape"])
-    except (OSError, ValueError, RuntimeError) as e:  # missing, cut short, or not the image the manifest says
+    except OSError as e:  # missing, or not readable
         raise CachegenError(f"cannot read sample {j} of {path} ({type(e).__name__}: {e}); "
                             "run `cachegen verify` on the cache") from None
+    shape = tuple(image["shape"])
+    header = _npy_header(shape) if image["encoding"] == "npy" else b""
+    return _decoded(data, image["encoding"], shape, where=f"{path}: sample {j}", npy_header=header)
 
 
-def index_shard(root: Path, relpath: str, encoding: str, shape: tuple[int, ...]) -> dict:
+def _decoded(data, encoding: str, shape: tuple, **how) -> np.ndarray:
+    """cacheformat's one decode path, its error a CachegenError."""
+    try:
+        return decode_payload(data, encoding, shape, **how)
+    except FormatError as e:
+        raise CachegenError(str(e)) from None
+
+
+def check_shard(path: Path, size: int, sha256: str) -> str | None:
+    """What keeps the file at `path` from being `size` bytes with `sha256` (missing, cut, damaged),
+    or None: checked before anything in it is decoded. Reads it in 1 MB blocks."""
+    try:
+        with open(path, "rb") as f:
+            actual = os.fstat(f.fileno()).st_size
+            if actual != size:
+                return f"{actual} bytes, manifest says {size} (truncated or replaced)"
+            digest = hashlib.sha256()
+            while block := f.read(1 << 20):
+                digest.update(block)
+    except FileNotFoundError:
+        return "missing"
+    except IsADirectoryError:
+        return "missing (a folder is in its place)"
+    except OSError as e:
+        return f"unreadable ({e.strerror or e})"
+    return None if digest.hexdigest() == sha256 else "sha256 mismatch (corrupted)"
+
+
+def index_shard(root: Path, relpath: str, encoding: str, shape: tuple[int, ...],
+                expect: tuple[int, str] | None = None) -> dict:
     """Describe a finished shard as `write_shard` did: size, sha256, and for each sample its
-    payload offset and size, label and source index. Every image is decoded, so a damaged
-    payload is found here.
+    payload offset and size, label and source index. With `expect` (the size and sha256 a
+    manifest records), those are checked first, before anything is decoded; then every image is
+    decoded (cacheformat.payload: one line, never a crash), so a damaged payload is found here.
 
     Raises CachegenError when the shard is not what a shard of this cache must be.
     """
     path = root / relpath
+    if expect is not None and (problem := check_shard(path, *expect)):
+        raise CachegenError(f"{path}: {problem}; delete it and re-run the same command to rewrite it")
     data = path.read_bytes()
-    view = memoryview(data)
-    header = npy_header_bytes(shape) if encoding == "npy" else 0
+    members = _members(path, data)
+    header = _npy_header(tuple(shape)) if encoding == "npy" else b""
     offsets, sizes, labels, indices = [], [], [], []
+    with CodecMessages() as messages:
+        for cls, img in zip(members[0::2], members[1::2]):
+            key, _, ext = img.name.partition(".")
+            if cls.name != f"{key}.cls" or ext != encoding:
+                raise CachegenError(f"{path}: unexpected members {cls.name}, {img.name}")
+            try:
+                labels.append(int(data[cls.offset_data:cls.offset_data + cls.size]))
+                indices.append(int(key.rpartition("_")[2]))
+            except ValueError as e:
+                raise CachegenError(f"{path}: sample {key} is damaged ({e})") from None
+            _decoded(data[img.offset_data:img.offset_data + img.size], encoding, tuple(shape),
+                     where=f"{path}: sample {key}", npy_header=header, messages=messages)
+            offsets.append(img.offset_data)
+            sizes.append(img.size)
+    return {
+        "path": relpath, "samples": len(offsets), "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "offsets": offsets, "sizes": sizes, "labels": labels, "indices": indices,
+    }
+
+
+def _members(path: Path, data: bytes) -> list[tarfile.TarInfo]:
+    """The tar members of a shard's bytes, a (cls, image) pair per sample (headers only)."""
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
             members = tar.getmembers()
@@ -207,23 +258,4 @@ def index_shard(root: Path, relpath: str, encoding: str, shape: tuple[int, ...])
         raise CachegenError(f"{path} is not a readable tar ({e})") from None
     if len(members) % 2:
         raise CachegenError(f"{path} has {len(members)} members, not a (cls, image) pair per sample")
-    for cls, img in zip(members[0::2], members[1::2]):
-        key, _, ext = img.name.partition(".")
-        if cls.name != f"{key}.cls" or ext != encoding:
-            raise CachegenError(f"{path}: unexpected members {cls.name}, {img.name}")
-        try:
-            labels.append(int(data[cls.offset_data:cls.offset_data + cls.size]))
-            indices.append(int(key.rpartition("_")[2]))
-            pixels = _pixels(view, img.offset_data, img.size, encoding, header)
-        except (ValueError, RuntimeError) as e:
-            raise CachegenError(f"{path}: sample {key} is damaged ({e})") from None
-        if pixels.size != int(np.prod(shape)) or (
-                encoding == "npy" and data[img.offset_data:img.offset_data + header] != _npy_header(tuple(shape))):
-            raise CachegenError(f"{path}: sample {key} is not a {list(shape)} uint8 image")
-        offsets.append(img.offset_data)
-        sizes.append(img.size)
-    return {
-        "path": relpath, "samples": len(offsets), "bytes": len(data),
-        "sha256": hashlib.sha256(data).hexdigest(),
-        "offsets": offsets, "sizes": sizes, "labels": labels, "indices": indices,
-    }
+    return members

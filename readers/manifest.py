@@ -8,7 +8,7 @@ from pathlib import Path
 
 from cacheformat import FormatError
 from cacheformat.index import ShardIndex, read_index
-from cacheformat.manifest import Manifest, ShardEntry, identity, read_manifest
+from cacheformat.manifest import Manifest, ShardEntry, check_files, identity, read_manifest
 from readers.errors import ReaderError
 
 Shard = ShardEntry  # a shard as the manifest lists it
@@ -19,14 +19,19 @@ __all__ = ["Manifest", "Shard", "ShardIndex", "cache_digest", "load_manifest", "
 def load_manifest(root: str | Path) -> Manifest:
     """Read `root/manifest.json` and check it against the format (docs/FORMAT.md).
 
+    Then every shard and index file that is there must be the size the manifest says (a stat
+    each): the manifest's numbers are bounded by real files before a loader plans an epoch.
+
     Raises:
-        ReaderError: no manifest, unreadable JSON, a cache of another format version, or a field
-            that breaks the format, named.
+        ReaderError: no manifest, unreadable JSON, a cache of another format version, a field
+            that breaks the format, or a file of another size, named.
     """
     try:
-        return read_manifest(root)
+        manifest = read_manifest(root)
+        check_files(manifest)  # O(shards) stats, before anything costs O(samples)
     except FormatError as e:
         raise ReaderError(str(e)) from None
+    return manifest
 
 
 def load_index(manifest: Manifest, shard: Shard) -> ShardIndex:

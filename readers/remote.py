@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from cacheformat.layout import index_path
+from cacheformat.manifest import MAX_MANIFEST_BYTES
 from readers.errors import ReaderError
 
 MANIFEST = "manifest.json"
@@ -236,9 +237,13 @@ class Stager:
                 raise
 
     def _fetch_bytes(self, rel: str) -> bytes:
+        """The manifest's bytes, refused unread where the object is bigger than any manifest."""
         def read() -> bytes:
             with self.fs.open(self._remote(rel), "rb") as f:
-                return f.read()
+                if (f.size or 0) > MAX_MANIFEST_BYTES:
+                    raise ReaderError(f"{self.url}/{rel} is {f.size} bytes, more than any manifest "
+                                      f"({MAX_MANIFEST_BYTES}): not a cachegen cache")
+                return f.read(MAX_MANIFEST_BYTES + 1) if f.size is None else f.read()
         return self._retrying(rel, read)
 
     def _retrying(self, rel: str, attempt):

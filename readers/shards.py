@@ -8,7 +8,6 @@ import mmap
 import os
 import stat
 import warnings
-import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -16,13 +15,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from cacheformat import FormatError
+from cacheformat.payload import NPY_MAGIC, decode_payload
 from readers.errors import ReaderError
 from readers.manifest import Manifest, Shard, ShardIndex, load_index
 from readers.plan import EpochPlan
 from readers.remote import Stager
 
-NPY_MAGIC = b"\x93NUMPY"
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 REBUILD = "re-run the same `cachegen build` to rebuild it"
 
 
@@ -253,48 +252,16 @@ def _map_file(f, size: int, shard: Shard) -> np.ndarray:
         return data
 
 
-def _png_damage(png: bytes) -> str | None:
-    """What breaks a PNG's chunk structure (signature, lengths, CRCs), or None when it is intact.
-
-    Checked before decoding: torchvision's decode_png (0.29) turns a libpng error past the header
-    (a flipped byte in the pixel data) into a segfault, not an exception. Costs one crc32 pass.
-    """
-    if not png.startswith(PNG_SIGNATURE):
-        return "no PNG signature"
-    pos = len(PNG_SIGNATURE)
-    while pos + 12 <= len(png):  # chunk: length (4), type (4), data (length), crc (4)
-        length = int.from_bytes(png[pos:pos + 4], "big")
-        kind, end = png[pos + 4:pos + 8], pos + 8 + length
-        if end + 4 > len(png):
-            return f"chunk {kind!r} runs past the end"
-        if zlib.crc32(png[pos + 4:end]) != int.from_bytes(png[end:end + 4], "big"):
-            return f"chunk {kind!r} fails its CRC"
-        if kind == b"IEND":
-            return None
-        pos = end + 4
-    return "no IEND chunk (truncated)"
-
-
 def decode(manifest: Manifest, shard: Shard, opened: _Open, j: int) -> torch.Tensor:
-    """Sample `j` of a png/jpg shard, decoded with torchvision.io, as (H*W*C,) uint8."""
-    from torchvision.io import ImageReadMode, decode_image
-
-    h, w, c = manifest.shape
+    """Sample `j` of a png/jpg shard, decoded through the one decode path (cacheformat.payload), as
+    (H*W*C,) uint8."""
     offset, size = int(opened.index.offsets[j]), int(opened.index.sizes[j])
-    payload = opened.data[offset:offset + size]
-    mode = {1: ImageReadMode.GRAY, 3: ImageReadMode.RGB, 4: ImageReadMode.RGB_ALPHA}.get(c, ImageReadMode.UNCHANGED)
     try:
-        damage = _png_damage(payload.tobytes()) if manifest.encoding == "png" else None
-        if damage:
-            raise RuntimeError(damage)
-        image = decode_image(torch.from_numpy(payload.copy()), mode=mode)
-    except RuntimeError as e:
-        raise ReaderError(f"{shard.path}: sample {j} does not decode as {manifest.encoding} ({e}); "
-                          f"the shard is damaged: {REBUILD}") from None
-    if tuple(image.shape) != (c, h, w):
-        raise ReaderError(f"{shard.path}: sample {j} decodes to CHW shape {list(image.shape)}, "
-                          f"the manifest says {[c, h, w]}")
-    return image.permute(1, 2, 0).reshape(-1)
+        pixels = decode_payload(opened.data[offset:offset + size], manifest.encoding, manifest.shape,
+                                where=f"{shard.path}: sample {j}")
+    except FormatError as e:
+        raise ReaderError(str(e)) from None
+    return torch.from_numpy(pixels).reshape(-1)
 
 
 def epoch_labels(files: ShardFiles, shards: Sequence[Shard], samples: np.ndarray, used: np.ndarray) -> torch.Tensor:

@@ -71,9 +71,11 @@ FAULTS = {  # fault: (damage, what the error says)
     "a byte flipped": (lambda c: (c / INDEX).write_bytes(_flip((c / INDEX).read_bytes(), 200)), "sha256 check"),
     "from another cache": (_foreign, "sha256 check"),
     # consistent edits: the checksum matches, the contents break the format
-    "not .npy": (lambda c: _rewrite(c, b"offsets,sizes\n1,2\n"), "not a .npy array"),
+    # (of the size the manifest's sample count makes: another size fails the manifest, test_bounds.py)
+    "not .npy": (lambda c: _rewrite(c, b"offsets,sizes\n1,2\n".ljust((c / INDEX).stat().st_size)), "not a .npy array"),
     "float columns": (lambda c: _rewrite(c, encode_float(c)), "not int64"),
-    "a row missing": (_table(lambda t: t[:-1]), r"shape \(49, 4\), not int64 \(50, 4\)"),
+    "rows missing, a column more": (_table(lambda t: np.concatenate([t, t[:, :1]], axis=1)[:40]),  # same size
+                                    r"shape \(40, 5\), not int64 \(50, 4\)"),
     "offset past the end": (_table(_set(49, "offset", 10**9)), "a sample lies outside the shard"),
     "offset negative": (_table(_set(5, "offset", -512)), "a sample lies outside the shard"),
     "offsets swapped": (_table(_swap), "overlap or are out of order"),
