@@ -139,6 +139,10 @@ class Loader:
         """Samples in each shard of cached epoch `cache_epoch`, in manifest order."""
         raise NotImplementedError
 
+    def _epoch_samples(self, cache_epoch: int) -> int:
+        """Samples in cached epoch `cache_epoch` (all a loader needs for an epoch's length)."""
+        return sum(self._shard_sizes(cache_epoch))
+
     def _host_batches(self, plan: EpochPlan, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """uint8 host batches of `plan` from batch `start`; the iterator has close()."""
         raise NotImplementedError
@@ -178,8 +182,10 @@ class Loader:
         _gather's for reuse once the device stage has copied out of it (fresh allocations of this
         size cost page faults). Pinned batches for CUDA are reused by torch's pinned-memory cache,
         which also waits for their copies to finish."""
+        storage = host.untyped_storage()
         if (self._copier.pin or len(host) != self.options.batch_size or len(self._spare) > self.options.prefetch + 1
-                or converted.untyped_storage().data_ptr() == host.untyped_storage().data_ptr()):
+                or storage.nbytes() != host.nbytes  # a slice of a chunk's buffer (readers.gather)
+                or converted.untyped_storage().data_ptr() == storage.data_ptr()):
             return
         self._spare.append(host)
 
@@ -302,7 +308,7 @@ class Loader:
 
     def _length(self, epoch: int, world_size: int | None = None) -> int:
         o = self.options
-        total = sum(self._shard_sizes(epoch % self.manifest.num_epochs))
+        total = self._epoch_samples(epoch % self.manifest.num_epochs)
         world_size = self._split()[1] if world_size is None else world_size
         return rank_length(total, batch_size=o.batch_size, world_size=world_size, drop_last=o.drop_last)[1]
 

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from readers.errors import ReaderError
+from readers.gather import gather_npy
 from readers.manifest import Manifest, Shard, ShardIndex, load_index
 from readers.plan import EpochPlan
 from readers.remote import Stager
@@ -313,9 +314,11 @@ def iter_batches(files: ShardFiles, shards: Sequence[Shard], plan: EpochPlan, *,
                  new_batch: Callable[[int], tuple[torch.Tensor, torch.Tensor]], channels_first: bool = False,
                  stop: Callable[[], bool] = lambda: False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """_gather's batches; a staged cache's downloads stop with the pass, also when it is left early."""
+    # An npy cache's epoch plan: one gather per batch through a view of every mapping (readers.gather).
+    gather = gather_npy if files.manifest.encoding == "npy" and isinstance(plan, EpochPlan) else _gather
     try:
-        yield from _gather(files, shards, plan, start=start, new_batch=new_batch, channels_first=channels_first,
-                           stop=stop)
+        yield from gather(files, shards, plan, start=start, new_batch=new_batch, channels_first=channels_first,
+                          stop=stop)
     finally:
         files.end()
 
