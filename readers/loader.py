@@ -167,10 +167,7 @@ class Loader:
 
     def _new_batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         pin = self._copier.pin
-        try:
-            images = self._spare.pop() if n == self.options.batch_size else None
-        except IndexError:
-            images = None
+        images = self._spare.pop() if self._spare and n == self.options.batch_size else None
         if images is None:
             h, w, c = self.manifest.shape
             shape = (n, c, h, w) if self._copier.host_channels_first else (n, h, w, c)
