@@ -89,9 +89,8 @@ def gather_npy(files, shards: Sequence[Shard], plan: EpochPlan, *, start: int,
                 _to_channels_first(flat, images, m.shape)
             labels.copy_(chunk.labels[lo:hi])
             yield images, labels
-        del chunk
-        while last and last[0][0] < c1:
-            files.done(shards[last.pop(0)[1]])
+            while last and last[0][0] <= c0 + lo // batch_size:  # a staged copy may evict (unpin) it now
+                files.done(shards[last.pop(0)[1]])
 
 
 class _Chunk:

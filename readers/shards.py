@@ -152,6 +152,7 @@ class ShardFiles:
 
     def close(self) -> None:
         self._open.clear()
+        self.end()  # a staged cache's downloads stop now, not when the pass notices
 
     def _map(self, shard: Shard) -> _Open:
         m = self.manifest
