@@ -168,6 +168,7 @@ class Stager:
             self.begin(shards, shards)
             for s in shards:
                 self.shard(s)
+                self.done(s)  # staged whole, not being read: a pin each would hold a descriptor each
         finally:
             self.end()
 
