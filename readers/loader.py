@@ -183,10 +183,8 @@ class Loader:
         _gather's for reuse once the device stage has copied out of it (fresh allocations of this
         size cost page faults). Pinned batches for CUDA are reused by torch's pinned-memory cache,
         which also waits for their copies to finish."""
-        storage = host.untyped_storage()
         if (self._copier.pin or len(host) != self.options.batch_size or len(self._spare) > self.options.prefetch + 1
-                or storage.nbytes() != host.nbytes  # a slice of a chunk's buffer (readers.gather)
-                or converted.untyped_storage().data_ptr() == storage.data_ptr()):
+                or converted.untyped_storage().data_ptr() == host.untyped_storage().data_ptr()):
             return
         self._spare.append(host)
 
