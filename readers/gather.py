@@ -87,7 +87,7 @@ def gather_npy(files, shards: Sequence[Shard], plan: EpochPlan, *, start: int,
             chunk.gather(lo, hi, flat)
             if scratch is not None:
                 _to_channels_first(flat, images, m.shape)
-            labels.copy_(chunk.labels[lo:hi])
+            labels.copy_(chunk.batch_labels[lo // batch_size])
             yield images, labels
             while last and last[0][0] <= c0 + lo // batch_size:  # a staged copy may evict (unpin) it now
                 files.done(shards[last.pop(0)[1]])
@@ -104,7 +104,8 @@ class _Chunk:
         self._used = [shards[k] for k in used.tolist()]
         self.labels = torch.from_numpy(_labels(files, self._used, where, samples[:, 1]))
         self._files, self._shards, self._samples, self._view = files, shards, samples, view
-        self._where = where
+        self._where, self._batch_size = where, batch_size
+        self.batch_labels = self.labels.split(batch_size)  # views made in one call, not one slice a batch
         self._fits = len(used) <= files.max_open  # else one gather per shard, each mapped in turn
         self._opened: list = [None] * len(used)
         self._due: dict[int, list[int]] = {}  # batch start -> the shards it is the first to read
@@ -121,10 +122,11 @@ class _Chunk:
             for u in due:
                 self._opened[u] = self._files.get(self._used[u])
             # Rows of the rest of the chunk, from every mapping so far (the view may have moved).
-            self._from, self._rows, self._offsets = lo, *_offsets(
+            self._from, self._rows, offsets = lo, *_offsets(
                 self._view, self._opened, self._used, self._where[lo:], self._samples[lo:, 1],
                 self._files.manifest.npy_rows())
-        torch.index_select(self._rows, 0, self._offsets[lo - self._from:hi - self._from], out=out)
+            self._batch_offsets = offsets.split(self._batch_size)
+        torch.index_select(self._rows, 0, self._batch_offsets[(lo - self._from) // self._batch_size], out=out)
 
 
 def _offsets(view: AddressView, opened: list, used: list[Shard], where: np.ndarray, rows: np.ndarray,

@@ -86,12 +86,28 @@ class EpochPlan:
             begin = int(ends[w]) - len(self.windows[w])
             if begin >= stop:
                 break
-            window = self.windows[w]
-            flat = np.concatenate([np.stack([np.full(s.stop - s.start, s.shard), np.arange(s.start, s.stop)], 1)
-                                   for s in window.segments])
-            parts.append(flat[window.order[max(start - begin, 0):stop - begin]])
-        out = np.concatenate(parts).astype(np.int64) if parts else np.zeros((0, 2), np.int64)
+            parts.append(self._delivered(w)[max(start - begin, 0):stop - begin])
+        out = np.concatenate(parts) if parts else np.zeros((0, 2), np.int64)
         return sort_batches(out, self.batch_size)
+
+    def _delivered(self, w: int) -> np.ndarray:
+        """(n, 2) (shard, row) of window `w`'s samples in its order; the last two are kept, since
+        a pass asks for its batches a chunk at a time and a window spans at most two chunks."""
+        memo = self._memo
+        if w not in memo:
+            window = self.windows[w]
+            lengths = np.array([s.stop - s.start for s in window.segments], np.int64)
+            shard = np.repeat(np.array([s.shard for s in window.segments], np.int64), lengths)
+            first = np.array([s.start for s in window.segments], np.int64) - np.cumsum(lengths) + lengths
+            rows = np.arange(int(lengths.sum()), dtype=np.int64) + np.repeat(first, lengths)
+            memo[w] = np.stack([shard, rows], 1)[window.order]
+            while len(memo) > 2:
+                del memo[next(iter(memo))]
+        return memo[w]
+
+    @functools.cached_property
+    def _memo(self) -> dict[int, np.ndarray]:
+        return {}
 
     @functools.cached_property
     def _window_ends(self) -> np.ndarray:
