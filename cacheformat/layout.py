@@ -43,6 +43,17 @@ def epoch_shards(seed: int, epoch: int, n: int, shard_size: int,
     return _drop([order[start:start + shard_size] for start in range(0, n, shard_size)], skipped)
 
 
+def epoch_shard_sizes(seed: int, epoch: int, n: int, shard_size: int, skipped: Iterable[int] = ()) -> list[int]:
+    """The number of samples in each shard of epoch `epoch`: `[len(s) for s in epoch_shards(...)]`,
+    without laying the epoch out where no sample is skipped (shards of `shard_size`, the last one
+    shorter): a reader that only needs sizes (every epoch's length, on construction) pays nothing
+    for the permutation."""
+    if not len(skipped):
+        full, rest = divmod(n, shard_size)
+        return [shard_size] * full + ([rest] if rest else [])
+    return [len(s) for s in epoch_shards(seed, epoch, n, shard_size, skipped)]
+
+
 def source_pass(n: int, shard_size: int, skipped: Iterable[int] = ()) -> list[np.ndarray]:
     """The source indices of each shard of a live cache's source pass: index order."""
     return _drop([np.arange(start, min(start + shard_size, n)) for start in range(0, n, shard_size)], skipped)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import fcntl
 import glob
 import math
 import multiprocessing as mp
@@ -36,6 +35,7 @@ from cachegen.errors import CachegenError
 from cacheformat import FormatError
 from cacheformat.index import encode_index, index_record
 from cacheformat.layout import epoch_shards, index_path, shard_path, source_pass, source_shard_path
+from cacheformat.locks import lock_file
 from cachegen.manifest import (BUILD_STATE, FORMAT, FORMAT_VERSION, MANIFEST, describe_difference, identity,
                                fsync_folder, read_json, read_manifest, write_atomic, write_json_atomic,
                                write_manifest)
@@ -502,24 +502,17 @@ def _locked(root: Path):
     holder, and the next build takes it over."""
     global _LOCK_FD
     path = root / LOCK
-    while True:
+    try:
+        fd = lock_file(path, blocking=False)
+    except OSError as e:
+        raise CachegenError(f"cannot write to --out {root}: {e.strerror or e}; choose a writable folder") from None
+    if fd is None:
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise CachegenError(f"cannot write to --out {root}: {e.strerror or e}; choose a writable folder") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise CachegenError(f"another cachegen build (pid {holder}) is writing {root}; wait for it to end "
-                                "(or stop it), then re-run") from None
-        try:
-            if os.stat(path).st_ino == os.fstat(fd).st_ino:
-                break  # not a file the previous holder unlinked while we opened it
-        except FileNotFoundError:
-            pass
-        os.close(fd)
+            holder = path.read_text(errors="replace").strip() or "unknown"
+        except OSError:
+            holder = "unknown"
+        raise CachegenError(f"another cachegen build (pid {holder}) is writing {root}; wait for it to end "
+                            "(or stop it), then re-run")
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     _LOCK_FD = fd

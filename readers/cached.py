@@ -57,8 +57,9 @@ class CachedLoader(Loader):
             threads; each file is checked against the manifest's size and sha256 as it downloads
             and renamed into place only then; a failure is retried `download_retries` (5) times,
             waiting `download_backoff` (0.5 s) doubling, then a ReaderError names the URL.
-            `cache_limit` (bytes; None: no limit) deletes shards this pass has finished with once
-            the copy this loader staged grows past it. `storage_options`: passed to fsspec
+            `cache_limit` (bytes; None: no limit) bounds the shards staged in `local` by all the
+            loaders of the node sharing it: the least recently fetched shards no loader is reading
+            are deleted to make room (docs/reading-at-scale.md). `storage_options`: passed to fsspec
             (credentials and endpoints otherwise come from AWS_* variables, ~/.aws, fsspec config).
 
     Raises:

@@ -16,7 +16,7 @@ import torch
 
 from cacheaug.batched import AUGMENT_ON, augment_batch, make_batched, place
 from cacheaug.transforms import CacheFactory, augment, drift, make_transform, to_pil
-from cacheformat.layout import epoch_shards
+from cacheformat.layout import epoch_shard_sizes, epoch_shards
 from readers import split
 from readers.batch_transform import ORDER_SALT, batch_order
 from readers.errors import ReaderError
@@ -237,7 +237,11 @@ class LiveLoader(Loader):
         return self._layouts[cache_epoch]
 
     def _shard_sizes(self, cache_epoch: int) -> list[int]:
-        return [len(s) for s in self._layout(cache_epoch)]
+        m = self.manifest
+        return epoch_shard_sizes(m.seed, cache_epoch, m.num_samples, m.shard_size, m.skipped)
+
+    def _epoch_samples(self, cache_epoch: int) -> int:
+        return self.manifest.num_samples - len(self.manifest.skipped)  # every epoch holds each kept sample once
 
     def _indices(self, plan: EpochPlan) -> np.ndarray:
         """The source index of every sample of `plan`, in delivery order."""

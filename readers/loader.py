@@ -16,7 +16,8 @@ from readers.device import DeviceCopier, Pending, resolve_device
 from readers.errors import ReaderError
 from readers.manifest import Manifest, Shard, cache_digest, load_manifest
 from readers.options import LoaderOptions
-from readers.plan import DEFAULT_WINDOW, EpochPlan, plan_epoch, rank_length
+from readers.elastic import History, resumed_length, resumed_plan
+from readers.plan import DEFAULT_WINDOW, EpochPlan
 from readers.prefetch import Prefetcher
 from readers.shards import ShardFiles, iter_batches
 from readers.remote import Stager, is_url
@@ -25,6 +26,7 @@ from readers.split import resolve_rank
 # What a saved position depends on: resuming under different values would not be exact.
 _STATE_KEYS = ("seed", "batch_size", "world_size", "drop_last", "shuffle", "shuffle_window", "cache_epochs",
                "samples_per_epoch")
+_ELASTIC_KEYS = ("world_size",)  # of those, what a state may differ in: the rest of its epoch is re-split (readers.elastic)
 
 
 # The loaders' options for a remote cache, and the Stager's names for them.
@@ -121,6 +123,8 @@ class Loader:
         self._epoch = 0
         self._delivered = 0  # batches of this epoch handed out (or to skip, when placed)
         self._placed = True  # the next pass starts at (_epoch, _delivered) as they are
+        self._history: History = ()  # this epoch's earlier world sizes and batches done under each (elastic resume)
+        self._counted: int | None = None  # the world size _delivered counts under, when a loaded state set it
 
     def close(self) -> None:
         """Let go of what the loader keeps between passes (a LiveLoader's worker processes, mapped
@@ -147,6 +151,10 @@ class Loader:
     def _shard_sizes(self, cache_epoch: int) -> list[int]:
         """Samples in each shard of cached epoch `cache_epoch`, in manifest order."""
         raise NotImplementedError
+
+    def _epoch_samples(self, cache_epoch: int) -> int:
+        """Samples in cached epoch `cache_epoch` (all a loader needs for an epoch's length)."""
+        return sum(self._shard_sizes(cache_epoch))
 
     def _host_batches(self, plan: EpochPlan, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """uint8 host batches of `plan` from batch `start`; the iterator has close()."""
@@ -192,10 +200,7 @@ class Loader:
 
     def _new_batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         pin = self._copier.pin
-        try:
-            images = self._spare.pop() if n == self.options.batch_size else None
-        except IndexError:
-            images = None
+        images = self._spare.pop() if self._spare and n == self.options.batch_size else None
         if images is None:
             h, w, c = self.manifest.shape
             shape = (n, c, h, w) if self._copier.host_channels_first else (n, h, w, c)
@@ -246,7 +251,7 @@ class Loader:
         if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
             raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
         if epoch != self._epoch or not self._placed:
-            self._epoch, self._delivered = epoch, 0
+            self._epoch, self._delivered, self._history, self._counted = epoch, 0, (), None
         self._placed = True
 
     def skip_first_batches(self, num_batches: int) -> Loader:
@@ -259,6 +264,7 @@ class Loader:
         if not isinstance(num_batches, int) or isinstance(num_batches, bool) or num_batches < 0:
             raise ValueError(f"num_batches must be an int >= 0, got {num_batches!r}")
         self._place()
+        self._rebase()
         length = self._length(self._epoch)
         if num_batches > length:
             raise ValueError(f"cannot skip {num_batches} batches: epoch {self._epoch} has {length} on this rank")
@@ -270,9 +276,21 @@ class Loader:
         left early, that epoch again; a placed position stays."""
         if not self._placed:
             if self._delivered >= self._length(self._epoch):
-                self._epoch += 1
+                self._epoch, self._history, self._counted = self._epoch + 1, (), None
             self._delivered = 0
             self._placed = True
+
+    def _position(self, world_size: int) -> tuple[History, int]:
+        """(history, batches done) of the current epoch as counted under `world_size`: a state
+        loaded from another world size is a step of history, with nothing done under this one yet."""
+        if self._counted is None or self._counted == world_size:
+            return self._history, self._delivered
+        return (*self._history, (self._counted, self._delivered)), 0
+
+    def _rebase(self) -> None:
+        """Count the position under the world size resolved now (a pass starts, or skips)."""
+        self._history, self._delivered = self._position(self._split()[1])
+        self._counted = None
 
     def __len__(self) -> int:
         """Batches this rank gets per epoch (the same on every rank), with the split resolved now."""
@@ -284,15 +302,17 @@ class Loader:
         cache_epoch = epoch % self.manifest.num_epochs
         o = self.options
         rank, world_size = self._split()
-        return plan_epoch(self._shard_sizes(cache_epoch), epoch=epoch,
-                          cache_epoch=cache_epoch, seed=o.seed, batch_size=o.batch_size, rank=rank,
-                          world_size=world_size, drop_last=o.drop_last, shuffle=o.shuffle,
-                          window=self.shuffle_window)
+        history = self._position(world_size)[0] if epoch == self._epoch else ()
+        return resumed_plan(self._shard_sizes(cache_epoch), history, epoch=epoch,
+                            cache_epoch=cache_epoch, seed=o.seed, batch_size=o.batch_size, rank=rank,
+                            world_size=world_size, drop_last=o.drop_last, shuffle=o.shuffle,
+                            window=self.shuffle_window)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(images, labels) on the device: images (B, C, H, W), labels int64 (B,); with a
         batch_transform, (images, targets) as it returns them (MixUp: targets float (B, classes))."""
         self._place()
+        self._rebase()
         plan = self.plan()
         start, self._placed = self._delivered, False
         return self._batches(plan, start)
@@ -336,11 +356,14 @@ class Loader:
         self._delivered += 1
         return batch
 
-    def _length(self, epoch: int, world_size: int | None = None) -> int:
+    def _length(self, epoch: int, world_size: int | None = None, history: History | None = None) -> int:
         o = self.options
-        total = sum(self._shard_sizes(epoch % self.manifest.num_epochs))
+        total = self._epoch_samples(epoch % self.manifest.num_epochs)
         world_size = self._split()[1] if world_size is None else world_size
-        return rank_length(total, batch_size=o.batch_size, world_size=world_size, drop_last=o.drop_last)[1]
+        if history is None:
+            history = self._position(world_size)[0] if epoch == self._epoch else ()
+        return resumed_length(total, history, batch_size=o.batch_size, world_size=world_size,
+                              drop_last=o.drop_last)[1]
 
     def _state_identity(self) -> dict[str, Any]:
         o = self.options
@@ -354,32 +377,43 @@ class Loader:
         Lightning saves it in its checkpoints by itself (a loader with state_dict and
         load_state_dict is "stateful" to it); with Accelerate, `register_for_checkpointing`.
         """
-        return {"epoch": self._epoch, "batches_done": self._delivered, **self._state_identity(), **self._cache_state()}
+        history, done = self._position(self._split()[1])
+        return {"epoch": self._epoch, "batches_done": done, "resumed_from": [list(step) for step in history],
+                **self._state_identity(), **self._cache_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume where `state` was taken: the next pass starts at the next batch (the next
         epoch's first, if the state's epoch was complete), as the saving loader's would.
 
+        A state taken under another world size resumes too (elastic): the rest of its epoch is
+        split between this run's ranks, each getting the same number of batches, and the epochs
+        after it are as a fresh run's (readers.elastic). One rank's state is enough: ranks
+        advance in lockstep.
+
         Raises:
-            ValueError: the state was taken with a different seed, batch size, world size,
-                order or cache, so resuming would not be exact.
+            ValueError: the state was taken with a different seed, batch size, order or cache,
+                so resuming would not be exact.
         """
         self._check_cache_state(state)
         mine = self._state_identity()
         for key in _STATE_KEYS:
             if key not in state:
                 raise ValueError(f"state has no {key!r}: not a loader state_dict")
-            if state[key] != mine[key]:
+            if state[key] != mine[key] and key not in _ELASTIC_KEYS:
                 raise ValueError(f"cannot resume: the state has {key}={state[key]!r}, this loader {mine[key]!r}")
-        epoch, done = state["epoch"], state["batches_done"]
+        epoch, done, world_size = state["epoch"], state["batches_done"], state["world_size"]
         if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
             raise ValueError(f"state epoch {epoch!r} is not an int >= 0")
-        length = self._length(epoch)
+        if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
+            raise ValueError(f"state world_size {world_size!r} is not an int >= 1")
+        history = _history(state.get("resumed_from", []))
+        length = self._length(epoch, world_size, history)
         if not isinstance(done, int) or isinstance(done, bool) or not 0 <= done <= length:
             raise ValueError(f"batches_done {done!r} is not within epoch {epoch}'s {length} batches")
         if done == length:  # a complete epoch: the next pass reads the next one, as the saving loader's would
-            epoch, done = epoch + 1, 0
+            epoch, done, history, world_size = epoch + 1, 0, (), None
         self._epoch, self._delivered, self._placed = epoch, done, True
+        self._history, self._counted = history, world_size
 
     def _cache_state(self) -> dict[str, Any]:
         """What a state says of the cache it was taken on: its digest (readers.manifest.cache_digest)
@@ -409,3 +443,14 @@ class Loader:
         if state["augment_on"] != mine["augment_on"]:
             raise ValueError(f"cannot resume: the state was taken augmenting on {state['augment_on']!r}, this loader "
                              f"augments on {mine['augment_on']!r}: pass augment_on={state['augment_on']!r}")
+
+
+def _history(steps: Any) -> History:
+    """A state's `resumed_from`, checked: [[world size >= 1, batches done >= 0], ...]."""
+    ok = isinstance(steps, (list, tuple)) and all(
+        isinstance(step, (list, tuple)) and len(step) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in step) and step[0] >= 1 and step[1] >= 0
+        for step in steps)
+    if not ok:
+        raise ValueError(f"state resumed_from {steps!r} is not a list of [world_size, batches_done] pairs")
+    return tuple((int(w), int(d)) for w, d in steps)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -30,14 +31,32 @@ class Segment(NamedTuple):
 
 @dataclass(frozen=True, eq=False)
 class Window:
-    """A few consecutive segments read together; `order` is the delivery order of their samples,
-    as positions into the segments' samples laid end to end."""
+    """A few consecutive segments read together. `order` is the delivery order of their samples, as
+    positions into the segments' samples laid end to end: a permutation of all of them drawn from
+    `seed` (None: in file order), without its first `skip` positions and cut to `take` (None: the
+    rest) where a resumed epoch delivers only a part of it (readers.elastic). The permutation is
+    drawn when the window is first read, so planning an epoch of thousands of windows draws none."""
 
     segments: tuple[Segment, ...]
-    order: np.ndarray  # int64, a permutation of range(sum of segment lengths)
+    seed: tuple[int, ...] | None = None
+    skip: int = 0
+    take: int | None = None
+
+    @functools.cached_property
+    def size(self) -> int:
+        """Samples of the segments (delivered or not)."""
+        return sum(s.stop - s.start for s in self.segments)
 
     def __len__(self) -> int:
-        return len(self.order)
+        return self.size - self.skip if self.take is None else self.take
+
+    @functools.cached_property
+    def order(self) -> np.ndarray:
+        if self.seed is None:
+            full = np.arange(self.size, dtype=np.int64)
+        else:
+            full = np.random.default_rng(self.seed).permutation(self.size)
+        return full[self.skip:self.skip + len(self)]
 
 
 @dataclass(frozen=True, eq=False)
@@ -51,18 +70,62 @@ class EpochPlan:
     num_samples: int  # samples delivered (the windows may hold a few more, dropped by drop_last)
     num_batches: int
 
-    def samples(self) -> np.ndarray:
-        """(num_samples, 2) int64 array of (shard, sample) in delivery order: the windows' order,
-        then each batch sorted by (shard, sample), so a batch is read with one gather per shard
-        it touches, in file order. (Which samples share a batch is the shuffle; their order
-        within it is not.)"""
+    def samples(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """(n, 2) int64 array of (shard, sample) in delivery order, positions [start, stop) of
+        the epoch (default: all of it; `start` at a batch boundary): the windows' order, then
+        each batch sorted by (shard, sample), so a batch is read with one gather per shard it
+        touches, in file order. (Which samples share a batch is the shuffle; their order within
+        it is not.) Only the windows the range covers are expanded: a pass plans its batches as
+        it reaches them, not the whole epoch before the first."""
+        stop = self.num_samples if stop is None else min(stop, self.num_samples)
+        if start % self.batch_size:
+            raise ValueError(f"start {start} is not at a batch boundary (batch_size {self.batch_size})")
+        ends = self._window_ends
         parts = []
-        for window in self.windows:
-            flat = np.concatenate([np.stack([np.full(s.stop - s.start, s.shard), np.arange(s.start, s.stop)], 1)
-                                   for s in window.segments])
-            parts.append(flat[window.order])
-        out = np.concatenate(parts)[:self.num_samples].astype(np.int64) if parts else np.zeros((0, 2), np.int64)
+        for w in range(int(np.searchsorted(ends, start, side="right")), len(self.windows)):
+            begin = int(ends[w]) - len(self.windows[w])
+            if begin >= stop:
+                break
+            parts.append(self._delivered(w)[max(start - begin, 0):stop - begin])
+        out = np.concatenate(parts) if parts else np.zeros((0, 2), np.int64)
         return sort_batches(out, self.batch_size)
+
+    def _delivered(self, w: int) -> np.ndarray:
+        """(n, 2) (shard, row) of window `w`'s samples in its order; the last two are kept, since
+        a pass asks for its batches a chunk at a time and a window spans at most two chunks."""
+        memo = self._memo
+        if w not in memo:
+            window = self.windows[w]
+            lengths = np.array([s.stop - s.start for s in window.segments], np.int64)
+            shard = np.repeat(np.array([s.shard for s in window.segments], np.int64), lengths)
+            first = np.array([s.start for s in window.segments], np.int64) - np.cumsum(lengths) + lengths
+            rows = np.arange(int(lengths.sum()), dtype=np.int64) + np.repeat(first, lengths)
+            memo[w] = np.stack([shard, rows], 1)[window.order]
+            while len(memo) > 2:
+                del memo[next(iter(memo))]
+        return memo[w]
+
+    @functools.cached_property
+    def _memo(self) -> dict[int, np.ndarray]:
+        return {}
+
+    @functools.cached_property
+    def _window_ends(self) -> np.ndarray:
+        return np.cumsum([len(w) for w in self.windows], dtype=np.int64)
+
+    def last_batches(self) -> dict[int, int]:
+        """For each shard this plan reads, the last batch that reads it (after it the pass is
+        done with the shard), from the windows alone; in the order shards are first read."""
+        last: dict[int, int] = {}
+        begin = 0
+        for window in self.windows:
+            end = min(begin + len(window), self.num_samples)
+            if begin >= end:
+                break
+            for seg in window.segments:
+                last[seg.shard] = (end - 1) // self.batch_size
+            begin += len(window)
+        return last
 
 
 def sort_batches(samples: np.ndarray, batch_size: int) -> np.ndarray:
@@ -127,7 +190,6 @@ def plan_epoch(shard_samples: Sequence[int], *, epoch: int, cache_epoch: int, se
     # end of the epoch; those positions wrap to its start (DistributedSampler's padding).
     slice_len = per_rank if not drop_last else total // world_size
     segments = _segments(sizes[order], order, rank * slice_len, (rank + 1) * slice_len)
-    rng = np.random.default_rng([seed, epoch, WINDOW_ORDER_SALT, rank]) if shuffle else None
     groups: list[list[Segment]] = []
     filled = 0
     for seg in segments:
@@ -137,25 +199,25 @@ def plan_epoch(shard_samples: Sequence[int], *, epoch: int, cache_epoch: int, se
             filled = 0
         groups[-1].append(seg)
         filled += n
-    windows = []
-    for group in groups:
-        n = sum(s.stop - s.start for s in group)
-        windows.append(Window(tuple(group), rng.permutation(n) if rng is not None else np.arange(n, dtype=np.int64)))
-    return EpochPlan(epoch=epoch, cache_epoch=cache_epoch, windows=tuple(windows), batch_size=batch_size,
+    windows = tuple(Window(tuple(group), (seed, epoch, WINDOW_ORDER_SALT, rank, w) if shuffle else None)
+                    for w, group in enumerate(groups))
+    return EpochPlan(epoch=epoch, cache_epoch=cache_epoch, windows=windows, batch_size=batch_size,
                      num_samples=per_rank, num_batches=batches)
 
 
 def _segments(sizes: np.ndarray, order: np.ndarray, lo: int, hi: int) -> list[Segment]:
     """Positions [lo, hi) of the epoch laid out shard after shard (`sizes` in that order), as
-    segments; positions past the end wrap to the start."""
+    segments; positions past the end wrap to the start. (Vectorised: a rank of a 1000-shard
+    epoch is planned at every set_epoch.)"""
     ends = np.cumsum(sizes)
     total = int(ends[-1])
-    out = []
-    while lo < hi:
-        p = lo % total
-        k = int(np.searchsorted(ends, p, side="right"))  # the shard holding position p
-        start = p - (int(ends[k]) - int(sizes[k]))
-        take = min(hi - lo, int(sizes[k]) - start)
-        out.append(Segment(int(order[k]), start, start + take))
-        lo += take
+    out: list[Segment] = []
+    while lo < hi:  # one run of the layout per lap: a slice past the end of the epoch wraps to its start
+        a, b = lo % total, min(lo % total + hi - lo, total)
+        k = np.arange(int(np.searchsorted(ends, a, side="right")), int(np.searchsorted(ends, b - 1, side="right")) + 1)
+        begins = ends[k] - sizes[k]
+        starts, stops = np.maximum(a - begins, 0), np.minimum(b - begins, sizes[k])
+        keep = stops > starts  # no empty segment (a shard of 0 samples)
+        out += map(Segment._make, zip(order[k][keep].tolist(), starts[keep].tolist(), stops[keep].tolist()))
+        lo += b - a
     return out

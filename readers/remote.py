@@ -6,8 +6,15 @@ file is checked against the manifest's size and sha256 while it downloads, writt
 name and renamed: a file under its own name in the local copy is complete and verified. The local
 copy lives in `local/<manifest digest>/` (a cache rebuilt under the same URL gets a new folder),
 and is a cache like any other once staged. Processes on one node share it: a shard is fetched
-under a file lock, by the first process that needs it. `cache_limit` (bytes) evicts shards this
-loader has finished with in the current pass once its copy grows past the limit.
+under a file lock, by the first process that needs it.
+
+`cache_limit` (bytes) is the node's: it bounds the shards staged in the shared folder by all the
+loaders using it, accounted in that folder under a file lock (`.node.lock`) before each download.
+Room is made by deleting the least recently fetched shards no loader is reading: a loader pins
+(a shared flock on `<shard>.pin`) each shard from the moment it needs it until it is done with it,
+and a pinned shard is never deleted. A shard fetched ahead of the consumer is not pinned: it may
+be evicted for a shard another loader needs now, and is fetched again when it is reached. When
+the pinned shards fill the limit, a loader still fetches the one shard it needs now.
 
 Storage options, credentials and endpoints are fsspec's (for S3: s3fs/botocore's `AWS_*`
 variables, `AWS_ENDPOINT_URL` included, `~/.aws`, fsspec's config files), or `storage_options=`.
@@ -16,22 +23,23 @@ variables, `AWS_ENDPOINT_URL` included, `~/.aws`, fsspec's config files), or `st
 from __future__ import annotations
 
 import concurrent.futures as cf
-import fcntl
 import hashlib
 import os
 import threading
-from collections import OrderedDict
 from collections.abc import Iterable, Sequence
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from cacheformat.layout import index_path
+from cacheformat.layout import TMP_MARK, index_path
+from cacheformat.locks import lock_file, locked
 from cacheformat.manifest import MAX_MANIFEST_BYTES
 from readers.errors import ReaderError
 
 MANIFEST = "manifest.json"
-_CHUNK = 4 << 20
+NODE_LOCK = ".node.lock"  # in the staged copy: held while a loader accounts for the node's shards
+PIN = ".pin"  # <shard>.pin: shared-locked by every loader reading the shard
+_CHUNK = 1 << 20  # a stopped pass's downloads notice within one chunk
+_POLL_S = 0.05  # how often a download waiting on another process's lock looks for a stop
 
 
 def is_url(cache: Any) -> bool:
@@ -81,7 +89,7 @@ class Stager:
         self.fs, self._base = filesystem(self.url, storage_options)
         self.ahead, self.retries, self.backoff, self.threads = ahead, retries, float(backoff), threads
         self.cache_limit = cache_limit
-        self._stop = threading.Event()
+        self._stop = threading.Event()  # this pass's: set when it ends (each pass gets its own)
         data = self._fetch_bytes(MANIFEST)
         self.root = Path(local).absolute() / hashlib.sha256(data).hexdigest()[:16]
         try:
@@ -97,10 +105,9 @@ class Stager:
         self._futures: dict[str, cf.Future] = {}
         self._order: list = []  # the shards of this pass, in the order they are read
         self._position: dict[str, int] = {}
-        self._held: OrderedDict[str, int] = OrderedDict()  # shards staged or reserved by this loader: bytes
-        self._finished: set[str] = set()  # held shards this pass is done with: may be evicted
+        self._pins: dict[str, int] = {}  # shard -> the descriptor holding its pin (a shared flock)
         self.fetched = 0  # files this loader downloaded (the node's other processes fetch the rest)
-        self.evicted = 0  # shards deleted to stay under cache_limit
+        self.evicted = 0  # shards this loader deleted to keep the node under cache_limit
 
     # -- a pass -------------------------------------------------------------------------------
 
@@ -108,9 +115,9 @@ class Stager:
         """A pass starts: fetch the indexes of `indexes` (all, in parallel, waited for), then the
         first shards of `order` (the shards in the order they will be read) in the background."""
         self.end()
-        self._stop.clear()
+        self._stop = threading.Event()
         self._pool = cf.ThreadPoolExecutor(self.threads, thread_name_prefix="readers-stage")
-        jobs = [self._pool.submit(self._get, index_path(s.relpath), s.index_bytes, s.index_sha256)
+        jobs = [self._pool.submit(self._get, index_path(s.relpath), s.index_bytes, s.index_sha256, self._stop)
                 for s in {s.relpath: s for s in indexes}.values()]
         for job in jobs:
             job.result()
@@ -118,13 +125,11 @@ class Stager:
             self._order = list(order)
             self._position = {s.relpath: k for k, s in reversed(list(enumerate(self._order)))}
             self._futures = {}
-            wanted = set(self._position)
-            self._finished = {rel for rel in self._held if rel not in wanted}  # earlier passes' leftovers
-            self._evict()
             self._schedule(0)
 
     def shard(self, shard) -> None:
         """Return once `shard` is in the local copy (fetching it now if it is not on its way)."""
+        self._pin(shard.relpath)  # before looking: from now on no loader of the node deletes it
         with self._lock:
             k = self._position.get(shard.relpath)
             self._schedule(k if k is not None else 0)
@@ -132,28 +137,30 @@ class Stager:
             if job is None:  # a shard outside the plan: fetched now
                 job = self._submit(shard)
         job.result()
-        if not shard.path.is_file():  # evicted since by another process on the node: again
+        if not shard.path.is_file():  # fetched ahead, then evicted (or skipped for room): now, needed
             with self._lock:
-                job = self._submit(shard)
+                job = self._submit(shard, needed=True)
             job.result()
 
     def index(self, shard) -> None:
         """Return once `shard`'s index is in the local copy."""
-        self._get(index_path(shard.relpath), shard.index_bytes, shard.index_sha256)
+        self._get(index_path(shard.relpath), shard.index_bytes, shard.index_sha256, self._stop)
 
     def done(self, shard) -> None:
-        """This pass has read all it reads of `shard`: it may be evicted."""
-        with self._lock:
-            if shard.relpath in self._held:
-                self._finished.add(shard.relpath)
-            self._evict()
+        """This pass has read all it reads of `shard`: it may be evicted (unless another loader reads it)."""
+        fd = self._pins.pop(shard.relpath, None)
+        if fd is not None:
+            os.close(fd)
 
     def end(self) -> None:
-        """The pass is over (or left): stop fetching, wait for the threads."""
+        """The pass is over (or left): downloads stop within a chunk (or a lock poll), the
+        threads are joined, and this loader's pins are let go."""
         pool, self._pool = self._pool, None
         if pool is not None:
             self._stop.set()
             pool.shutdown(wait=True, cancel_futures=True)
+        while self._pins:
+            os.close(self._pins.popitem()[1])
 
     def stage_all(self, shards: Iterable) -> None:
         """Fetch every shard and index of `shards` now (a live cache reads all of its source)."""
@@ -162,6 +169,7 @@ class Stager:
             self.begin(shards, shards)
             for s in shards:
                 self.shard(s)
+                self.done(s)  # staged whole, not being read: a pin each would hold a descriptor each
         finally:
             self.end()
 
@@ -169,61 +177,104 @@ class Stager:
 
     def _schedule(self, k: int) -> None:
         """Make sure shards k .. k+ahead of the pass are fetched or on their way (past k, only
-        while they fit in cache_limit)."""
+        where the node's cache_limit has room for them)."""
         for j in range(k, min(k + self.ahead + 1, len(self._order))):
             shard = self._order[j]
-            if shard.relpath in self._futures:
-                continue
-            if j > k and self.cache_limit is not None and shard.relpath not in self._held and \
-                    sum(self._held.values()) + shard.bytes > self.cache_limit:
-                break
-            self._submit(shard)
+            if shard.relpath not in self._futures:
+                self._submit(shard, needed=j == k)
 
-    def _submit(self, shard) -> cf.Future:
+    def _submit(self, shard, needed: bool = True) -> cf.Future:
         if self._pool is None:
             raise ReaderError(f"{self.url}: a shard was asked for outside a pass")
-        self._held[shard.relpath] = shard.bytes
-        self._held.move_to_end(shard.relpath)
-        self._finished.discard(shard.relpath)
-        job = self._pool.submit(self._get, shard.relpath, shard.bytes, shard.sha256)
+        job = self._pool.submit(self._get, shard.relpath, shard.bytes, shard.sha256, self._stop,
+                                None if needed else shard.bytes)
         self._futures[shard.relpath] = job
         return job
 
-    def _evict(self) -> None:
-        if self.cache_limit is None:
-            return
-        used = sum(self._held.values())
-        for rel in [r for r in self._held if r in self._finished]:
-            if used <= self.cache_limit:
+    def _pin(self, rel: str) -> None:
+        if rel not in self._pins:
+            pin = self.root / (rel + PIN)
+            pin.parent.mkdir(parents=True, exist_ok=True)
+            self._pins[rel] = lock_file(pin, shared=True)
+
+    # -- the node's share of the disk (under NODE_LOCK) -----------------------------------------
+
+    def _make_room(self, size: int, optional: bool) -> bool:
+        """Whether a shard of `size` bytes may be staged now: deletes unpinned shards, least
+        recently fetched first, until the node's staged shards (downloads under way included)
+        plus `size` fit in cache_limit. An `optional` shard (fetched ahead) that does not fit is
+        not fetched; a needed one is, over the limit if the pinned shards fill it."""
+        staged = sorted(((st.st_mtime, path, st.st_size) for path, st in _shard_files(self.root)),
+                        key=lambda t: t[0])
+        used = sum(size for _, _, size in staged)
+        for _, path, bytes_ in staged:
+            if used + size <= self.cache_limit:
                 break
-            used -= self._held.pop(rel)
-            self._finished.discard(rel)
-            try:
-                (self.root / rel).unlink()
-                self.evicted += 1
-            except FileNotFoundError:  # another process on the node evicted it first
-                pass
+            if TMP_MARK in path.name or not self._evict(path):
+                continue
+            used -= bytes_
+        return used + size <= self.cache_limit or not optional
+
+    def _evict(self, path: Path) -> bool:
+        """Delete the staged shard `path` unless a loader has it pinned."""
+        fd = lock_file(path.with_name(path.name + PIN), blocking=False)
+        if fd is None:
+            return False
+        try:
+            path.unlink(missing_ok=True)
+            self.evicted += 1
+            return True
+        finally:
+            os.close(fd)
 
     # -- one file ------------------------------------------------------------------------------
 
-    def _get(self, rel: str, size: int, sha256: str) -> Path:
-        """The local copy of `rel`, fetched (checked, then renamed into place) unless present."""
+    def _get(self, rel: str, size: int, sha256: str, stop: threading.Event, optional: int | None = None) -> Path | None:
+        """The local copy of `rel`, fetched (checked, then renamed into place) unless present; a
+        shard (`optional`: fetched ahead, may be skipped) first gets room under cache_limit."""
         dest = self.root / rel
         if dest.is_file():  # only a complete, verified file has this name
             return dest
         dest.parent.mkdir(parents=True, exist_ok=True)
-        with _locked(dest.with_name(dest.name + ".lock")):  # one download per node
+        fd = self._wait_lock(dest.with_name(dest.name + ".lock"), rel, stop)  # one download per node
+        try:
             if dest.is_file():
                 return dest
-            tmp = dest.with_name(f"{dest.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+            tmp = dest.with_name(f"{dest.name}{TMP_MARK}{os.getpid()}-{threading.get_ident()}")
             try:
-                self._retrying(rel, lambda: self._download(rel, tmp, size, sha256))
+                if not self._reserve(rel, tmp, size, optional):
+                    return None
+                self._retrying(rel, lambda: self._download(rel, tmp, size, sha256, stop), stop)
                 os.replace(tmp, dest)
                 with self._lock:
                     self.fetched += 1
             finally:
                 tmp.unlink(missing_ok=True)
+        finally:
+            os.close(fd)
         return dest
+
+    def _reserve(self, rel: str, tmp: Path, size: int, optional: int | None) -> bool:
+        """Count a shard's download against the node's cache_limit: under the node lock, make room
+        and create its temporary file at full size (so other loaders' accounts see it)."""
+        if self.cache_limit is None or not rel.endswith(".tar"):
+            return True
+        with locked(self.root / NODE_LOCK):
+            if not self._make_room(size, optional is not None):
+                return False
+            with open(tmp, "wb") as f:
+                f.truncate(size)
+        return True
+
+    def _wait_lock(self, path: Path, rel: str, stop: threading.Event) -> int:
+        """Take the lock at `path`, polling, so that a pass that ends stops waiting for another
+        process's download at once."""
+        while True:
+            fd = lock_file(path, blocking=False)
+            if fd is not None:
+                return fd
+            if stop.wait(_POLL_S):
+                raise ReaderError(f"{self.url}/{rel}: download stopped (the pass ended)")
 
     def copy(self, rel: str) -> None:
         """Copy `rel` into the local copy as it is, unchecked (for `cachegen verify` to judge); a
@@ -231,7 +282,7 @@ class Stager:
         dest = self.root / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self._retrying(rel, lambda: self.fs.get_file(self._remote(rel), str(dest)))
+            self._retrying(rel, lambda: self.fs.get_file(self._remote(rel), str(dest)), self._stop)
         except ReaderError:
             if self.fs.exists(self._remote(rel)):
                 raise
@@ -244,13 +295,13 @@ class Stager:
                     raise ReaderError(f"{self.url}/{rel} is {f.size} bytes, more than any manifest "
                                       f"({MAX_MANIFEST_BYTES}): not a cachegen cache")
                 return f.read(MAX_MANIFEST_BYTES + 1) if f.size is None else f.read()
-        return self._retrying(rel, read)
+        return self._retrying(rel, read, self._stop)
 
-    def _retrying(self, rel: str, attempt):
+    def _retrying(self, rel: str, attempt, stop: threading.Event):
         url = f"{self.url}/{rel}"
         last: BaseException | None = None
         for k in range(self.retries + 1):
-            if k and self._stop.wait(self.backoff * 2 ** (k - 1)):
+            if k and stop.wait(self.backoff * 2 ** (k - 1)):
                 raise ReaderError(f"{url}: download stopped (the pass ended)")
             try:
                 return attempt()
@@ -268,11 +319,14 @@ class Stager:
                 last = e
         raise ReaderError(f"cannot fetch {url} after {self.retries + 1} tries: {_reason(last)}")
 
-    def _download(self, rel: str, tmp: Path, size: int, sha256: str) -> None:
+    def _download(self, rel: str, tmp: Path, size: int, sha256: str, stop: threading.Event) -> None:
         digest, got = hashlib.sha256(), 0
-        with self.fs.open(self._remote(rel), "rb", block_size=_CHUNK) as src, open(tmp, "wb") as out:
+        # "r+b" over a reservation (_reserve: the file at full size), so the node's account holds
+        # while it downloads; a retry starts it again from the beginning.
+        with self.fs.open(self._remote(rel), "rb", block_size=_CHUNK) as src, \
+                open(tmp, "r+b" if tmp.exists() else "wb") as out:
             while got <= size:
-                if self._stop.is_set():
+                if stop.is_set():
                     raise ReaderError(f"{self.url}/{rel}: download stopped (the pass ended)")
                 chunk = src.read(min(_CHUNK, size + 1 - got))
                 if not chunk:
@@ -280,6 +334,7 @@ class Stager:
                 digest.update(chunk)
                 out.write(chunk)
                 got += len(chunk)
+            out.truncate(got)  # a reservation, or an earlier try, may have left it longer
         if got != size:
             raise _Mismatch(f"{got} bytes{'+' if got > size else ''}, the manifest says {size}")
         if digest.hexdigest() != sha256:
@@ -289,11 +344,15 @@ class Stager:
         return f"{self._base}/{rel}"
 
 
-@contextmanager
-def _locked(path: Path):
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
+def _shard_files(root: Path) -> Iterable[tuple[Path, os.stat_result]]:
+    """Every staged shard under `root`, downloads under way included: (path, stat)."""
+    for folder in root.iterdir():
+        if not folder.is_dir():
+            continue
+        for entry in os.scandir(folder):
+            name = entry.name
+            if name.endswith(".tar") or (TMP_MARK in name and name.split(TMP_MARK)[0].endswith(".tar")):
+                try:
+                    yield Path(entry.path), entry.stat()
+                except FileNotFoundError:  # deleted meanwhile by another loader
+                    continue

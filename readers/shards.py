@@ -18,6 +18,7 @@ import torch
 from cacheformat import FormatError
 from cacheformat.payload import NPY_MAGIC, decode_payload
 from readers.errors import ReaderError
+from readers.gather import gather_npy
 from readers.manifest import Manifest, Shard, ShardIndex, load_index
 from readers.plan import EpochPlan
 from readers.remote import Stager
@@ -150,6 +151,7 @@ class ShardFiles:
 
     def close(self) -> None:
         self._open.clear()
+        self.end()  # a staged cache's downloads stop now, not when the pass notices
 
     def _map(self, shard: Shard) -> _Open:
         m = self.manifest
@@ -280,9 +282,11 @@ def iter_batches(files: ShardFiles, shards: Sequence[Shard], plan: EpochPlan, *,
                  new_batch: Callable[[int], tuple[torch.Tensor, torch.Tensor]], channels_first: bool = False,
                  stop: Callable[[], bool] = lambda: False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """_gather's batches; a staged cache's downloads stop with the pass, also when it is left early."""
+    # An npy cache's epoch plan: one gather per batch through a view of every mapping (readers.gather).
+    gather = gather_npy if files.manifest.encoding == "npy" and isinstance(plan, EpochPlan) else _gather
     try:
-        yield from _gather(files, shards, plan, start=start, new_batch=new_batch, channels_first=channels_first,
-                           stop=stop)
+        yield from gather(files, shards, plan, start=start, new_batch=new_batch, channels_first=channels_first,
+                          stop=stop)
     finally:
         files.end()
 

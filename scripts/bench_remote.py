@@ -25,8 +25,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "scripts")]
 
+from bench_reader import machine  # noqa: E402
 from daskcluster import DaskCluster  # noqa: E402
 from readers import CachedLoader  # noqa: E402
 from s3server import S3Server, s3fs_filesystem, upload  # noqa: E402
@@ -59,6 +60,11 @@ def main() -> None:
     parser.add_argument("--step-ms", type=float, default=10.0, help="simulated training step per batch of 256")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    import torch
+
+    print(f"machine: {machine()}")
+    print(f"torch threads {torch.get_num_threads()}; reads: one process, prefetch 2 (one reader thread), 4 download "
+          "threads (the default); dask workers: one thread each (tests/daskcluster.py)")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     step = args.step_ms / 1000
     with tempfile.TemporaryDirectory() as tmp:

@@ -8,14 +8,19 @@ CachedLoader construction time and the RSS it adds (in a fresh process), and ext
 linearly in the number of shards to ImageNet x 10 epochs at 1000 samples a shard (1,281,167
 samples, 12,820 shards). Then checks that point directly: the largest build's manifest with its
 shard entries repeated up to 12,820 shards (shard files are not opened on construction, so they
-need not exist). Goals (issue 8): < 4 bytes of manifest per sample-epoch, construction < 1 s,
-< 200 MB RSS. A report, not a test: nothing is asserted.
+need not exist). Goals: < 4 bytes of manifest per sample-epoch, construction < 1 s, < 200 MB RSS.
+
+Then, at ImageNet scale with real shard files (a 1,167-sample npy build's two shards hard-linked
+as 1,282 shards of an epoch: 1,281,167 samples), in a fresh process each: the first batch of a
+new epoch after set_epoch (goal < 100 ms), for one rank of 1 and of 8; and a 90-epoch live
+loader's construction (goal < 1 s). A report, not a test: nothing is asserted.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -41,6 +46,60 @@ seconds = time.perf_counter() - t0
 n = len(loader)
 print(json.dumps({"seconds": seconds, "rss": rss() - before, "batches": n}))
 """
+
+
+_FIRST_BATCH = """
+import json, sys, time
+from readers import CachedLoader, LiveLoader
+t0 = time.perf_counter()
+live = LiveLoader(sys.argv[2], batch_size=256, device="cpu", workers=0)
+live_seconds = time.perf_counter() - t0
+first = {}
+for world_size in (1, 8):
+    loader = CachedLoader(sys.argv[1], batch_size=256, device="cpu", rank=0, world_size=world_size)
+    next(iter(loader))  # epoch 0 started (and left): mappings and indexes of its first shards are warm
+    times = []
+    for epoch in (1, 2, 3):
+        t0 = time.perf_counter()
+        loader.set_epoch(epoch)
+        next(iter(loader))
+        times.append(time.perf_counter() - t0)
+    first[world_size] = min(times), max(times)
+print(json.dumps({"live": live_seconds, "live_epochs": live.manifest.num_epochs, "first": first}))
+"""
+
+
+def imagenet_sized(tmp: Path) -> tuple[Path, Path]:
+    """(cached, live) caches of IMAGENET samples in shards of PER_SHARD, made from one small build of
+    each mode whose two shards (PER_SHARD and IMAGENET mod PER_SHARD samples) every entry hard-links."""
+    rng = np.random.default_rng(0)
+    small = IMAGENET % PER_SHARD + PER_SHARD
+    np.savez(tmp / "small.npz", images=rng.integers(0, 256, (small, 1, 1, 1), np.uint8),
+             labels=rng.integers(0, 1000, small))
+    out = []
+    for mode, epochs in (("cached", 2), ("live", 90)):
+        built = tmp / f"small-{mode}"
+        subprocess.run([sys.executable, "-m", "cachegen", "build", str(tmp / "small.npz"), "--out", str(built),
+                        "--epochs", str(epochs), "--mode", mode, "--format", "npy", "--transform", "cifar",
+                        "--shard-size", str(PER_SHARD), "--quiet"], check=True, cwd=ROOT)
+        m = json.loads((built / "manifest.json").read_text())
+        big = tmp / f"imagenet-{mode}"
+        lists = m["epoch_list"] if mode == "cached" else [{"shards": m["source_shards"]}]
+        for entry in lists:
+            full, last = entry["shards"]
+            shards = []
+            for k in range(-(-IMAGENET // PER_SHARD)):
+                template = full if k < IMAGENET // PER_SHARD else last
+                path = template["path"].replace("000000", f"{k:06d}").replace("000001", f"{k:06d}")
+                (big / path).parent.mkdir(parents=True, exist_ok=True)
+                for suffix in (".tar", ".idx"):
+                    os.link(built / template["path"].replace(".tar", suffix), big / path.replace(".tar", suffix))
+                shards.append({**template, "path": path})
+            entry.update(shards=shards, samples=IMAGENET) if mode == "cached" else m.update(source_shards=shards)
+        m["source"]["num_samples"] = IMAGENET
+        (big / "manifest.json").write_text(json.dumps(m))
+        out.append(big)
+    return out[0], out[1]
 
 
 def build(out: Path, samples: int, epochs: int, per_shard: int) -> None:
@@ -116,6 +175,16 @@ def main() -> None:
         print(f"measured at that point (the largest build's shard entries repeated to {TARGET_SHARDS:,} shards): "
               f"manifest {size / 1e6:.1f} MB = {size / target:.3f} B/sample-epoch, construct {got['seconds']:.2f} s, "
               f"RSS +{got['rss'] / 1e6:.0f} MB, {got['batches']:,} batches an epoch")
+        cached, live = imagenet_sized(Path(tmp))
+        done = subprocess.run([sys.executable, "-c", _FIRST_BATCH, str(cached), str(live)], check=True,
+                              capture_output=True, text=True, cwd=ROOT)
+        got = json.loads(done.stdout.strip().splitlines()[-1])
+        print(f"at ImageNet scale ({IMAGENET:,} samples an epoch, {-(-IMAGENET // PER_SHARD):,} shards of "
+              f"{PER_SHARD}, real files), batch 256, {os.cpu_count()} cores:")
+        for world_size, (fastest, slowest) in got["first"].items():
+            print(f"  first batch of a new epoch after set_epoch, rank 0 of {world_size}: "
+                  f"{fastest * 1e3:.0f}-{slowest * 1e3:.0f} ms over 3 epochs (goal < 100)")
+        print(f"  LiveLoader of {got['live_epochs']} epochs constructed in {got['live'] * 1e3:.0f} ms (goal < 1000)")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import tarfile
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -112,3 +113,18 @@ def harness_arguments(resume: str):
     p.add_argument("--stop-at-step", type=int, default=-1, help="checkpoint after this many steps and stop")
     p.add_argument("--resume", help=resume)
     return p.parse_args()
+
+
+def spawn_ranks(worker, args: tuple, nprocs: int, timeout_s: float) -> None:
+    """Run worker(rank, *args) in `nprocs` spawned processes; a rank stuck past `timeout_s` (one
+    waiting in a collective) fails the test instead of blocking CI."""
+    import pytest
+    import torch.multiprocessing as mp
+
+    context = mp.spawn(worker, args=args, nprocs=nprocs, join=False)
+    deadline = time.monotonic() + timeout_s
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"DDP workers still running after {timeout_s}s: a rank is stuck in a collective")

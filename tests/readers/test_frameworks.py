@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from loader_checks import collect, digest, epoch_contents, pairs
+from loader_checks import collect, digest, epoch_contents
 from readers import CachedLoader
 
 HERE = Path(__file__).resolve().parent

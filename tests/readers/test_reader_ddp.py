@@ -5,17 +5,14 @@ from __future__ import annotations
 import json
 import os
 import socket
-import time
 from collections import Counter
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
-import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from loader_checks import ddp_epoch, digest, epoch_contents
+from loader_checks import ddp_epoch, digest, epoch_contents, spawn_ranks
 
 WORLD_SIZE = 2
 TIMEOUT_S = 90  # a hang (one rank waiting in a collective) fails the test instead of blocking CI
@@ -52,14 +49,8 @@ def _free_port() -> int:
 
 
 def _run(cache: Path, out: Path, batch_size: int, drop_last: bool, built_before: bool = False) -> list[dict]:
-    context = mp.spawn(_worker, args=(str(cache), _free_port(), str(out), batch_size, drop_last, built_before),
-                       nprocs=WORLD_SIZE, join=False)
-    deadline = time.monotonic() + TIMEOUT_S
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"DDP workers still running after {TIMEOUT_S}s: a rank is stuck in a collective")
+    spawn_ranks(_worker, (str(cache), _free_port(), str(out), batch_size, drop_last, built_before), WORLD_SIZE,
+                TIMEOUT_S)
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD_SIZE)]
 
 
