@@ -12,8 +12,6 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
-import torch
-from torchvision.io import decode_image, encode_jpeg, encode_png
 
 from cacheformat.layout import TMP_MARK, padded, sample_key
 from cachegen.errors import CachegenError
@@ -32,6 +30,9 @@ def encode(image: np.ndarray, encoding: str) -> bytes:
     """Encode one HWC uint8 image; deterministic for every encoding."""
     if encoding == "npy":  # a standard .npy file: the header numpy writes, then the raw pixels
         return _npy_header(image.shape) + image.tobytes()
+    import torch  # png/jpg only: reading or verifying an npy cache needs no torch (`cachegen verify`)
+    from torchvision.io import encode_jpeg, encode_png
+
     chw = torch.from_numpy(image.copy()).permute(2, 0, 1)  # a writable copy: torch wants one
     if encoding == "png":
         return encode_png(chw).numpy().tobytes()
@@ -169,6 +170,9 @@ def write_shard(root: Path, relpath: str, key_prefix: str, samples: Iterable[tup
 def _pixels(data: memoryview, offset: int, size: int, encoding: str, header: int) -> np.ndarray:
     if encoding == "npy":
         return np.frombuffer(data, np.uint8, size - header, offset + header)
+    import torch  # as in encode
+    from torchvision.io import decode_image
+
     # A writable copy: torch warns (on the user's terminal) when it wraps read-only bytes.
     encoded = torch.frombuffer(bytearray(data[offset:offset + size]), dtype=torch.uint8)
     return decode_image(encoded).permute(1, 2, 0).numpy()
