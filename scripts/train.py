@@ -89,6 +89,15 @@ def evaluate(model: nn.Module, loader, device: torch.device) -> float:
     return correct / max(total, 1)
 
 
+def one_cycle(opt: torch.optim.Optimizer, max_lr: float, steps: int):
+    """OneCycleLR, warming up over 20% of the steps, each phase at least one step long: with fewer
+    than 8 steps (a `--max-steps 5` smoke run) 20% is under one step, and OneCycleLR divides by
+    zero. A single step keeps the optimizer's rate."""
+    if steps < 2:
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=max_lr, total_steps=steps, pct_start=max(0.2, 1.5 / steps))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cache", default="cache")
@@ -161,7 +170,7 @@ def main() -> None:
     if args.max_steps:
         steps = min(steps, args.max_steps)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=steps, pct_start=0.2)
+    sched = one_cycle(opt, args.lr, steps)
     loss_fn = nn.CrossEntropyLoss()
 
     step = 0
