@@ -67,3 +67,42 @@ def test_the_link_check_sees_a_broken_link(tmp_path):
     page = tmp_path / "page.md"
     page.write_text("[a](docs/x.md) [b](https://example.com) [c](#top) ![d](img.png \"t\")\n```\n[e](no.md)\n```\n")
     assert relative_links(page) == ["docs/x.md", "img.png"]
+
+
+def example_outputs() -> set[str]:
+    """What the docs' example commands write into the current folder: each `--out`/`--plot`/`--json`
+    path that is relative (a figure under docs/ is kept on purpose), and the defaults of `build`
+    (./cache) and `preview` (./preview.png)."""
+    outputs = {"cache", "preview.png"}
+    for page in [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]:
+        blocks = re.findall(r"^```[a-z]*\n(.*?)^```", page.read_text(), re.M | re.S)
+        commands = [line.split(" #")[0] for block in blocks for line in block.splitlines()
+                    if re.search(r"\bcachegen |scripts/", line)]
+        for command in commands:
+            for flag, path in re.findall(r"(--out|--plot|--json|--val|--cache)[ =]([^\s`)\]]+)", command):
+                if not re.match(r"[a-z0-9]+://|/|\$|docs/|\.\.", path) and "{" not in path:
+                    outputs.add(path.rstrip("/"))
+    return outputs
+
+
+def ignored(path: str, patterns: list[str]) -> bool:
+    """Whether a .gitignore's `patterns` (no negations) ignore `path` or a folder above it."""
+    from fnmatch import fnmatch
+
+    parts = path.split("/")
+    for pattern in patterns:
+        anchored, body = pattern.startswith("/"), pattern.strip("/")
+        for depth in range(1, len(parts) + 1):
+            prefix = "/".join(parts[:depth])
+            if fnmatch(prefix if anchored or "/" in body else parts[depth - 1], body):
+                return True
+    return False
+
+
+def test_gitignore_covers_what_the_examples_write():
+    patterns = [line.strip() for line in (ROOT / ".gitignore").read_text().splitlines()
+                if line.strip() and not line.startswith("#")]
+    outputs = example_outputs()
+    assert {"cache", "cache-val", "preview.png"} <= outputs
+    assert not [p for p in sorted(outputs) if not ignored(p, patterns)]
+    assert not ignored("docs/bench.png", patterns) and not ignored("cachegen/cli.py", patterns)
