@@ -22,7 +22,9 @@ from cachegen.build import build
 from cachegen.config import BuildConfig, default_workers, parse_device
 from cachegen.errors import CachegenError
 from cachegen.manifest import read_manifest
-from cachegen.online import online_dataset
+from cachegen.doctor import machine_line
+from cachegen.online import describe_loader, online_dataset
+from cachegen.online import online_loader as make_online_loader
 
 
 @dataclass
@@ -225,18 +227,17 @@ def run_bench(cache: Path | None, *, batch_size: int = 256, workers: int | None 
                                   augment_on="cpu")
         # The same live cache augmented in batches on the device (Kornia), no worker processes.
         device_loader = open_loader(live_dir, batch_size=batch_size, device=dev, seed=1, augment_on="device")
-        online_loader = torch.utils.data.DataLoader(online_ds, batch_size=batch_size, shuffle=True,
-                                                    num_workers=loader_workers, pin_memory=dev.type == "cuda",
-                                                    persistent_workers=False)
+        online_loader = make_online_loader(online_ds, batch_size=batch_size, workers=loader_workers, device=dev)
+        import webdataset as wds
+        stock = wds.WebDataset(shards, shardshuffle=False, empty_check=False).decode().to_tuple(encoding, "cls")
+        stock_loader = wds.WebLoader(stock.batched(batch_size), batch_size=None, num_workers=loader_workers,
+                                     persistent_workers=True, pin_memory=dev.type == "cuda")  # as the online row
 
         def online():
             return ((normalize(x), y) for x, y in online_loader)
 
         def stock_webdataset():
-            import webdataset as wds
-            ds = wds.WebDataset(shards, shardshuffle=False, empty_check=False).decode().to_tuple(encoding, "cls")
-            loader = wds.WebLoader(ds.batched(batch_size), batch_size=None, num_workers=loader_workers)
-            return ((normalize(torch.as_tensor(x).permute(0, 3, 1, 2)), torch.as_tensor(y)) for x, y in loader)
+            return ((normalize(torch.as_tensor(x).permute(0, 3, 1, 2)), torch.as_tensor(y)) for x, y in stock_loader)
 
         def plain_read():
             def gen():
@@ -254,6 +255,7 @@ def run_bench(cache: Path | None, *, batch_size: int = 256, workers: int | None 
                  lambda: device_loader),
                 (f"online: torchvision DataLoader ({loader_workers} workers)", online),
                 (f"stock webdataset ({loader_workers} workers)", stock_webdataset)]
+        online_setup = describe_loader(online_loader)
         if step is not None:  # warm the model up, and measure it alone on one batch already in place
             c, h, w = shape[2], shape[0], shape[1]
             synthetic = (torch.randn(batch_size, c, h, w, device=dev), torch.zeros(batch_size, dtype=torch.int64,
@@ -270,10 +272,13 @@ def run_bench(cache: Path | None, *, batch_size: int = 256, workers: int | None 
                                    **limits))
         progress("measuring plain read() of the shard bytes ...")
         rows.append(_timed("plain read() of the shards", plain_read, kind="ceiling", **limits))
+        del online_loader, stock_loader  # their persistent workers end here, with the temporary caches
     online_rate = next(r.rate for r in rows if r.name.startswith("online"))
     return {"config": {"cache": str(cache), "batch_size": batch_size, "workers": loader_workers,
                        "min_images": images, "min_seconds": min_seconds, "warmup_images": warmup,
-                       "device": str(dev), "model": model, "cpu_cores": default_workers(), "torch": torch.__version__},
+                       "device": str(dev), "model": model, "cpu_cores": default_workers(), "torch": torch.__version__,
+                       "torch_threads": torch.get_num_threads(), "online": online_setup,
+                       "machine": machine_line()},
             # The ceiling has no training step: with --model its ratio to online would compare unlike things.
             "rows": [r.as_dict(None if model and r.kind == "ceiling" else online_rate) for r in rows]}
 
@@ -285,7 +290,10 @@ def format_table(result: dict) -> str:
     lines = [f"batch {c['batch_size']}, device {c['device']}, {c['cpu_cores']} CPU cores"
              + (", with a training step" if model else ""),
              f"each row: {c['warmup_images']} images of warm-up (untimed), then passes repeated until at least "
-             f"{c['min_images']} images and {c['min_seconds']:g} s were timed", ""]
+             f"{c['min_images']} images and {c['min_seconds']:g} s were timed",
+             f"online row: torchvision DataLoader, {c['online']} (as a careful user sets it up; the "
+             "per-sample live and webdataset rows use as many workers)",
+             c["machine"], ""]
 
     def table(rows: list[dict], with_model: bool) -> list[str]:
         head = f"{'':58s} {'img/s':>9s} {'MB/s':>8s} {'x online':>9s} {'CPU %':>7s}"

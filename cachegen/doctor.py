@@ -54,6 +54,28 @@ def cores() -> dict[str, int]:
     return {"machine": os.cpu_count() or 1, "usable": usable}
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo; else what platform says)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_line() -> str:
+    """One line naming the machine a measurement ran on: CPU, cores, torch's threads, GPU. For the
+    benchmark scripts' output (their figures are only comparable with this beside them)."""
+    import torch
+
+    c = cores()
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    return (f"machine: {cpu_model()}, {c['usable']} of {c['machine']} cores usable, torch {torch.__version__} "
+            f"with {torch.get_num_threads()} threads, {gpu}")
+
+
 def folder_bytes(root: Path) -> int:
     """Bytes of the files under `root` (0 where it is not a folder)."""
     return sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) if root.is_dir() else 0

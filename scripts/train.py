@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from cachegen.online import online_dataset
+from cachegen.online import online_dataset, online_loader
 from readers import CachedLoader, ReaderError, load_manifest, open_loader
 
 
@@ -57,9 +57,8 @@ class OnlineLoader:
         self.dataset = online_dataset(cache)
         self.sampler = torch.utils.data.DistributedSampler(self.dataset, num_replicas=world_size, rank=rank,
                                                            shuffle=True, seed=seed)
-        self.loader = torch.utils.data.DataLoader(self.dataset, batch_size=batch_size, sampler=self.sampler,
-                                                  num_workers=workers, persistent_workers=False,
-                                                  pin_memory=device.type == "cuda")
+        self.loader = online_loader(self.dataset, batch_size=batch_size, workers=workers, device=device,
+                                    sampler=self.sampler)  # persistent workers, pinned on CUDA
         self.device = device
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.scale = torch.tensor([1 / (255 * s) for s in std], device=device).view(1, -1, 1, 1)

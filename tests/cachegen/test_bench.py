@@ -63,6 +63,9 @@ def test_bench_table_explains_itself_and_keeps_the_ceiling_apart(build):
     table, _, rest = text.partition("\nceiling:")
     assert "each row: 64 images of warm-up (untimed), then passes repeated until at least 300 images and 0.2 s" in table
     assert "plain read()" not in table and "model alone" in table and "data wait" in table
+    # The baseline as a careful user sets it up, said in the output; and where it ran.
+    assert "online row: torchvision DataLoader, 1 worker, persistent, pin_memory=False" in table
+    assert "\nmachine: " in table and " cores usable, torch " in table and " threads, " in table
     ceiling, _, columns = rest.partition("\ncolumns:")
     assert "plain read() of the shards" in ceiling
     for column in ("img/s", "MB/s", "x online", "CPU %", "data wait", "images", "s "):
