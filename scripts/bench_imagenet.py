@@ -1,4 +1,4 @@
-"""ImageNet-shaped live-mode comparison, side by side in one run (issue 10, item 4):
+"""ImageNet-shaped live-mode comparison, side by side in one run:
 
     python scripts/bench_imagenet.py [--images 1000] [--workers N] [--min-images 2000] [--min-seconds 5]
 
