@@ -137,10 +137,36 @@ def _timed(name: str, passes: Callable[[], Iterable], *, min_images: int, min_se
                kind=kind)
 
 
-# The batched-on-the-CPU row runs torch with one thread: on a loaded machine (other jobs on the
-# cores) torch's intra-op thread pool spins at its barriers and batched ops ran ~19x slower with 2
-# threads than with 1 here; one thread in one process is also the fewest cores of any row.
+# On a CPU the batched row runs twice: with torch's threads, and with one. On a loaded machine
+# (other jobs on the cores) torch's intra-op thread pool spins at its barriers, and batched ops can
+# run many times faster with one thread than with two; one thread in one process is also the
+# fewest cores of any row. Both are shown so that neither hides the other; with --model, the model
+# alone is measured both ways too.
 BATCHED_CPU = "1 thread, no workers"
+ONE_THREAD = "1 thread"  # a row whose name says this runs with torch.set_num_threads(1)
+
+
+def _batched_rows(dev: torch.device, loader) -> list[tuple[str, Callable]]:
+    """The device-augmented live row(s): once on a GPU; on a CPU with torch's threads and with one."""
+    if dev.type != "cpu":
+        return [(f"cachegen LiveLoader, batched on {dev.type} (no workers)", lambda: loader)]
+    threads = torch.get_num_threads()
+    rows = [(f"cachegen LiveLoader, batched on cpu ({threads} threads, no workers)", lambda: loader)] \
+        if threads > 1 else []
+    return rows + [(f"cachegen LiveLoader, batched on cpu ({BATCHED_CPU})", lambda: loader)]
+
+
+def _model_rows(step, dev: torch.device, shape, batch_size: int) -> list[tuple[str, Callable]]:
+    """The model alone on one synthetic batch already in place (warmed up): its own limit; on a CPU
+    with one thread too, the reference of the one-thread rows."""
+    h, w, c = shape
+    synthetic = (torch.randn(batch_size, c, h, w, device=dev), torch.zeros(batch_size, dtype=torch.int64, device=dev))
+    for _ in range(3):
+        step(*synthetic)
+    rows = [("model alone (synthetic batch on device)", lambda: iter(lambda: synthetic, None))]
+    if dev.type == "cpu" and torch.get_num_threads() > 1:
+        rows.append((f"model alone, {ONE_THREAD} (synthetic batch on device)", lambda: iter(lambda: synthetic, None)))
+    return rows
 
 
 @contextmanager
@@ -153,6 +179,23 @@ def _one_thread(active: bool) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def _plain_read(shards: list[str], entries: list[dict]) -> Iterator[tuple[None, range]]:
+    """The ceiling: each shard's bytes read whole, as (None, its samples) per shard."""
+    for path, entry in zip(shards, entries):
+        with open(path, "rb") as f:
+            f.read()
+        yield None, range(entry["samples"])
+
+
+def _stock_loader(shards: list[str], encoding: str, batch_size: int, workers: int, dev: torch.device):
+    """Stock webdataset over the same shards, its workers kept and batches pinned as the online row's."""
+    import webdataset as wds
+
+    stock = wds.WebDataset(shards, shardshuffle=False, empty_check=False).decode().to_tuple(encoding, "cls")
+    return wds.WebLoader(stock.batched(batch_size), batch_size=None, num_workers=workers, persistent_workers=True,
+                         pin_memory=dev.type == "cuda")
 
 
 def _normalizer(mean, std, device):
@@ -228,10 +271,7 @@ def run_bench(cache: Path | None, *, batch_size: int = 256, workers: int | None 
         # The same live cache augmented in batches on the device (Kornia), no worker processes.
         device_loader = open_loader(live_dir, batch_size=batch_size, device=dev, seed=1, augment_on="device")
         online_loader = make_online_loader(online_ds, batch_size=batch_size, workers=loader_workers, device=dev)
-        import webdataset as wds
-        stock = wds.WebDataset(shards, shardshuffle=False, empty_check=False).decode().to_tuple(encoding, "cls")
-        stock_loader = wds.WebLoader(stock.batched(batch_size), batch_size=None, num_workers=loader_workers,
-                                     persistent_workers=True, pin_memory=dev.type == "cuda")  # as the online row
+        stock_loader = _stock_loader(shards, encoding, batch_size, loader_workers, dev)
 
         def online():
             return ((normalize(x), y) for x, y in online_loader)
@@ -239,39 +279,25 @@ def run_bench(cache: Path | None, *, batch_size: int = 256, workers: int | None 
         def stock_webdataset():
             return ((normalize(torch.as_tensor(x).permute(0, 3, 1, 2)), torch.as_tensor(y)) for x, y in stock_loader)
 
-        def plain_read():
-            def gen():
-                for path, entry in zip(shards, m["epoch_list"][0]["shards"]):
-                    with open(path, "rb") as f:
-                        f.read()
-                    yield None, range(entry["samples"])
-            return gen()
-
         for path in shards:  # warm the page cache: every row reads from memory
             Path(path).read_bytes()
-        runs = [("cachegen CachedLoader", lambda: cached_loader),
+        runs = [*(_model_rows(step, dev, shape, batch_size) if step is not None else []),
+                ("cachegen CachedLoader", lambda: cached_loader),
                 (f"cachegen LiveLoader, per sample ({loader_workers} workers)", lambda: live_loader),
-                (f"cachegen LiveLoader, batched on {dev.type} ({BATCHED_CPU if dev.type == 'cpu' else 'no workers'})",
-                 lambda: device_loader),
+                *_batched_rows(dev, device_loader),
                 (f"online: torchvision DataLoader ({loader_workers} workers)", online),
                 (f"stock webdataset ({loader_workers} workers)", stock_webdataset)]
         online_setup = describe_loader(online_loader)
-        if step is not None:  # warm the model up, and measure it alone on one batch already in place
-            c, h, w = shape[2], shape[0], shape[1]
-            synthetic = (torch.randn(batch_size, c, h, w, device=dev), torch.zeros(batch_size, dtype=torch.int64,
-                                                                                   device=dev))
-            for _ in range(3):
-                step(*synthetic)
-            runs.insert(0, ("model alone (synthetic batch on device)", lambda: iter(lambda: synthetic, None)))
         rows = []
         limits = dict(min_images=images, min_seconds=min_seconds, warmup=warmup, image_bytes=image_bytes)
         for name, make in runs:
             progress(f"measuring {name} ...")
-            with _one_thread(BATCHED_CPU in name):
+            with _one_thread(ONE_THREAD in name):
                 rows.append(_timed(name, make, step=step, kind="model" if name.startswith("model") else "loader",
                                    **limits))
         progress("measuring plain read() of the shard bytes ...")
-        rows.append(_timed("plain read() of the shards", plain_read, kind="ceiling", **limits))
+        rows.append(_timed("plain read() of the shards", lambda: _plain_read(shards, m["epoch_list"][0]["shards"]),
+                           kind="ceiling", **limits))
         del online_loader, stock_loader  # their persistent workers end here, with the temporary caches
     online_rate = next(r.rate for r in rows if r.name.startswith("online"))
     return {"config": {"cache": str(cache), "batch_size": batch_size, "workers": loader_workers,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import torch
 from PIL import Image
 
 from tests.cachegen.conftest import assert_one_line_error, run_cli
@@ -26,6 +27,10 @@ def test_bench_json_has_every_row_and_field(build, tmp_path):
     names = [r["name"] for r in data["rows"]]
     assert names[0].startswith("model alone")
     assert [any(n.startswith(prefix) for n in names) for prefix in ROWS] == [True] * len(ROWS)
+    if torch.get_num_threads() > 1:  # the one-thread rows beside the same rows with torch's threads
+        threads = torch.get_num_threads()
+        assert f"cachegen LiveLoader, batched on cpu ({threads} threads, no workers)" in names
+        assert "model alone, 1 thread (synthetic batch on device)" in names
     online = next(r for r in data["rows"] if r["name"].startswith("online"))
     for row in data["rows"]:
         assert row["images"] >= 300 and row["seconds"] >= 0.2 and row["images_per_s"] > 0 and row["cpu_percent"] >= 0
