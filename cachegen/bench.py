@@ -137,36 +137,33 @@ def _timed(name: str, passes: Callable[[], Iterable], *, min_images: int, min_se
                kind=kind)
 
 
-# On a CPU the batched row runs twice: with torch's threads, and with one. On a loaded machine
-# (other jobs on the cores) torch's intra-op thread pool spins at its barriers, and batched ops can
-# run many times faster with one thread than with two; one thread in one process is also the
-# fewest cores of any row. Both are shown so that neither hides the other; with --model, the model
-# alone is measured both ways too.
-BATCHED_CPU = "1 thread, no workers"
+# On a CPU the rows that compute in this process (CachedLoader, the batched live row; with --model
+# the model alone) run twice: with torch's threads, and with one. On a loaded machine (other jobs
+# on the cores) torch's intra-op thread pool spins at its barriers, and its ops can run many times
+# faster with one thread than with two; one thread in one process is also the fewest cores of any
+# row. Both are shown so that neither hides the other.
 ONE_THREAD = "1 thread"  # a row whose name says this runs with torch.set_num_threads(1)
 
 
-def _batched_rows(dev: torch.device, loader) -> list[tuple[str, Callable]]:
-    """The device-augmented live row(s): once on a GPU; on a CPU with torch's threads and with one."""
-    if dev.type != "cpu":
-        return [(f"cachegen LiveLoader, batched on {dev.type} (no workers)", lambda: loader)]
+def _in_process_rows(name: str, detail: str, dev: torch.device, make: Callable) -> list[tuple[str, Callable]]:
+    """`name (detail)` once on a GPU; on a CPU with torch's threads and with one."""
+    def named(threads: str) -> str:
+        said = ", ".join(filter(None, [threads, detail]))
+        return f"{name} ({said})" if said else name
+
     threads = torch.get_num_threads()
-    rows = [(f"cachegen LiveLoader, batched on cpu ({threads} threads, no workers)", lambda: loader)] \
-        if threads > 1 else []
-    return rows + [(f"cachegen LiveLoader, batched on cpu ({BATCHED_CPU})", lambda: loader)]
+    if dev.type != "cpu" or threads == 1:
+        return [(named(ONE_THREAD if dev.type == "cpu" else ""), make)]
+    return [(named(f"{threads} threads"), make), (named(ONE_THREAD), make)]
 
 
 def _model_rows(step, dev: torch.device, shape, batch_size: int) -> list[tuple[str, Callable]]:
-    """The model alone on one synthetic batch already in place (warmed up): its own limit; on a CPU
-    with one thread too, the reference of the one-thread rows."""
+    """The model alone on one synthetic batch already in place (warmed up): its own limit."""
     h, w, c = shape
     synthetic = (torch.randn(batch_size, c, h, w, device=dev), torch.zeros(batch_size, dtype=torch.int64, device=dev))
     for _ in range(3):
         step(*synthetic)
-    rows = [("model alone (synthetic batch on device)", lambda: iter(lambda: synthetic, None))]
-    if dev.type == "cpu" and torch.get_num_threads() > 1:
-        rows.append((f"model alone, {ONE_THREAD} (synthetic batch on device)", lambda: iter(lambda: synthetic, None)))
-    return rows
+    return _in_process_rows("model alone", "synthetic batch on device", dev, lambda: iter(lambda: synthetic, None))
 
 
 @contextmanager
@@ -282,9 +279,10 @@ def run_bench(cache: Path | None, *, batch_size: int = 256, workers: int | None 
         for path in shards:  # warm the page cache: every row reads from memory
             Path(path).read_bytes()
         runs = [*(_model_rows(step, dev, shape, batch_size) if step is not None else []),
-                ("cachegen CachedLoader", lambda: cached_loader),
+                *_in_process_rows("cachegen CachedLoader", "", dev, lambda: cached_loader),
                 (f"cachegen LiveLoader, per sample ({loader_workers} workers)", lambda: live_loader),
-                *_batched_rows(dev, device_loader),
+                *_in_process_rows(f"cachegen LiveLoader, batched on {dev.type}", "no workers", dev,
+                                  lambda: device_loader),
                 (f"online: torchvision DataLoader ({loader_workers} workers)", online),
                 (f"stock webdataset ({loader_workers} workers)", stock_webdataset)]
         online_setup = describe_loader(online_loader)
@@ -321,13 +319,15 @@ def format_table(result: dict) -> str:
              "per-sample live and webdataset rows use as many workers)",
              c["machine"], ""]
 
+    width = max(len(r["name"]) for r in result["rows"])
+
     def table(rows: list[dict], with_model: bool) -> list[str]:
-        head = f"{'':58s} {'img/s':>9s} {'MB/s':>8s} {'x online':>9s} {'CPU %':>7s}"
+        head = f"{'':{width}s} {'img/s':>9s} {'MB/s':>8s} {'x online':>9s} {'CPU %':>7s}"
         head += f" {'data wait':>10s}" if with_model else ""
         out = [head + f" {'images':>8s} {'s':>6s}"]
         for r in rows:
             ratio = f"{r['ratio_to_online']:9.2f}" if r["ratio_to_online"] is not None else f"{'-':>9s}"
-            line = f"{r['name']:58s} {r['images_per_s']:9.0f} {r['mb_per_s']:8.1f} {ratio} {r['cpu_percent']:7.0f}"
+            line = f"{r['name']:{width}s} {r['images_per_s']:9.0f} {r['mb_per_s']:8.1f} {ratio} {r['cpu_percent']:7.0f}"
             if with_model:
                 line += f" {r['data_wait'] * 100:9.0f}%" if r["data_wait"] is not None else f" {'':>10s}"
             out.append(line + f" {r['images']:8d} {r['seconds']:6.1f}")

@@ -84,7 +84,7 @@ def main() -> None:
                  f"({args.workers} workers)", lambda: ((normalize(x), y) for x, y in baseline)),
                 (f"live, per sample: stored uint8, PIL in {args.workers} workers", lambda: per_sample),
                 (f"live, batched on {dev.type}: stored uint8, Kornia, no workers", lambda: batched)]
-        if dev.type == "cpu":  # torch's default threads, and one (see cachegen.bench.BATCHED_CPU)
+        if dev.type == "cpu":  # torch's default threads, and one (see cachegen.bench.ONE_THREAD)
             rows.append(("live, batched on cpu: stored uint8, Kornia, 1 thread", lambda: batched))
         print(f"{args.images} JPEGs 500x375 q90 -> --resize 256 -> imagenet preset at 224, batch {args.batch_size}, "
               f"device {dev}\n{machine_line()}\nonline row: {describe_loader(baseline)} (the per-sample live row "

@@ -30,7 +30,9 @@ def test_bench_json_has_every_row_and_field(build, tmp_path):
     if torch.get_num_threads() > 1:  # the one-thread rows beside the same rows with torch's threads
         threads = torch.get_num_threads()
         assert f"cachegen LiveLoader, batched on cpu ({threads} threads, no workers)" in names
-        assert "model alone, 1 thread (synthetic batch on device)" in names
+        assert "model alone (1 thread, synthetic batch on device)" in names
+        assert [n for n in names if n.startswith("cachegen CachedLoader")] == [
+            f"cachegen CachedLoader ({threads} threads)", "cachegen CachedLoader (1 thread)"]
     online = next(r for r in data["rows"] if r["name"].startswith("online"))
     for row in data["rows"]:
         assert row["images"] >= 300 and row["seconds"] >= 0.2 and row["images_per_s"] > 0 and row["cpu_percent"] >= 0
