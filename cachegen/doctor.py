@@ -72,9 +72,10 @@ def machine_line() -> str:
 
     c = cores()
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    threads = torch.get_num_threads()
     load = f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""  # others' jobs too
     return (f"machine: {cpu_model()}, {c['usable']} of {c['machine']} cores usable{load}, torch {torch.__version__} "
-            f"with {torch.get_num_threads()} threads, {gpu}")
+            f"with {threads} thread{'s' * (threads != 1)}, {gpu}")
 
 
 def folder_bytes(root: Path) -> int:

@@ -72,7 +72,7 @@ def test_bench_table_explains_itself_and_keeps_the_ceiling_apart(build):
     assert "plain read()" not in table and "model alone" in table and "data wait" in table
     # The baseline as a careful user sets it up, said in the output; and where it ran.
     assert "online row: torchvision DataLoader, 1 worker, persistent, pin_memory=False" in table
-    assert "\nmachine: " in table and " cores usable, load average " in table and " threads, " in table
+    assert "\nmachine: " in table and " cores usable, load average " in table and " thread" in table
     ceiling, _, columns = rest.partition("\ncolumns:")
     assert "plain read() of the shards" in ceiling
     for column in ("img/s", "MB/s", "x online", "CPU %", "data wait", "images", "s "):
