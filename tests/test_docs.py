@@ -44,11 +44,18 @@ def test_readme_command_one_installs_the_core_and_builds():
     assert '".[test]"' in second and "pytest" in second
 
 
-def relative_links(page: Path) -> list[str]:
-    """Targets of the page's Markdown links and images that are neither URLs nor anchors."""
+def relative_links(page: Path, *, anchors: bool = False) -> list[str]:
+    """Targets of the page's Markdown links and images that are neither URLs nor anchors of the
+    page itself (with `anchors`, each with its #anchor, where it has one)."""
     text = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.M | re.S)  # not inside code blocks
     targets = re.findall(r"\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)", text)
-    return [t.split("#")[0] for t in targets if not re.match(r"[a-z][a-z0-9+.-]*:|#", t)]
+    return [t if anchors else t.split("#")[0] for t in targets if not re.match(r"[a-z][a-z0-9+.-]*:|#", t)]
+
+
+def heading_anchors(page: Path) -> set[str]:
+    """The anchors GitHub gives a page's headings: lower case, punctuation dropped, spaces as '-'."""
+    text = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.M | re.S)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in re.findall(r"^#+ (.*)$", text, re.M)}
 
 
 def test_every_relative_link_in_the_readme_and_docs_resolves():
@@ -63,10 +70,22 @@ def test_every_relative_link_in_the_readme_and_docs_resolves():
     assert not missing, missing
 
 
+def test_every_anchor_into_another_page_names_one_of_its_headings():
+    broken = []
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for target in relative_links(page, anchors=True):
+            path, _, anchor = target.partition("#")
+            if anchor and (page.parent / path).exists() and anchor not in heading_anchors(page.parent / path):
+                broken.append(f"{page.relative_to(ROOT)} -> {target}")
+    assert not broken, broken
+
+
 def test_the_link_check_sees_a_broken_link(tmp_path):
     page = tmp_path / "page.md"
     page.write_text("[a](docs/x.md) [b](https://example.com) [c](#top) ![d](img.png \"t\")\n```\n[e](no.md)\n```\n")
     assert relative_links(page) == ["docs/x.md", "img.png"]
+    page.write_text("# A page: its `title`\n## Build on the device\n")
+    assert heading_anchors(page) == {"a-page-its-title", "build-on-the-device"}
 
 
 def example_outputs() -> set[str]:
