@@ -26,11 +26,10 @@ from torch.utils.data import get_worker_info
 from torchvision import transforms as T
 
 from cacheformat import FormatError
+from cacheformat.manifest import transform_fingerprint as fingerprint  # noqa: F401 - re-exported
 from cacheformat.seeding import sample_seed
+from cacheaug.names import DETERMINISTIC, PRESETS, SCHEDULES  # noqa: F401 - re-exported
 
-PRESETS = ("cifar", "imagenet", "mnist", "val", "none")
-DETERMINISTIC = ("val", "none")  # presets written as one epoch
-SCHEDULES = ("constant", "linear")
 
 
 class TransformError(FormatError):
@@ -300,11 +299,6 @@ def make_transform(spec: str, *, epoch: int, epochs: int, size: int, schedule: s
             raise TransformError(f"transform factory {spec} returned {type(transform).__name__}, not a transform")
         return transform
     return _preset(spec, epoch, epochs, size, schedule)
-
-
-def fingerprint(spec: str, *, size: int, schedule: str) -> str:
-    """A hash naming the transform: its spec, output size and schedule."""
-    return hashlib.sha256(f"{spec}|{schedule}|{size}".encode()).hexdigest()
 
 
 def library_versions() -> dict[str, str]:

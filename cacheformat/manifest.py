@@ -7,6 +7,7 @@ shards (~250 bytes each), whatever the images and however many samples a shard h
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -317,6 +318,12 @@ def _shard(root: Path, entry: dict, fail, seen: set, npy_payload: int | None) ->
                       index_path=root / index_path(rel), index_bytes=index["bytes"], index_sha256=index["sha256"])
 
 
+def transform_fingerprint(spec: str, *, size: int, schedule: str) -> str:
+    """A hash naming the transform: its spec, output size and schedule (the manifest's
+    transform.fingerprint)."""
+    return hashlib.sha256(f"{spec}|{schedule}|{size}".encode()).hexdigest()
+
+
 def identity(meta: dict) -> dict:
     """What makes two builds the same cache."""
     return {k: meta.get(k) for k in IDENTITY_KEYS}
@@ -330,12 +337,20 @@ def describe_difference(old: dict, new: dict) -> str:
         if was == now:
             continue
         if isinstance(was, dict) and isinstance(now, dict):
-            parts = [f"{k} {was.get(k)} -> {now.get(k)}" if k != "factory_sha256" else "the factory's source file was edited"
-                     for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
-            out.append(f"{key} ({'; '.join(parts)})")
+            out.append(f"{key} ({'; '.join(_differing_options(was, now))})")
         else:
             out.append(key)
     return ", ".join(out) or "nothing"
+
+
+def _differing_options(was: dict, now: dict) -> list[str]:
+    """'spec cifar -> imagenet', ... for each key that differs. A fingerprint (64 hex digits) is named
+    only where nothing else differs: it then stands for the contents ('its contents changed')."""
+    keys = [k for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
+    named = [k for k in keys if k != "fingerprint"] or keys
+    return ["the factory's source file was edited" if k == "factory_sha256" else
+            "its contents changed (same options, other bytes)" if k == "fingerprint" else
+            f"{k} {was.get(k)} -> {now.get(k)}" for k in named]
 
 
 def _is_sha256(x: Any) -> bool:

@@ -22,7 +22,9 @@ from cachegen.build import build
 from cachegen.config import BuildConfig, default_workers, parse_device
 from cachegen.errors import CachegenError
 from cachegen.manifest import read_manifest
-from cachegen.online import online_dataset
+from cachegen.doctor import machine_line
+from cachegen.online import describe_loader, online_dataset
+from cachegen.online import online_loader as make_online_loader
 
 
 @dataclass
@@ -135,10 +137,33 @@ def _timed(name: str, passes: Callable[[], Iterable], *, min_images: int, min_se
                kind=kind)
 
 
-# The batched-on-the-CPU row runs torch with one thread: on a loaded machine (other jobs on the
-# cores) torch's intra-op thread pool spins at its barriers and batched ops ran ~19x slower with 2
-# threads than with 1 here; one thread in one process is also the fewest cores of any row.
-BATCHED_CPU = "1 thread, no workers"
+# On a CPU the rows that compute in this process (CachedLoader, the batched live row; with --model
+# the model alone) run twice: with torch's threads, and with one. On a loaded machine (other jobs
+# on the cores) torch's intra-op thread pool spins at its barriers, and its ops can run many times
+# faster with one thread than with two; one thread in one process is also the fewest cores of any
+# row. Both are shown so that neither hides the other.
+ONE_THREAD = "1 thread"  # a row whose name says this runs with torch.set_num_threads(1)
+
+
+def _in_process_rows(name: str, detail: str, dev: torch.device, make: Callable) -> list[tuple[str, Callable]]:
+    """`name (detail)` once on a GPU; on a CPU with torch's threads and with one."""
+    def named(threads: str) -> str:
+        said = ", ".join(filter(None, [threads, detail]))
+        return f"{name} ({said})" if said else name
+
+    threads = torch.get_num_threads()
+    if dev.type != "cpu" or threads == 1:
+        return [(named(ONE_THREAD if dev.type == "cpu" else ""), make)]
+    return [(named(f"{threads} threads"), make), (named(ONE_THREAD), make)]
+
+
+def _model_rows(step, dev: torch.device, shape, batch_size: int) -> list[tuple[str, Callable]]:
+    """The model alone on one synthetic batch already in place (warmed up): its own limit."""
+    h, w, c = shape
+    synthetic = (torch.randn(batch_size, c, h, w, device=dev), torch.zeros(batch_size, dtype=torch.int64, device=dev))
+    for _ in range(3):
+        step(*synthetic)
+    return _in_process_rows("model alone", "synthetic batch on device", dev, lambda: iter(lambda: synthetic, None))
 
 
 @contextmanager
@@ -151,6 +176,23 @@ def _one_thread(active: bool) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def _plain_read(shards: list[str], entries: list[dict]) -> Iterator[tuple[None, range]]:
+    """The ceiling: each shard's bytes read whole, as (None, its samples) per shard."""
+    for path, entry in zip(shards, entries):
+        with open(path, "rb") as f:
+            f.read()
+        yield None, range(entry["samples"])
+
+
+def _stock_loader(shards: list[str], encoding: str, batch_size: int, workers: int, dev: torch.device):
+    """Stock webdataset over the same shards, its workers kept and batches pinned as the online row's."""
+    import webdataset as wds
+
+    stock = wds.WebDataset(shards, shardshuffle=False, empty_check=False).decode().to_tuple(encoding, "cls")
+    return wds.WebLoader(stock.batched(batch_size), batch_size=None, num_workers=workers, persistent_workers=True,
+                         pin_memory=dev.type == "cuda")
 
 
 def _normalizer(mean, std, device):
@@ -230,55 +272,42 @@ def run_bench(cache: Path | None, *, batch_size: int = 256, workers: int | None 
         # The same live cache augmented in batches on the device (Kornia), no worker processes.
         device_loader = open_loader(live_dir, batch_size=batch_size, device=dev, seed=1, augment_on="device",
                                     factory=factory)
-        online_loader = torch.utils.data.DataLoader(online_ds, batch_size=batch_size, shuffle=True,
-                                                    num_workers=loader_workers, pin_memory=dev.type == "cuda",
-                                                    persistent_workers=False)
+        online_loader = make_online_loader(online_ds, batch_size=batch_size, workers=loader_workers, device=dev)
+        stock_loader = _stock_loader(shards, encoding, batch_size, loader_workers, dev)
 
         def online():
             return ((normalize(x), y) for x, y in online_loader)
 
         def stock_webdataset():
-            import webdataset as wds
-            ds = wds.WebDataset(shards, shardshuffle=False, empty_check=False).decode().to_tuple(encoding, "cls")
-            loader = wds.WebLoader(ds.batched(batch_size), batch_size=None, num_workers=loader_workers)
-            return ((normalize(torch.as_tensor(x).permute(0, 3, 1, 2)), torch.as_tensor(y)) for x, y in loader)
-
-        def plain_read():
-            def gen():
-                for path, entry in zip(shards, m["epoch_list"][0]["shards"]):
-                    with open(path, "rb") as f:
-                        f.read()
-                    yield None, range(entry["samples"])
-            return gen()
+            return ((normalize(torch.as_tensor(x).permute(0, 3, 1, 2)), torch.as_tensor(y)) for x, y in stock_loader)
 
         for path in shards:  # warm the page cache: every row reads from memory
             Path(path).read_bytes()
-        runs = [("cachegen CachedLoader", lambda: cached_loader),
+        runs = [*(_model_rows(step, dev, shape, batch_size) if step is not None else []),
+                *_in_process_rows("cachegen CachedLoader", "", dev, lambda: cached_loader),
                 (f"cachegen LiveLoader, per sample ({loader_workers} workers)", lambda: live_loader),
-                (f"cachegen LiveLoader, batched on {dev.type} ({BATCHED_CPU if dev.type == 'cpu' else 'no workers'})",
-                 lambda: device_loader),
+                *_in_process_rows(f"cachegen LiveLoader, batched on {dev.type}", "no workers", dev,
+                                  lambda: device_loader),
                 (f"online: torchvision DataLoader ({loader_workers} workers)", online),
                 (f"stock webdataset ({loader_workers} workers)", stock_webdataset)]
-        if step is not None:  # warm the model up, and measure it alone on one batch already in place
-            c, h, w = shape[2], shape[0], shape[1]
-            synthetic = (torch.randn(batch_size, c, h, w, device=dev), torch.zeros(batch_size, dtype=torch.int64,
-                                                                                   device=dev))
-            for _ in range(3):
-                step(*synthetic)
-            runs.insert(0, ("model alone (synthetic batch on device)", lambda: iter(lambda: synthetic, None)))
+        online_setup = describe_loader(online_loader)
         rows = []
         limits = dict(min_images=images, min_seconds=min_seconds, warmup=warmup, image_bytes=image_bytes)
         for name, make in runs:
             progress(f"measuring {name} ...")
-            with _one_thread(BATCHED_CPU in name):
+            with _one_thread(ONE_THREAD in name):
                 rows.append(_timed(name, make, step=step, kind="model" if name.startswith("model") else "loader",
                                    **limits))
         progress("measuring plain read() of the shard bytes ...")
-        rows.append(_timed("plain read() of the shards", plain_read, kind="ceiling", **limits))
+        rows.append(_timed("plain read() of the shards", lambda: _plain_read(shards, m["epoch_list"][0]["shards"]),
+                           kind="ceiling", **limits))
+        del online_loader, stock_loader  # their persistent workers end here, with the temporary caches
     online_rate = next(r.rate for r in rows if r.name.startswith("online"))
     return {"config": {"cache": str(cache), "batch_size": batch_size, "workers": loader_workers,
                        "min_images": images, "min_seconds": min_seconds, "warmup_images": warmup,
-                       "device": str(dev), "model": model, "cpu_cores": default_workers(), "torch": torch.__version__},
+                       "device": str(dev), "model": model, "cpu_cores": default_workers(), "torch": torch.__version__,
+                       "torch_threads": torch.get_num_threads(), "online": online_setup,
+                       "machine": machine_line()},
             # The ceiling has no training step: with --model its ratio to online would compare unlike things.
             "rows": [r.as_dict(None if model and r.kind == "ceiling" else online_rate) for r in rows]}
 
@@ -290,15 +319,20 @@ def format_table(result: dict) -> str:
     lines = [f"batch {c['batch_size']}, device {c['device']}, {c['cpu_cores']} CPU cores"
              + (", with a training step" if model else ""),
              f"each row: {c['warmup_images']} images of warm-up (untimed), then passes repeated until at least "
-             f"{c['min_images']} images and {c['min_seconds']:g} s were timed", ""]
+             f"{c['min_images']} images and {c['min_seconds']:g} s were timed",
+             f"online row: torchvision DataLoader, {c['online']} (as a careful user sets it up; the "
+             "per-sample live and webdataset rows use as many workers)",
+             c["machine"], ""]
+
+    width = max(len(r["name"]) for r in result["rows"])
 
     def table(rows: list[dict], with_model: bool) -> list[str]:
-        head = f"{'':58s} {'img/s':>9s} {'MB/s':>8s} {'x online':>9s} {'CPU %':>7s}"
+        head = f"{'':{width}s} {'img/s':>9s} {'MB/s':>8s} {'x online':>9s} {'CPU %':>7s}"
         head += f" {'data wait':>10s}" if with_model else ""
         out = [head + f" {'images':>8s} {'s':>6s}"]
         for r in rows:
             ratio = f"{r['ratio_to_online']:9.2f}" if r["ratio_to_online"] is not None else f"{'-':>9s}"
-            line = f"{r['name']:58s} {r['images_per_s']:9.0f} {r['mb_per_s']:8.1f} {ratio} {r['cpu_percent']:7.0f}"
+            line = f"{r['name']:{width}s} {r['images_per_s']:9.0f} {r['mb_per_s']:8.1f} {ratio} {r['cpu_percent']:7.0f}"
             if with_model:
                 line += f" {r['data_wait'] * 100:9.0f}%" if r["data_wait"] is not None else f" {'':>10s}"
             out.append(line + f" {r['images']:8d} {r['seconds']:6.1f}")

@@ -41,7 +41,7 @@ from cachegen.manifest import (BUILD_STATE, FORMAT, FORMAT_VERSION, MANIFEST, de
                                write_manifest)
 from cachegen.shards import TMP_MARK, encode, index_shard, npy_header_bytes, write_shard
 from cachegen.sources import Source, open_source, printable
-from cachegen.stats import PixelStats, channel_stats, stats_of_cache
+from cachegen.stats import STATS_EPOCH, PixelStats, channel_stats, stats_of_cache
 from cacheaug.batched import augment_batch, batch_seed, make_batched, place
 from cacheaug.transforms import (augment, borrowed_rng, epoch_fingerprint, factory_sha256, fingerprint, is_random,
                                  library_versions, make_transform, own_rng, to_hwc_uint8)
@@ -49,7 +49,6 @@ from cacheaug.transforms import (augment, borrowed_rng, epoch_fingerprint, facto
 PROBES = 8  # source images probed for the channel count and --mode auto's size estimate
 SKIPPED = "skipped.txt"  # source index and name of each sample --on-error skip left out, one a line
 SHOW_SKIPPED = 20  # of them named on the console
-STATS_EPOCH = 0  # mean/std: the source images behind this epoch's shards (each sample once)
 TAR_BYTES_PER_SAMPLE = 1536  # two 512-byte headers and the padded label
 LOCK = ".cachegen-lock"  # in --out while a build runs: flock'ed, holding the builder's pid
 
@@ -395,6 +394,16 @@ def _choose_mode(config: BuildConfig, job: Job, n: int, epochs: int, probe_bytes
     return "live"
 
 
+def _warn_relative_factory(spec: str) -> None:
+    """A live cache imports its factory wherever it is read: a relative path works only from here."""
+    where, _, attr = spec.rpartition(":")
+    if where.endswith(".py") and not os.path.isabs(where):
+        absolute = f"{os.path.abspath(where)}:{attr}"
+        print(f"cachegen: warning: this live cache names its transform by a relative path ({spec}), which a "
+              f"reader resolves from its own current folder: read it from {printable(os.getcwd())}, or build with "
+              f"--transform {printable(absolute)} to read it from anywhere", file=sys.stderr)
+
+
 def _prepare_out(root: Path, meta: dict) -> dict | None:
     """Check the output folder against this build; return the existing manifest, if compatible."""
     manifest_path, state_path = root / MANIFEST, root / BUILD_STATE
@@ -596,10 +605,8 @@ def _build(config: BuildConfig) -> dict:
     if epochs != config.epochs and not config.quiet:
         print(f"cachegen: transform {spec} is deterministic: writing 1 epoch, not {config.epochs}")
     built = _built_epochs(config.out) if not config.overwrite else 0
-    if built > epochs:
-        epochs = built
-        if not config.quiet:
-            print(f"cachegen: {printable(str(config.out))} already holds {built} epochs; keeping them all")
+    kept_all = built > epochs  # said once the folder's cache is known to be this one (_prepare_out)
+    epochs = max(epochs, built)
     job = replace(job, spec=spec, epochs=epochs, size=size, channels=channels)
     augment_on = config.augment_on
     if augment_on == "auto" and ":" in spec:  # a factory's transform is per sample unless the user says otherwise
@@ -614,6 +621,8 @@ def _build(config: BuildConfig) -> dict:
     borrowed = stats_of_cache(config.stats_from, shape[2]) if config.stats_from else None  # refused before any work
     n = len(source)
     mode = _choose_mode(config, job, n, epochs, probe_bytes)
+    if mode == "live":
+        _warn_relative_factory(spec)
     stored_shape, encoding = (source_shape, "npy") if mode == "live" else (shape, config.encoding)
     if config.device and mode == "live":  # --mode auto chose live
         raise CachegenError(f"--mode auto chose a live cache (a cached one would exceed --max-cache-gb), augmented "
@@ -656,6 +665,8 @@ def _build(config: BuildConfig) -> dict:
         job = replace(job, root=root)
     else:
         root, previous = final, _prepare_out(final, meta)
+        if kept_all and not config.quiet:
+            print(f"cachegen: {printable(str(config.out))} already holds {built} epochs; keeping them all")
     write_json_atomic(root / BUILD_STATE, meta)
     _remove_temporaries(root)
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import functools
 import json
+import shutil
 from pathlib import Path
 
 import click
 
+from cachegen import __version__
 from cacheformat import FormatError
 from cacheformat.manifest import ENCODINGS
 
@@ -32,7 +34,7 @@ TRUST_HELP = ("Import and run the code the cache's manifest names (a module:fact
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="cachegen")
+@click.version_option(__version__, prog_name="cachegen")  # works from a checkout too
 def main() -> None:
     """Expand an image dataset into N augmented epochs of WebDataset shards, and inspect them."""
 
@@ -90,33 +92,47 @@ def main() -> None:
 @_one_line_errors
 def build(source, **options) -> None:
     """Write SOURCE (a folder, a .npz, cifar10:ROOT, ...; default: the built-in sample) as augmented epochs."""
-    from cachegen.build import build as run_build
     from cachegen.config import BuildConfig
-    from cachegen.inspect import describe
     from cachegen.remote import check_writable, is_url, stage_folder, upload
 
     url, stage = options["out"], options.pop("stage")
-    if not is_url(url):
-        url = None
-    else:
-        check_writable(url)
+    url = url if is_url(url) else None
+    temporary = url is not None and stage is None  # our own stage folder, removed once uploaded
+    if url is not None:
         stage = stage or stage_folder(url)
-    manifest = run_build(BuildConfig(source=source, **{**options, "out": stage if url else options["out"]}))
+    config = BuildConfig(source=source, **{**options, "out": stage if url else options["out"]})  # checked first
+    if url is not None:
+        check_writable(url)
+        if temporary and not options["quiet"]:
+            click.echo(f"cachegen: building in {click.format_filename(stage)}, then uploading to {url} (the local "
+                       "copy is removed once uploaded; --stage DIR keeps one)")
+    from cachegen.build import build as run_build  # imports torch: after the options are checked
+
+    manifest = run_build(config)
     if url is not None:
         sent = upload(stage, url, overwrite=options["overwrite"])
         if not options["quiet"]:
-            click.echo(f"cachegen: uploaded {sent} file(s) to {url} (built in {click.format_filename(stage)})")
+            kept = "; removing that local copy" if temporary else ""
+            click.echo(f"cachegen: uploaded {sent} file(s) to {url} (built in {click.format_filename(stage)}{kept})")
     if not options["quiet"]:
-        built = Path(stage if url else options["out"]).resolve()
-        where = url or str(built)
-        image = "x".join(map(str, manifest["output_shape"]))
-        size = sum(p.stat().st_size for p in built.rglob("*") if p.is_file())
-        loader = "CachedLoader" if manifest["mode"] == "cached" else "LiveLoader"
-        local = ", local='/scratch/cache'" if url else ""
-        click.echo(f"cachegen: {click.format_filename(where)}: {describe(manifest)}, {image} images, "
-                   f"{size / 1e6:.1f} MB")
-        click.echo(f"next: `cachegen info {click.format_filename(str(options['out']))}`, or read it with "
-                   f"readers.{loader}({where!r}, batch_size=256{local})")
+        _say_built(manifest, Path(stage if url else options["out"]).resolve(), url, options["out"])
+    if temporary:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _say_built(manifest: dict, built: Path, url: str | None, out: str) -> None:
+    """The build's last lines: what the cache holds, and how to look at it or read it."""
+    from cachegen.inspect import describe
+
+    where = url or str(built)
+    image = "x".join(map(str, manifest["output_shape"]))
+    size = sum(p.stat().st_size for p in built.rglob("*") if p.is_file())
+    loader = "CachedLoader" if manifest["mode"] == "cached" else "LiveLoader"
+    local = ", local='/scratch/cache'" if url else ""
+    click.echo(f"cachegen: {click.format_filename(where)}: {describe(manifest)}, {image} images, "
+               f"{size / 1e6:.1f} MB")
+    click.echo(f"next: `cachegen info {click.format_filename(str(out))}`, or read it with "
+               f"readers.{loader}({where!r}, batch_size=256{local})")
 
 
 @main.command()
@@ -135,7 +151,8 @@ def info(cache: str, as_json: bool) -> None:
         return
     click.echo(f"cache      {click.format_filename(cache)}  ({s['mode']}, format {s['format_version']})")
     click.echo(f"source     {s['source']['description']}  ({s['source']['num_samples']} samples)")
-    click.echo(f"transform  {s['transform']['spec']}  schedule={s['transform']['schedule']}  size={s['transform']['size']}"
+    # The images line gives the sizes: a preset's `size` is its output side, a factory may ignore it.
+    click.echo(f"transform  {s['transform']['spec']}  schedule={s['transform']['schedule']}"
                + (f"  augment_on={s['transform'].get('augment_on', 'cpu')}" if s["mode"] == "live" else ""))
     if ":" in s["transform"]["spec"]:
         digest = s["transform"].get("factory_sha256") or "not recorded (no source file)"
@@ -146,7 +163,8 @@ def info(cache: str, as_json: bool) -> None:
     click.echo(f"images     {s['image']['encoding']} {'x'.join(map(str, s['image']['shape']))} uint8"
                + (f", {'x'.join(map(str, s['output_shape']))} after augmentation" if s["mode"] == "live" else ""))
     click.echo(f"classes    {len(s['classes'])}: {', '.join(s['classes'][:10])}{' ...' if len(s['classes']) > 10 else ''}")
-    click.echo(f"mean/std   {[round(m, 4) for m in s['mean']]} / {[round(x, 4) for x in s['std']]}")
+    click.echo(f"mean/std   {[round(m, 4) for m in s['mean']]} / {[round(x, 4) for x in s['std']]}"
+               + (f"  (from {s['stats_from']})" if s.get("stats_from") else ""))
     if s["skipped"]:
         click.echo(f"skipped    {s['skipped']} unreadable source samples")
 
@@ -169,6 +187,18 @@ def verify(cache: str) -> None:
         raise click.ClickException(f"{len(problems)} of {checked} shards are bad; rebuild them by deleting "
                                    "them and re-running the build command")
     click.echo(f"ok: {checked} shards verified")
+
+
+@main.command()
+@click.argument("cache", default="cache", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def doctor(cache: Path, as_json: bool) -> None:
+    """What a bug report needs: versions, GPU, cores, memory and the disk at CACHE [default: ./cache],
+    and how the cache's size compares with the page cache that keeps it fast."""
+    from cachegen.doctor import format_report, report
+
+    r = report(cache)
+    click.echo(json.dumps(r, indent=2) if as_json else format_report(r))
 
 
 @main.command()

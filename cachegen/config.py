@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from PIL import Image
 
 from cachegen.errors import CachegenError
 from cacheformat.manifest import ENCODINGS
-from cacheaug.transforms import PRESETS, SCHEDULES
+from cacheaug.names import PRESETS, SCHEDULES
 from cacheformat.manifest import AUGMENT_ON
 from readers import split
+
+if TYPE_CHECKING:
+    import torch
 
 MAX_EPOCHS = 10_000  # epoch-0000 .. epoch-9999: folder names and sample keys have four digits
 # The largest --size/--resize: its square is PIL's decompression-bomb limit (9459 at 89.5M pixels);
@@ -69,7 +73,7 @@ class BuildConfig:
         if not 1 <= self.epochs <= MAX_EPOCHS:
             raise CachegenError(f"--epochs must be at least 1 and at most {MAX_EPOCHS}, got {self.epochs}")
         if self.transform != "auto" and self.transform not in PRESETS and ":" not in self.transform:
-            raise CachegenError(f"unknown --transform {self.transform!r}: use auto, "
+            raise CachegenError(f"unknown --transform {self.transform!r}{_did_you_mean(self.transform)}: use auto, "
                                 f"{', '.join(PRESETS)} or module:factory")
         if self.schedule not in SCHEDULES:
             raise CachegenError(f"unknown --schedule {self.schedule!r}: use {' or '.join(SCHEDULES)}")
@@ -114,9 +118,17 @@ class BuildConfig:
             object.__setattr__(self, "workers", default_workers())
 
 
+def _did_you_mean(name: str) -> str:
+    """' (did you mean cifar?)' for a near miss of a preset, else ''."""
+    close = difflib.get_close_matches(name.lower(), ["auto", *PRESETS], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
 def parse_device(name: str | None) -> torch.device:
     """--device as a torch.device that works here (None: cuda if torch sees one, else cpu); a
     one-line error for a bad name or a missing GPU."""
+    import torch  # only here: checking the other options needs no torch (a fast one-line error)
+
     if not name:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

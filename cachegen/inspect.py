@@ -10,12 +10,11 @@ import numpy as np
 from cacheformat import FormatError
 from cacheformat.index import read_index
 from cacheformat.layout import epoch_shards, source_pass
-from cachegen.build import STATS_EPOCH
 from cachegen.errors import CachegenError
 from cachegen.manifest import MANIFEST, Manifest, load_manifest
 from cachegen.shards import check_shard, index_shard
-from cachegen.stats import channel_stats
-from cacheaug.transforms import fingerprint
+from cachegen.stats import STATS_EPOCH, channel_stats
+from cacheformat.manifest import transform_fingerprint
 
 
 def all_shards(manifest: dict) -> list[dict]:
@@ -27,13 +26,18 @@ def samples_per_epoch(manifest: dict) -> int:
     return manifest["source"]["num_samples"] - len(manifest["skipped"])
 
 
+def _plural(count: int, noun: str) -> str:
+    return noun if count == 1 else f"{noun}s"
+
+
 def describe(manifest: dict) -> str:
     """One line: what the cache holds."""
     where = {"cpu": "cpu: per sample", "device": "device: in batches on the loader's device",
              "auto": "auto: in batches on a GPU, else per sample"}
-    kind = "augmented epochs" if manifest["mode"] == "cached" else \
-        f"epochs, augmented live ({where[manifest['transform'].get('augment_on', 'cpu')]})"
-    return (f"{manifest['epochs']} {kind}, {len(all_shards(manifest))} shards, "
+    epochs, shards = manifest["epochs"], len(all_shards(manifest))
+    kind = f"{epochs} augmented {_plural(epochs, 'epoch')}" if manifest["mode"] == "cached" else \
+        f"{epochs} {_plural(epochs, 'epoch')}, augmented live ({where[manifest['transform'].get('augment_on', 'cpu')]})"
+    return (f"{kind}, {shards} {_plural(shards, 'shard')}, "
             f"{samples_per_epoch(manifest)} samples per epoch")
 
 
@@ -45,7 +49,7 @@ def summary(root: Path) -> dict:
             "output_shape", "classes", "mean", "std")
     return {**{k: m[k] for k in keep}, "contents": describe(m), "samples_per_epoch": samples_per_epoch(m),
             "shards": len(shards), "bytes": sum(s["bytes"] + s["index"]["bytes"] for s in shards),
-            "skipped": len(m["skipped"])}
+            "skipped": len(m["skipped"]), **({"stats_from": m["stats_from"]} if "stats_from" in m else {})}
 
 
 def _layout(m: Manifest) -> list[tuple[str, tuple, list[np.ndarray]]]:
@@ -64,7 +68,7 @@ def _manifest_problem(m: Manifest) -> str | None:
     if "stats_from" not in raw and list(channel_stats(stats, m.output_shape[2])) != [raw["mean"], raw["std"]]:
         return "mean/std disagree with the shards' pixel sums"
     t = raw["transform"]
-    if fingerprint(t["spec"], size=t["size"], schedule=t["schedule"]) != t["fingerprint"]:
+    if transform_fingerprint(t["spec"], size=t["size"], schedule=t["schedule"]) != t["fingerprint"]:
         return "the transform disagrees with its fingerprint"
     return None
 

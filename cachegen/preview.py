@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 from torchvision.transforms import functional as F
-from torchvision.utils import make_grid, save_image
+from torchvision.utils import make_grid
 
 from cachegen.build import Job, _Augmenter
 from cacheaug.batched import augment_batch, batch_seed, make_batched
@@ -20,6 +20,10 @@ from cachegen.manifest import Manifest, load_manifest
 from cachegen.shards import read_image
 from cachegen.sources import open_source
 from cachegen.trust import trusted_factory
+
+MIN_TILE = 96  # pixels: smaller images are scaled up by a whole factor to at least this
+PAD = 2  # pixels between tiles
+LABEL_HEIGHT = 14  # the strip above the grid that names the columns
 
 
 def _indexed(m: Manifest, shards) -> list[dict]:
@@ -113,11 +117,8 @@ def preview(root: Path, out: Path, *, samples: int = 6, epochs: int = 8, trust_c
             tiles.append(F.resize(_chw(originals[row], c), [h, w], antialias=True))
         tiles += [_chw(x, c) for x in columns[row]]
     per_row = shown + (originals is not None)
-    grid = make_grid(torch.stack(tiles).float() / 255, nrow=per_row, padding=2, pad_value=1.0)
-    try:
-        save_image(grid, out)
-    except (OSError, ValueError) as e:
-        raise CachegenError(f"cannot write {out}: {e}; give a writable path ending in .png") from None
+    labels = (["original"] if originals is not None else []) + [f"epoch {e}" for e in range(shown)]
+    _save(_labelled(_grid(tiles, per_row), labels, tile_width=w * scale_for(h, w)), out)
     return len(indices), per_row
 
 
@@ -141,6 +142,37 @@ def _per_sample(m: Manifest, stored: _Stored, indices: list[int], shown: int,
                                 f"{m.output_shape} in epoch {e}: it is not the transform the cache was built with")
         columns.append(column)
     return [list(row) for row in zip(*columns)]
+
+
+def scale_for(h: int, w: int) -> int:
+    """The whole factor small images are drawn at: tiles at least MIN_TILE pixels on their longer
+    side (a 32 px cache is drawn at 3x), each pixel a square of pixels (nearest: nothing blurred)."""
+    return max(1, -(-MIN_TILE // max(h, w)))
+
+
+def _grid(tiles: list[torch.Tensor], per_row: int) -> Image.Image:
+    """The tiles (CHW uint8), scaled up by `scale_for`, in rows of `per_row`, PAD pixels apart."""
+    k = scale_for(*tiles[0].shape[1:])
+    big = torch.stack(tiles).repeat_interleave(k, dim=2).repeat_interleave(k, dim=3)
+    grid = make_grid(big, nrow=per_row, padding=PAD, pad_value=255)
+    return Image.fromarray(grid.permute(1, 2, 0).numpy())
+
+
+def _labelled(grid: Image.Image, labels: list[str], tile_width: int) -> Image.Image:
+    """`grid` below a strip naming each column: the original, then each epoch."""
+    out = Image.new("RGB", (grid.width, grid.height + LABEL_HEIGHT), "white")
+    out.paste(grid, (0, LABEL_HEIGHT))
+    draw = ImageDraw.Draw(out)
+    for column, label in enumerate(labels):
+        draw.text((PAD + column * (tile_width + PAD), 2), label, fill="black")
+    return out
+
+
+def _save(image: Image.Image, out: Path) -> None:
+    try:
+        image.save(out)
+    except (OSError, ValueError, KeyError) as e:
+        raise CachegenError(f"cannot write {out}: {e}; give a writable path ending in .png") from None
 
 
 def _batched(m: Manifest, epoch: int, images: list[np.ndarray], factory: CacheFactory | None) -> list[np.ndarray]:

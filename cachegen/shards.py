@@ -12,8 +12,6 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
-import torch
-from torchvision.io import encode_jpeg, encode_png
 
 from cacheformat import FormatError
 from cacheformat.layout import TMP_MARK, padded, sample_key, tar_bytes
@@ -35,6 +33,9 @@ def encode(image: np.ndarray, encoding: str) -> bytes:
     """Encode one HWC uint8 image; deterministic for every encoding."""
     if encoding == "npy":  # a standard .npy file: the header numpy writes, then the raw pixels
         return _npy_header(image.shape) + image.tobytes()
+    import torch  # png/jpg only: reading or verifying an npy cache needs no torch (`cachegen verify`)
+    from torchvision.io import encode_jpeg, encode_png
+
     chw = torch.from_numpy(image.copy()).permute(2, 0, 1)  # a writable copy: torch wants one
     if encoding == "png":
         return encode_png(chw).numpy().tobytes()

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+STATS_EPOCH = 0  # mean/std: the source images behind this epoch's shards (each sample once)
+
 
 class PixelStats:
     """Sums of pixels and squared pixels per channel, over images of any size.

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cachegen.doctor import machine_line
 from cachegen.sample import make_sample
 
 HERE = Path(__file__).resolve().parent
@@ -29,6 +30,11 @@ HERE = Path(__file__).resolve().parent
 
 def sh(*args: str) -> None:
     subprocess.run(args, check=True)
+
+
+def cachegen(*args: str) -> None:
+    """`cachegen ARGS` with this interpreter: works from a checkout as from an install."""
+    sh(sys.executable, "-m", "cachegen", *args)
 
 
 def main() -> None:
@@ -58,19 +64,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="cachegen-acc-") as tmp:
         tmp = Path(tmp)
         results = tmp / "results.jsonl"
-        sh("cachegen", "build", "--split", "test", "--transform", "val", "--out", str(tmp / "val"), "--quiet")
+        cachegen("build", "--split", "test", "--transform", "val", "--out", str(tmp / "val"), "--quiet")
         source = tmp / "train.npz"
         images, labels, classes = make_sample()
         np.savez(source, images=images[:args.train_size], labels=labels[:args.train_size], classes=np.array(classes))
         caches = {}
         for n in sorted({n for loader, n, _ in runs if loader != "live"}, reverse=True):
             caches[n] = tmp / f"cache-{n}"
-            sh("cachegen", "build", str(source), "--epochs", str(n), "--out", str(caches[n]), "--quiet",
+            cachegen("build", str(source), "--epochs", str(n), "--out", str(caches[n]), "--quiet",
                "--transform", "cifar")
         if any(loader == "live" for loader, _, _ in runs):
             # augmented in batches on the loader's device (Kornia), fresh every epoch
             caches["live"] = tmp / "live-device"
-            sh("cachegen", "build", str(source), "--epochs", str(E), "--out", str(caches["live"]), "--quiet",
+            cachegen("build", str(source), "--epochs", str(E), "--out", str(caches["live"]), "--quiet",
                "--transform", "cifar", "--mode", "live", "--augment-on", "device")
         mixing = ["--mixup", str(args.mixup), "--cutmix", str(args.cutmix)]
         for seed in range(args.seeds):
@@ -82,7 +88,8 @@ def main() -> None:
                    "--tag", _tag(loader, n, mixed), *(mixing if mixed else []))
         rows = [json.loads(line) for line in results.read_text().splitlines()]
     print(f"\nval accuracy after {E} epochs, mean ± std over {args.seeds} seeds "
-          f"(built-in sample: {args.train_size} train / 1000 test images, small ResNet width {args.width})")
+          f"(built-in sample: {args.train_size} train / 1000 test images, small ResNet width {args.width}); "
+          f"online and live loaders with {args.workers} worker(s), kept across epochs\n{machine_line()}")
     for loader, n, mixed in runs:
         accs = [r["accuracy"] * 100 for r in rows if r["tag"] == _tag(loader, n, mixed)]
         label = {"online": "online (fresh every epoch)", "live": "live, batched on the device"}.get(

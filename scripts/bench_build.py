@@ -16,9 +16,7 @@ machine hits every row alike. Prints:
            the per-sample build (goal >= 3x): whole builds with 2 workers, fixed costs included; and
            the marginal cost per image (the per-shard path, 1 worker), what a large build approaches
   store    `cachegen build --transform none` (store as is, 1 worker) of WRITE_IMAGES CIFAR-shaped
-           images from an .npz, whole command, vs a plain np.save of the same array (the floor);
-           FFCV's, LitData's and Mosaic's writers on the same 20000 images are quoted from issue 9
-           (measured there, not here)
+           images from an .npz, whole command, vs a plain np.save of the same array (the floor)
 
 Usage: python scripts/bench_build.py [--epochs 4] [--repeats 5] [--write-images 20000]
 """
@@ -38,6 +36,7 @@ import numpy as np
 import torch
 
 import cachegen.build
+from cachegen.doctor import machine_line
 from cachegen.build import build
 from cachegen.config import BuildConfig
 from cachegen.sample import SAMPLE_SIZE, make_sample
@@ -45,8 +44,6 @@ from cachegen.sources import open_source
 from cacheaug.transforms import make_transform, seed_sample, to_hwc_uint8
 
 GOAL_OVERHEAD = 1.2
-# Issue 9: the same 20000 CIFAR images, identity transform, 1 process (seconds; not measured here).
-PEERS = {"FFCV": 0.97, "LitData": 1.24, "Mosaic": 0.64, "np.save (issue's run)": 0.21}
 
 
 def bare_transform(epochs: int) -> tuple[float, float]:
@@ -160,7 +157,7 @@ def main() -> None:
 
     med = {k: statistics.median(v) for k, v in seconds.items()}
     print(f"{n} CIFAR-shaped images per row (built-in sample, cifar preset, 32 px), "
-          f"medians of {args.repeats} interleaved runs")
+          f"medians of {args.repeats} interleaved runs\n{machine_line()}")
     for left, right in (("bare transform (1 process)", "bare transform (2 processes)"),
                         ("build --workers 1", "build --workers 2")):
         print(f"  {left:28s} {n / med[left]:7.0f} img/s     {right:28s} {n / med[right]:7.0f} img/s")
@@ -186,8 +183,7 @@ def main() -> None:
           f"(CPU time {med['build --transform none, CPU time']:.2f} s)")
     print(f"  np.save of the same array           {med['np.save']:5.2f} s   "
           f"(np.save + fsync {med['np.save + fsync']:.2f} s: build is {ratio('build --transform none', 'np.save + fsync')})")
-    print("  issue 9's figures for the same 20000 images, measured there (reference only): "
-          + ", ".join(f"{k} {v:.2f} s" for k, v in PEERS.items()))
+
 
 if __name__ == "__main__":
     main()

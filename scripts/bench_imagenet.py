@@ -1,4 +1,4 @@
-"""ImageNet-shaped live-mode comparison, side by side in one run (issue 10, item 4):
+"""ImageNet-shaped live-mode comparison, side by side in one run:
 
     python scripts/bench_imagenet.py [--images 1000] [--workers N] [--min-images 2000] [--min-seconds 5]
 
@@ -22,14 +22,14 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cachegen.bench import _normalizer, _one_thread, _timed  # noqa: E402
 from cachegen.build import build  # noqa: E402
 from cachegen.config import BuildConfig, default_workers, parse_device  # noqa: E402
-from cachegen.online import online_dataset  # noqa: E402
+from cachegen.doctor import machine_line  # noqa: E402
+from cachegen.online import describe_loader, online_dataset, online_loader  # noqa: E402
 from readers import LiveLoader  # noqa: E402
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field")
@@ -78,22 +78,23 @@ def main() -> None:
         per_sample = LiveLoader(live, workers=args.workers, augment_on="cpu", **options)
         batched = LiveLoader(live, augment_on="device", **options)
         normalize = _normalizer(per_sample.mean, per_sample.std, dev)
-        online_loader = torch.utils.data.DataLoader(online_dataset(live), batch_size=args.batch_size, shuffle=True,
-                                                    num_workers=args.workers, pin_memory=dev.type == "cuda")
+        baseline = online_loader(online_dataset(live), batch_size=args.batch_size, workers=args.workers, device=dev)
         rows = [("online: torchvision DataLoader, decode + resize + augment "
-                 f"({args.workers} workers)", lambda: ((normalize(x), y) for x, y in online_loader)),
+                 f"({args.workers} workers)", lambda: ((normalize(x), y) for x, y in baseline)),
                 (f"live, per sample: stored uint8, PIL in {args.workers} workers", lambda: per_sample),
                 (f"live, batched on {dev.type}: stored uint8, Kornia, no workers", lambda: batched)]
-        if dev.type == "cpu":  # torch's default threads, and one (see cachegen.bench.BATCHED_CPU)
+        if dev.type == "cpu":  # torch's default threads, and one (see cachegen.bench.ONE_THREAD)
             rows.append(("live, batched on cpu: stored uint8, Kornia, 1 thread", lambda: batched))
         print(f"{args.images} JPEGs 500x375 q90 -> --resize 256 -> imagenet preset at 224, batch {args.batch_size}, "
-              f"device {dev}, {default_workers()} cores, torch {torch.__version__}", flush=True)
+              f"device {dev}\n{machine_line()}\nonline row: {describe_loader(baseline)} (the per-sample live row "
+              f"uses as many workers)", flush=True)
         results = []
         for name, make in rows:
             with _one_thread(name.endswith("1 thread")):
                 results.append(_timed(name, make, min_images=args.min_images, min_seconds=args.min_seconds,
                                       warmup=args.warmup, image_bytes=224 * 224 * 3))
             print(f"  measured {name}", file=sys.stderr, flush=True)
+        del baseline  # its persistent workers end here, before the temporary folder goes
     online = results[0].rate
     for r in results:
         print(f"  {r.name:<68} {r.rate:>8,.0f} img/s  {r.rate / online:5.2f}x online  "

@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch import nn
 
 from cacheformat import FormatError
-from cachegen.online import online_dataset
+from cachegen.online import online_dataset, online_loader
 from readers import CachedLoader, ReaderError, load_manifest, open_loader
 from readers.device import resolve_device
 from readers.split import default_workers, local_world_size
@@ -67,9 +67,8 @@ class OnlineLoader:
         self.dataset = online_dataset(cache, trust_code=trust_code)
         self.sampler = torch.utils.data.DistributedSampler(self.dataset, num_replicas=world_size, rank=rank,
                                                            shuffle=True, seed=seed)
-        self.loader = torch.utils.data.DataLoader(self.dataset, batch_size=batch_size, sampler=self.sampler,
-                                                  num_workers=workers, persistent_workers=False,
-                                                  pin_memory=device.type == "cuda")
+        self.loader = online_loader(self.dataset, batch_size=batch_size, workers=workers, device=device,
+                                    sampler=self.sampler)  # persistent workers, pinned on CUDA
         self.device = device
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.scale = torch.tensor([1 / (255 * s) for s in std], device=device).view(1, -1, 1, 1)
@@ -113,6 +112,15 @@ def mixing(mixup: float, cutmix: float, classes: int):
     if not chosen:
         return None
     return chosen[0] if len(chosen) == 1 else v2.RandomChoice(chosen)
+
+
+def one_cycle(opt: torch.optim.Optimizer, max_lr: float, steps: int):
+    """OneCycleLR, warming up over 20% of the steps, each phase at least one step long: with fewer
+    than 8 steps (a `--max-steps 5` smoke run) 20% is under one step, and OneCycleLR divides by
+    zero. A single step keeps the optimizer's rate."""
+    if steps < 2:
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=max_lr, total_steps=steps, pct_start=max(0.2, 1.5 / steps))
 
 
 def main() -> None:
@@ -208,7 +216,7 @@ def main() -> None:
     if args.max_steps:
         steps = min(steps, args.max_steps)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=steps, pct_start=0.2)
+    sched = one_cycle(opt, args.lr, steps)
     loss_fn = nn.CrossEntropyLoss()  # soft targets (B, classes) after --mixup/--cutmix: soft-target cross-entropy
 
     step = 0

@@ -43,6 +43,37 @@ def test_train_one_epoch(caches, loader):
     assert result["loader"] == loader and result["tag"] == loader and 0.0 <= result["accuracy"] <= 1.0
 
 
+@pytest.mark.parametrize("steps", [1, 2, 3, 5, 7, 8, 13])
+def test_train_schedule_runs_any_number_of_steps(steps):
+    """OneCycleLR with pct_start=0.2 divides by zero at 5 steps or fewer than 8: train.py's does not."""
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("train_script", ROOT / "scripts" / "train.py")
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    sched = train.one_cycle(opt, 0.1, steps)
+    rates = []  # the rate each step trains with
+    for _ in range(steps):
+        rates.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert all(0 < r <= 0.1 + 1e-12 for r in rates)
+    if steps >= 3:  # up, then down
+        assert rates[0] < max(rates) > rates[-1]
+
+
+def test_train_max_steps_5(caches):
+    """One epoch of a small folder at batch 128, or --max-steps 5: five steps end with an accuracy."""
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), "--cache", str(caches / "cached"),
+                           "--val", str(caches / "val"), "--epochs", "2", "--batch-size", "16", "--width", "4",
+                           "--max-steps", "5", "--device", "cpu"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "5 steps" in done.stdout
+
+
 def _script(name: str, *args, cwd: Path) -> subprocess.CompletedProcess:
     done = subprocess.run([sys.executable, str(ROOT / "scripts" / name), *map(str, args)], cwd=cwd,
                           capture_output=True, text=True, timeout=300)
@@ -141,6 +172,8 @@ def test_bench_imagenet_measures_its_three_rows(tmp_path):
     assert [r.split(":")[0].strip() for r in rows] == ["online", "live, per sample", "live, batched on cpu",
                                                        "live, batched on cpu"]
     assert "1.00x online" in rows[0] and rows[3].rstrip().endswith("s)")
+    assert "online row: 1 worker, persistent, pin_memory=False" in done.stdout
+    assert "\nmachine: " in done.stdout and " thread" in done.stdout
 
 
 def test_gpu_feed_prints_every_row_against_synthetic(caches, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import torch
 from PIL import Image
 
 from tests.cachegen.conftest import assert_one_line_error, run_cli
@@ -26,6 +27,12 @@ def test_bench_json_has_every_row_and_field(build, tmp_path):
     names = [r["name"] for r in data["rows"]]
     assert names[0].startswith("model alone")
     assert [any(n.startswith(prefix) for n in names) for prefix in ROWS] == [True] * len(ROWS)
+    if torch.get_num_threads() > 1:  # the one-thread rows beside the same rows with torch's threads
+        threads = torch.get_num_threads()
+        assert f"cachegen LiveLoader, batched on cpu ({threads} threads, no workers)" in names
+        assert "model alone (1 thread, synthetic batch on device)" in names
+        assert [n for n in names if n.startswith("cachegen CachedLoader")] == [
+            f"cachegen CachedLoader ({threads} threads)", "cachegen CachedLoader (1 thread)"]
     online = next(r for r in data["rows"] if r["name"].startswith("online"))
     for row in data["rows"]:
         assert row["images"] >= 300 and row["seconds"] >= 0.2 and row["images_per_s"] > 0 and row["cpu_percent"] >= 0
@@ -63,6 +70,9 @@ def test_bench_table_explains_itself_and_keeps_the_ceiling_apart(build):
     table, _, rest = text.partition("\nceiling:")
     assert "each row: 64 images of warm-up (untimed), then passes repeated until at least 300 images and 0.2 s" in table
     assert "plain read()" not in table and "model alone" in table and "data wait" in table
+    # The baseline as a careful user sets it up, said in the output; and where it ran.
+    assert "online row: torchvision DataLoader, 1 worker, persistent, pin_memory=False" in table
+    assert "\nmachine: " in table and " cores usable, load average " in table and " thread" in table
     ceiling, _, columns = rest.partition("\ncolumns:")
     assert "plain read() of the shards" in ceiling
     for column in ("img/s", "MB/s", "x online", "CPU %", "data wait", "images", "s "):

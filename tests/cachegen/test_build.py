@@ -212,7 +212,7 @@ def test_info_json_and_text(build):
 def test_default_build_uses_the_sample_dataset(tmp_path):
     out = tmp_path / "cache"
     result = run_cli("build", "--epochs", "1", "--out", out, "--workers", "1")
-    assert "1 augmented epochs, 5 shards, 5000 samples per epoch" in result.output
+    assert "1 augmented epoch, 5 shards, 5000 samples per epoch" in result.output  # one epoch, singular
     m = manifest(out)
     assert m["source"]["kind"] == "sample" and len(m["classes"]) == 10
     assert m["transform"]["spec"] == "cifar"

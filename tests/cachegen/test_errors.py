@@ -105,7 +105,7 @@ def test_the_build_summary_names_the_folder_its_size_and_what_to_run_next(tmp_pa
     result = run_cli("build", _folder(tmp_path), "--out", out, "--workers", "1", "--size", "32", "--transform", "val")
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     lines = result.stdout.strip().splitlines()  # the progress bar is on stderr
-    assert lines[-2] == (f"cachegen: {out.resolve()}: 1 augmented epochs, 1 shards, 12 samples per epoch, "
+    assert lines[-2] == (f"cachegen: {out.resolve()}: 1 augmented epoch, 1 shard, 12 samples per epoch, "
                          f"32x32x3 images, {size / 1e6:.1f} MB")
     assert lines[-1] == f"next: `cachegen info {out}`, or read it with readers.CachedLoader('{out.resolve()}', batch_size=256)"
 

@@ -6,7 +6,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cachegen.preview import LABEL_HEIGHT, PAD
 from tests.cachegen.conftest import assert_one_line_error, manifest, run_cli
+
+K = 3  # 32 px tiles are drawn at 3x (96 px), each pixel a 3x3 square
+
+
+def tile(pixels: np.ndarray, row: int, column: int, side: int = 32, k: int = K) -> np.ndarray:
+    """The image drawn at (row, column) of a preview grid, at its own size (every k-th pixel)."""
+    y, x = LABEL_HEIGHT + PAD + row * (side * k + PAD), PAD + column * (side * k + PAD)
+    block = pixels[y:y + side * k, x:x + side * k]
+    assert np.array_equal(block, block[::k, ::k].repeat(k, 0).repeat(k, 1))  # whole squares: nothing blurred
+    return block[::k, ::k]
 
 
 @pytest.mark.parametrize("mode", ["cached", "live", "live-device"])
@@ -17,10 +28,10 @@ def test_preview_grid_has_a_row_per_sample_and_a_column_per_epoch(build, tmp_pat
     result = run_cli("preview", out, "--out", png, "--samples", "4")
     assert "4 samples x 4 columns" in result.output
     with Image.open(png) as grid:
-        # make_grid: 2-pixel padding around and between 32x32 tiles
-        assert grid.size == (4 * 34 + 2, 4 * 34 + 2) and grid.mode == "RGB"
+        # make_grid: 2-pixel padding around and between 32x32 tiles drawn at 3x, below the labels
+        assert grid.size == (4 * (96 + 2) + 2, LABEL_HEIGHT + 4 * (96 + 2) + 2) and grid.mode == "RGB"
         pixels = np.asarray(grid)
-    first_row = [pixels[2:34, 2 + 34 * k:34 + 34 * k] for k in range(4)]
+    first_row = [tile(pixels, 0, k) for k in range(4)]
     assert not np.array_equal(first_row[1], first_row[2])  # epochs differ
     assert not np.array_equal(first_row[0], first_row[1])  # augmented: not the original
 
@@ -41,8 +52,7 @@ def test_a_live_preview_shows_the_images_the_cached_build_stored(build, tmp_path
             shard, j = where[index]
             data = (cached / shard["path"]).read_bytes()
             stored = np.frombuffer(data, np.uint8, 3072, shard["offsets"][j] + 128).reshape(32, 32, 3)
-            y, x = 2 + 34 * row, 2 + 34 * (1 + epoch)  # column 0: the original
-            assert np.array_equal(pixels[y:y + 32, x:x + 32], stored), (epoch, index)
+            assert np.array_equal(tile(pixels, row, 1 + epoch), stored), (epoch, index)  # column 0: the original
 
 
 def test_preview_of_a_missing_cache(tmp_path):
@@ -66,5 +76,20 @@ def test_a_device_augmented_live_preview_shows_the_batched_augmentation(build, t
     run_cli("preview", live, "--out", tmp_path / "cpu.png", "--samples", "3")
     with Image.open(tmp_path / "device.png") as a, Image.open(tmp_path / "cpu.png") as b:
         device, cpu = np.asarray(a), np.asarray(b)
-    assert np.array_equal(device[:, :34], cpu[:, :34])  # column 0: the originals
-    assert not np.array_equal(device[:, 34:], cpu[:, 34:])  # the epochs: batched (Kornia) draws, not PIL's
+    left = PAD + 32 * K + PAD  # column 0: the originals
+    assert np.array_equal(device[:, :left], cpu[:, :left])
+    assert not np.array_equal(device[:, left:], cpu[:, left:])  # the epochs: batched (Kornia) draws, not PIL's
+
+
+def test_preview_labels_its_columns_and_keeps_large_images_at_their_size(build, tmp_path):
+    from cachegen.preview import scale_for
+
+    assert (scale_for(32, 32), scale_for(28, 28), scale_for(96, 96), scale_for(224, 224)) == (3, 4, 1, 1)
+    out = build("--epochs", "2")
+    run_cli("preview", out, "--out", tmp_path / "grid.png", "--samples", "2")
+    with Image.open(tmp_path / "grid.png") as grid:
+        strip = np.asarray(grid.convert("L"))[:LABEL_HEIGHT]
+    width = 32 * K + PAD
+    inked = [(strip[:, PAD + c * width:(c + 1) * width] < 128).sum() for c in range(3)]
+    assert all(n > 20 for n in inked), inked  # "original", "epoch 0", "epoch 1": text in each column
+    assert len(set(inked)) == 3  # three different words

@@ -212,7 +212,7 @@ def test_crash_while_writing_the_manifest_of_a_grown_cache(build, tmp_path):
     (out / "epoch-0000" / f"shard-000001.tar.tmp-{DEAD_PID}").write_bytes(b"\0" * 1000)  # and a stray one
 
     # The old manifest still describes the old cache; no temporary or unlisted shard counts.
-    assert "1 augmented epochs, 5 shards" in run_cli("info", out).output
+    assert "1 augmented epoch, 5 shards" in run_cli("info", out).output
     assert run_cli("verify", out).output.strip() == "ok: 5 shards verified"
     build("--epochs", "2", out=out)
     assert_same_cache(out, clean)

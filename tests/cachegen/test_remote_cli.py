@@ -68,6 +68,24 @@ def test_build_out_a_url_uploads_shards_indexes_then_the_manifest(s3_server, tmp
     assert "uploaded 2 file(s)" in run_cli("build", *common, "--out", url, "--stage", tmp_path / "stage").output
 
 
+def test_build_out_a_url_announces_its_temporary_stage_and_removes_it(s3_server, tmp_path, monkeypatch):
+    import tempfile
+
+    from cachegen.remote import stage_folder
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # the system's temporary folder, here
+    (tmp_path / "tmp").mkdir()
+    source = make_npz(tmp_path / "data.npz", n=60, size=16)[0]
+    url = f"s3://caches/{uuid.uuid4().hex[:8]}"
+    out = run_cli("build", source, "--epochs", "2", "--shard-size", "20", "--workers", "1", "--out", url).output
+    stage = stage_folder(url)
+    assert stage.parent == tmp_path / "tmp"
+    assert out.startswith(f"cachegen: building in {stage}, then uploading to {url}"), out
+    assert f"uploaded 13 file(s) to {url} (built in {stage}; removing that local copy)" in out
+    assert not stage.exists() and not any((tmp_path / "tmp").iterdir())
+    assert "ok: 6 shards verified" in run_cli("verify", url).output
+
+
 def test_build_to_a_missing_bucket_is_one_line(s3_server, tmp_path):
     source = make_npz(tmp_path / "data.npz", n=20, size=16)[0]
     result = run_cli("build", source, "--epochs", "1", "--workers", "1", "--out", "s3://no-such-bucket-x/c",
