@@ -156,47 +156,54 @@ def _preset(name: str, epoch: int, epochs: int, size: int, schedule: str) -> Cal
 def load_factory(spec: str) -> Callable[[int, int], Any]:
     """Import a user's `module:factory` or `path/to/file.py:factory` (called as factory(epoch, epochs)
     -> transform). A module is looked for in the current folder first, then on sys.path."""
+    return load_callable(spec)
+
+
+def load_callable(spec: str, option: str = "--transform", usage: str = "factory(epoch, epochs) -> transform"
+                  ) -> Callable:
+    """The callable a user names as `module:name` or `path/to/file.py:name` for `option`; a
+    TransformError naming it (and `usage`, how to define it) where it cannot be had."""
     where, _, attr = spec.rpartition(":")
     if not where or not attr:
-        raise TransformError(f"bad transform {spec!r}: expected a preset ({', '.join(PRESETS)}), module:factory "
-                            "or path/to/file.py:factory")
-    module = _load_file(where, spec) if where.endswith(".py") or "/" in where or os.sep in where else \
-        _load_module(where, spec)
+        raise TransformError(f"bad {option.lstrip('-')} {spec!r}: expected "
+                             f"{'a preset (' + ', '.join(PRESETS) + '), ' if option == '--transform' else ''}"
+                             "module:factory or path/to/file.py:factory")
+    module = _load_file(where, spec, option) if where.endswith(".py") or "/" in where or os.sep in where else \
+        _load_module(where, spec, option)
     factory = getattr(module, attr, None)
     if not callable(factory):
-        raise TransformError(f"{where} has no callable {attr!r} (from --transform {spec}); "
-                            "define it as factory(epoch, epochs) -> transform")
+        raise TransformError(f"{where} has no callable {attr!r} (from {option} {spec}); define it as {usage}")
     return factory
 
 
-def _load_module(name: str, spec: str):
+def _load_module(name: str, spec: str, option: str):
     sys.path.insert(0, os.getcwd())
     try:
         return importlib.import_module(name)
     except ModuleNotFoundError as e:
         if e.name == name or name.startswith(f"{e.name}."):  # the module itself, not one it imports
-            raise TransformError(f"cannot import module {name!r} for --transform {spec}: not in the current "
+            raise TransformError(f"cannot import module {name!r} for {option} {spec}: not in the current "
                                 f"folder ({os.getcwd()}) nor on sys.path; for a file elsewhere give "
                                 "path/to/file.py:factory") from None
-        raise TransformError(f"cannot import module {name!r} for --transform {spec}: {e}") from None
+        raise TransformError(f"cannot import module {name!r} for {option} {spec}: {e}") from None
     except Exception as e:  # anything the module raises on import
-        raise TransformError(f"cannot import module {name!r} for --transform {spec}: "
+        raise TransformError(f"cannot import module {name!r} for {option} {spec}: "
                             f"{type(e).__name__}: {e}") from None
     finally:
         sys.path.remove(os.getcwd())
 
 
-def _load_file(path: str, spec: str):
+def _load_file(path: str, spec: str, option: str):
     full = os.path.abspath(path)
     name = f"_cachegen_transform_{hashlib.sha256(full.encode()).hexdigest()[:16]}"
     if name in sys.modules:
         return sys.modules[name]
     if not os.path.isfile(full):
-        raise TransformError(f"no file {path} for --transform {spec}: give an existing .py file (relative to "
+        raise TransformError(f"no file {path} for {option} {spec}: give an existing .py file (relative to "
                             f"the current folder, {os.getcwd()})")
     module_spec = importlib.util.spec_from_file_location(name, full)
     if module_spec is None:
-        raise TransformError(f"cannot load {path} for --transform {spec}: give a Python source file ending in .py")
+        raise TransformError(f"cannot load {path} for {option} {spec}: give a Python source file ending in .py")
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[name] = module  # classes defined there pickle by this name
     try:
@@ -205,7 +212,7 @@ def _load_file(path: str, spec: str):
         del sys.modules[name]
         if not isinstance(e, Exception):
             raise
-        raise TransformError(f"cannot import {path} for --transform {spec}: {type(e).__name__}: {e}") from None
+        raise TransformError(f"cannot import {path} for {option} {spec}: {type(e).__name__}: {e}") from None
     return module
 
 
@@ -250,7 +257,11 @@ def factory_sha256(spec: str) -> str | None:
     the factory has no source file): editing the factory changes the cache it builds."""
     if ":" not in spec:
         return None
-    factory = load_factory(spec)
+    return source_sha256(load_factory(spec))
+
+
+def source_sha256(factory: Callable) -> str | None:
+    """sha256 of the source file that defines `factory` (None where it has none)."""
     try:
         path = inspect.getsourcefile(factory) or inspect.getsourcefile(inspect.getmodule(factory))
     except TypeError:  # a builtin or a C extension

@@ -65,11 +65,13 @@ def padded(size: int) -> int:
     return -(-size // BLOCK) * BLOCK
 
 
-def npy_layout(payload_bytes: int) -> tuple[int, int]:
+def npy_layout(payload_bytes: int, extra_bytes: int = 0) -> tuple[int, int]:
     """(offset of sample 0's payload, distance between samples) in an npy shard.
 
     Every sample is two members, `<key>.cls` then `<key>.npy`, each a 512-byte header and its data
     padded to 512; a label is under 512 bytes and every npy payload of a cache has one size, so
     sample j's payload starts at first + j * pitch. Readers map a shard as (samples, pitch) rows.
+    `extra_bytes`: what members after the image add to every sample (a reinforced cache's
+    `<key>.teacher.npy`, of one size too).
     """
-    return 3 * BLOCK, 3 * BLOCK + padded(payload_bytes)
+    return 3 * BLOCK, 3 * BLOCK + padded(payload_bytes) + extra_bytes

@@ -16,6 +16,7 @@ from typing import Any
 
 from cacheformat.errors import FormatError
 from cacheformat.layout import index_path, npy_layout
+from cacheformat.teacher import TeacherSpec, parse_teacher
 
 MANIFEST = "manifest.json"
 BUILD_STATE = ".cachegen-build.json"  # a build's identity, written first; a cache in progress
@@ -32,7 +33,9 @@ AUGMENT_ON = ("cpu", "device", "auto")
 # bytes are promised for that type only, so it is part of the build's identity.
 AUGMENT_DEVICES = ("cpu", "cuda")
 # What makes two builds the same cache; epochs may grow, these may not change.
-IDENTITY_KEYS = ("source", "transform", "seed", "image", "output_shape", "shard_size", "mode", "versions")
+# ("teacher": absent, so None, in a cache built without one, before or since the field was.)
+IDENTITY_KEYS = ("source", "transform", "seed", "image", "output_shape", "shard_size", "mode", "versions",
+                 "teacher")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -72,6 +75,7 @@ class Manifest:
     source_shards: tuple[ShardEntry, ...]  # mode "live": the source pass; else ()
     raw: dict[str, Any]
     augment_on: str = "cpu"  # one of AUGMENT_ON: where a live cache's transform runs
+    teacher: TeacherSpec | None = None  # a reinforced cache's teacher targets (cacheformat.teacher); else None
 
     @property
     def image_bytes(self) -> int:
@@ -84,7 +88,7 @@ class Manifest:
 
     def npy_rows(self) -> tuple[int, int]:
         """(byte offset of sample 0's pixels, distance between samples) in every npy shard."""
-        first, pitch = npy_layout(self.npy_payload_bytes)
+        first, pitch = npy_layout(self.npy_payload_bytes, self.teacher.member_bytes if self.teacher else 0)
         return first + self.npy_header_bytes, pitch
 
     def epoch_samples(self, epoch: int) -> int:
@@ -196,6 +200,9 @@ def parse_manifest(raw: dict, root: Path) -> Manifest:
         classes = raw["classes"]
         if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
             raise fail(f"classes {str(classes)[:60]} is not a list of class names")
+        teacher = parse_teacher(raw.get("teacher"), len(classes), fail)
+        if teacher is not None and mode != "cached":
+            raise fail("a live cache has teacher targets (only a cached one stores them)")
         channels = output_shape[2]
         for name, low in (("mean", 0), ("std", 1e-9)):  # [0, 1] units; a reader divides by std
             values = raw[name]
@@ -251,7 +258,7 @@ def parse_manifest(raw: dict, root: Path) -> Manifest:
                     npy_header_bytes=header, mean=tuple(float(m) for m in raw["mean"]),
                     std=tuple(float(s) for s in raw["std"]), classes=tuple(classes), seed=seed, num_samples=n,
                     shard_size=shard_size, skipped=tuple(skipped), num_epochs=num_epochs, epochs=tuple(epochs),
-                    source_shards=source_shards, raw=raw, augment_on=augment_on)
+                    source_shards=source_shards, raw=raw, augment_on=augment_on, teacher=teacher)
 
 
 def _stats_shards(raw: dict, mode: str) -> list[dict]:

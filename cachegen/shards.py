@@ -15,7 +15,9 @@ import numpy as np
 import torch
 from torchvision.io import decode_image, encode_jpeg, encode_png
 
-from cacheformat.layout import TMP_MARK, padded, sample_key
+from cacheformat.layout import TMP_MARK, sample_key
+from cacheformat.teacher import MEMBER as TEACHER_MEMBER
+from cacheformat.teacher import payload_bytes as teacher_payload_bytes
 from cachegen.errors import CachegenError
 
 JPEG_QUALITY = 95
@@ -113,13 +115,22 @@ def _groups(samples: Iterable[tuple[int, int, np.ndarray]]) -> Iterator[list[tup
         yield group
 
 
+def _teacher_member(key: str, teacher: list[bytes]) -> tuple[bytes, ...]:
+    """A sample's `<key>.teacher.npy` member (header, data, padding), where it has one."""
+    if not teacher:
+        return ()
+    data = teacher[0]
+    return _member_header(f"{key}.{TEACHER_MEMBER}", len(data)), data, _padding(len(data))
+
+
 def write_shard(root: Path, relpath: str, key_prefix: str, samples: Iterable[tuple[int, int, np.ndarray]],
                 encoding: str) -> dict:
     """Write (source index, label, HWC image) samples as one shard, atomically: nothing appears at
     its path until every byte is on disk. Returns the shard's manifest entry, as `index_shard`.
+    A sample may carry a fourth item, its teacher member's bytes (cacheformat.teacher.encode).
 
     The shard is a plain WebDataset tar, each sample a `<key>.cls` member then a `<key>.<encoding>`
-    one, byte-identical to what webdataset's TarWriter writes for the same samples (ustar headers,
+    one (then `<key>.teacher.npy` in a reinforced cache), byte-identical to what webdataset's TarWriter writes for the same samples (ustar headers,
     mtime 0, mode 0444, owner cachegen); payload offsets are counted as the bytes are written.
     """
     path = root / relpath
@@ -129,17 +140,19 @@ def write_shard(root: Path, relpath: str, key_prefix: str, samples: Iterable[tup
     try:
         with open(tmp, "wb", buffering=1 << 20) as f:
             for group in _groups(samples):
-                for index, label, image in group:
+                for index, label, image, *teacher in group:
                     key = sample_key(key_prefix, index)
                     cls = str(label).encode()
                     payload = _payload(image, encoding)
                     size = sum(map(len, payload))
-                    # One buffer per sample: its .cls member, then its image member, padded to a block.
-                    chunk = b"".join((_member_header(f"{key}.cls", len(cls)), cls, _padding(len(cls)),
-                                      _member_header(f"{key}.{encoding}", size), *payload, _padding(size)))
+                    # One buffer per sample: its .cls member, then its image member, padded to a block
+                    # (then, in a reinforced cache, its teacher member).
+                    head = b"".join((_member_header(f"{key}.cls", len(cls)), cls, _padding(len(cls)),
+                                     _member_header(f"{key}.{encoding}", size)))
+                    chunk = b"".join((head, *payload, _padding(size), *_teacher_member(key, teacher)))
                     sha.update(chunk)
                     f.write(chunk)
-                    offsets.append(position + len(chunk) - padded(size))
+                    offsets.append(position + len(head))
                     sizes.append(size)
                     labels.append(label)
                     indices.append(index)
@@ -188,10 +201,11 @@ def read_image(root: Path, shard: dict, j: int, image: dict) -> np.ndarray:
                             "run `cachegen verify` on the cache") from None
 
 
-def index_shard(root: Path, relpath: str, encoding: str, shape: tuple[int, ...]) -> dict:
+def index_shard(root: Path, relpath: str, encoding: str, shape: tuple[int, ...], teacher_topk: int = 0) -> dict:
     """Describe a finished shard as `write_shard` did: size, sha256, and for each sample its
     payload offset and size, label and source index. Every image is decoded, so a damaged
-    payload is found here.
+    payload is found here. `teacher_topk`: a reinforced cache's K (each sample has a third,
+    teacher member of that many records); 0: none.
 
     Raises CachegenError when the shard is not what a shard of this cache must be.
     """
@@ -205,12 +219,19 @@ def index_shard(root: Path, relpath: str, encoding: str, shape: tuple[int, ...])
             members = tar.getmembers()
     except tarfile.TarError as e:
         raise CachegenError(f"{path} is not a readable tar ({e})") from None
-    if len(members) % 2:
-        raise CachegenError(f"{path} has {len(members)} members, not a (cls, image) pair per sample")
-    for cls, img in zip(members[0::2], members[1::2]):
+    per_sample = 3 if teacher_topk else 2
+    if len(members) % per_sample:
+        raise CachegenError(f"{path} has {len(members)} members, not {per_sample} per sample "
+                            f"(cls, image{', teacher' if teacher_topk else ''})")
+    for group in zip(*(members[k::per_sample] for k in range(per_sample))):
+        cls, img = group[:2]
         key, _, ext = img.name.partition(".")
         if cls.name != f"{key}.cls" or ext != encoding:
             raise CachegenError(f"{path}: unexpected members {cls.name}, {img.name}")
+        if teacher_topk and (group[2].name != f"{key}.{TEACHER_MEMBER}"
+                             or group[2].size != teacher_payload_bytes(teacher_topk)):
+            raise CachegenError(f"{path}: sample {key} has no {teacher_payload_bytes(teacher_topk)}-byte "
+                                f"{TEACHER_MEMBER} member after its image")
         try:
             labels.append(int(data[cls.offset_data:cls.offset_data + cls.size]))
             indices.append(int(key.rpartition("_")[2]))

@@ -35,6 +35,7 @@ class Pending:
     images: torch.Tensor
     labels: torch.Tensor
     ready: torch.cuda.Event | None  # recorded on the side stream after the batch's work
+    extra: tuple[torch.Tensor, ...] = ()  # tensors that travel with the batch as they are (teacher targets)
 
 
 class DeviceCopier:
@@ -69,28 +70,33 @@ class DeviceCopier:
             self._stream.wait_stream(torch.cuda.current_stream(device))
 
     def start(self, images: torch.Tensor, labels: torch.Tensor,
-              augment: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Pending:
+              augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+              extra: tuple[torch.Tensor, ...] = ()) -> Pending:
         """Begin moving and converting one batch; returns at once on CUDA. `augment`, where
-        given, runs on the device between the move and the normalisation (see convert)."""
+        given, runs on the device between the move and the normalisation (see convert). `extra`
+        tensors (host, pinned on CUDA) are moved alongside, unconverted."""
         if self._stream is None:
-            return Pending(self.convert(images, augment), labels, None)
+            return Pending(self.convert(images, augment), labels, None, extra)
         with torch.cuda.stream(self._stream):
             images = self.convert(images.to(self.device, non_blocking=True), augment)
             labels = labels.to(self.device, non_blocking=True)
+            extra = tuple(t.to(self.device, non_blocking=True) for t in extra)
             ready = torch.cuda.Event()
             ready.record(self._stream)
-        return Pending(images, labels, ready)
+        return Pending(images, labels, ready, extra)
 
-    def finish(self, pending: Pending) -> tuple[torch.Tensor, torch.Tensor]:
-        """The batch, usable on the current stream (which waits for it on the GPU, not the host)."""
+    def finish(self, pending: Pending) -> tuple[torch.Tensor, ...]:
+        """The batch, (images, labels, *extra), usable on the current stream (which waits for it
+        on the GPU, not the host)."""
+        batch = (pending.images, pending.labels, *pending.extra)
         if pending.ready is None:
-            return pending.images, pending.labels
+            return batch
         current = torch.cuda.current_stream(self.device)
         current.wait_event(pending.ready)
         # The side stream allocated these; tell the allocator the current stream uses them too.
-        pending.images.record_stream(current)
-        pending.labels.record_stream(current)
-        return pending.images, pending.labels
+        for tensor in batch:
+            tensor.record_stream(current)
+        return batch
 
     @property
     def host_channels_first(self) -> bool:

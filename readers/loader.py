@@ -78,6 +78,7 @@ class Loader:
 
     MODE = ""  # the manifest mode this loader reads
     batch_sampler = None  # as a DataLoader without one: Lightning reads it next to `sampler` (val loaders)
+    targets = "labels"  # or "teacher" (CachedLoader on a reinforced cache): batches carry the teacher's probabilities
 
     def __init__(self, cache: str | Path, *, batch_size: int, device: torch.device | str | None = None,
                  shuffle: bool = True, seed: int = 0, drop_last: bool = False, normalize: bool = True,
@@ -161,7 +162,7 @@ class Loader:
             return Prefetcher(produce, depth=self.options.prefetch, where=f"epoch {plan.epoch} of {self.manifest.root}")
         return produce()
 
-    def _new_batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _new_batch(self, n: int) -> tuple[torch.Tensor, ...]:
         pin = self._copier.pin
         try:
             images = self._spare.pop() if n == self.options.batch_size else None
@@ -171,7 +172,10 @@ class Loader:
             h, w, c = self.manifest.shape
             shape = (n, c, h, w) if self._copier.host_channels_first else (n, h, w, c)
             images = torch.empty(shape, dtype=torch.uint8, pin_memory=pin)
-        return images, torch.empty(n, dtype=torch.int64, pin_memory=pin)
+        labels = torch.empty(n, dtype=torch.int64, pin_memory=pin)
+        if self.targets == "teacher":  # dense (n, classes) probabilities
+            return images, labels, torch.empty((n, len(self.manifest.classes)), dtype=torch.float32, pin_memory=pin)
+        return images, labels
 
     def _recycle(self, host: torch.Tensor, converted: torch.Tensor) -> None:
         """Called when the device stage is done with a host batch: keep a CPU host batch of
@@ -260,7 +264,8 @@ class Loader:
                           window=self.shuffle_window)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(images, labels) on the device: images (B, C, H, W), labels int64 (B,)."""
+        """(images, labels) on the device: images (B, C, H, W), labels int64 (B,); with
+        targets="teacher", (images, labels, teacher), teacher float32 (B, classes)."""
         self._place()
         plan = self.plan()
         start, self._placed = self._delivered, False
@@ -275,14 +280,14 @@ class Loader:
             pending, error, taken = None, None, 0
             while True:
                 try:
-                    images, labels = next(producer)
+                    images, labels, *extra = next(producer)  # extra: the teacher targets, where asked for
                 except StopIteration:
                     break
                 except Exception as e:  # a bad shard: deliver the batch before it first
                     error = e
                     break
                 # batch k+1 moves (and is augmented, in a device-augmented live pass) while batch k trains
-                started = copier.start(images, labels, self._device_augment(plan, start + taken))
+                started = copier.start(images, labels, self._device_augment(plan, start + taken), tuple(extra))
                 taken += 1
                 self._recycle(images, started.images)
                 if pending is not None:
@@ -295,7 +300,7 @@ class Loader:
         finally:
             producer.close()  # stops and joins reader threads or worker processes, also on break and error
 
-    def _hand_out(self, pending: Pending) -> tuple[torch.Tensor, torch.Tensor]:
+    def _hand_out(self, pending: Pending) -> tuple[torch.Tensor, ...]:
         batch = self._copier.finish(pending)
         self._delivered += 1
         return batch
