@@ -6,6 +6,9 @@ augmentation feeding it; logs img/s and data-wait % per epoch and the accuracy o
     python scripts/train.py --cache cache --val cache-val --loader cached --epochs 16
     torchrun --nproc_per_node 2 scripts/train.py --cache cache --val cache-val   # DDP: NCCL on GPUs, gloo on CPUs
 
+    cachegen build --epochs 16 --teacher teacher.py:make --out reinforced      # a reinforced cache (docs/reinforced.md)
+    python scripts/train.py --cache reinforced --val cache-val --distill       # knowledge distillation, no teacher run
+
 --device defaults to cuda when there is one (each torchrun process takes cuda:LOCAL_RANK); on CUDA
 the model trains in channels_last with bf16 autocast, and every loader (cached, live, online)
 delivers its batches on that device. On the built-in sample (5000 images, 32x32) an epoch takes
@@ -78,6 +81,21 @@ class OnlineLoader:
             yield x * self.scale + self.bias, y.to(self.device, non_blocking=True)
 
 
+def ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(logits, labels)
+
+
+def distillation_loss(label_weight: float):
+    """Knowledge distillation on stored teacher targets (Dataset Reinforcement): the soft
+    cross-entropy of the student's log-probabilities against the teacher's probabilities (its
+    stored top-K, renormalised to sum to 1), mixed with the hard labels' cross-entropy."""
+    def loss(logits: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        target = teacher / teacher.sum(1, keepdim=True).clamp_min(1e-12)
+        soft = -(target * torch.log_softmax(logits.float(), dim=1)).sum(1).mean()
+        return soft if label_weight == 0 else (1 - label_weight) * soft + label_weight * ce(logits, labels)
+    return loss
+
+
 def evaluate(model: nn.Module, loader, device: torch.device) -> float:
     model.eval()
     correct = total = 0
@@ -104,6 +122,12 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cuda (default when available; cuda:LOCAL_RANK under torchrun) or cpu")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: train every epoch)")
+    p.add_argument("--distill", action="store_true",
+                   help="train on the teacher targets a reinforced cache stores (cachegen build --teacher): "
+                        "soft cross-entropy, mixed with the labels' by --label-weight")
+    p.add_argument("--label-weight", type=float, default=0.0,
+                   help="with --distill: loss = (1 - w) * soft CE(teacher) + w * CE(labels)")
+    p.add_argument("--save", help="save the trained model's state_dict here (e.g. to use it as a teacher)")
     p.add_argument("--json", help="append one JSON line with the result to this file")
     p.add_argument("--tag", default="", help="a label stored with the JSON result")
     args = p.parse_args()
@@ -136,8 +160,10 @@ def main() -> None:
         if args.loader == "live" and manifest.mode != "live":
             raise ReaderError(f"--loader live needs a live cache, and {args.cache} is a {manifest.mode!r} one: "
                               "use --loader cached, or build it with --mode live")
+        if args.distill and args.loader != "cached":
+            raise ReaderError("--distill reads the teacher targets of a cached (reinforced) cache: use --loader cached")
         if args.loader == "cached":
-            train = CachedLoader(args.cache, **common)
+            train = CachedLoader(args.cache, **common, targets="teacher" if args.distill else "labels")
         elif args.loader == "live":
             train = open_loader(args.cache, workers=args.workers, **common)
             if rank == 0:  # auto picks per cache and device: say which
@@ -162,7 +188,7 @@ def main() -> None:
         steps = min(steps, args.max_steps)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=steps, pct_start=0.2)
-    loss_fn = nn.CrossEntropyLoss()
+    loss_fn = distillation_loss(args.label_weight) if args.distill else ce
 
     step = 0
     for epoch in range(args.epochs):
@@ -176,12 +202,12 @@ def main() -> None:
         while True:
             w0 = time.perf_counter()
             try:
-                images, labels = next(batches)
+                images, labels, *teacher = next(batches)  # teacher: (B, classes) with --distill
             except StopIteration:
                 break
             w1 = time.perf_counter()
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                loss = loss_fn(model(images), labels)
+                loss = loss_fn(model(images), labels, *teacher)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -199,12 +225,15 @@ def main() -> None:
             print(f"epoch {epoch:3d}  loss {loss.item():.3f}  {seen * world / wall:7.0f} img/s  "
                   f"data wait {100 * waited / (waited + computed):4.1f} %", flush=True)
     accuracy = evaluate(model.module if distributed else model, val, device)
+    if args.save and rank == 0:
+        torch.save((model.module if distributed else model).state_dict(), args.save)
     if rank == 0:
         print(f"val accuracy {accuracy * 100:.2f} %  ({args.loader}, {args.epochs} epochs, {step} steps, seed {args.seed}, "
               f"{device})")
         if args.json:
             with open(args.json, "a") as f:
                 f.write(json.dumps({"tag": args.tag, "loader": args.loader, "epochs": args.epochs, "seed": args.seed,
+                                    "distill": args.distill, "label_weight": args.label_weight, "width": args.width,
                                     "cache": args.cache, "accuracy": accuracy}) + "\n")
     if distributed:
         dist.destroy_process_group()
