@@ -281,8 +281,8 @@ def _finished(job: Job, task: ShardTask, known: dict | None) -> dict:
     index_file = root / index_path(task.relpath)
     if known is None or "index" not in known or not index_file.is_file() \
             or index_file.stat().st_size != known["index"]["bytes"]:
-        known = _write_index(root, index_shard(root, task.relpath, job.encoding, stored,
-                                               job.teacher.topk if job.teacher else 0))
+        teacher = job.teacher.stored if job.teacher else None
+        known = _write_index(root, index_shard(root, task.relpath, job.encoding, stored, teacher))
     if task.stats and "pixel_count" not in known:
         known = {**known, **_source_stats(job, _read_indices(root, task.relpath).tolist())}
     return known

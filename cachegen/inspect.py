@@ -105,7 +105,7 @@ def _shard_problem(m: Manifest, shard, index) -> str | None:
     if path.stat().st_size != shard.bytes:
         return f"{path}: {path.stat().st_size} bytes, manifest says {shard.bytes} (truncated or replaced)"
     try:
-        got = index_shard(m.root, shard.relpath, m.encoding, m.shape)
+        got = index_shard(m.root, shard.relpath, m.encoding, m.shape, m.teacher)
     except CachegenError as e:
         return str(e)
     if got["sha256"] != shard.sha256:

@@ -17,7 +17,8 @@ from torchvision.io import decode_image, encode_jpeg, encode_png
 
 from cacheformat.layout import TMP_MARK, sample_key
 from cacheformat.teacher import MEMBER as TEACHER_MEMBER
-from cacheformat.teacher import payload_bytes as teacher_payload_bytes
+from cacheformat.teacher import TeacherSpec, decode_records
+from cacheformat.teacher import header as teacher_header
 from cachegen.errors import CachegenError
 
 JPEG_QUALITY = 95
@@ -201,11 +202,26 @@ def read_image(root: Path, shard: dict, j: int, image: dict) -> np.ndarray:
                             "run `cachegen verify` on the cache") from None
 
 
-def index_shard(root: Path, relpath: str, encoding: str, shape: tuple[int, ...], teacher_topk: int = 0) -> dict:
+def _check_teacher_member(path: Path, key: str, data: bytes, member: tarfile.TarInfo, teacher: TeacherSpec) -> None:
+    """CachegenError unless `member` is sample `key`'s teacher member, of the cache's K, its numbers in range."""
+    payload = data[member.offset_data:member.offset_data + member.size]
+    if member.name != f"{key}.{TEACHER_MEMBER}" or member.size != teacher.payload_bytes \
+            or payload[:teacher.header_bytes] != teacher_header(teacher.topk):
+        raise CachegenError(f"{path}: sample {key} has no {teacher.payload_bytes}-byte {TEACHER_MEMBER} member "
+                            f"of {teacher.topk} records after its image")
+    records = np.frombuffer(payload, np.uint8, offset=teacher.header_bytes).reshape(1, -1)
+    try:
+        decode_records(records, teacher, f"sample {key}")
+    except ValueError as e:
+        raise CachegenError(f"{path}: {e}") from None
+
+
+def index_shard(root: Path, relpath: str, encoding: str, shape: tuple[int, ...],
+                teacher: TeacherSpec | None = None) -> dict:
     """Describe a finished shard as `write_shard` did: size, sha256, and for each sample its
     payload offset and size, label and source index. Every image is decoded, so a damaged
-    payload is found here. `teacher_topk`: a reinforced cache's K (each sample has a third,
-    teacher member of that many records); 0: none.
+    payload is found here. `teacher`: a reinforced cache's (each sample has a third member, its
+    teacher targets, checked too).
 
     Raises CachegenError when the shard is not what a shard of this cache must be.
     """
@@ -219,19 +235,17 @@ def index_shard(root: Path, relpath: str, encoding: str, shape: tuple[int, ...],
             members = tar.getmembers()
     except tarfile.TarError as e:
         raise CachegenError(f"{path} is not a readable tar ({e})") from None
-    per_sample = 3 if teacher_topk else 2
+    per_sample = 3 if teacher else 2
     if len(members) % per_sample:
         raise CachegenError(f"{path} has {len(members)} members, not {per_sample} per sample "
-                            f"(cls, image{', teacher' if teacher_topk else ''})")
+                            f"(cls, image{', teacher' if teacher else ''})")
     for group in zip(*(members[k::per_sample] for k in range(per_sample))):
         cls, img = group[:2]
         key, _, ext = img.name.partition(".")
         if cls.name != f"{key}.cls" or ext != encoding:
             raise CachegenError(f"{path}: unexpected members {cls.name}, {img.name}")
-        if teacher_topk and (group[2].name != f"{key}.{TEACHER_MEMBER}"
-                             or group[2].size != teacher_payload_bytes(teacher_topk)):
-            raise CachegenError(f"{path}: sample {key} has no {teacher_payload_bytes(teacher_topk)}-byte "
-                                f"{TEACHER_MEMBER} member after its image")
+        if teacher:
+            _check_teacher_member(path, key, data, group[2], teacher)
         try:
             labels.append(int(data[cls.offset_data:cls.offset_data + cls.size]))
             indices.append(int(key.rpartition("_")[2]))

@@ -12,7 +12,7 @@ import torch
 from torchvision.io import decode_jpeg
 
 from cacheformat import FormatError
-from cacheformat.teacher import MEMBER, RECORD, encode, payload_bytes
+from cacheformat.teacher import MEMBER, RECORD, TeacherSpec, encode, payload_bytes
 from cachegen.errors import CachegenError
 from cacheaug.transforms import load_callable, source_sha256
 
@@ -28,6 +28,11 @@ class Teacher:
     topk: int  # K stored per sample (at most the classes)
     classes: int
     encoding: str  # the cache's image encoding: the teacher sees the images as a reader decodes them
+
+    @property
+    def stored(self) -> TeacherSpec:
+        """How its targets are stored (what a reader of the cache knows of them)."""
+        return TeacherSpec(topk=self.topk, classes=self.classes)
 
 
 _LOADED: dict[tuple[str, str], torch.nn.Module] = {}  # (spec, device) -> module, once per process

@@ -210,3 +210,7 @@ def test_damaged_teacher_numbers_are_a_reader_error(build, teachers, tmp_path, e
         list(loader)
     labels_only = CachedLoader(copy, batch_size=50, device="cpu", shuffle=False)
     assert sum(len(y) for _, y in labels_only) == 240  # the images and labels are untouched
+    assert run_cli("verify", cache).output.startswith("ok: 5 shards")
+    result = run_cli("verify", copy, expect=1)
+    assert "shard-000000.tar: sample e0000_" in result.output and ": teacher " in result.output
+    assert "1 of 5 shards are bad" in result.output
