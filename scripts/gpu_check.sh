@@ -54,6 +54,24 @@ start=$(date +%s.%N)
 batched=$("$PYTHON" -c "import sys, time; print(f'{time.time() - float(sys.argv[1]):.1f}')" "$start")
 echo "gpu_check: cache built per sample in ${per_sample}s; --augment-on device --device $DEV in ${batched}s" \
      "($("$PYTHON" -c "import sys; print(f'{float(sys.argv[1]) / float(sys.argv[2]):.2f}')" "$per_sample" "$batched")x)"
+# The same device build reinforced: a ResNet-18 teacher (random weights: the cost is the same) run
+# in batches on the device beside the augmentation, its top-10 stored per sample.
+cat > "$WORK/teacher.py" <<'EOF'
+import torch
+import torchvision
+
+
+def resnet18():
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(num_classes=10)
+EOF
+start=$(date +%s.%N)
+"$PYTHON" -m cachegen build "$WORK/source.npz" --out "$WORK/cache-teacher" --epochs "$EPOCHS" --transform cifar \
+    --format npy --workers "$WORKERS" --augment-on device --device "$DEV" --teacher "$WORK/teacher.py:resnet18" --quiet
+reinforced=$("$PYTHON" -c "import sys, time; print(f'{time.time() - float(sys.argv[1]):.1f}')" "$start")
+echo "gpu_check: --augment-on device --device $DEV --teacher (ResNet-18, top-10) in ${reinforced}s," \
+     "$("$PYTHON" -c "import sys; print(f'{float(sys.argv[1]) / float(sys.argv[2]):.2f}')" "$reinforced" "$batched")x" \
+     "the build without a teacher"
 
 "$PYTHON" -m cachegen build "$WORK/source.npz" --out "$WORK/live-device" --epochs "$EPOCHS" --transform cifar \
     --mode live --augment-on device --workers "$WORKERS" --quiet

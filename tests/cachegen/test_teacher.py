@@ -214,3 +214,30 @@ def test_damaged_teacher_numbers_are_a_reader_error(build, teachers, tmp_path, e
     result = run_cli("verify", copy, expect=1)
     assert "shard-000000.tar: sample e0000_" in result.output and ": teacher " in result.output
     assert "1 of 5 shards are bad" in result.output
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_teacher_run_in_this_process_gives_the_bytes_the_workers_give(npz_source, teachers, tmp_path, workers):
+    """--device cpu: this process augments each shard and runs the teacher on it (as it does on a
+    GPU with --device cuda); the same bytes as the workers' own, whatever the worker count."""
+    args = [npz_source[0], "--epochs", "2", "--shard-size", "50", "--transform", "cifar", "--augment-on", "device",
+            "--teacher", teachers("make"), "--quiet"]
+    run_cli("build", *args, "--out", tmp_path / "workers", "--workers", "2")
+    run_cli("build", *args, "--out", tmp_path / "here", "--workers", workers, "--device", "cpu")
+    assert shard_bytes(tmp_path / "here") == shard_bytes(tmp_path / "workers")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+def test_a_teacher_on_cuda_stores_its_top_k_deterministically(npz_source, teachers, tmp_path):
+    args = [npz_source[0], "--epochs", "2", "--shard-size", "50", "--transform", "cifar", "--augment-on", "device",
+            "--device", "cuda", "--teacher", teachers("make"), "--quiet"]
+    run_cli("build", *args, "--out", tmp_path / "one", "--workers", "1")
+    run_cli("build", *args, "--out", tmp_path / "two", "--workers", "2")
+    assert shard_bytes(tmp_path / "one") == shard_bytes(tmp_path / "two")
+    assert json.loads((tmp_path / "one" / "manifest.json").read_text())["teacher"]["device"] == "cuda"
+    loader = CachedLoader(tmp_path / "one", batch_size=64, device="cuda", normalize=False, targets="teacher")
+    for images, _, teacher in loader:
+        assert teacher.device.type == "cuda"
+        probs = rerun(teachers("make"), images.cpu())
+        torch.testing.assert_close(teacher.cpu(), torch.zeros_like(probs).scatter_(1, probs.topk(4).indices,
+                                   probs.topk(4).values), atol=2e-3, rtol=0)
