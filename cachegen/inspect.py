@@ -32,8 +32,10 @@ def describe(manifest: dict) -> str:
              "auto": "auto: in batches on a GPU, else per sample"}
     kind = "augmented epochs" if manifest["mode"] == "cached" else \
         f"epochs, augmented live ({where[manifest['transform'].get('augment_on', 'cpu')]})"
+    teacher = manifest.get("teacher")
+    reinforced = f", reinforced: teacher {teacher['spec']} top-{teacher['topk']}" if teacher else ""
     return (f"{manifest['epochs']} {kind}, {len(all_shards(manifest))} shards, "
-            f"{samples_per_epoch(manifest)} samples per epoch")
+            f"{samples_per_epoch(manifest)} samples per epoch{reinforced}")
 
 
 def summary(root: Path) -> dict:
@@ -42,7 +44,8 @@ def summary(root: Path) -> dict:
     shards = all_shards(m)
     keep = ("mode", "format_version", "created_by", "source", "transform", "seed", "epochs", "image",
             "output_shape", "classes", "mean", "std")
-    return {**{k: m[k] for k in keep}, "contents": describe(m), "samples_per_epoch": samples_per_epoch(m),
+    return {**{k: m[k] for k in keep}, **({"teacher": m["teacher"]} if "teacher" in m else {}),
+            "contents": describe(m), "samples_per_epoch": samples_per_epoch(m),
             "shards": len(shards), "bytes": sum(s["bytes"] + s["index"]["bytes"] for s in shards),
             "skipped": len(m["skipped"])}
 

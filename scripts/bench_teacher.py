@@ -66,18 +66,18 @@ def shard_path(out: Path, **options) -> tuple[float, float]:
     return clock.seconds, clock.cpu
 
 
-def bare_teacher(spec: str, images: int) -> float:
-    """Wall seconds of the teacher alone on `images` 32 px images, in batches of TEACHER_BATCH, 1 thread."""
+def bare_teacher(spec: str, images: int) -> tuple[float, float]:
+    """(wall, CPU) seconds of the teacher alone on `images` 32 px images, in batches of TEACHER_BATCH, 1 thread."""
     module = load_teacher(spec)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         batch = torch.rand(TEACHER_BATCH, 3, 32, 32)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         with torch.inference_mode():
             for _ in range(0, images, TEACHER_BATCH):
                 module(batch).softmax(1).topk(10, dim=1)
-        return time.perf_counter() - start
+        return time.perf_counter() - start, time.process_time() - cpu
     finally:
         torch.set_num_threads(threads)
 
@@ -97,7 +97,7 @@ def main() -> None:
             row = {"plain": shard_path(tmp / "c", epochs=args.epochs)}
             for name, spec in specs.items():
                 row[f"--teacher {name}"] = shard_path(tmp / "c", epochs=args.epochs, teacher=spec)
-                row[f"bare {name}"] = (bare_teacher(spec, n), 0.0)
+                row[f"bare {name}"] = bare_teacher(spec, n)
             for key, (wall, cpu) in row.items():
                 seconds.setdefault(key, []).append(wall)
                 seconds.setdefault(f"{key}, CPU", []).append(cpu)
@@ -112,12 +112,14 @@ def main() -> None:
     print(f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores seen, build 1 worker "
           f"(1 thread), torch {torch.__version__}; {n} images (built-in sample, cifar preset, 32 px) per row, "
           f"medians of {args.repeats} interleaved runs")
-    print(f"  build per-shard path, plain            {us('plain'):7.0f} us/image   (CPU {us('plain, CPU'):.0f})")
+    print("  per image, wall (CPU time: blind to the waits for a core that other users of the machine cause)")
+    print(f"  build per-shard path, plain                {us('plain'):6.0f} us ({us('plain, CPU'):4.0f} us)")
     for name in TEACHERS:
-        key = f"--teacher {name}"
-        print(f"  build per-shard path, --teacher {name:8s} {us(key):7.0f} us/image   (CPU {us(key + ', CPU'):.0f}): "
-              f"{ratio(key, 'plain')} plain; +{us(key) - us('plain'):.0f} us/image; the bare teacher "
-              f"{us('bare ' + name):.0f} us/image")
+        key, bare = f"--teacher {name}", f"bare {name}"
+        print(f"  build per-shard path, --teacher {name:10s} {us(key):6.0f} us ({us(key + ', CPU'):4.0f} us): "
+              f"{ratio(key, 'plain')} plain; on CPU time {ratio(key + ', CPU', 'plain, CPU')}, "
+              f"+{us(key + ', CPU') - us('plain, CPU'):.0f} us/image; the bare teacher {us(bare):.0f} us "
+              f"({us(bare + ', CPU'):.0f} us)")
 
 
 if __name__ == "__main__":

@@ -74,6 +74,7 @@ def test_stored_targets_are_the_teachers_top_k_on_the_images_read_back(build, te
     block = json.loads((cache / "manifest.json").read_text())["teacher"]
     assert (block["topk"], block["classes"], block["spec"], block["device"]) == (3, 4, teachers("make"), "cpu")
     assert len(block["factory_sha256"]) == 64
+    assert f"reinforced: teacher {teachers('make')} top-3" in run_cli("info", cache).output
     for epoch in (0, 1):
         loader = CachedLoader(cache, batch_size=64, device="cpu", normalize=False, targets="teacher")
         loader.set_epoch(epoch)
