@@ -4,6 +4,7 @@ sample's teacher member (cacheformat.teacher)."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -28,6 +29,7 @@ class Teacher:
     topk: int  # K stored per sample (at most the classes)
     classes: int
     encoding: str  # the cache's image encoding: the teacher sees the images as a reader decodes them
+    weights: str = ""  # sha256 of its state_dict where the build probed it: every process must load the same
 
     @property
     def stored(self) -> TeacherSpec:
@@ -38,8 +40,9 @@ class Teacher:
 _LOADED: dict[tuple[str, str], torch.nn.Module] = {}  # (spec, device) -> module, once per process
 
 
-def load_teacher(spec: str, device: torch.device = torch.device("cpu")) -> torch.nn.Module:
-    """The module `spec`'s factory returns, in eval mode on `device`; one-line errors naming the factory."""
+def load_teacher(spec: str, device: torch.device = torch.device("cpu"), weights: str = "") -> torch.nn.Module:
+    """The module `spec`'s factory returns, in eval mode on `device`; one-line errors naming the
+    factory. `weights`: the sha256 its state_dict must have (what the build probed)."""
     key = (spec, str(device))
     if key not in _LOADED:
         try:
@@ -53,8 +56,21 @@ def load_teacher(spec: str, device: torch.device = torch.device("cpu")) -> torch
         if not isinstance(module, torch.nn.Module):
             raise CachegenError(f"teacher factory {spec} returned {type(module).__name__}, not a torch.nn.Module; "
                                 f"define it as {USAGE}")
+        if weights and weights_sha256(module) != weights:
+            raise CachegenError(f"teacher factory {spec} returned other weights in this process than where the build "
+                                "probed it (random initialisation?): make it load the same weights every time")
         _LOADED[key] = module.to(device).eval()  # eval: no dropout, batch-norm running statistics
     return _LOADED[key]
+
+
+def weights_sha256(module: torch.nn.Module) -> str:
+    """sha256 of a module's state_dict (names, dtypes, shapes, values): which trained teacher it is."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{list(tensor.shape)}|".encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
 
 
 def teacher_sha256(spec: str) -> str | None:
@@ -94,7 +110,7 @@ def as_stored(rows: np.ndarray, encoding: str) -> np.ndarray:
 def teacher_members(teacher: Teacher, rows: np.ndarray, device: torch.device = torch.device("cpu")) -> list[bytes]:
     """Each row's teacher member: a shard's augmented images (N, H, W, C uint8), in batches of
     TEACHER_BATCH counted from the shard's first sample, on `device`."""
-    module = load_teacher(teacher.spec, device)
+    module = load_teacher(teacher.spec, device, teacher.weights)
     stored = as_stored(rows, teacher.encoding)
     members = []
     for k in range(0, len(stored), TEACHER_BATCH):
@@ -125,16 +141,20 @@ def probe_teacher(spec: str, topk: int, classes: int, shape: tuple[int, int, int
                   device: torch.device = torch.device("cpu")) -> Teacher:
     """Load the teacher and run it once on a blank batch of the cache's image shape (HWC): the
     errors a build would meet in its workers, met now; the Teacher every worker runs."""
-    teacher = Teacher(spec=spec, topk=min(topk, classes), classes=classes, encoding=encoding)
+    _LOADED.clear()  # loaded afresh for each build (a retrained teacher, the same spec)
+    module = load_teacher(spec, device)
+    teacher = Teacher(spec=spec, topk=min(topk, classes), classes=classes, encoding=encoding,
+                      weights=weights_sha256(module))
     h, w, c = shape
-    top_k(load_teacher(spec, device), torch.zeros((2, c, h, w), device=device), teacher)
+    top_k(module, torch.zeros((2, c, h, w), device=device), teacher)
     return teacher
 
 
 def manifest_block(teacher: Teacher, device: torch.device | None) -> dict:
     """The manifest's `teacher` block: what made the targets (part of the cache's identity) and
     how they are stored."""
-    return {"spec": teacher.spec, "factory_sha256": teacher_sha256(teacher.spec), "topk": teacher.topk,
+    return {"spec": teacher.spec, "factory_sha256": teacher_sha256(teacher.spec), "weights_sha256": teacher.weights,
+            "topk": teacher.topk,
             "classes": teacher.classes, "device": device.type if device is not None else "cpu",
             "batch": TEACHER_BATCH, "member": MEMBER, "record": str(RECORD.descr),
             "payload_bytes": payload_bytes(teacher.topk)}

@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
+import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,12 +20,14 @@ from readers import CachedLoader, ReaderError, open_loader
 from tests.cachegen.conftest import assert_one_line_error, run_cli, shard_bytes
 
 TEACHERS = '''
+import os
+
 import torch
 from torch import nn
 
 
 def make(classes=4):
-    torch.manual_seed(0)  # the same weights in every process that loads it
+    torch.manual_seed(int(os.environ.get("TEACHER_SEED", "0")))  # the same weights in every process that loads it
     return nn.Sequential(nn.Conv2d(3, 8, 3, 2), nn.ReLU(), nn.Dropout(0.5), nn.AdaptiveAvgPool2d(1),
                          nn.Flatten(), nn.Linear(8, classes))
 
@@ -152,7 +157,7 @@ def test_a_module_that_is_not_there_and_a_live_cache_are_one_line(build, teacher
                           "--teacher-topk must be at least 1")
 
 
-def test_resume_and_growth_keep_the_teacher_and_another_teacher_is_refused(build, teachers, tmp_path):
+def test_resume_and_growth_keep_the_teacher_and_another_teacher_is_refused(build, teachers, tmp_path, monkeypatch):
     args = ("--transform", "cifar", "--teacher", teachers("make"))
     cache = build("--epochs", "1", *args)
     before = shard_bytes(cache)
@@ -171,6 +176,25 @@ def test_resume_and_growth_keep_the_teacher_and_another_teacher_is_refused(build
                    expect=1)
     assert_one_line_error(result, "holds a different cache", "teacher")
     assert_one_line_error(build("--epochs", "2", "--transform", "cifar", expect=1), "holds a different cache", "teacher")
+    monkeypatch.setenv("TEACHER_SEED", "1")  # retrained: the same factory file, other weights
+    assert_one_line_error(build("--epochs", "2", *args, expect=1), "holds a different cache", "weights_sha256")
+
+
+def test_a_factory_giving_other_weights_in_another_process_is_refused(teachers):
+    """A spawned or Dask worker loads the teacher afresh: with other weights (an unseeded random
+    initialisation) it refuses to write targets that would differ between processes."""
+    from cachegen.teacher import probe_teacher
+
+    probed = probe_teacher(teachers("make"), 10, 4, (32, 32, 3), "npy")
+    code = ("import sys; from cachegen.teacher import load_teacher; from cachegen.errors import CachegenError\n"
+            "try:\n    load_teacher(sys.argv[1], weights=sys.argv[2])\n"
+            "except CachegenError as e:\n    sys.exit(str(e))")
+    for seed, refused in (("0", False), ("1", True)):
+        done = subprocess.run([sys.executable, "-c", code, teachers("make"), probed.weights], capture_output=True,
+                              text=True, timeout=120, env={**os.environ, "TEACHER_SEED": seed,
+                                                          "PYTHONPATH": str(Path(__file__).parents[2])})
+        assert (done.returncode != 0) == refused, done.stderr
+        assert ("returned other weights in this process" in done.stderr) == refused
 
 
 def test_readers_refuse_teacher_targets_a_cache_does_not_have(build, teachers, tmp_path):
