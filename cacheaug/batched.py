@@ -66,7 +66,7 @@ def make_batched(spec: str, *, epoch: int, epochs: int, size: int, channels: int
 
 
 @contextmanager
-def _seeded(seed: int, device: torch.device) -> Iterator[None]:
+def seeded(seed: int, device: torch.device) -> Iterator[None]:
     """torch's CPU generator, and `device`'s where it is a GPU, seeded with `seed` inside, as they
     were outside."""
     generators = [torch.default_generator]
@@ -94,7 +94,7 @@ def augment_batch(augmentation: Callable, images: torch.Tensor, *, seed: int, na
         TransformError: the augmentation fails or returns something else than a float batch of
             the same size (and `shape`), in one line naming `name` (the preset or factory).
     """
-    with _seeded(seed, images.device):
+    with seeded(seed, images.device):
         try:
             out = augmentation(images)
         except TransformError:

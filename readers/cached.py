@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -46,6 +46,12 @@ class CachedLoader(Loader):
         targets: "labels": batches are (images, labels); "teacher" (a cache built with `cachegen
             build --teacher`): (images, labels, teacher), teacher a float32 (B, classes) tensor on
             the device holding the stored top-K teacher probabilities, zeros elsewhere.
+        batch_transform: a callable (images, labels) -> (images, targets) run on every batch on
+            the device after normalisation (torchvision's v2.MixUp, v2.CutMix, v2.RandomChoice of
+            them, timm's Mixup, your own), under torch's, numpy's and `random`'s generators seeded
+            per batch from (seed, epoch, batch, rank layout) and given back: batches stay
+            deterministic and resume exactly; targets may be soft labels (B, classes). An
+            nn.Module is moved to `device`. See docs/batch-transforms.md.
         local: for a cache at a URL (s3://bucket/prefix, gs://..., any fsspec protocol): the local
             folder its manifest, indexes and shards are staged in (in `local/<manifest digest>/`),
             shared by the processes of a node. Each pass fetches the indexes of this rank's shards,
@@ -69,11 +75,12 @@ class CachedLoader(Loader):
                  dtype: torch.dtype = torch.float32, channels_last: bool = False, rank: int | None = None,
                  world_size: int | None = None, prefetch: int | None = None, shuffle_window: int = DEFAULT_WINDOW,
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                 verify: bool = False, targets: str = "labels", local: str | Path | None = None, **staging) -> None:
+                 verify: bool = False, targets: str = "labels", local: str | Path | None = None,
+                 batch_transform: Callable | None = None, **staging) -> None:
         super().__init__(cache, batch_size=batch_size, device=device, shuffle=shuffle, seed=seed,
                          drop_last=drop_last, normalize=normalize, dtype=dtype, channels_last=channels_last,
                          rank=rank, world_size=world_size, prefetch=prefetch, shuffle_window=shuffle_window,
-                         mean=mean, std=std, local=local, **staging)
+                         mean=mean, std=std, local=local, batch_transform=batch_transform, **staging)
         self.verify = bool(verify)
         check_targets(targets, self.manifest)
         self.targets = targets

@@ -7,7 +7,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cacheaug.transforms import augment, make_transform, to_pil
+from cacheaug.batched import augment_batch, make_batched
+from cacheaug.transforms import TransformError, augment, make_transform, to_pil
+from cacheformat.seeding import sample_seed
 from readers.errors import ReaderError
 from readers.live import _layout, _locate
 from readers.manifest import load_manifest
@@ -18,13 +20,18 @@ class CacheDataset(torch.utils.data.Dataset):
     """Sample i of epoch `epoch` of a cache, in the epoch's stored order: (image, label), image a
     (C, H, W) uint8 tensor as stored (not normalised), label an int.
 
-    A cached epoch is read from its shard (mapped on first use, as CachedLoader does); a live
-    cache's epoch is augmented from the stored source, exactly as LiveLoader and a cached build
-    would give it. Works with any torch DataLoader or sampler; for training, the loaders are the
-    fast path.
+    A cached epoch is read from its shard (mapped on first use, as CachedLoader does). A live
+    cache's epoch is augmented from the stored source where its manifest says
+    (transform.augment_on): per sample ("cpu", "auto"), exactly as LiveLoader's per-sample path and
+    a cached build give it; or, for a cache recorded `--augment-on device`, by the same batched
+    (Kornia) augmentation LiveLoader's device path applies, on the CPU, to a batch of one seeded
+    per sample: the same distribution as the loader's batches, not their bytes (the loader draws
+    a batch's randomness for the whole batch). Works with any torch DataLoader or sampler; for
+    training, the loaders are the fast path.
 
     Raises:
         ReaderError: no cache, a damaged manifest, or an epoch the cache does not have.
+        TransformError: the cache's transform cannot be made, or fails on a sample (one line).
     """
 
     def __init__(self, cache: str | Path, *, epoch: int = 0) -> None:
@@ -41,8 +48,11 @@ class CacheDataset(torch.utils.data.Dataset):
             self._where, self._labels = _locate(m)
             self._reads = SampleReads(m)
             t = m.raw["transform"]
-            self._transform = make_transform(t["spec"], epoch=epoch, epochs=m.num_epochs, size=t["size"],
-                                             schedule=t["schedule"])
+            self._batched = m.augment_on == "device"  # the batched augmentation, as LiveLoader's device path
+            make = make_batched if self._batched else make_transform
+            extra = {"channels": m.output_shape[2]} if self._batched else {}
+            self._transform = make(t["spec"], epoch=epoch, epochs=m.num_epochs, size=t["size"],
+                                   schedule=t["schedule"], **extra)
 
     def __len__(self) -> int:
         return int(self._starts[-1]) if self.manifest.mode == "cached" else len(self._indices)
@@ -56,9 +66,8 @@ class CacheDataset(torch.utils.data.Dataset):
         if m.mode == "live":
             index = int(self._indices[i])
             k, j = self._where[index]
-            pixels = augment(self._transform, to_pil(self._reads.pixels(m.source_shards[k], int(j))), seed=m.seed,
-                             epoch=self.epoch, index=index)
-            return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1))), int(self._labels[index])
+            pixels = self._reads.pixels(m.source_shards[k], int(j))
+            return self._augment(pixels, index), int(self._labels[index])
         k = int(np.searchsorted(self._starts, i, side="right")) - 1
         shard, j = self._shards[k], i - int(self._starts[k])
         opened = self._files.get(shard)
@@ -66,3 +75,21 @@ class CacheDataset(torch.utils.data.Dataset):
         flat = opened.rows[j] if opened.rows is not None else decode(m, shard, opened, j)
         image = flat.reshape(h, w, c).permute(2, 0, 1).clone()
         return image, int(self._files.index(shard).labels[j])
+
+    def _augment(self, pixels: np.ndarray, index: int) -> torch.Tensor:
+        """Source sample `index` (HWC uint8) augmented as the cache says, as a (C, H, W) uint8 tensor."""
+        m, spec = self.manifest, self.manifest.raw["transform"]["spec"]
+        if self._batched:
+            h, w, c = m.output_shape
+            batch = torch.from_numpy(pixels).permute(2, 0, 1)[None].float().div_(255.0)
+            out = augment_batch(self._transform, batch, seed=sample_seed(m.seed, self.epoch, index), name=spec,
+                                shape=(c, h, w))
+            return out[0].mul_(255.0).round_().to(torch.uint8)
+        try:
+            augmented = augment(self._transform, to_pil(pixels), seed=m.seed, epoch=self.epoch, index=index)
+        except TransformError:
+            raise
+        except Exception as e:  # the user's transform's own failure: one line naming it and the sample
+            raise TransformError(f"transform {spec} failed on sample {index} of epoch {self.epoch}: "
+                                 f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:400]) from None
+        return torch.from_numpy(np.ascontiguousarray(augmented.transpose(2, 0, 1)))

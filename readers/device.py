@@ -71,19 +71,36 @@ class DeviceCopier:
 
     def start(self, images: torch.Tensor, labels: torch.Tensor,
               augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+              then: Callable[..., tuple[torch.Tensor, ...]] | None = None,
               extra: tuple[torch.Tensor, ...] = ()) -> Pending:
         """Begin moving and converting one batch; returns at once on CUDA. `augment`, where
-        given, runs on the device between the move and the normalisation (see convert). `extra`
-        tensors (host, pinned on CUDA) are moved alongside, unconverted."""
+        given, runs on the device between the move and the normalisation (see convert); `then`
+        (images, labels) -> (images, targets) after it (a batch transform), on the same stream.
+        `extra` tensors (host, pinned on CUDA: teacher targets) are moved alongside, unconverted,
+        and given to `then` as `also=` (mixed as the labels are)."""
         if self._stream is None:
-            return Pending(self.convert(images, augment), labels, None, extra)
+            images, labels, extra = self._then(self.convert(images, augment), labels, extra, then)
+            return Pending(images, labels, None, extra)
         with torch.cuda.stream(self._stream):
             images = self.convert(images.to(self.device, non_blocking=True), augment)
             labels = labels.to(self.device, non_blocking=True)
             extra = tuple(t.to(self.device, non_blocking=True) for t in extra)
+            images, labels, extra = self._then(images, labels, extra, then)
             ready = torch.cuda.Event()
             ready.record(self._stream)
         return Pending(images, labels, ready, extra)
+
+    @staticmethod
+    def _then(images: torch.Tensor, labels: torch.Tensor, extra: tuple[torch.Tensor, ...],
+              then: Callable[..., tuple[torch.Tensor, ...]] | None) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+        """The batch through `then` (a BatchTransform, seeded), each `extra` tensor mixed with the
+        same draws as the labels (its `also=`); as it is without one."""
+        if then is None:
+            return images, labels, extra
+        if not extra:
+            return (*then(images, labels), ())
+        images, labels, *mixed = then(images, labels, also=extra)
+        return images, labels, tuple(mixed)
 
     def finish(self, pending: Pending) -> tuple[torch.Tensor, ...]:
         """The batch, (images, labels, *extra), usable on the current stream (which waits for it

@@ -14,9 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cacheaug.batched import AUGMENT_ON, augment_batch, batch_seed, make_batched
+from cacheaug.batched import AUGMENT_ON, augment_batch, make_batched
 from cacheaug.transforms import augment, drift, make_transform, to_pil
 from cacheformat.layout import epoch_shards
+from readers.batch_transform import ORDER_SALT, batch_order
 from readers.errors import ReaderError
 from readers.loader import STAGING_OPTIONS, Loader, open_cache
 from readers.manifest import Manifest, Shard, live_shards
@@ -137,7 +138,9 @@ class LiveLoader(Loader):
             moved to the device, augmented there batch by batch with cacheaug.batched, then
             normalised: no worker processes), "auto" (device when the loader's device is CUDA);
             None: what the cache records (`cachegen build --augment-on`; cpu for older caches).
-            `loader.augment_on` says which path was chosen.
+            `loader.augment_on` says which path was chosen. On the device path each batch's
+            samples come in a seeded order (seed, epoch, batch, rank layout), not source order,
+            and an nn.Module augmentation is moved to the loader's device.
         local (and CachedLoader's download options): for a cache at a URL; a live cache's whole
             source is staged (and checked) on construction.
     """
@@ -150,11 +153,11 @@ class LiveLoader(Loader):
                  world_size: int | None = None, prefetch: int | None = None, shuffle_window: int = DEFAULT_WINDOW,
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                  workers: int | None = None, verify: bool = False, augment_on: str | None = None,
-                 local: str | Path | None = None, **staging) -> None:
+                 local: str | Path | None = None, batch_transform: Callable | None = None, **staging) -> None:
         super().__init__(cache, batch_size=batch_size, device=device, shuffle=shuffle, seed=seed,
                          drop_last=drop_last, normalize=normalize, dtype=dtype, channels_last=channels_last,
                          rank=rank, world_size=world_size, prefetch=prefetch, shuffle_window=shuffle_window,
-                         mean=mean, std=std, local=local, **staging)
+                         mean=mean, std=std, local=local, batch_transform=batch_transform, **staging)
         if workers is not None and (not isinstance(workers, int) or isinstance(workers, bool) or workers < 0):
             raise ValueError(f"workers must be an int >= 0 (0: augment in this process), got {workers!r}")
         self.workers = default_workers() if workers is None else workers
@@ -187,19 +190,28 @@ class LiveLoader(Loader):
     def _device_augment(self, plan: EpochPlan, batch: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
         if self.augment_on != "device":
             return None
-        m, o = self.manifest, self.options
+        m = self.manifest
         t = m.raw["transform"]
         if plan.cache_epoch not in self._batched:
-            self._batched = {plan.cache_epoch: make_batched(t["spec"], epoch=plan.cache_epoch, epochs=m.num_epochs,
-                                                            size=t["size"], channels=m.output_shape[2],
-                                                            schedule=t["schedule"])}
+            batched = make_batched(t["spec"], epoch=plan.cache_epoch, epochs=m.num_epochs, size=t["size"],
+                                   channels=m.output_shape[2], schedule=t["schedule"])
+            if isinstance(batched, torch.nn.Module):  # its buffers (a Kornia pipeline's) go where the batches are
+                batched = batched.to(self.device)
+            self._batched = {plan.cache_epoch: batched}
         augmentation = self._batched[plan.cache_epoch]
-        rank, world_size = self._split()
         # A batch's randomness: the cache's seed, the training epoch, the batch, and what decides
         # which samples it holds (the loader's order seed and the rank layout).
-        seed = batch_seed(m.seed, plan.epoch, batch, stream=(o.seed << 32) + (world_size << 16) + rank)
+        seed = self._batch_seed(plan.epoch, batch)
         h, w, c = m.output_shape
         return functools.partial(augment_batch, augmentation, seed=seed, name=t["spec"], shape=(c, h, w))
+
+    def _order(self, plan: EpochPlan, batch: int, n: int) -> torch.Tensor | None:
+        # The device path gathers each batch in source order (one gather per source shard): on a
+        # class-sorted source (any ImageFolder) a batch would come class by class, and MixUp would
+        # mix a class with itself. A seeded permutation per batch undoes that.
+        if self.augment_on != "device":
+            return None
+        return batch_order(self._batch_seed(plan.epoch, batch, ORDER_SALT), n)
 
     def _recycle(self, host: torch.Tensor, converted: torch.Tensor) -> None:
         if self.augment_on == "device":  # host batches of _gather's; the DataLoader's are its own

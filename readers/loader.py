@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -9,6 +10,7 @@ from typing import Any
 
 import torch
 
+from readers.batch_transform import TRANSFORM_SALT, BatchTransform, loader_batch_seed, reordered
 from readers.device import DeviceCopier, Pending
 from readers.errors import ReaderError
 from readers.manifest import Manifest, Shard, load_manifest
@@ -73,7 +75,8 @@ class Loader:
     when a pass starts (and by len), not on construction.
 
     Every subclass also takes `mean=` and `std=` (per channel, [0, 1] units; None: the
-    manifest's), e.g. a val cache normalised with its train cache's statistics.
+    manifest's), e.g. a val cache normalised with its train cache's statistics, and
+    `batch_transform=` (readers.batch_transform; docs/batch-transforms.md).
     """
 
     MODE = ""  # the manifest mode this loader reads
@@ -86,7 +89,7 @@ class Loader:
                  world_size: int | None = None, prefetch: int | None = None,
                  shuffle_window: int = DEFAULT_WINDOW, mean: Sequence[float] | None = None,
                  std: Sequence[float] | None = None, local: str | Path | None = None,
-                 **staging: Any) -> None:
+                 batch_transform: Callable | None = None, **staging: Any) -> None:
         self.options = LoaderOptions(batch_size=batch_size, device=device, shuffle=shuffle, seed=seed,
                                      drop_last=drop_last, normalize=normalize, dtype=dtype,
                                      channels_last=channels_last, rank=rank, world_size=world_size,
@@ -108,6 +111,10 @@ class Loader:
         self.std = self.options.std or self.manifest.std
         self._copier = DeviceCopier(device=self.options.device, normalize=normalize, mean=self.mean,
                                     std=self.std, dtype=dtype, channels_last=channels_last)
+        # (images, labels) -> (images, targets) after normalisation, on the device, seeded per batch
+        self.batch_transform = BatchTransform.of(batch_transform)
+        if self.batch_transform is not None:
+            self.batch_transform.to(self.options.device)
         self._spare: list[torch.Tensor] = []  # CPU host batches the device stage is done with (_gather's)
         self.sampler = EpochHook(self)  # what Lightning calls set_epoch on
         self._epoch = 0
@@ -147,6 +154,26 @@ class Loader:
     def _device_augment(self, plan: EpochPlan, batch: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """The augmentation batch `batch` of `plan` gets on the device (DeviceCopier.convert), or None."""
         return None
+
+    def _order(self, plan: EpochPlan, batch: int, n: int) -> torch.Tensor | None:
+        """The order batch `batch` of `plan` (`n` samples, as gathered) is delivered in, or None: as gathered."""
+        return None
+
+    def _batch_seed(self, epoch: int, batch: int, salt: int = 0) -> int:
+        """The seed of one random stream (`salt`) of batch `batch` of training epoch `epoch`: from the
+        cache's seed, the loader's, the epoch, the batch and the rank layout (so a resumed pass draws
+        what the uninterrupted one would)."""
+        rank, world_size = self._split()
+        return loader_batch_seed(self.manifest.seed, self.options.seed, epoch, batch, rank=rank,
+                                 world_size=world_size, salt=salt)
+
+    def _batch_stage(self, plan: EpochPlan, batch: int
+                     ) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None:
+        """batch_transform, seeded for batch `batch` of `plan`, or None."""
+        if self.batch_transform is None:
+            return None
+        seed = self._batch_seed(plan.epoch, batch, TRANSFORM_SALT)
+        return functools.partial(self.batch_transform, seed=seed, where=f"batch {batch} of epoch {plan.epoch}")
 
     def _gather(self, files: ShardFiles, shards: Sequence[Shard], plan: EpochPlan,
                 start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -264,8 +291,10 @@ class Loader:
                           window=self.shuffle_window)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(images, labels) on the device: images (B, C, H, W), labels int64 (B,); with
-        targets="teacher", (images, labels, teacher), teacher float32 (B, classes)."""
+        """(images, labels) on the device: images (B, C, H, W), labels int64 (B,); with a
+        batch_transform, (images, targets) as it returns them (MixUp: targets float (B, classes));
+        with targets="teacher", a third tensor, the teacher's probabilities float32 (B, classes),
+        mixed by the batch_transform as the labels are."""
         self._place()
         plan = self.plan()
         start, self._placed = self._delivered, False
@@ -287,7 +316,12 @@ class Loader:
                     error = e
                     break
                 # batch k+1 moves (and is augmented, in a device-augmented live pass) while batch k trains
-                started = copier.start(images, labels, self._device_augment(plan, start + taken), tuple(extra))
+                b = start + taken
+                augment, order = self._device_augment(plan, b), self._order(plan, b, len(labels))
+                if order is not None:  # labels reordered here on the host, images on the device
+                    labels, augment = labels[order], reordered(augment, order)
+                    extra = [t[order] for t in extra]
+                started = copier.start(images, labels, augment, self._batch_stage(plan, b), tuple(extra))
                 taken += 1
                 self._recycle(images, started.images)
                 if pending is not None:

@@ -5,9 +5,14 @@ augmentation feeding it; logs img/s and data-wait % per epoch and the accuracy o
     cachegen build --split test --transform val --stats-from cache --out cache-val
     python scripts/train.py --cache cache --val cache-val --loader cached --epochs 16
     torchrun --nproc_per_node 2 scripts/train.py --cache cache --val cache-val   # DDP: NCCL on GPUs, gloo on CPUs
-
+    python scripts/train.py --cache cache --val cache-val --mixup 0.2 --cutmix 1.0   # one of the two per batch
     cachegen build --epochs 16 --teacher teacher.py:make --out reinforced      # a reinforced cache (docs/reinforced.md)
     python scripts/train.py --cache reinforced --val cache-val --distill       # knowledge distillation, no teacher run
+
+--mixup/--cutmix mix every batch on the device through the loader's batch_transform (torchvision's
+v2.MixUp / v2.CutMix; both given: v2.RandomChoice of them, as torchvision's reference recipe),
+trained with soft-target cross-entropy; the online loader applies the same transform unseeded.
+--distill trains on a reinforced cache's teacher targets (mixed as the images are, with --mixup).
 
 --device defaults to cuda when there is one (each torchrun process takes cuda:LOCAL_RANK); on CUDA
 the model trains in channels_last with bf16 autocast, and every loader (cached, live, online)
@@ -56,7 +61,7 @@ class OnlineLoader:
     """What users do today: torchvision Dataset + DataLoader workers, normalised like the cache."""
 
     def __init__(self, cache: str, *, batch_size: int, workers: int, seed: int, rank: int, world_size: int,
-                 mean, std, device: torch.device, channels_last: bool = False) -> None:
+                 mean, std, device: torch.device, channels_last: bool = False, batch_transform=None) -> None:
         self.dataset = online_dataset(cache)
         self.sampler = torch.utils.data.DistributedSampler(self.dataset, num_replicas=world_size, rank=rank,
                                                            shuffle=True, seed=seed)
@@ -67,6 +72,7 @@ class OnlineLoader:
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.scale = torch.tensor([1 / (255 * s) for s in std], device=device).view(1, -1, 1, 1)
         self.bias = torch.tensor([-m / s for m, s in zip(mean, std)], device=device).view(1, -1, 1, 1)
+        self.batch_transform = batch_transform  # drawn from the global generators, as a plain training loop would
 
     def set_epoch(self, epoch: int) -> None:
         self.sampler.set_epoch(epoch)
@@ -78,7 +84,8 @@ class OnlineLoader:
     def __iter__(self):
         for x, y in self.loader:
             x = x.to(self.device, non_blocking=True).to(torch.float32, memory_format=self.memory_format)
-            yield x * self.scale + self.bias, y.to(self.device, non_blocking=True)
+            x, y = x * self.scale + self.bias, y.to(self.device, non_blocking=True)
+            yield self.batch_transform(x, y) if self.batch_transform is not None else (x, y)
 
 
 def ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -107,6 +114,20 @@ def evaluate(model: nn.Module, loader, device: torch.device) -> float:
     return correct / max(total, 1)
 
 
+def mixing(mixup: float, cutmix: float, classes: int):
+    """The batch transform --mixup/--cutmix ask for (torchvision v2), or None."""
+    from torchvision.transforms import v2
+
+    for name, alpha in (("--mixup", mixup), ("--cutmix", cutmix)):
+        if alpha < 0:
+            sys.exit(f"train.py: error: {name} {alpha:g}: give an alpha > 0, or 0 for off")
+    chosen = ([v2.MixUp(alpha=mixup, num_classes=classes)] if mixup else []) + \
+             ([v2.CutMix(alpha=cutmix, num_classes=classes)] if cutmix else [])
+    if not chosen:
+        return None
+    return chosen[0] if len(chosen) == 1 else v2.RandomChoice(chosen)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cache", default="cache")
@@ -128,6 +149,13 @@ def main() -> None:
     p.add_argument("--label-weight", type=float, default=0.0,
                    help="with --distill: loss = (1 - w) * soft CE(teacher) + w * CE(labels)")
     p.add_argument("--save", help="save the trained model's state_dict here (e.g. to use it as a teacher)")
+    p.add_argument("--mixup", type=float, default=0.0, metavar="ALPHA",
+                   help="MixUp every batch with weights from Beta(ALPHA, ALPHA) (0: off; recipes use 0.2-0.8)")
+    p.add_argument("--cutmix", type=float, default=0.0, metavar="ALPHA",
+                   help="CutMix every batch, Beta(ALPHA, ALPHA) (0: off; recipes use 1.0); with --mixup: one of "
+                        "the two per batch")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads on the CPU (0: the cores / processes); 1 on a machine shared with other work")
     p.add_argument("--json", help="append one JSON line with the result to this file")
     p.add_argument("--tag", default="", help="a label stored with the JSON result")
     args = p.parse_args()
@@ -151,12 +179,15 @@ def main() -> None:
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     torch.manual_seed(args.seed)
     if not cuda:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+        torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world))
 
     # drop_last=False, as the online DataLoader: every loader takes the same number of steps per epoch.
     common = dict(batch_size=args.batch_size, seed=args.seed, device=device, drop_last=False, channels_last=cuda)
     try:
         manifest = load_manifest(args.cache)
+        mix = mixing(args.mixup, args.cutmix, len(manifest.classes))
+        if mix is not None:
+            common["batch_transform"] = mix
         if args.loader == "live" and manifest.mode != "live":
             raise ReaderError(f"--loader live needs a live cache, and {args.cache} is a {manifest.mode!r} one: "
                               "use --loader cached, or build it with --mode live")
@@ -172,12 +203,15 @@ def main() -> None:
         else:
             train = OnlineLoader(args.cache, batch_size=args.batch_size, workers=args.workers, seed=args.seed,
                                  rank=rank, world_size=world, mean=manifest.mean, std=manifest.std, device=device,
-                                 channels_last=cuda)
+                                 channels_last=cuda, batch_transform=mix)
         val = CachedLoader(args.val, batch_size=256, shuffle=False, device=device, channels_last=cuda, rank=0,
                            world_size=1)
     except ReaderError as e:
         sys.exit(f"train.py: error: {e}")
     classes = len(val.manifest.classes)
+    if mix is not None and rank == 0:
+        names = [f"{name}(alpha={alpha:g})" for name, alpha in (("MixUp", args.mixup), ("CutMix", args.cutmix)) if alpha]
+        print(f"mixing every batch: {'RandomChoice of ' if len(names) > 1 else ''}{', '.join(names)}")
 
     model = small_resnet(classes, channels=val.manifest.shape[2], width=args.width)
     model = model.to(device, memory_format=torch.channels_last if cuda else torch.contiguous_format)
@@ -188,7 +222,7 @@ def main() -> None:
         steps = min(steps, args.max_steps)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=steps, pct_start=0.2)
-    loss_fn = distillation_loss(args.label_weight) if args.distill else ce
+    loss_fn = distillation_loss(args.label_weight) if args.distill else ce  # ce: labels or soft targets (--mixup)
 
     step = 0
     for epoch in range(args.epochs):
@@ -234,7 +268,8 @@ def main() -> None:
             with open(args.json, "a") as f:
                 f.write(json.dumps({"tag": args.tag, "loader": args.loader, "epochs": args.epochs, "seed": args.seed,
                                     "distill": args.distill, "label_weight": args.label_weight, "width": args.width,
-                                    "cache": args.cache, "accuracy": accuracy}) + "\n")
+                                    "cache": args.cache, "mixup": args.mixup, "cutmix": args.cutmix,
+                                    "accuracy": accuracy}) + "\n")
     if distributed:
         dist.destroy_process_group()
 

@@ -84,8 +84,20 @@ def test_train_under_torchrun_splits_the_epoch_over_gloo(caches, tmp_path):
     assert single.returncode == 0 and "(cached, 2 epochs, 9 steps, seed 0, cpu)" in single.stdout, single.stderr
 
 
+@pytest.mark.parametrize("loader", ["cached", "online"])
+def test_train_with_mixup_and_cutmix(caches, tmp_path, loader):
+    results = tmp_path / "mix.jsonl"
+    done = _train(caches, "--cache", caches / "cached", "--loader", loader, "--epochs", "1", "--mixup", "0.2",
+                  "--cutmix", "1.0", "--json", results, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "mixing every batch: RandomChoice of MixUp(alpha=0.2), CutMix(alpha=1)" in done.stdout
+    result = json.loads(results.read_text())
+    assert result["mixup"] == 0.2 and result["cutmix"] == 1.0 and 0.0 <= result["accuracy"] <= 1.0
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (("--loader", "live", "--cache", "CACHED"), "--loader live needs a live cache, and "),
+    (("--mixup", "-1", "--cache", "CACHED"), "--mixup -1: give an alpha > 0, or 0 for off"),
     (("--loader", "cached", "--cache", "LIVE"), "is a 'live'-mode cache: read it with LiveLoader"),
     (("--device", "mps", "--cache", "CACHED"), "--device mps: use cuda or cpu"),
     (("--device", "tpu", "--cache", "CACHED"), "--device 'tpu' is not a torch device"),

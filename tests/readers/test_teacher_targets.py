@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch import nn
 
 from loader_checks import CLASSES, SHARD_SIZE, digest
 from readers import CachedLoader, open_loader
@@ -145,3 +146,34 @@ def test_a_staged_copy_from_s3_gives_the_same_targets(reinforced, tmp_path):
         staged = read(url, epoch, local=tmp_path / "scratch", download_retries=2, download_backoff=0.05, prefetch=0)
         local = read(reinforced["npy"], epoch)
         assert all(torch.equal(a, b) for x, y in zip(staged, local, strict=True) for a, b in zip(x, y, strict=True))
+
+
+@pytest.mark.parametrize("mix", ["mixup", "cutmix"])
+def test_a_batch_transform_mixes_teacher_targets_with_the_images_pairs_and_weights(reinforced, mix):
+    """v2.MixUp / v2.CutMix through batch_transform=: each teacher row is mixed with the same
+    partner (torchvision pairs sample i with i - 1) and the same weight as the image and the label."""
+    v2 = pytest.importorskip("torchvision.transforms.v2")
+    make = {"mixup": lambda: v2.MixUp(alpha=1.0, num_classes=CLASSES),
+            "cutmix": lambda: v2.CutMix(alpha=1.0, num_classes=CLASSES)}[mix]
+    options = dict(batch_size=32, device="cpu", targets="teacher", seed=3)
+    plain = CachedLoader(reinforced["npy"], **options)
+    mixed = CachedLoader(reinforced["npy"], **options, batch_transform=make())
+    checked = 0
+    for (x, y, t), (mx, my, mt) in zip(plain, mixed, strict=True):
+        assert my.shape == mt.shape == (len(y), CLASSES) and mt.dtype == torch.float32
+        partner = torch.roll(torch.arange(len(y)), 1)
+        rows = torch.nonzero(y != y[partner]).flatten()
+        lam = float(my[rows[0], y[rows[0]]])  # the label's weight on the sample's own class
+        expected = lam * t + (1 - lam) * t[partner]
+        torch.testing.assert_close(mt, expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(my, lam * nn.functional.one_hot(y, CLASSES).float()
+                                   + (1 - lam) * nn.functional.one_hot(y[partner], CLASSES).float())
+        if mix == "mixup":  # the images with that very weight and partner
+            torch.testing.assert_close(mx, lam * x + (1 - lam) * x[partner], atol=1e-4, rtol=1e-4)
+        checked += 1
+    assert checked == len(plain)
+    # Deterministic: a second pass over the same epoch mixes alike (the loader seeds each batch).
+    mixed.set_epoch(0)
+    again = [batch for batch in mixed]
+    mixed.set_epoch(0)
+    assert all(torch.equal(a, b) for u, v in zip(again, mixed, strict=True) for a, b in zip(u, v, strict=True))
