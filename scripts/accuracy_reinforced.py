@@ -74,7 +74,7 @@ def main() -> None:
     p.add_argument("--teacher-width", type=int, default=16)
     p.add_argument("--teacher-epochs", type=int, default=0, help="0: twice --epochs")
     p.add_argument("--topk", type=int, default=10)
-    p.add_argument("--label-weights", default="0,0.5", help="--distill runs, one per weight of the hard labels")
+    p.add_argument("--label-weights", default="0", help="--distill runs, one per weight of the hard labels (0: pure KD)")
     p.add_argument("--train-size", type=int, default=1000, help="train on the first K images of the sample")
     args = p.parse_args()
     E = args.epochs
