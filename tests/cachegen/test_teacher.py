@@ -18,6 +18,7 @@ import torch
 
 from readers import CachedLoader, ReaderError, open_loader
 from tests.cachegen.conftest import assert_one_line_error, run_cli, shard_bytes
+from tests.conftest import make_npz
 
 TEACHERS = '''
 import os
@@ -266,3 +267,17 @@ def test_a_teacher_on_cuda_stores_its_top_k_deterministically(npz_source, teache
         probs = rerun(teachers("make"), images.cpu())
         torch.testing.assert_close(teacher.cpu(), torch.zeros_like(probs).scatter_(1, probs.topk(4).indices,
                                    probs.topk(4).values), atol=2e-3, rtol=0)
+
+
+def test_a_dask_build_with_a_teacher_is_byte_identical_to_a_local_build(dask_cluster, teachers, tmp_path):
+    """The cluster's worker processes load the teacher themselves (checked against the weights the
+    client probed) and write the same targets as the local workers."""
+    from tests.cachegen.test_dask import dask_build, local_build, tree
+
+    source = make_npz(tmp_path / "data.npz", n=120, size=16)[0]
+    common = [str(source), "--epochs", "2", "--shard-size", "25", "--transform", "cifar", "--teacher", teachers("make")]
+    local_build([*common, "--out", str(tmp_path / "local")])
+    run = dask_build([*common, "--out", str(tmp_path / "dask")], dask_cluster.address)
+    out = run.communicate(timeout=300)[0]
+    assert run.returncode == 0, out
+    assert tree(tmp_path / "dask") == tree(tmp_path / "local")
