@@ -75,10 +75,12 @@ def main() -> None:
     p.add_argument("--teacher-epochs", type=int, default=0, help="0: twice --epochs")
     p.add_argument("--topk", type=int, default=10)
     p.add_argument("--label-weights", default="0", help="--distill runs, one per weight of the hard labels (0: pure KD)")
+    p.add_argument("--temperatures", default="1", help="--distill runs: one per KD temperature (with each weight)")
     p.add_argument("--train-size", type=int, default=1000, help="train on the first K images of the sample")
     args = p.parse_args()
     E = args.epochs
     weights = [float(w) for w in args.label_weights.split(",")]
+    temperatures = [float(t) for t in args.temperatures.split(",")]
     with tempfile.TemporaryDirectory(prefix="cachegen-kd-") as tmp:
         tmp = Path(tmp)
         results = tmp / "results.jsonl"
@@ -103,8 +105,9 @@ def main() -> None:
         cachegen("build", str(source), "--out", str(reinforced), *common, "--teacher", f"{factory}:make",
                  "--teacher-topk", str(args.topk))
 
-        runs = [("plain", plain, ())] + [(f"reinforced w={w:g}", reinforced, ("--distill", "--label-weight", str(w)))
-                                         for w in weights]
+        runs = [("plain", plain, ())] + [
+            (f"reinforced w={w:g} T={t:g}", reinforced, ("--distill", "--label-weight", str(w), "--temperature", str(t)))
+            for w in weights for t in temperatures]
         for seed in range(args.seeds):
             for tag, cache, extra in runs:
                 print(f"--- {tag} seed {seed}", flush=True)
@@ -118,9 +121,10 @@ def main() -> None:
     for tag, _, _ in runs:
         accs = [r["accuracy"] * 100 for r in rows if r["tag"] == tag]
         spread = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        w, t = (part.partition("=")[2] for part in tag.split()[1:]) if tag != "plain" else ("", "")
         label = "plain cached (labels)" if tag == "plain" else \
-            f"reinforced, --distill --label-weight {tag.partition('=')[2]}"
-        print(f"  {label:44s} {statistics.mean(accs):6.2f} ± {spread:4.2f} %   {[round(a, 1) for a in accs]}")
+            f"reinforced, --distill --label-weight {w} --temperature {t}"
+        print(f"  {label:62s} {statistics.mean(accs):6.2f} ± {spread:4.2f} %   {[round(a, 1) for a in accs]}")
 
 
 if __name__ == "__main__":

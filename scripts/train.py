@@ -92,13 +92,19 @@ def ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return nn.functional.cross_entropy(logits, labels)
 
 
-def distillation_loss(label_weight: float):
+def distillation_loss(label_weight: float, temperature: float = 1.0):
     """Knowledge distillation on stored teacher targets (Dataset Reinforcement): the soft
     cross-entropy of the student's log-probabilities against the teacher's probabilities (its
-    stored top-K, renormalised to sum to 1), mixed with the hard labels' cross-entropy."""
+    stored top-K, renormalised to sum to 1), mixed with the hard labels' cross-entropy.
+
+    `temperature` T softens both sides as Hinton et al.'s KD does, times T^2: the teacher's
+    softmax(z / T) is p^(1/T) renormalised, exact on the stored classes (all of them when K is the
+    class count), so the stored T = 1 probabilities serve any T."""
     def loss(logits: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        target = teacher / teacher.sum(1, keepdim=True).clamp_min(1e-12)
-        soft = -(target * torch.log_softmax(logits.float(), dim=1)).sum(1).mean()
+        target = teacher if temperature == 1 else teacher.pow(1 / temperature)
+        target = target / target.sum(1, keepdim=True).clamp_min(1e-12)
+        log_probs = torch.log_softmax(logits.float() / temperature, dim=1)
+        soft = -(target * log_probs).sum(1).mean() * temperature ** 2
         return soft if label_weight == 0 else (1 - label_weight) * soft + label_weight * ce(logits, labels)
     return loss
 
@@ -148,6 +154,8 @@ def main() -> None:
                         "soft cross-entropy, mixed with the labels' by --label-weight")
     p.add_argument("--label-weight", type=float, default=0.0,
                    help="with --distill: loss = (1 - w) * soft CE(teacher) + w * CE(labels)")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="with --distill: soften the teacher's and the student's distributions by T (KD), loss x T^2")
     p.add_argument("--save", help="save the trained model's state_dict here (e.g. to use it as a teacher)")
     p.add_argument("--mixup", type=float, default=0.0, metavar="ALPHA",
                    help="MixUp every batch with weights from Beta(ALPHA, ALPHA) (0: off; recipes use 0.2-0.8)")
@@ -167,6 +175,9 @@ def main() -> None:
         sys.exit(f"train.py: error: --device {args.device} but CUDA is not available here (use --device cpu)")
     if device.type not in ("cuda", "cpu"):
         sys.exit(f"train.py: error: --device {args.device}: use cuda or cpu")
+    if not args.temperature > 0 or not 0 <= args.label_weight <= 1:
+        sys.exit(f"train.py: error: --temperature {args.temperature:g} must be positive and --label-weight "
+                 f"{args.label_weight:g} within [0, 1]")
 
     distributed = "WORLD_SIZE" in os.environ
     cuda = device.type == "cuda"
@@ -222,7 +233,7 @@ def main() -> None:
         steps = min(steps, args.max_steps)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=steps, pct_start=0.2)
-    loss_fn = distillation_loss(args.label_weight) if args.distill else ce  # ce: labels or soft targets (--mixup)
+    loss_fn = distillation_loss(args.label_weight, args.temperature) if args.distill else ce  # ce: labels or soft targets (--mixup)
 
     step = 0
     for epoch in range(args.epochs):
@@ -267,7 +278,8 @@ def main() -> None:
         if args.json:
             with open(args.json, "a") as f:
                 f.write(json.dumps({"tag": args.tag, "loader": args.loader, "epochs": args.epochs, "seed": args.seed,
-                                    "distill": args.distill, "label_weight": args.label_weight, "width": args.width,
+                                    "distill": args.distill, "label_weight": args.label_weight,
+                                    "temperature": args.temperature, "width": args.width,
                                     "cache": args.cache, "mixup": args.mixup, "cutmix": args.cutmix,
                                     "accuracy": accuracy}) + "\n")
     if distributed:
