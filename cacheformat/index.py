@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from cacheformat.errors import FormatError
-from cacheformat.teacher import member_starts
 from cacheformat.manifest import Manifest, ShardEntry
+from cacheformat.teacher import member_starts
 
 COLUMNS = ("offset", "size", "label", "index")
 

@@ -71,7 +71,6 @@ class TeacherSpec:
         return BLOCK + padded(self.payload_bytes)
 
 
-
 def member_starts(offsets: np.ndarray, sizes: np.ndarray) -> np.ndarray:
     """Where each sample's teacher member's data (its .npy header) starts in a shard, from the
     image payloads' offsets and sizes: after the padded image and the member's tar header."""
