@@ -88,7 +88,8 @@ def main() -> None:
         label = {"online": "online (fresh every epoch)", "live": "live, batched on the device"}.get(
             loader, f"cached N = {n} (each reused {E // n}x)")
         if mixed:
-            label = f"cached N = {n} + MixUp {args.mixup:g} / CutMix {args.cutmix:g}"
+            label = f"cached N = {n} + " + " / ".join(f"{name} {alpha:g}" for name, alpha in
+                                                      (("MixUp", args.mixup), ("CutMix", args.cutmix)) if alpha)
         spread = statistics.stdev(accs) if len(accs) > 1 else 0.0
         print(f"  {label:44s} {statistics.mean(accs):6.2f} ± {spread:4.2f} %   {[round(a, 1) for a in accs]}")
 
