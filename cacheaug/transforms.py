@@ -158,20 +158,28 @@ def load_factory(spec: str, *, search_cwd: bool = True) -> Callable[[int, int], 
     -> transform). A module is looked for in the current folder first (`search_cwd`: the builder's,
     whose user typed the spec; a reader's spec comes from a manifest, so readers pass False), then on
     sys.path."""
+    return load_callable(spec, search_cwd=search_cwd)
+
+
+def load_callable(spec: str, option: str = "--transform", usage: str = "factory(epoch, epochs) -> transform",
+                  *, search_cwd: bool = True) -> Callable:
+    """The callable a user names as `module:name` or `path/to/file.py:name` for `option`; a
+    TransformError naming it (and `usage`, how to define it) where it cannot be had. `search_cwd`:
+    as load_factory's."""
     where, _, attr = spec.rpartition(":")
     if not where or not attr:
-        raise TransformError(f"bad transform {spec!r}: expected a preset ({', '.join(PRESETS)}), module:factory "
-                            "or path/to/file.py:factory")
-    module = _load_file(where, spec) if where.endswith(".py") or "/" in where or os.sep in where else \
-        _load_module(where, spec, search_cwd)
+        raise TransformError(f"bad {option.lstrip('-')} {spec!r}: expected "
+                             f"{'a preset (' + ', '.join(PRESETS) + '), ' if option == '--transform' else ''}"
+                             "module:factory or path/to/file.py:factory")
+    module = _load_file(where, spec, option) if where.endswith(".py") or "/" in where or os.sep in where else \
+        _load_module(where, spec, option, search_cwd)
     factory = getattr(module, attr, None)
     if not callable(factory):
-        raise TransformError(f"{where} has no callable {attr!r} (from --transform {spec}); "
-                            "define it as factory(epoch, epochs) -> transform")
+        raise TransformError(f"{where} has no callable {attr!r} (from {option} {spec}); define it as {usage}")
     return factory
 
 
-def _load_module(name: str, spec: str, search_cwd: bool):
+def _load_module(name: str, spec: str, option: str, search_cwd: bool):
     cwd = os.getcwd()
     if search_cwd:
         sys.path.insert(0, cwd)
@@ -183,29 +191,29 @@ def _load_module(name: str, spec: str, search_cwd: bool):
                 raise TransformError(f"cannot import module {name!r} of the cache's transform {spec}: not on "
                                      "sys.path (a reader does not look in the current folder): add the module's "
                                      "folder to PYTHONPATH, or pass the factory yourself (factory=)") from None
-            raise TransformError(f"cannot import module {name!r} for --transform {spec}: not in the current "
+            raise TransformError(f"cannot import module {name!r} for {option} {spec}: not in the current "
                                 f"folder ({cwd}) nor on sys.path; for a file elsewhere give "
                                 "path/to/file.py:factory") from None
-        raise TransformError(f"cannot import module {name!r} for --transform {spec}: {e}") from None
+        raise TransformError(f"cannot import module {name!r} for {option} {spec}: {e}") from None
     except Exception as e:  # anything the module raises on import
-        raise TransformError(f"cannot import module {name!r} for --transform {spec}: "
+        raise TransformError(f"cannot import module {name!r} for {option} {spec}: "
                             f"{type(e).__name__}: {e}") from None
     finally:
         if search_cwd:
             sys.path.remove(cwd)
 
 
-def _load_file(path: str, spec: str):
+def _load_file(path: str, spec: str, option: str):
     full = os.path.abspath(path)
     name = f"_cachegen_transform_{hashlib.sha256(full.encode()).hexdigest()[:16]}"
     if name in sys.modules:
         return sys.modules[name]
     if not os.path.isfile(full):
-        raise TransformError(f"no file {path} for --transform {spec}: give an existing .py file (relative to "
+        raise TransformError(f"no file {path} for {option} {spec}: give an existing .py file (relative to "
                             f"the current folder, {os.getcwd()})")
     module_spec = importlib.util.spec_from_file_location(name, full)
     if module_spec is None:
-        raise TransformError(f"cannot load {path} for --transform {spec}: give a Python source file ending in .py")
+        raise TransformError(f"cannot load {path} for {option} {spec}: give a Python source file ending in .py")
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[name] = module  # classes defined there pickle by this name
     try:
@@ -214,7 +222,7 @@ def _load_file(path: str, spec: str):
         del sys.modules[name]
         if not isinstance(e, Exception):
             raise
-        raise TransformError(f"cannot import {path} for --transform {spec}: {type(e).__name__}: {e}") from None
+        raise TransformError(f"cannot import {path} for {option} {spec}: {type(e).__name__}: {e}") from None
     return module
 
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from cacheformat.errors import FormatError
 from cacheformat.manifest import Manifest, ShardEntry
+from cacheformat.teacher import member_starts
 
 COLUMNS = ("offset", "size", "label", "index")
 
@@ -69,6 +70,15 @@ def read_index(manifest: Manifest, shard: ShardEntry) -> ShardIndex:
     return check_index(manifest, shard, data)
 
 
+def sample_ends(manifest: Manifest, offsets: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """Where each sample's last byte ends: its image payload's, or in a reinforced cache its
+    teacher member's (which follows the image, cacheformat.teacher)."""
+    teacher = manifest.teacher
+    if teacher is None:
+        return offsets + sizes
+    return member_starts(offsets, sizes) + teacher.payload_bytes
+
+
 def check_index(manifest: Manifest, shard: ShardEntry, data: bytes) -> ShardIndex:
     """The index in `data`, checked against the format (its checksum already matched)."""
     path = shard.index_path
@@ -85,9 +95,10 @@ def check_index(manifest: Manifest, shard: ShardEntry, data: bytes) -> ShardInde
         raise fail(f"a {table.dtype} array of shape {table.shape}, not int64 ({shard.samples}, {len(COLUMNS)})")
     offsets, sizes, labels, indices = (np.ascontiguousarray(table[:, k]) for k in range(len(COLUMNS)))
     n = shard.samples
-    if n and (offsets.min() < 0 or sizes.min() <= 0 or (offsets + sizes).max() > shard.bytes):
+    ends = sample_ends(manifest, offsets, sizes)
+    if n and (offsets.min() < 0 or sizes.min() <= 0 or ends.max() > shard.bytes):
         raise fail(f"a sample lies outside the shard's {shard.bytes} bytes")
-    if n > 1 and (offsets[1:] < offsets[:-1] + sizes[:-1]).any():  # the builder writes samples in order
+    if n > 1 and (offsets[1:] < ends[:-1]).any():  # the builder writes samples in order
         raise fail("sample payloads overlap or are out of order")
     if manifest.encoding == "npy" and n:
         first, pitch = manifest.npy_rows()

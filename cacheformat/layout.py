@@ -83,14 +83,16 @@ def padded(size: int) -> int:
     return -(-size // BLOCK) * BLOCK
 
 
-def npy_layout(payload_bytes: int) -> tuple[int, int]:
+def npy_layout(payload_bytes: int, extra_bytes: int = 0) -> tuple[int, int]:
     """(offset of sample 0's payload, distance between samples) in an npy shard.
 
     Every sample is two members, `<key>.cls` then `<key>.npy`, each a 512-byte header and its data
     padded to 512; a label is under 512 bytes and every npy payload of a cache has one size, so
     sample j's payload starts at first + j * pitch. Readers map a shard as (samples, pitch) rows.
+    `extra_bytes`: what members after the image add to every sample (a reinforced cache's
+    `<key>.teacher.npy`, of one size too).
     """
-    return 3 * BLOCK, 3 * BLOCK + padded(payload_bytes)
+    return 3 * BLOCK, 3 * BLOCK + padded(payload_bytes) + extra_bytes
 
 
 def tar_bytes(members: int) -> int:
@@ -99,12 +101,14 @@ def tar_bytes(members: int) -> int:
     return members + 2 * BLOCK + -(members + 2 * BLOCK) % RECORD
 
 
-def shard_size_problem(samples: int, size: int, npy_payload_bytes: int | None) -> str | None:
+def shard_size_problem(samples: int, size: int, npy_payload_bytes: int | None, extra_bytes: int = 0
+                       ) -> str | None:
     """Why `size` bytes cannot be a shard of `samples` samples, or None: an npy shard's size is exact
     (every sample is one pitch), any other's is whole records of at least SAMPLE_MIN_BYTES a sample.
-    What bounds a manifest's sample counts by its files' sizes, before anything costs O(samples)."""
+    What bounds a manifest's sample counts by its files' sizes, before anything costs O(samples).
+    `extra_bytes`: as npy_layout's (a reinforced cache's teacher member)."""
     if npy_payload_bytes is not None:
-        exact = tar_bytes(samples * npy_layout(npy_payload_bytes)[1])
+        exact = tar_bytes(samples * npy_layout(npy_payload_bytes, extra_bytes)[1])
         return None if size == exact else f"{samples} npy samples make a {exact}-byte shard, not {size}"
     least = tar_bytes(samples * SAMPLE_MIN_BYTES)
     if size % RECORD or size < least:

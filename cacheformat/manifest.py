@@ -18,6 +18,7 @@ from typing import Any
 
 from cacheformat.errors import FormatError
 from cacheformat.layout import index_bytes, index_path, npy_layout, shard_size_problem
+from cacheformat.teacher import TeacherSpec, parse_teacher
 
 MANIFEST = "manifest.json"
 BUILD_STATE = ".cachegen-build.json"  # a build's identity, written first; a cache in progress
@@ -34,7 +35,9 @@ AUGMENT_ON = ("cpu", "device", "auto")
 # bytes are promised for that type only, so it is part of the build's identity.
 AUGMENT_DEVICES = ("cpu", "cuda")
 # What makes two builds the same cache; epochs may grow, these may not change.
-IDENTITY_KEYS = ("source", "transform", "seed", "image", "output_shape", "shard_size", "mode", "versions")
+# ("teacher": absent, so None, in a cache built without one, before or since the field was.)
+IDENTITY_KEYS = ("source", "transform", "seed", "image", "output_shape", "shard_size", "mode", "versions",
+                 "teacher")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 # The largest manifest read (~250 bytes a shard: over a million shards); a bigger file is not one.
 MAX_MANIFEST_BYTES = 256 << 20
@@ -77,6 +80,7 @@ class Manifest:
     source_shards: tuple[ShardEntry, ...]  # mode "live": the source pass; else ()
     raw: dict[str, Any]
     augment_on: str = "cpu"  # one of AUGMENT_ON: where a live cache's transform runs
+    teacher: TeacherSpec | None = None  # a reinforced cache's teacher targets (cacheformat.teacher); else None
 
     @property
     def image_bytes(self) -> int:
@@ -89,7 +93,7 @@ class Manifest:
 
     def npy_rows(self) -> tuple[int, int]:
         """(byte offset of sample 0's pixels, distance between samples) in every npy shard."""
-        first, pitch = npy_layout(self.npy_payload_bytes)
+        first, pitch = npy_layout(self.npy_payload_bytes, self.teacher.member_bytes if self.teacher else 0)
         return first + self.npy_header_bytes, pitch
 
     def epoch_samples(self, epoch: int) -> int:
@@ -205,6 +209,9 @@ def parse_manifest(raw: dict, root: Path) -> Manifest:
         classes = raw["classes"]
         if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
             raise fail(f"classes {str(classes)[:60]} is not a list of class names")
+        teacher = parse_teacher(raw.get("teacher"), len(classes), fail)
+        if teacher is not None and mode != "cached":
+            raise fail("a live cache has teacher targets (only a cached one stores them)")
         channels = output_shape[2]
         for name, low in (("mean", 0), ("std", 1e-9)):  # [0, 1] units; a reader divides by std
             values = raw[name]
@@ -232,15 +239,16 @@ def parse_manifest(raw: dict, root: Path) -> Manifest:
         base = root.absolute()  # shard paths stay right if the process changes directory
         epochs, seen = [], set()
         payload = header + math.prod(shape) if encoding == "npy" else None  # an npy shard's size is exact
+        extra = teacher.member_bytes if teacher is not None else 0  # a reinforced sample's teacher member
         for e, entry in enumerate(epoch_list):
             if not (isinstance(entry, dict) and entry["epoch"] == e and _is_int(entry["epoch"])):
                 raise fail(f"epoch_list[{e}] is not epoch {e}")
-            shards = tuple(_shard(base, s, fail, seen, payload) for s in entry["shards"])
+            shards = tuple(_shard(base, s, fail, seen, payload, extra) for s in entry["shards"])
             total = sum(s.samples for s in shards)
             if entry["samples"] != total:
                 raise fail(f"epoch {e} says {entry['samples']!r} samples but its shards hold {total}")
             epochs.append(shards)
-        source_shards = tuple(_shard(base, s, fail, seen, payload) for s in raw["source_shards"]) \
+        source_shards = tuple(_shard(base, s, fail, seen, payload, extra) for s in raw["source_shards"]) \
             if mode == "live" else ()
         want = n - len(skipped)  # each pass holds every sample but the skipped ones, once
         passes = [("the source pass", source_shards)] if mode == "live" else \
@@ -262,7 +270,7 @@ def parse_manifest(raw: dict, root: Path) -> Manifest:
                     npy_header_bytes=header, mean=tuple(float(m) for m in raw["mean"]),
                     std=tuple(float(s) for s in raw["std"]), classes=tuple(classes), seed=seed, num_samples=n,
                     shard_size=shard_size, skipped=tuple(skipped), num_epochs=num_epochs, epochs=tuple(epochs),
-                    source_shards=source_shards, raw=raw, augment_on=augment_on)
+                    source_shards=source_shards, raw=raw, augment_on=augment_on, teacher=teacher)
 
 
 def check_files(manifest: Manifest) -> None:
@@ -293,7 +301,7 @@ def _stats_shards(raw: dict, mode: str) -> list[dict]:
     return [s for s in shards if "pixel_count" in s]
 
 
-def _shard(root: Path, entry: dict, fail, seen: set, npy_payload: int | None) -> ShardEntry:
+def _shard(root: Path, entry: dict, fail, seen: set, npy_payload: int | None, extra: int) -> ShardEntry:
     rel = entry["path"]
     parts = PurePosixPath(rel).parts if isinstance(rel, str) else ()
     if not parts or PurePosixPath(rel).is_absolute() or ".." in parts or rel in (".", "") or not rel.endswith(".tar"):
@@ -309,7 +317,7 @@ def _shard(root: Path, entry: dict, fail, seen: set, npy_payload: int | None) ->
             raise fail(f"shard {rel}: {what} {str(digest)[:70]!r} is not a sha256")
     if not _ints([index["bytes"]], 1):
         raise fail(f"shard {rel}: index bytes {index['bytes']!r} is not a count")
-    problem = shard_size_problem(n, size, npy_payload)  # the bytes bound the samples
+    problem = shard_size_problem(n, size, npy_payload, extra)  # the bytes bound the samples
     if problem:
         raise fail(f"shard {rel}: {problem}")
     if index["bytes"] != index_bytes(n):

@@ -42,6 +42,7 @@ from cachegen.manifest import (BUILD_STATE, FORMAT, FORMAT_VERSION, MANIFEST, de
 from cachegen.shards import TMP_MARK, encode, index_shard, npy_header_bytes, write_shard
 from cachegen.sources import Source, open_source, printable
 from cachegen.stats import STATS_EPOCH, PixelStats, channel_stats, stats_of_cache
+from cachegen.teacher import Teacher, manifest_block, probe_teacher, teacher_members, with_teacher
 from cacheaug.batched import augment_batch, batch_seed, make_batched, place
 from cacheaug.transforms import (augment, borrowed_rng, epoch_fingerprint, factory_sha256, fingerprint, is_random,
                                  library_versions, make_transform, own_rng, to_hwc_uint8)
@@ -76,6 +77,7 @@ class Job:
     source_shape: tuple[int, int, int] | None = None  # the (resized) source's, where fixed
     augment_on: str = "cpu"  # "device": a cached epoch's shard is augmented in batches (cacheaug.batched)
     device: str | None = None  # a device build's augmentation runs here, on this device; None: in the workers
+    teacher: Teacher | None = None  # a reinforced cache's teacher: runs where the augmentation does
 
 
 @dataclass(frozen=True)
@@ -204,7 +206,8 @@ def _write_task(task: ShardTask) -> tuple[str, dict]:
             yield index, int(job.source.labels[index]), augment.augment(task.epoch, index, image)
 
     prefix = "src" if task.epoch is None else f"e{task.epoch:04d}"
-    entry = write_shard(job.root, task.relpath, prefix, samples(), job.encoding)
+    rows = samples() if job.teacher is None or task.epoch is None else with_teacher(samples(), job.teacher)
+    entry = write_shard(job.root, task.relpath, prefix, rows, job.encoding)
     return task.relpath, {**_write_index(job.root, entry), **(stats.totals() if stats else {})}
 
 
@@ -262,11 +265,16 @@ def _augment_shard(job: Job, batched: Callable, task: ShardTask, pixels: np.ndar
     return rows.numpy()
 
 
-def _write_rows(task: ShardTask, indices: np.ndarray, rows: np.ndarray, totals: dict) -> tuple[str, dict]:
-    """Write a cached epoch's shard of augmented rows (and its index); its manifest entry."""
+def _write_rows(task: ShardTask, indices: np.ndarray, rows: np.ndarray, totals: dict,
+                teacher: list[bytes] | None = None) -> tuple[str, dict]:
+    """Write a cached epoch's shard of augmented rows (and its index); its manifest entry. A
+    reinforced cache's teacher members are `teacher`, or made here (on the CPU) where not given."""
     job = _AUGMENT.job
     labels = job.source.labels
     samples = ((index, int(labels[index]), row) for index, row in zip(indices.tolist(), rows))
+    if job.teacher is not None:
+        members = teacher if teacher is not None else teacher_members(job.teacher, rows)
+        samples = ((*sample, member) for sample, member in zip(samples, members))
     entry = write_shard(job.root, task.relpath, f"e{task.epoch:04d}", samples, job.encoding)
     return task.relpath, {**_write_index(job.root, entry), **totals}
 
@@ -297,7 +305,8 @@ def _finished(job: Job, task: ShardTask, known: dict | None) -> dict:
     if known is None or "index" not in known or not index_file.is_file() \
             or index_file.stat().st_size != known["index"]["bytes"]:
         recorded = (known["bytes"], known["sha256"]) if known else None  # checked before anything is decoded
-        known = _write_index(root, index_shard(root, task.relpath, job.encoding, stored, recorded))
+        teacher = job.teacher.stored if job.teacher else None
+        known = _write_index(root, index_shard(root, task.relpath, job.encoding, stored, recorded, teacher))
     if task.stats and "pixel_count" not in known:
         known = {**known, **_source_stats(job, _read_indices(root, task.relpath).tolist())}
     return known
@@ -380,6 +389,18 @@ def _one_shape(job: Job, images: list[tuple[int, np.ndarray]]) -> None:
         if pixels.shape != first:
             raise CachegenError(f"--augment-on device augments whole batches, so the source images need one shape: "
                                 f"{job.source.name(index)} is {pixels.shape}, another {first}; pass --resize N")
+
+
+def _teacher(config: BuildConfig, mode: str, shape: tuple, classes: int, encoding: str,
+             device: str | None) -> Teacher | None:
+    """--teacher loaded and probed on a blank batch (where it will run: `device`, else the CPU), or None."""
+    if config.teacher is None:
+        return None
+    if mode == "live":  # --mode auto chose it
+        raise CachegenError("--mode auto chose a live cache (a cached one would exceed --max-cache-gb), augmented as "
+                            "it is read, so --teacher would run at read time: pass --mode cached, or drop --teacher")
+    return probe_teacher(config.teacher, config.teacher_topk, classes, shape, encoding,
+                         torch.device(device) if device else torch.device("cpu"))
 
 
 def _choose_mode(config: BuildConfig, job: Job, n: int, epochs: int, probe_bytes: int) -> str:
@@ -631,7 +652,8 @@ def _build(config: BuildConfig) -> dict:
     # A cached device build augments in this process on the GPU where there is one, else in the workers.
     device = (str(parse_device(config.device)) if config.device else "cuda" if torch.cuda.is_available() else None) \
         if mode == "cached" and augment_on == "device" else None
-    job = replace(job, encoding=encoding, augment_on=augment_on, device=device)
+    job = replace(job, encoding=encoding, augment_on=augment_on, device=device,
+                  teacher=_teacher(config, mode, shape, len(source.classes), encoding, device))
     count, nbytes = parse_shard_size(config.shard_size)
     per_shard = count or max(1, nbytes // int(np.prod(stored_shape)))
 
@@ -653,6 +675,7 @@ def _build(config: BuildConfig) -> dict:
         "output_shape": list(shape),
         "shard_size": per_shard,
         "classes": list(source.classes),
+        **({"teacher": manifest_block(job.teacher, device and torch.device(device))} if job.teacher else {}),
         "epoch_fingerprints": [epoch_fingerprint(make_transform(spec, epoch=e, epochs=epochs, size=size,
                                                                 schedule=config.schedule))
                                for e in range(epochs)],
@@ -834,7 +857,8 @@ def _stream(job: Job, tasks: list[ShardTask], submit: Callable[..., Future], ahe
         indices, pixels, totals = loading.result()
         load_ahead()
         rows = _augment_shard(job, here.batched(task.epoch, device), task, pixels, device)
-        writes.add(submit(_write_rows, task, indices, rows, totals))
+        teacher = teacher_members(job.teacher, rows, device) if job.teacher else None
+        writes.add(submit(_write_rows, task, indices, rows, totals, teacher))
         if len(writes) >= ahead:  # written no faster than augmented: hold at most `ahead` shards of rows
             wait(writes, return_when=FIRST_COMPLETED)
         for done in [w for w in writes if w.done()]:

@@ -76,6 +76,11 @@ def main() -> None:
 @click.option("--device", help="Where a cached --augment-on device build augments: cuda[:N] (in this process, on "
                              "the GPU; the workers load, encode and write) or cpu (in this process) [default: cuda "
                              "when torch sees one, else in the workers, on their CPUs].")
+@click.option("--teacher", metavar="FILE.py:factory", help="Reinforce the cache: store, per sample, the top-K softmax "
+              "probabilities of the nn.Module factory() returns (logits of float (B, C, H, W) images in [0, 1], the "
+              "stored pixels / 255), run once here in eval mode; read them with targets='teacher'. Runs your code.")
+@click.option("--teacher-topk", default=10, show_default=True, type=int,
+              help="Teacher probabilities stored per sample (the K largest; at most the classes).")
 @click.option("--max-cache-gb", default=64.0, show_default=True, type=float,
               help="Largest cache --mode auto writes before it falls back to live.")
 @click.option("--resize", type=int, help="Resize+center-crop every source image to NxN first (deterministic).")

@@ -15,6 +15,7 @@ from cachegen.errors import CachegenError
 from cacheformat.manifest import ENCODINGS
 from cacheaug.names import PRESETS, SCHEDULES
 from cacheformat.manifest import AUGMENT_ON
+from cacheformat.teacher import DEFAULT_TOPK
 from readers import split
 
 if TYPE_CHECKING:
@@ -68,6 +69,8 @@ class BuildConfig:
     dask: str | None = None  # a Dask scheduler's address: shards are written by its workers
     augment_on: str = "auto"  # cpu (per sample), device (batched) or auto (live: device on a GPU; cached: cpu)
     device: str | None = None  # where a cached --augment-on device build augments (this process); None: cuda or workers
+    teacher: str | None = None  # FILE.py:factory or module:factory: store its top-K targets per sample
+    teacher_topk: int = DEFAULT_TOPK
 
     def __post_init__(self) -> None:
         if not 1 <= self.epochs <= MAX_EPOCHS:
@@ -104,6 +107,7 @@ class BuildConfig:
             if self.mode == "live":
                 raise CachegenError("a live cache is augmented as it is read, on the loader's device: drop --device "
                                     "(or build --mode cached)")
+        self._check_teacher()
         if not self.max_cache_gb > 0:
             raise CachegenError(f"--max-cache-gb must be positive, got {self.max_cache_gb}")
         if self.resize is not None and not 1 <= self.resize <= MAX_SIDE:
@@ -116,6 +120,18 @@ class BuildConfig:
             object.__setattr__(self, "stats_from", Path(self.stats_from))
         if self.workers == 0:
             object.__setattr__(self, "workers", default_workers())
+
+    def _check_teacher(self) -> None:
+        if self.teacher_topk < 1:
+            raise CachegenError(f"--teacher-topk must be at least 1, got {self.teacher_topk}")
+        if self.teacher is None:
+            return
+        where, _, attr = self.teacher.rpartition(":")
+        if not where or not attr:
+            raise CachegenError(f"bad --teacher {self.teacher!r}: give path/to/file.py:factory or module:factory")
+        if self.mode == "live":
+            raise CachegenError("a live cache augments as it is read, so its teacher would run at read time: "
+                                "drop --teacher, or build --mode cached")
 
 
 def _did_you_mean(name: str) -> str:

@@ -37,8 +37,10 @@ def describe(manifest: dict) -> str:
     epochs, shards = manifest["epochs"], len(all_shards(manifest))
     kind = f"{epochs} augmented {_plural(epochs, 'epoch')}" if manifest["mode"] == "cached" else \
         f"{epochs} {_plural(epochs, 'epoch')}, augmented live ({where[manifest['transform'].get('augment_on', 'cpu')]})"
+    teacher = manifest.get("teacher")
+    reinforced = f", reinforced: teacher {teacher['spec']} top-{teacher['topk']}" if teacher else ""
     return (f"{kind}, {shards} {_plural(shards, 'shard')}, "
-            f"{samples_per_epoch(manifest)} samples per epoch")
+            f"{samples_per_epoch(manifest)} samples per epoch{reinforced}")
 
 
 def summary(root: Path) -> dict:
@@ -47,7 +49,8 @@ def summary(root: Path) -> dict:
     shards = all_shards(m)
     keep = ("mode", "format_version", "created_by", "source", "transform", "seed", "epochs", "image",
             "output_shape", "classes", "mean", "std")
-    return {**{k: m[k] for k in keep}, "contents": describe(m), "samples_per_epoch": samples_per_epoch(m),
+    return {**{k: m[k] for k in keep}, **({"teacher": m["teacher"]} if "teacher" in m else {}),
+            "contents": describe(m), "samples_per_epoch": samples_per_epoch(m),
             "shards": len(shards), "bytes": sum(s["bytes"] + s["index"]["bytes"] for s in shards),
             "skipped": len(m["skipped"]), **({"stats_from": m["stats_from"]} if "stats_from" in m else {})}
 
@@ -138,7 +141,7 @@ def _shard_problem(m: Manifest, shard) -> str | None:
     if problem:
         return f"{shard.path}: {_tar_problem(shard.path) or problem}"
     try:
-        got = index_shard(m.root, shard.relpath, m.encoding, m.shape)
+        got = index_shard(m.root, shard.relpath, m.encoding, m.shape, teacher=m.teacher)
     except CachegenError as e:
         return str(e)
     wrong = [k for k, column in (("offsets", index.offsets), ("sizes", index.sizes), ("labels", index.labels),

@@ -14,8 +14,11 @@ from pathlib import Path
 import numpy as np
 
 from cacheformat import FormatError
-from cacheformat.layout import TMP_MARK, padded, sample_key, tar_bytes
+from cacheformat.layout import TMP_MARK, sample_key, tar_bytes
 from cacheformat.payload import CodecMessages, decode_payload
+from cacheformat.teacher import MEMBER as TEACHER_MEMBER
+from cacheformat.teacher import TeacherSpec, decode_records
+from cacheformat.teacher import header as teacher_header
 from cachegen import faults
 from cachegen.errors import CachegenError
 
@@ -116,13 +119,22 @@ def _groups(samples: Iterable[tuple[int, int, np.ndarray]]) -> Iterator[list[tup
         yield group
 
 
+def _teacher_member(key: str, teacher: list[bytes]) -> tuple[bytes, ...]:
+    """A sample's `<key>.teacher.npy` member (header, data, padding), where it has one."""
+    if not teacher:
+        return ()
+    data = teacher[0]
+    return _member_header(f"{key}.{TEACHER_MEMBER}", len(data)), data, _padding(len(data))
+
+
 def write_shard(root: Path, relpath: str, key_prefix: str, samples: Iterable[tuple[int, int, np.ndarray]],
                 encoding: str) -> dict:
     """Write (source index, label, HWC image) samples as one shard, atomically: nothing appears at
     its path until every byte is on disk. Returns the shard's manifest entry, as `index_shard`.
+    A sample may carry a fourth item, its teacher member's bytes (cacheformat.teacher.encode).
 
     The shard is a plain WebDataset tar, each sample a `<key>.cls` member then a `<key>.<encoding>`
-    one, byte-identical to what webdataset's TarWriter writes for the same samples (ustar headers,
+    one (then `<key>.teacher.npy` in a reinforced cache), byte-identical to what webdataset's TarWriter writes for the same samples (ustar headers,
     mtime 0, mode 0444, owner cachegen); payload offsets are counted as the bytes are written.
     """
     path = root / relpath
@@ -132,18 +144,20 @@ def write_shard(root: Path, relpath: str, key_prefix: str, samples: Iterable[tup
     try:
         with open(tmp, "wb", buffering=1 << 20) as f:
             for group in _groups(samples):
-                for index, label, image in group:
+                for index, label, image, *teacher in group:
                     key = sample_key(key_prefix, index)
                     cls = str(label).encode()
                     payload = _payload(image, encoding)
                     size = sum(map(len, payload))
-                    # One buffer per sample: its .cls member, then its image member, padded to a block.
-                    chunk = b"".join((_member_header(f"{key}.cls", len(cls)), cls, _padding(len(cls)),
-                                      _member_header(f"{key}.{encoding}", size), *payload, _padding(size)))
+                    # One buffer per sample: its .cls member, then its image member, padded to a block
+                    # (then, in a reinforced cache, its teacher member).
+                    head = b"".join((_member_header(f"{key}.cls", len(cls)), cls, _padding(len(cls)),
+                                     _member_header(f"{key}.{encoding}", size)))
+                    chunk = b"".join((head, *payload, _padding(size), *_teacher_member(key, teacher)))
                     sha.update(chunk)
                     faults.before_write(tmp)
                     f.write(chunk)
-                    offsets.append(position + len(chunk) - padded(size))
+                    offsets.append(position + len(head))
                     sizes.append(size)
                     labels.append(label)
                     indices.append(index)
@@ -213,12 +227,27 @@ def check_shard(path: Path, size: int, sha256: str) -> str | None:
     return None if digest.hexdigest() == sha256 else "sha256 mismatch (corrupted)"
 
 
+def _check_teacher_member(path: Path, key: str, data: bytes, member: tarfile.TarInfo, teacher: TeacherSpec) -> None:
+    """CachegenError unless `member` is sample `key`'s teacher member, of the cache's K, its numbers in range."""
+    payload = data[member.offset_data:member.offset_data + member.size]
+    if member.name != f"{key}.{TEACHER_MEMBER}" or member.size != teacher.payload_bytes \
+            or payload[:teacher.header_bytes] != teacher_header(teacher.topk):
+        raise CachegenError(f"{path}: sample {key} has no {teacher.payload_bytes}-byte {TEACHER_MEMBER} member "
+                            f"of {teacher.topk} records after its image")
+    records = np.frombuffer(payload, np.uint8, offset=teacher.header_bytes).reshape(1, -1)
+    try:
+        decode_records(records, teacher, f"sample {key}")
+    except ValueError as e:
+        raise CachegenError(f"{path}: {e}") from None
+
+
 def index_shard(root: Path, relpath: str, encoding: str, shape: tuple[int, ...],
-                expect: tuple[int, str] | None = None) -> dict:
+                expect: tuple[int, str] | None = None, teacher: TeacherSpec | None = None) -> dict:
     """Describe a finished shard as `write_shard` did: size, sha256, and for each sample its
     payload offset and size, label and source index. With `expect` (the size and sha256 a
     manifest records), those are checked first, before anything is decoded; then every image is
     decoded (cacheformat.payload: one line, never a crash), so a damaged payload is found here.
+    `teacher`: a reinforced cache's (each sample has a third member, its teacher targets, checked too).
 
     Raises CachegenError when the shard is not what a shard of this cache must be.
     """
@@ -226,14 +255,18 @@ def index_shard(root: Path, relpath: str, encoding: str, shape: tuple[int, ...],
     if expect is not None and (problem := check_shard(path, *expect)):
         raise CachegenError(f"{path}: {problem}; delete it and re-run the same command to rewrite it")
     data = path.read_bytes()
-    members = _members(path, data)
+    per_sample = 3 if teacher else 2
+    members = _members(path, data, per_sample)
     header = _npy_header(tuple(shape)) if encoding == "npy" else b""
     offsets, sizes, labels, indices = [], [], [], []
     with CodecMessages() as messages:
-        for cls, img in zip(members[0::2], members[1::2]):
+        for group in zip(*(members[k::per_sample] for k in range(per_sample))):
+            cls, img = group[:2]
             key, _, ext = img.name.partition(".")
             if cls.name != f"{key}.cls" or ext != encoding:
                 raise CachegenError(f"{path}: unexpected members {cls.name}, {img.name}")
+            if teacher:
+                _check_teacher_member(path, key, data, group[2], teacher)
             try:
                 labels.append(int(data[cls.offset_data:cls.offset_data + cls.size]))
                 indices.append(int(key.rpartition("_")[2]))
@@ -250,13 +283,14 @@ def index_shard(root: Path, relpath: str, encoding: str, shape: tuple[int, ...],
     }
 
 
-def _members(path: Path, data: bytes) -> list[tarfile.TarInfo]:
-    """The tar members of a shard's bytes, a (cls, image) pair per sample (headers only)."""
+def _members(path: Path, data: bytes, per_sample: int = 2) -> list[tarfile.TarInfo]:
+    """The tar members of a shard's bytes, `per_sample` per sample (cls, image[, teacher]; headers only)."""
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
             members = tar.getmembers()
     except tarfile.TarError as e:
         raise CachegenError(f"{path} is not a readable tar ({e})") from None
-    if len(members) % 2:
-        raise CachegenError(f"{path} has {len(members)} members, not a (cls, image) pair per sample")
+    if len(members) % per_sample:
+        raise CachegenError(f"{path} has {len(members)} members, not {per_sample} per sample "
+                            f"(cls, image{', teacher' if per_sample == 3 else ''})")
     return members

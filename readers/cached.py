@@ -10,6 +10,7 @@ import torch
 from readers.loader import Loader
 from readers.plan import DEFAULT_WINDOW, EpochPlan
 from readers.shards import ShardFiles
+from readers.teacher import check_targets
 
 
 class CachedLoader(Loader):
@@ -44,6 +45,9 @@ class CachedLoader(Loader):
         shuffle_window: samples shuffled together (consecutive shards of this rank's share, at
             least one); costs no memory, but each shard a batch touches costs one gather call.
         verify: check each shard's sha256 as it is read.
+        targets: "labels": batches are (images, labels); "teacher" (a cache built with `cachegen
+            build --teacher`): (images, labels, teacher), teacher a float32 (B, classes) tensor on
+            the device holding the stored top-K teacher probabilities, zeros elsewhere.
         batch_transform: a callable (images, labels) -> (images, targets) run on every batch on
             the device after normalisation (torchvision's v2.MixUp, v2.CutMix, v2.RandomChoice of
             them, timm's Mixup, your own), under torch's, numpy's and `random`'s generators seeded
@@ -74,15 +78,18 @@ class CachedLoader(Loader):
                  dtype: torch.dtype = torch.float32, channels_last: bool = False, rank: int | None = None,
                  world_size: int | None = None, prefetch: int | None = None, shuffle_window: int = DEFAULT_WINDOW,
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                 verify: bool = False, local: str | Path | None = None, batch_transform: Callable | None = None,
-                 **staging) -> None:
+                 verify: bool = False, targets: str = "labels", local: str | Path | None = None,
+                 batch_transform: Callable | None = None, **staging) -> None:
         super().__init__(cache, batch_size=batch_size, device=device, shuffle=shuffle, seed=seed,
                          drop_last=drop_last, normalize=normalize, dtype=dtype, channels_last=channels_last,
                          rank=rank, world_size=world_size, prefetch=prefetch, shuffle_window=shuffle_window,
                          mean=mean, std=std, local=local, batch_transform=batch_transform, **staging)
         self.verify = bool(verify)
+        check_targets(targets, self.manifest)
+        self.targets = targets
         self._check_epochs()
-        self._files = ShardFiles(self.manifest, verify=self.verify, stager=self._stager)  # mappings kept between epochs
+        self._files = ShardFiles(self.manifest, verify=self.verify, stager=self._stager,  # mappings kept between epochs
+                                 teacher=targets == "teacher")
 
     def _shard_sizes(self, cache_epoch: int) -> list[int]:
         return [s.samples for s in self.manifest.epochs[cache_epoch]]

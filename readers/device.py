@@ -78,6 +78,7 @@ class Pending:
     images: torch.Tensor
     labels: torch.Tensor
     ready: torch.cuda.Event | None  # recorded on the side stream after the batch's work
+    extra: tuple[torch.Tensor, ...] = ()  # tensors that travel with the batch as they are (teacher targets)
 
 
 class DeviceCopier:
@@ -130,35 +131,51 @@ class DeviceCopier:
 
     def start(self, images: torch.Tensor, labels: torch.Tensor,
               augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
-              then: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
-              ) -> Pending:
+              then: Callable[..., tuple[torch.Tensor, ...]] | None = None,
+              extra: tuple[torch.Tensor, ...] = ()) -> Pending:
         """Begin moving and converting one batch; returns at once on CUDA. `augment`, where
         given, runs on the device between the move and the normalisation (see convert); `then`
-        (images, labels) -> (images, targets) after it (a batch transform), on the same stream."""
+        (images, labels) -> (images, targets) after it (a batch transform), on the same stream.
+        `extra` tensors (host, pinned on CUDA: teacher targets) are moved alongside, unconverted,
+        and given to `then` as `also=` (mixed as the labels are)."""
         if self.device is None:
             self.bind()
         if self._stream is None:
-            images = self.convert(images, augment)
-            return Pending(*(then(images, labels) if then is not None else (images, labels)), None)
+            images, labels, extra = self._then(self.convert(images, augment), labels, extra, then)
+            return Pending(images, labels, None, extra)
         with torch.cuda.stream(self._stream):
             images = self.convert(images.to(self.device, non_blocking=True), augment)
             labels = labels.to(self.device, non_blocking=True)
-            if then is not None:
-                images, labels = then(images, labels)
+            extra = tuple(t.to(self.device, non_blocking=True) for t in extra)
+            images, labels, extra = self._then(images, labels, extra, then)
             ready = torch.cuda.Event()
             ready.record(self._stream)
-        return Pending(images, labels, ready)
+        return Pending(images, labels, ready, extra)
 
-    def finish(self, pending: Pending) -> tuple[torch.Tensor, torch.Tensor]:
-        """The batch, usable on the current stream of its GPU (which waits for it on the GPU, not the host)."""
+    @staticmethod
+    def _then(images: torch.Tensor, labels: torch.Tensor, extra: tuple[torch.Tensor, ...],
+              then: Callable[..., tuple[torch.Tensor, ...]] | None) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+        """The batch through `then` (a BatchTransform, seeded), each `extra` tensor mixed with the
+        same draws as the labels (its `also=`); as it is without one."""
+        if then is None:
+            return images, labels, extra
+        if not extra:
+            return (*then(images, labels), ())
+        images, labels, *mixed = then(images, labels, also=extra)
+        return images, labels, tuple(mixed)
+
+    def finish(self, pending: Pending) -> tuple[torch.Tensor, ...]:
+        """The batch, (images, labels, *extra), usable on the current stream (which waits for it
+        on the GPU, not the host)."""
+        batch = (pending.images, pending.labels, *pending.extra)
         if pending.ready is None:
-            return pending.images, pending.labels
+            return batch
         current = torch.cuda.current_stream(pending.images.device)
         current.wait_event(pending.ready)
         # The side stream allocated these; tell the allocator the current stream uses them too.
-        pending.images.record_stream(current)
-        pending.labels.record_stream(current)
-        return pending.images, pending.labels
+        for tensor in batch:
+            tensor.record_stream(current)
+        return batch
 
     @property
     def host_channels_first(self) -> bool:

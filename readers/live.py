@@ -362,6 +362,9 @@ def open_loader(cache: str | Path, *, workers: int | None = None, verify: bool =
 
     staging = {k: v for k, v in options.items() if k == "local" or k in STAGING_OPTIONS}
     if open_cache(cache, **staging)[0].mode == "live":
+        if options.get("targets", "labels") != "labels":
+            raise ReaderError(f"{cache} is a live cache: it has no teacher targets (only a cached build stores "
+                              "them); read it with targets='labels'")
         return LiveLoader(cache, workers=workers, verify=verify, augment_on=augment_on, trust_code=trust_code,
                           factory=factory, **options)
     return CachedLoader(cache, verify=verify, **options)

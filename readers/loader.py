@@ -85,6 +85,7 @@ class Loader:
     MODE = ""  # the manifest mode this loader reads
     augment_on: str | None = None  # a LiveLoader's augmentation path ("cpu" or "device"); None: nothing to augment
     batch_sampler = None  # as a DataLoader without one: Lightning reads it next to `sampler` (val loaders)
+    targets = "labels"  # or "teacher" (CachedLoader on a reinforced cache): batches carry the teacher's probabilities
 
     def __init__(self, cache: str | Path, *, batch_size: int, device: torch.device | str | None = None,
                  shuffle: bool = True, seed: int = 0, drop_last: bool = False, normalize: bool = True,
@@ -198,14 +199,17 @@ class Loader:
             return Prefetcher(produce, depth=self.options.prefetch, where=f"epoch {plan.epoch} of {self.manifest.root}")
         return produce()
 
-    def _new_batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _new_batch(self, n: int) -> tuple[torch.Tensor, ...]:
         pin = self._copier.pin
         images = self._spare.pop() if self._spare and n == self.options.batch_size else None
         if images is None:
             h, w, c = self.manifest.shape
             shape = (n, c, h, w) if self._copier.host_channels_first else (n, h, w, c)
             images = torch.empty(shape, dtype=torch.uint8, pin_memory=pin)
-        return images, torch.empty(n, dtype=torch.int64, pin_memory=pin)
+        labels = torch.empty(n, dtype=torch.int64, pin_memory=pin)
+        if self.targets == "teacher":  # dense (n, classes) probabilities
+            return images, labels, torch.empty((n, len(self.manifest.classes)), dtype=torch.float32, pin_memory=pin)
+        return images, labels
 
     def _recycle(self, host: torch.Tensor, converted: torch.Tensor) -> None:
         """Called when the device stage is done with a host batch: keep a CPU host batch of
@@ -310,7 +314,9 @@ class Loader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(images, labels) on the device: images (B, C, H, W), labels int64 (B,); with a
-        batch_transform, (images, targets) as it returns them (MixUp: targets float (B, classes))."""
+        batch_transform, (images, targets) as it returns them (MixUp: targets float (B, classes));
+        with targets="teacher", a third tensor, the teacher's probabilities float32 (B, classes),
+        mixed by the batch_transform as the labels are."""
         self._place()
         self._rebase()
         plan = self.plan()
@@ -327,7 +333,7 @@ class Loader:
             pending, error, taken = None, None, 0
             while True:
                 try:
-                    images, labels = next(producer)
+                    images, labels, *extra = next(producer)  # extra: the teacher targets, where asked for
                 except StopIteration:
                     break
                 except Exception as e:  # a bad shard: deliver the batch before it first
@@ -338,7 +344,8 @@ class Loader:
                 augment, order = self._device_augment(plan, b), self._order(plan, b, len(labels))
                 if order is not None:  # labels reordered here on the host, images on the device
                     labels, augment = labels[order], reordered(augment, order)
-                started = copier.start(images, labels, augment, self._batch_stage(plan, b))
+                    extra = [t[order] for t in extra]
+                started = copier.start(images, labels, augment, self._batch_stage(plan, b), tuple(extra))
                 taken += 1
                 self._recycle(images, started.images)
                 if pending is not None:
@@ -351,7 +358,7 @@ class Loader:
         finally:
             producer.close()  # stops and joins reader threads or worker processes, also on break and error
 
-    def _hand_out(self, pending: Pending) -> tuple[torch.Tensor, torch.Tensor]:
+    def _hand_out(self, pending: Pending) -> tuple[torch.Tensor, ...]:
         batch = self._copier.finish(pending)
         self._delivered += 1
         return batch

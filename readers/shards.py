@@ -22,6 +22,7 @@ from readers.gather import gather_npy
 from readers.manifest import Manifest, Shard, ShardIndex, load_index
 from readers.plan import EpochPlan
 from readers.remote import Stager
+from readers.teacher import ShardTargets, read_targets, scatter_targets
 
 REBUILD = "re-run the same `cachegen build` to rebuild it"
 
@@ -59,6 +60,7 @@ class _Open:
     rows: torch.Tensor | None
     index: ShardIndex
     stat: tuple[int, int]  # (inode, size) when mapped
+    teacher: ShardTargets | None = None  # a reinforced cache's teacher targets, where the reader asked for them
 
 
 class ShardFiles:
@@ -71,8 +73,9 @@ class ShardFiles:
     """
 
     def __init__(self, manifest: Manifest, *, verify: bool = False, max_open: int | None = None,
-                 max_index_samples: int = 1_000_000, stager: Stager | None = None) -> None:
+                 max_index_samples: int = 1_000_000, stager: Stager | None = None, teacher: bool = False) -> None:
         self.manifest = manifest
+        self.teacher = teacher  # read each shard's teacher targets as it is mapped (readers.teacher)
         self.stager = stager  # a remote cache: files are fetched into manifest.root as they are needed
         self.verify = verify
         self.max_open = max_open or default_max_open()
@@ -184,7 +187,8 @@ class ShardFiles:
             with warnings.catch_warnings():  # read-only memory: torch warns, but it is never written
                 warnings.simplefilter("ignore", UserWarning)
                 rows = torch.from_numpy(view)
-        return _Open(data=data, rows=rows, index=index, stat=(st.st_ino, st.st_size))
+        teacher = read_targets(m, shard, data, index) if self.teacher else None
+        return _Open(data=data, rows=rows, index=index, stat=(st.st_ino, st.st_size), teacher=teacher)
 
 
 class SampleReads:
@@ -279,7 +283,7 @@ def epoch_labels(files: ShardFiles, shards: Sequence[Shard], samples: np.ndarray
 
 
 def iter_batches(files: ShardFiles, shards: Sequence[Shard], plan: EpochPlan, *, start: int = 0,
-                 new_batch: Callable[[int], tuple[torch.Tensor, torch.Tensor]], channels_first: bool = False,
+                 new_batch: Callable[[int], tuple[torch.Tensor, ...]], channels_first: bool = False,
                  stop: Callable[[], bool] = lambda: False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """_gather's batches; a staged cache's downloads stop with the pass, also when it is left early."""
     # An npy cache's epoch plan: one gather per batch through a view of every mapping (readers.gather).
@@ -292,12 +296,13 @@ def iter_batches(files: ShardFiles, shards: Sequence[Shard], plan: EpochPlan, *,
 
 
 def _gather(files: ShardFiles, shards: Sequence[Shard], plan: EpochPlan, *, start: int,
-            new_batch: Callable[[int], tuple[torch.Tensor, torch.Tensor]], channels_first: bool,
+            new_batch: Callable[[int], tuple[torch.Tensor, ...]], channels_first: bool,
             stop: Callable[[], bool]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield the plan's batches from batch `start` on: (images uint8, labels (n,) int64), images
     (n, H, W, C), or (n, C, H, W) with `channels_first`.
 
-    `new_batch(n)` gives empty tensors of that shape (pinned when batches go to a GPU). Each batch
+    `new_batch(n)` gives empty tensors of that shape (pinned when batches go to a GPU), and a third,
+    (n, classes) float32, where the batches carry teacher targets (then yielded third). Each batch
     is sorted by shard (the plan does it), so its pixels are gathered with one index_select per
     shard it touches, straight from the mapping into the batch: one copy, few Python calls.
     """
@@ -325,12 +330,14 @@ def _gather(files: ShardFiles, shards: Sequence[Shard], plan: EpochPlan, *, star
         if stop():
             return
         lo, hi = b * batch_size, min((b + 1) * batch_size, plan.num_samples)
-        images, labels = new_batch(hi - lo)
+        images, labels, *teacher = batch = new_batch(hi - lo)
         flat = scratch[:hi - lo] if scratch is not None else images.view(hi - lo, m.image_bytes)
         while run < len(run_shards) and bounds[run] < hi:
             a, z = bounds[run], bounds[run + 1]
             shard = shards[run_shards[run]]
             opened = files.get(shard)
+            if teacher:
+                scatter_targets(teacher[0][a - lo:z - lo], opened.teacher, rows_all[a:z])
             if opened.rows is not None:
                 torch.index_select(opened.rows, 0, rows_all[a:z], out=flat[a - lo:z - lo])
             else:
@@ -347,4 +354,4 @@ def _gather(files: ShardFiles, shards: Sequence[Shard], plan: EpochPlan, *, star
             # The 3-channel transpose no gather can fuse cheaply; numpy's strided copy is the fastest measured.
             np.copyto(images.numpy().reshape(hi - lo, c, h * w), flat.numpy().reshape(hi - lo, h * w, c).transpose(0, 2, 1))
         labels.copy_(labels_all[lo:hi])
-        yield images, labels
+        yield batch

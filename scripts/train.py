@@ -6,10 +6,13 @@ augmentation feeding it; logs img/s and data-wait % per epoch and the accuracy o
     python scripts/train.py --cache cache --val cache-val --loader cached --epochs 16
     torchrun --nproc_per_node 2 scripts/train.py --cache cache --val cache-val   # DDP: NCCL on GPUs, gloo on CPUs
     python scripts/train.py --cache cache --val cache-val --mixup 0.2 --cutmix 1.0   # one of the two per batch
+    cachegen build --epochs 16 --teacher teacher.py:make --out reinforced      # a reinforced cache (docs/reinforced.md)
+    python scripts/train.py --cache reinforced --val cache-val --distill       # knowledge distillation, no teacher run
 
 --mixup/--cutmix mix every batch on the device through the loader's batch_transform (torchvision's
 v2.MixUp / v2.CutMix; both given: v2.RandomChoice of them, as torchvision's reference recipe),
 trained with soft-target cross-entropy; the online loader applies the same transform unseeded.
+--distill trains on a reinforced cache's teacher targets (mixed as the images are, with --mixup).
 
 --device defaults to cuda when there is one (each torchrun process takes cuda:LOCAL_RANK, a plain
 run the current GPU); on CUDA
@@ -89,6 +92,27 @@ class OnlineLoader:
             yield self.batch_transform(x, y) if self.batch_transform is not None else (x, y)
 
 
+def ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(logits, labels)
+
+
+def distillation_loss(label_weight: float, temperature: float = 1.0):
+    """Knowledge distillation on stored teacher targets (Dataset Reinforcement): the soft
+    cross-entropy of the student's log-probabilities against the teacher's probabilities (its
+    stored top-K, renormalised to sum to 1), mixed with the hard labels' cross-entropy.
+
+    `temperature` T softens both sides as Hinton et al.'s KD does, times T^2: the teacher's
+    softmax(z / T) is p^(1/T) renormalised, exact on the stored classes (all of them when K is the
+    class count), so the stored T = 1 probabilities serve any T."""
+    def loss(logits: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        target = teacher if temperature == 1 else teacher.pow(1 / temperature)
+        target = target / target.sum(1, keepdim=True).clamp_min(1e-12)
+        log_probs = torch.log_softmax(logits.float() / temperature, dim=1)
+        soft = -(target * log_probs).sum(1).mean() * temperature ** 2
+        return soft if label_weight == 0 else (1 - label_weight) * soft + label_weight * ce(logits, labels)
+    return loss
+
+
 def evaluate(model: nn.Module, loader, device: torch.device) -> float:
     model.eval()
     correct = total = 0
@@ -139,6 +163,14 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cuda (default when available; cuda:LOCAL_RANK under torchrun) or cpu")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: train every epoch)")
+    p.add_argument("--distill", action="store_true",
+                   help="train on the teacher targets a reinforced cache stores (cachegen build --teacher): "
+                        "soft cross-entropy, mixed with the labels' by --label-weight")
+    p.add_argument("--label-weight", type=float, default=0.0,
+                   help="with --distill: loss = (1 - w) * soft CE(teacher) + w * CE(labels)")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="with --distill: soften the teacher's and the student's distributions by T (KD), loss x T^2")
+    p.add_argument("--save", help="save the trained model's state_dict here (e.g. to use it as a teacher)")
     p.add_argument("--mixup", type=float, default=0.0, metavar="ALPHA",
                    help="MixUp every batch with weights from Beta(ALPHA, ALPHA) (0: off; recipes use 0.2-0.8)")
     p.add_argument("--cutmix", type=float, default=0.0, metavar="ALPHA",
@@ -166,6 +198,9 @@ def main() -> None:
         device = resolve_device(device)  # cuda: GPU LOCAL_RANK under torchrun, else the current one (0)
     except ValueError as e:
         sys.exit(f"train.py: error: --device {args.device}: {e}")
+    if not args.temperature > 0 or not 0 <= args.label_weight <= 1:
+        sys.exit(f"train.py: error: --temperature {args.temperature:g} must be positive and --label-weight "
+                 f"{args.label_weight:g} within [0, 1]")
 
     distributed = "WORLD_SIZE" in os.environ
     cuda = device.type == "cuda"
@@ -188,8 +223,10 @@ def main() -> None:
         if args.loader == "live" and manifest.mode != "live":
             raise ReaderError(f"--loader live needs a live cache, and {args.cache} is a {manifest.mode!r} one: "
                               "use --loader cached, or build it with --mode live")
+        if args.distill and args.loader != "cached":
+            raise ReaderError("--distill reads the teacher targets of a cached (reinforced) cache: use --loader cached")
         if args.loader == "cached":
-            train = CachedLoader(args.cache, **common)
+            train = CachedLoader(args.cache, **common, targets="teacher" if args.distill else "labels")
         elif args.loader == "live":
             train = open_loader(args.cache, workers=args.workers, trust_code=args.trust_code, **common)
             if rank == 0:  # auto picks per cache and device: say which
@@ -217,7 +254,7 @@ def main() -> None:
         steps = min(steps, args.max_steps)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
     sched = one_cycle(opt, args.lr, steps)
-    loss_fn = nn.CrossEntropyLoss()  # soft targets (B, classes) after --mixup/--cutmix: soft-target cross-entropy
+    loss_fn = distillation_loss(args.label_weight, args.temperature) if args.distill else ce  # ce: labels or soft targets (--mixup)
 
     step = 0
     for epoch in range(args.epochs):
@@ -231,12 +268,12 @@ def main() -> None:
         while True:
             w0 = time.perf_counter()
             try:
-                images, labels = next(batches)
+                images, labels, *teacher = next(batches)  # teacher: (B, classes) with --distill
             except StopIteration:
                 break
             w1 = time.perf_counter()
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                loss = loss_fn(model(images), labels)
+                loss = loss_fn(model(images), labels, *teacher)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -254,12 +291,16 @@ def main() -> None:
             print(f"epoch {epoch:3d}  loss {loss.item():.3f}  {seen * world / wall:7.0f} img/s  "
                   f"data wait {100 * waited / (waited + computed):4.1f} %", flush=True)
     accuracy = evaluate(model.module if distributed else model, val, device)
+    if args.save and rank == 0:
+        torch.save((model.module if distributed else model).state_dict(), args.save)
     if rank == 0:
         print(f"val accuracy {accuracy * 100:.2f} %  ({args.loader}, {args.epochs} epochs, {step} steps, seed {args.seed}, "
               f"{device})")
         if args.json:
             with open(args.json, "a") as f:
                 f.write(json.dumps({"tag": args.tag, "loader": args.loader, "epochs": args.epochs, "seed": args.seed,
+                                    "distill": args.distill, "label_weight": args.label_weight,
+                                    "temperature": args.temperature, "width": args.width,
                                     "cache": args.cache, "mixup": args.mixup, "cutmix": args.cutmix,
                                     "accuracy": accuracy}) + "\n")
     if distributed:

@@ -1,0 +1,115 @@
+"""The teacher member of a reinforced cache: each sample's top-K teacher probabilities, stored
+beside its image as `<key>.teacher.npy` (docs/FORMAT.md, "Teacher targets").
+
+The member is a standard .npy file holding a structured array of K records, highest probability
+first: `class` (little-endian int32, the class index) and `prob` (little-endian float16, the
+teacher's softmax probability). Its size is the same for every sample of a cache (the header
+numpy writes for that dtype and shape, then 6 K bytes), so an npy shard stays periodic.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from cacheformat.layout import BLOCK, padded
+
+MEMBER = "teacher.npy"  # the member's extension: `<key>.teacher.npy`
+RECORD = np.dtype([("class", "<i4"), ("prob", "<f2")])
+DEFAULT_TOPK = 10
+
+
+@functools.lru_cache(maxsize=16)
+def header(topk: int) -> bytes:
+    """The .npy header of a teacher member of `topk` records (what np.save writes)."""
+    out = io.BytesIO()
+    np.lib.format.write_array_header_1_0(out, {"descr": np.lib.format.dtype_to_descr(RECORD),
+                                               "fortran_order": False, "shape": (topk,)})
+    return out.getvalue()
+
+
+def payload_bytes(topk: int) -> int:
+    """The size of one teacher member's data: header, then `topk` records."""
+    return len(header(topk)) + topk * RECORD.itemsize
+
+
+def encode(classes: np.ndarray, probs: np.ndarray) -> bytes:
+    """One sample's member: `classes` (K,) and `probs` (K,), highest probability first."""
+    records = np.empty(len(classes), RECORD)
+    records["class"], records["prob"] = classes, probs
+    return header(len(classes)) + records.tobytes()
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    """What a reader needs of a manifest's `teacher` block."""
+
+    topk: int
+    classes: int
+
+    @property
+    def header_bytes(self) -> int:
+        return len(header(self.topk))
+
+    @property
+    def payload_bytes(self) -> int:
+        return payload_bytes(self.topk)
+
+    @property
+    def record_bytes(self) -> int:
+        """The records of one member, after its header."""
+        return self.topk * RECORD.itemsize
+
+    @property
+    def member_bytes(self) -> int:
+        """What the member adds to a sample in the tar: its 512-byte header and its padded data."""
+        return BLOCK + padded(self.payload_bytes)
+
+
+def member_starts(offsets: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """Where each sample's teacher member's data (its .npy header) starts in a shard, from the
+    image payloads' offsets and sizes: after the padded image and the member's tar header."""
+    return offsets + (sizes + BLOCK - 1) // BLOCK * BLOCK + BLOCK
+
+
+def parse_teacher(block: Any, classes: int, fail) -> TeacherSpec | None:
+    """A manifest's `teacher` block checked (None where the cache has none); `fail(what)` makes the
+    error to raise."""
+    if block is None:
+        return None
+    if not isinstance(block, dict):
+        raise fail("teacher is not an object")
+    topk, stored_classes = block.get("topk"), block.get("classes")
+    if not (_count(topk) and _count(stored_classes) and topk <= stored_classes):
+        raise fail(f"teacher topk {topk!r} / classes {stored_classes!r} are not counts with topk <= classes")
+    if stored_classes != classes:
+        raise fail(f"teacher classes {stored_classes} is not the cache's {classes} classes")
+    if block.get("member") != MEMBER or block.get("payload_bytes") != payload_bytes(topk):
+        raise fail(f"teacher member {block.get('member')!r} of {block.get('payload_bytes')!r} bytes is not "
+                   f"{MEMBER} of {payload_bytes(topk)} bytes")
+    if not all(isinstance(block.get(k), str) for k in ("spec", "device")):
+        raise fail("teacher spec / device is not text")
+    return TeacherSpec(topk=topk, classes=classes)
+
+
+def decode_records(raw: np.ndarray, spec: TeacherSpec, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """(classes int64 (n, K), probs float32 (n, K)) from `raw`, n members' records as uint8 (n, 6K);
+    ValueError naming `where` unless every class is one of the cache's and every probability is in [0, 1]."""
+    records = np.ascontiguousarray(raw).view(RECORD).reshape(len(raw), spec.topk)
+    classes = records["class"].astype(np.int64)
+    probs = records["prob"].astype(np.float32)
+    if len(raw) and (classes.min() < 0 or classes.max() >= spec.classes):
+        raise ValueError(f"{where}: teacher classes run {classes.min()}..{classes.max()}, outside the "
+                         f"{spec.classes} classes")
+    if len(raw) and not (np.isfinite(probs).all() and probs.min() >= 0 and probs.max() <= 1):
+        raise ValueError(f"{where}: teacher probabilities outside [0, 1]")
+    return classes, probs
+
+
+def _count(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and 1 <= x < math.inf
