@@ -9,7 +9,6 @@ import json
 import pytest
 
 from cacheformat import FormatError
-from cacheformat.index import read_index
 from cacheformat.manifest import read_manifest
 from cacheformat.teacher import payload_bytes
 from tests.format.conftest import CLASSES
@@ -57,15 +56,15 @@ def test_a_live_cache_with_teacher_targets_is_refused(copy):
         read_manifest(cache)
 
 
-def test_a_teacher_block_added_to_a_plain_npy_cache_fails_its_index_checks(copy):
-    """The manifest says every sample has a teacher member after its image; the shards (and their
-    indexes) have none: the npy pitch no longer fits, and no byte of a shard is read."""
+def test_a_teacher_block_added_to_a_plain_npy_cache_fails_its_size_checks(copy):
+    """The manifest says every sample has a teacher member after its image; the shards have none:
+    the npy pitch no longer fits the shards' recorded sizes, so the manifest itself is refused, in
+    one line, before any index or shard is read."""
     cache = copy("npy")
     _edit(cache / "manifest.json", lambda m: m.update(teacher=block()))
-    m = read_manifest(cache)
-    assert m.teacher is not None and m.teacher.topk == 3
-    with pytest.raises(FormatError, match="npy samples are not .* every"):
-        read_index(m, m.epochs[0][0])
+    with pytest.raises(FormatError, match=r"shard epoch-0000/shard-000000\.tar: 50 npy samples make a \d+-byte "
+                                          r"shard, not \d+"):
+        read_manifest(cache)
 
 
 def test_a_teacher_block_added_to_a_plain_png_cache_is_refused_where_the_members_would_be(copy):
