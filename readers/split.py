@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
-import torch.distributed as dist
 
 from readers.errors import ReaderError
 
@@ -43,6 +42,8 @@ def resolve_rank(rank: int | None = None, world_size: int | None = None, *, stri
         ValueError: a value out of range, or only one of the two given outside torch.distributed.
         ReaderError: (strict) WORLD_SIZE > 1 but no process group.
     """
+    import torch.distributed as dist  # here, not at import: the build's CLI takes default_workers without torch
+
     check_split(rank, world_size)
     initialised = dist.is_available() and dist.is_initialized()
     if strict and not initialised and rank is None and world_size is None:

@@ -25,7 +25,7 @@ def painted(npz_source, folder, epochs: int):
     (folder / "paint.py").write_text(PAINT)
     run_cli("build", npz_source[0], "--out", folder / "cache", "--epochs", str(epochs), "--workers", "1", "--quiet",
             "--transform", f"{folder / 'paint.py'}:make")
-    return online_dataset(folder / "cache")
+    return online_dataset(folder / "cache", trust_code=True)  # the test built it: its own factory
 
 
 def test_workers_persist_between_passes_and_follow_set_epoch(npz_source, tmp_path):

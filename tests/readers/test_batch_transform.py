@@ -19,7 +19,7 @@ from loader_checks import CLASSES, epoch_batches
 from readers import CacheDataset, CachedLoader, LiveLoader, ReaderError, open_loader
 from readers.batch_transform import BatchTransform, BatchTransformError
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+cuda = pytest.mark.cuda  # skipped without a GPU (tests/conftest.py)
 SORTED_CLASSES = 10
 
 KORNIA_FACTORY = '''
