@@ -286,8 +286,10 @@ def iter_batches(files: ShardFiles, shards: Sequence[Shard], plan: EpochPlan, *,
                  new_batch: Callable[[int], tuple[torch.Tensor, ...]], channels_first: bool = False,
                  stop: Callable[[], bool] = lambda: False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """_gather's batches; a staged cache's downloads stop with the pass, also when it is left early."""
-    # An npy cache's epoch plan: one gather per batch through a view of every mapping (readers.gather).
-    gather = gather_npy if files.manifest.encoding == "npy" and isinstance(plan, EpochPlan) else _gather
+    # An npy cache's epoch plan: one gather per batch through a view of every mapping (readers.gather);
+    # teacher targets are scattered per shard, by _gather.
+    one_view = files.manifest.encoding == "npy" and isinstance(plan, EpochPlan) and not files.teacher
+    gather = gather_npy if one_view else _gather
     try:
         yield from gather(files, shards, plan, start=start, new_batch=new_batch, channels_first=channels_first,
                           stop=stop)

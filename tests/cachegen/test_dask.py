@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from cachegen.cli import main
-from conftest import make_npz
+from tests.conftest import make_npz
 
 SLOW = """
 import time

@@ -237,9 +237,25 @@ def test_damaged_teacher_numbers_are_a_reader_error(build, teachers, tmp_path, e
     labels_only = CachedLoader(copy, batch_size=50, device="cpu", shuffle=False)
     assert sum(len(y) for _, y in labels_only) == 240  # the images and labels are untouched
     assert run_cli("verify", cache).output.startswith("ok: 5 shards")
+    result = run_cli("verify", copy, expect=1)  # checksums first: the shard's sha256 no longer matches
+    assert "shard-000000.tar: sha256 mismatch" in result.output and "1 of 5 shards are bad" in result.output
+    _rehash(copy, "epoch-0000/shard-000000.tar")  # damage whose checksum was rewritten: the numbers themselves
     result = run_cli("verify", copy, expect=1)
     assert "shard-000000.tar: sample e0000_" in result.output and ": teacher " in result.output
     assert "1 of 5 shards are bad" in result.output
+
+
+def _rehash(cache, relpath: str) -> None:
+    """Record the shard's current sha256 in the manifest, as if whoever damaged it covered the tracks."""
+    import hashlib
+
+    manifest = json.loads((cache / "manifest.json").read_text())
+    digest = hashlib.sha256((cache / relpath).read_bytes()).hexdigest()
+    for entry in manifest["epoch_list"]:
+        for shard in entry["shards"]:
+            if shard["path"] == relpath:
+                shard["sha256"] = digest
+    (cache / "manifest.json").write_text(json.dumps(manifest))
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
@@ -253,7 +269,7 @@ def test_a_teacher_run_in_this_process_gives_the_bytes_the_workers_give(npz_sour
     assert shard_bytes(tmp_path / "here") == shard_bytes(tmp_path / "workers")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+@pytest.mark.cuda  # skipped without a GPU (tests/conftest.py)
 def test_a_teacher_on_cuda_stores_its_top_k_deterministically(npz_source, teachers, tmp_path):
     args = [npz_source[0], "--epochs", "2", "--shard-size", "50", "--transform", "cifar", "--augment-on", "device",
             "--device", "cuda", "--teacher", teachers("make"), "--quiet"]
