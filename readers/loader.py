@@ -191,21 +191,19 @@ class Loader:
         channels_first = self._copier.host_channels_first
 
         def produce(stopping: Callable[[], bool] = lambda: False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-            return iter_batches(files, shards, plan, start=start, new_batch=self._new_batch,
-                                channels_first=channels_first, stop=stopping)
+            return iter_batches(files, shards, plan, start=start, new_images=self._new_images,
+                                pin=self._copier.pin, channels_first=channels_first, stop=stopping)
 
         if self.options.prefetch:
             return Prefetcher(produce, depth=self.options.prefetch, where=f"epoch {plan.epoch} of {self.manifest.root}")
         return produce()
 
-    def _new_batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        pin = self._copier.pin
-        images = self._spare.pop() if self._spare and n == self.options.batch_size else None
-        if images is None:
-            h, w, c = self.manifest.shape
-            shape = (n, c, h, w) if self._copier.host_channels_first else (n, h, w, c)
-            images = torch.empty(shape, dtype=torch.uint8, pin_memory=pin)
-        return images, torch.empty(n, dtype=torch.int64, pin_memory=pin)
+    def _new_images(self, n: int) -> torch.Tensor:
+        if self._spare and n == self.options.batch_size:
+            return self._spare.pop()
+        h, w, c = self.manifest.shape
+        shape = (n, c, h, w) if self._copier.host_channels_first else (n, h, w, c)
+        return torch.empty(shape, dtype=torch.uint8, pin_memory=self._copier.pin)
 
     def _recycle(self, host: torch.Tensor, converted: torch.Tensor) -> None:
         """Called when the device stage is done with a host batch: keep a CPU host batch of

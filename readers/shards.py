@@ -279,25 +279,26 @@ def epoch_labels(files: ShardFiles, shards: Sequence[Shard], samples: np.ndarray
 
 
 def iter_batches(files: ShardFiles, shards: Sequence[Shard], plan: EpochPlan, *, start: int = 0,
-                 new_batch: Callable[[int], tuple[torch.Tensor, torch.Tensor]], channels_first: bool = False,
+                 new_images: Callable[[int], torch.Tensor], pin: bool = False, channels_first: bool = False,
                  stop: Callable[[], bool] = lambda: False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """_gather's batches; a staged cache's downloads stop with the pass, also when it is left early."""
     # An npy cache's epoch plan: one gather per batch through a view of every mapping (readers.gather).
     gather = gather_npy if files.manifest.encoding == "npy" and isinstance(plan, EpochPlan) else _gather
     try:
-        yield from gather(files, shards, plan, start=start, new_batch=new_batch, channels_first=channels_first,
-                          stop=stop)
+        yield from gather(files, shards, plan, start=start, new_images=new_images, pin=pin,
+                          channels_first=channels_first, stop=stop)
     finally:
         files.end()
 
 
 def _gather(files: ShardFiles, shards: Sequence[Shard], plan: EpochPlan, *, start: int,
-            new_batch: Callable[[int], tuple[torch.Tensor, torch.Tensor]], channels_first: bool,
+            new_images: Callable[[int], torch.Tensor], pin: bool, channels_first: bool,
             stop: Callable[[], bool]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield the plan's batches from batch `start` on: (images uint8, labels (n,) int64), images
     (n, H, W, C), or (n, C, H, W) with `channels_first`.
 
-    `new_batch(n)` gives empty tensors of that shape (pinned when batches go to a GPU). Each batch
+    `new_images(n)` gives an empty images tensor of that shape (pinned when batches go to a GPU,
+    `pin`; the labels too). Each batch
     is sorted by shard (the plan does it), so its pixels are gathered with one index_select per
     shard it touches, straight from the mapping into the batch: one copy, few Python calls.
     """
@@ -325,7 +326,7 @@ def _gather(files: ShardFiles, shards: Sequence[Shard], plan: EpochPlan, *, star
         if stop():
             return
         lo, hi = b * batch_size, min((b + 1) * batch_size, plan.num_samples)
-        images, labels = new_batch(hi - lo)
+        images, labels = new_images(hi - lo), torch.empty(hi - lo, dtype=torch.int64, pin_memory=pin)
         flat = scratch[:hi - lo] if scratch is not None else images.view(hi - lo, m.image_bytes)
         while run < len(run_shards) and bounds[run] < hi:
             a, z = bounds[run], bounds[run + 1]
