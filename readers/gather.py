@@ -107,14 +107,14 @@ class _Pass:
 
     def map(self, k: int):
         """Map shard k (a shard deleted meanwhile is named now) and check every row the view will
-        read of it lies in the mapping (the view itself has no bounds)."""
+        read of it lies in the mapping (the view itself has no bounds); the mapping."""
         shard = self.shards[k]
         opened = self.files.get(shard)
         width = self.view.width
         if shard.samples and self.first + (shard.samples - 1) * self.pitch + width > len(opened.data):
             raise ReaderError(f"shard {shard.path} is {len(opened.data)} bytes, too short for {shard.samples} "
                               f"samples of {width} bytes every {self.pitch}; the file does not match the manifest")
-        self.address[k] = opened.data.ctypes.data + self.first
+        self.address[k] = _address(opened) + self.first
         return opened
 
 
@@ -141,6 +141,7 @@ class _Chunk:
             self._due.setdefault(b, []).append(k)
         self._starts = sorted(self._due) + [len(self.batch_labels)]
         self._opened: list = []  # the mappings read so far, held while the chunk lives
+        self._span = (2 ** 64, 0)  # the address range they cover
         self._offsets: tuple[torch.Tensor, ...] = ()  # view rows of batches _offsets_from, ... (one tensor each)
         self._offsets_from = 0
         self._view_rows: torch.Tensor | None = None
@@ -154,14 +155,22 @@ class _Chunk:
             return
         due = self._due.pop(i, None)
         if due is not None:
-            self._opened += [p.map(k) for k in due]
+            for k in due:
+                opened = p.map(k)
+                self._opened.append(opened)
+                start = _address(opened)
+                self._span = min(self._span[0], start), max(self._span[1], start + len(opened.data))
             # View rows of the batches up to the next that maps (the view may have moved).
             lo, hi = i * bs, self._starts[self._starts.index(i) + 1] * bs
-            data = [o.data for o in self._opened]
-            self._view_rows = p.view.cover(min(d.ctypes.data for d in data), max(d.ctypes.data + len(d) for d in data))
+            self._view_rows = p.view.cover(*self._span)
             offsets = p.address[self._shard[lo:hi]] + (self._rows[lo:hi] * p.pitch - p.view.lo)
             self._offsets, self._offsets_from = torch.from_numpy(offsets).split(bs), i
         torch.index_select(self._view_rows, 0, self._offsets[i - self._offsets_from], out=out)
+
+
+def _address(opened) -> int:
+    """Where a mapping starts in the address space."""
+    return opened.data.ctypes.data
 
 
 def _labels(files, shards: Sequence[Shard], used: list[int], shard: np.ndarray, rows: np.ndarray,

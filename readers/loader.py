@@ -358,6 +358,8 @@ class Loader:
         with training, so each batch is converted and handed out as it comes (the same batches,
         without the per-batch bookkeeping of the device path: at ~100 us a batch, it counts)."""
         convert, normalize = self._copier.convert, self._copier.normalize
+        if not normalize and not self._copier.host_channels_first:
+            convert = _nhwc_as_nchw  # what convert does then: NHWC memory is channels_last NCHW
         for images, labels in producer:
             converted = convert(images)
             if normalize:  # else the batch is a view of the host batch: nothing to recycle
@@ -461,6 +463,10 @@ class Loader:
         if state["augment_on"] != mine["augment_on"]:
             raise ValueError(f"cannot resume: the state was taken augmenting on {state['augment_on']!r}, this loader "
                              f"augments on {mine['augment_on']!r}: pass augment_on={state['augment_on']!r}")
+
+
+def _nhwc_as_nchw(images: torch.Tensor) -> torch.Tensor:
+    return images.permute(0, 3, 1, 2)
 
 
 def _history(steps: Any) -> History:
