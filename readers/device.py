@@ -178,6 +178,11 @@ class DeviceCopier:
         return batch
 
     @property
+    def on_host(self) -> bool:
+        """Whether batches stay on the CPU (bound to it): start converts at once, finish has nothing to wait for."""
+        return self.device is not None and self._stream is None
+
+    @property
     def host_channels_first(self) -> bool:
         """Whether host batches should come as (B, C, H, W) rather than (B, H, W, C).
 

@@ -20,10 +20,11 @@ from readers.errors import ReaderError
 from readers.manifest import Shard
 from readers.plan import EpochPlan
 
-# Batches planned together (their samples listed, labels and view rows computed in one go): enough
-# that the per-chunk Python is noise next to the copies, few enough that a pass's first batch waits
-# for little.
+# Batches planned together (their samples listed, labels and view rows computed in one go): the
+# first chunk of a pass small, so its first batch waits for little; the later ones larger, so the
+# per-chunk Python is noise next to the copies.
 CHUNK_BATCHES = 16
+LATER_CHUNK_BATCHES = 64
 
 
 class _Window:
@@ -55,109 +56,140 @@ class AddressView:
 
 
 def gather_npy(files, shards: Sequence[Shard], plan: EpochPlan, *, start: int,
-               new_batch: Callable[[int], tuple[torch.Tensor, torch.Tensor]], channels_first: bool,
+               new_images: Callable[[int], torch.Tensor], pin: bool, channels_first: bool,
                stop: Callable[[], bool]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """shards._gather for an npy cache and an EpochPlan: the same batches, in the same order.
 
     A chunk of batches is planned at once (samples, mappings, view rows, labels); each batch is
-    then one index_select through the AddressView into new_batch's buffer (per-batch buffers: a
+    then one index_select through the AddressView into new_images's buffer (per-batch buffers: a
     batch-sized destination stays in the CPU cache, a chunk-sized one measured slower), or one per
-    shard where a chunk touches more shards than may stay mapped at once."""
+    shard where a chunk touches more shards than may stay mapped at once. A batch's labels are a
+    slice of its chunk's (pinned where `pin`)."""
     m = files.manifest
     batch_size = plan.batch_size
     reading = {k: b for k, b in plan.last_batches().items() if b >= start}  # in the order first read
     files.check(shards[k] for k in reading)
     files.begin([shards[k] for k in reading], (shards[k] for k in reading))
-    last = sorted((b, k) for k, b in reading.items())  # after batch b the pass is done with shard k
-    view = AddressView(m.image_bytes)
+    done_after: dict[int, list[Shard]] = {}  # after batch b the pass is done with these shards
+    for k, b in reading.items():
+        done_after.setdefault(b, []).append(shards[k])
+    pass_ = _Pass(files, shards, AddressView(m.image_bytes), batch_size, pin)
     scratch = torch.empty((batch_size, m.image_bytes), dtype=torch.uint8) if channels_first else None
-    for c0 in range(start, plan.num_batches, CHUNK_BATCHES):
-        c1 = min(c0 + CHUNK_BATCHES, plan.num_batches)
-        base = c0 * batch_size
+    c0 = start
+    while c0 < plan.num_batches:
+        c1 = min(c0 + (CHUNK_BATCHES if c0 == start else LATER_CHUNK_BATCHES), plan.num_batches)
         if stop():
             return
-        chunk = _Chunk(files, shards, plan.samples(base, c1 * batch_size), view, batch_size)
-        size = chunk.labels.shape[0]
-        for lo in range(0, size, batch_size):
-            if lo and stop():
+        chunk = _Chunk(pass_, *plan.keys(c0 * batch_size, c1 * batch_size))
+        for i, labels in enumerate(chunk.batch_labels):
+            if i and stop():
                 return
-            hi = min(lo + batch_size, size)
-            images, labels = new_batch(hi - lo)
-            flat = scratch[:hi - lo] if scratch is not None else images.view(hi - lo, m.image_bytes)
-            chunk.gather(lo, hi, flat)
+            n = len(labels)
+            images = new_images(n)
+            flat = scratch[:n] if scratch is not None else images.view(n, m.image_bytes)
+            chunk.gather(i, flat)
             if scratch is not None:
                 _to_channels_first(flat, images, m.shape)
-            labels.copy_(chunk.batch_labels[lo // batch_size])
             yield images, labels
-            while last and last[0][0] <= c0 + lo // batch_size:  # a staged copy may evict (unpin) it now
-                files.done(shards[last.pop(0)[1]])
+            for shard in done_after.pop(c0 + i, ()):  # a staged copy may evict (unpin) it now
+                files.done(shard)
+        c0 = c1
+
+
+class _Pass:
+    """What the chunks of one pass share: the files, the view, and per shard of the epoch the
+    address of its sample 0 where a chunk mapped it (each chunk maps the shards it reads)."""
+
+    def __init__(self, files, shards: Sequence[Shard], view: AddressView, batch_size: int, pin: bool) -> None:
+        self.files, self.shards, self.view, self.batch_size, self.pin = files, shards, view, batch_size, pin
+        self.first, self.pitch = files.manifest.npy_rows()
+        self.address = np.zeros(len(shards), np.int64)
+
+    def map(self, k: int):
+        """Map shard k (a shard deleted meanwhile is named now) and check every row the view will
+        read of it lies in the mapping (the view itself has no bounds); the mapping."""
+        shard = self.shards[k]
+        opened = self.files.get(shard)
+        width = self.view.width
+        if shard.samples and self.first + (shard.samples - 1) * self.pitch + width > len(opened.data):
+            raise ReaderError(f"shard {shard.path} is {len(opened.data)} bytes, too short for {shard.samples} "
+                              f"samples of {width} bytes every {self.pitch}; the file does not match the manifest")
+        self.address[k] = _address(opened) + self.first
+        return opened
 
 
 class _Chunk:
-    """A few batches' samples ((shard, row) pairs) made ready to gather: their labels at once, each
-    shard mapped when the first batch that reads it comes (a shard deleted meanwhile is named then)
-    and held while the chunk lives, each sample's row in the AddressView."""
+    """A few batches' samples (packed keys: (shard << row_bits) | row) made ready to gather: their
+    labels at once, each shard mapped when the first batch that reads it comes and held while the
+    chunk lives, the view rows of a run of batches computed when it begins (at a batch that maps)."""
 
-    def __init__(self, files, shards: Sequence[Shard], samples: np.ndarray, view: AddressView,
-                 batch_size: int) -> None:
-        used, first_use, where = np.unique(samples[:, 0], return_index=True, return_inverse=True)
-        self._used = [shards[k] for k in used.tolist()]
-        self.labels = torch.from_numpy(_labels(files, self._used, where, samples[:, 1]))
-        self._files, self._shards, self._samples, self._view = files, shards, samples, view
-        self._where, self._batch_size = where, batch_size
-        self.batch_labels = self.labels.split(batch_size)  # views made in one call, not one slice a batch
+    def __init__(self, pass_: _Pass, keys: np.ndarray, row_bits: int) -> None:
+        self._pass = pass_
+        files, shards, bs = pass_.files, pass_.shards, pass_.batch_size
+        self._shard, self._rows = keys >> row_bits, keys & ((1 << row_bits) - 1)
+        used = np.flatnonzero(np.bincount(self._shard, minlength=len(shards))).tolist()
+        self.labels = _labels(files, shards, used, self._shard, self._rows, pass_.pin)
+        self.batch_labels = self.labels.split(bs)  # views made in one call, not one slice a batch
         self._fits = len(used) <= files.max_open  # else one gather per shard, each mapped in turn
-        self._opened: list = [None] * len(used)
-        self._due: dict[int, list[int]] = {}  # batch start -> the shards it is the first to read
-        for u, i in enumerate(first_use.tolist()):
-            self._due.setdefault(i - i % batch_size, []).append(u)
+        # A shard's first sample in the chunk starts a run of it (samples are sorted within a batch).
+        runs = np.flatnonzero(np.concatenate([[True], self._shard[1:] != self._shard[:-1]]))
+        first: dict[int, int] = {}
+        for k, b in zip(self._shard[runs].tolist(), (runs // bs).tolist()):
+            first.setdefault(k, b)
+        self._due: dict[int, list[int]] = {}  # batch -> the shards it is the first to read
+        for k, b in first.items():
+            self._due.setdefault(b, []).append(k)
+        self._starts = sorted(self._due) + [len(self.batch_labels)]
+        self._opened: list = []  # the mappings read so far, held while the chunk lives
+        self._span = (2 ** 64, 0)  # the address range they cover
+        self._offsets: tuple[torch.Tensor, ...] = ()  # view rows of batches _offsets_from, ... (one tensor each)
+        self._offsets_from = 0
+        self._view_rows: torch.Tensor | None = None
 
-    def gather(self, lo: int, hi: int, out: torch.Tensor) -> None:
-        """Samples [lo, hi) of the chunk (lo at a batch start) into `out` ((hi - lo, image bytes) uint8)."""
+    def gather(self, i: int, out: torch.Tensor) -> None:
+        """Batch i of the chunk into `out` ((n, image bytes) uint8)."""
+        p = self._pass
+        bs = p.batch_size
         if not self._fits:
-            _gather_runs(self._files, self._shards, self._samples[lo:hi], out)
+            _gather_runs(p.files, p.shards, self._shard[i * bs:(i + 1) * bs], self._rows[i * bs:(i + 1) * bs], out)
             return
-        due = self._due.pop(lo, None)
-        if due:
-            for u in due:
-                self._opened[u] = self._files.get(self._used[u])
-            # Rows of the rest of the chunk, from every mapping so far (the view may have moved).
-            self._from, self._rows, offsets = lo, *_offsets(
-                self._view, self._opened, self._used, self._where[lo:], self._samples[lo:, 1],
-                self._files.manifest.npy_rows())
-            self._batch_offsets = offsets.split(self._batch_size)
-        torch.index_select(self._rows, 0, self._batch_offsets[(lo - self._from) // self._batch_size], out=out)
+        due = self._due.pop(i, None)
+        if due is not None:
+            for k in due:
+                opened = p.map(k)
+                self._opened.append(opened)
+                start = _address(opened)
+                self._span = min(self._span[0], start), max(self._span[1], start + len(opened.data))
+            # View rows of the batches up to the next that maps (the view may have moved).
+            lo, hi = i * bs, self._starts[self._starts.index(i) + 1] * bs
+            self._view_rows = p.view.cover(*self._span)
+            offsets = p.address[self._shard[lo:hi]] + (self._rows[lo:hi] * p.pitch - p.view.lo)
+            self._offsets, self._offsets_from = torch.from_numpy(offsets).split(bs), i
+        torch.index_select(self._view_rows, 0, self._offsets[i - self._offsets_from], out=out)
 
 
-def _offsets(view: AddressView, opened: list, used: list[Shard], where: np.ndarray, rows: np.ndarray,
-             layout: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(view rows, the row of each sample in them): sample i is row `rows[i]` of shard
-    `used[where[i]]`, mapped as `opened[where[i]]` (None: not mapped yet, not read by these samples)."""
-    first, pitch = layout
-    mapped = [(shard, o) for shard, o in zip(used, opened) if o is not None]
-    for shard, o in mapped:  # the view has no bounds: every row read must lie in its mapping
-        if shard.samples and first + (shard.samples - 1) * pitch + view.width > len(o.data):
-            raise ReaderError(f"shard {shard.path} is {len(o.data)} bytes, too short for {shard.samples} samples "
-                              f"of {view.width} bytes every {pitch}; the file does not match the manifest")
-    starts = np.array([0 if o is None else o.data.ctypes.data for o in opened], np.int64)
-    view_rows = view.cover(min(o.data.ctypes.data for _, o in mapped),
-                           max(o.data.ctypes.data + len(o.data) for _, o in mapped))
-    return view_rows, torch.from_numpy(starts[where] - view.lo + first + rows * pitch)
+def _address(opened) -> int:
+    """Where a mapping starts in the address space."""
+    return opened.data.ctypes.data
 
 
-def _labels(files, used: list[Shard], where: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """The label of each sample: row `rows[i]` of shard `used[where[i]]`, from the shards' indexes."""
-    tables = [files.index(shard).labels for shard in used]
-    starts = np.cumsum([0] + [len(t) for t in tables[:-1]], dtype=np.int64)
-    return np.concatenate(tables)[starts[where] + rows]
+def _labels(files, shards: Sequence[Shard], used: list[int], shard: np.ndarray, rows: np.ndarray,
+            pin: bool) -> torch.Tensor:
+    """The label of each sample, row `rows[i]` of shard `shard[i]` (`used`: the shards among
+    them), from the shards' indexes; in pinned memory where `pin`."""
+    tables = [files.index(shards[k]).labels for k in used]
+    starts = np.zeros(len(shards), np.int64)
+    starts[used] = np.cumsum([0] + [len(t) for t in tables[:-1]], dtype=np.int64)
+    labels = torch.from_numpy(np.concatenate(tables)[starts[shard] + rows])
+    return labels.pin_memory() if pin else labels
 
 
-def _gather_runs(files, shards: Sequence[Shard], samples: np.ndarray, flat: torch.Tensor) -> None:
+def _gather_runs(files, shards: Sequence[Shard], shard: np.ndarray, rows: np.ndarray, flat: torch.Tensor) -> None:
     """Gather one batch (sorted by shard) with one index_select per shard it touches."""
-    cuts = [0, *(np.flatnonzero(np.diff(samples[:, 0])) + 1).tolist(), len(samples)]
-    rows = torch.from_numpy(samples[:, 1])
+    cuts = [0, *(np.flatnonzero(np.diff(shard)) + 1).tolist(), len(shard)]
+    rows = torch.from_numpy(rows)
     for a, z in zip(cuts[:-1], cuts[1:]):
-        torch.index_select(files.get(shards[int(samples[a, 0])]).rows, 0, rows[a:z], out=flat[a:z])
+        torch.index_select(files.get(shards[int(shard[a])]).rows, 0, rows[a:z], out=flat[a:z])
 
 
 def _to_channels_first(flat: torch.Tensor, images: torch.Tensor, shape: tuple[int, int, int]) -> None:

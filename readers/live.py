@@ -227,6 +227,9 @@ class LiveLoader(Loader):
             return None
         return batch_order(self._batch_seed(plan.epoch, batch, ORDER_SALT), n)
 
+    def _per_batch_hooks(self) -> bool:
+        return self.augment_on == "device"
+
     def _recycle(self, host: torch.Tensor, converted: torch.Tensor) -> None:
         if self.augment_on == "device":  # host batches of _gather's; the DataLoader's are its own
             super()._recycle(host, converted)

@@ -77,6 +77,13 @@ class EpochPlan:
         touches, in file order. (Which samples share a batch is the shuffle; their order within
         it is not.) Only the windows the range covers are expanded: a pass plans its batches as
         it reaches them, not the whole epoch before the first."""
+        keys, row_bits = self.keys(start, stop)
+        return np.stack([keys >> row_bits, keys & ((1 << row_bits) - 1)], axis=1)
+
+    def keys(self, start: int = 0, stop: int | None = None) -> tuple[np.ndarray, int]:
+        """samples(start, stop) packed, and the bits of the packing: (shard << row_bits) | sample,
+        int64, one a sample. Packed, a window's samples are permuted with one 1-D gather and a
+        batch is sorted as one row of a 2-D sort (what a pass costs per batch, outside the copy)."""
         stop = self.num_samples if stop is None else min(stop, self.num_samples)
         if start % self.batch_size:
             raise ValueError(f"start {start} is not at a batch boundary (batch_size {self.batch_size})")
@@ -87,23 +94,34 @@ class EpochPlan:
             if begin >= stop:
                 break
             parts.append(self._delivered(w)[max(start - begin, 0):stop - begin])
-        out = np.concatenate(parts) if parts else np.zeros((0, 2), np.int64)
-        return sort_batches(out, self.batch_size)
+        keys = np.concatenate(parts) if len(parts) > 1 else parts[0] if parts else np.zeros(0, np.int64)
+        return _sort_within(keys, self.batch_size), self._row_bits
 
     def _delivered(self, w: int) -> np.ndarray:
-        """(n, 2) (shard, row) of window `w`'s samples in its order; the last two are kept, since
+        """Window `w`'s samples as packed keys (see keys) in its order; the last two are kept, since
         a pass asks for its batches a chunk at a time and a window spans at most two chunks."""
         memo = self._memo
         if w not in memo:
             window = self.windows[w]
             lengths = np.array([s.stop - s.start for s in window.segments], np.int64)
-            shard = np.repeat(np.array([s.shard for s in window.segments], np.int64), lengths)
-            first = np.array([s.start for s in window.segments], np.int64) - np.cumsum(lengths) + lengths
-            rows = np.arange(int(lengths.sum()), dtype=np.int64) + np.repeat(first, lengths)
-            memo[w] = np.stack([shard, rows], 1)[window.order]
+            first = np.array([(s.shard << self._row_bits) + s.start for s in window.segments], np.int64)
+            # Position p of segment i (laid out end to end) holds key first[i] + p - (where segment i begins).
+            layout = np.arange(int(lengths.sum()), dtype=np.int64) + np.repeat(first - np.cumsum(lengths) + lengths,
+                                                                                lengths)
+            memo[w] = layout[window.order]
             while len(memo) > 2:
                 del memo[next(iter(memo))]
         return memo[w]
+
+    @functools.cached_property
+    def _row_bits(self) -> int:
+        """Bits of a sample's row in a packed key: enough for the longest segment's end."""
+        segments = [s for w in self.windows for s in w.segments]
+        row_bits = max([s.stop - 1 for s in segments], default=1).bit_length() or 1
+        if max([s.shard for s in segments], default=0).bit_length() + row_bits > 62:
+            raise ReaderError(f"{max(s.shard for s in segments) + 1} shards of up to {2 ** row_bits} samples "
+                              "do not fit a plan's 62-bit sample keys")
+        return row_bits
 
     @functools.cached_property
     def _memo(self) -> dict[int, np.ndarray]:
@@ -126,6 +144,14 @@ class EpochPlan:
                 last[seg.shard] = (end - 1) // self.batch_size
             begin += len(window)
         return last
+
+
+def _sort_within(keys: np.ndarray, batch_size: int) -> np.ndarray:
+    """`keys` with each run of `batch_size` sorted: full batches as the rows of one 2-D sort."""
+    full = len(keys) - len(keys) % batch_size
+    if full == len(keys):
+        return np.sort(keys.reshape(-1, batch_size), axis=1).reshape(-1)
+    return np.concatenate([np.sort(keys[:full].reshape(-1, batch_size), axis=1).reshape(-1), np.sort(keys[full:])])
 
 
 def sort_batches(samples: np.ndarray, batch_size: int) -> np.ndarray:

@@ -283,7 +283,7 @@ def epoch_labels(files: ShardFiles, shards: Sequence[Shard], samples: np.ndarray
 
 
 def iter_batches(files: ShardFiles, shards: Sequence[Shard], plan: EpochPlan, *, start: int = 0,
-                 new_batch: Callable[[int], tuple[torch.Tensor, ...]], channels_first: bool = False,
+                 new_images: Callable[[int], torch.Tensor], pin: bool = False, channels_first: bool = False,
                  stop: Callable[[], bool] = lambda: False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """_gather's batches; a staged cache's downloads stop with the pass, also when it is left early."""
     # An npy cache's epoch plan: one gather per batch through a view of every mapping (readers.gather);
@@ -291,20 +291,21 @@ def iter_batches(files: ShardFiles, shards: Sequence[Shard], plan: EpochPlan, *,
     one_view = files.manifest.encoding == "npy" and isinstance(plan, EpochPlan) and not files.teacher
     gather = gather_npy if one_view else _gather
     try:
-        yield from gather(files, shards, plan, start=start, new_batch=new_batch, channels_first=channels_first,
-                          stop=stop)
+        yield from gather(files, shards, plan, start=start, new_images=new_images, pin=pin,
+                          channels_first=channels_first, stop=stop)
     finally:
         files.end()
 
 
 def _gather(files: ShardFiles, shards: Sequence[Shard], plan: EpochPlan, *, start: int,
-            new_batch: Callable[[int], tuple[torch.Tensor, ...]], channels_first: bool,
+            new_images: Callable[[int], torch.Tensor], pin: bool, channels_first: bool,
             stop: Callable[[], bool]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield the plan's batches from batch `start` on: (images uint8, labels (n,) int64), images
     (n, H, W, C), or (n, C, H, W) with `channels_first`.
 
-    `new_batch(n)` gives empty tensors of that shape (pinned when batches go to a GPU), and a third,
-    (n, classes) float32, where the batches carry teacher targets (then yielded third). Each batch
+    `new_images(n)` gives an empty images tensor of that shape (pinned when batches go to a GPU,
+    `pin`; the labels too), and where the batches carry teacher targets, a third, (n, classes)
+    float32 (then yielded third). Each batch
     is sorted by shard (the plan does it), so its pixels are gathered with one index_select per
     shard it touches, straight from the mapping into the batch: one copy, few Python calls.
     """
@@ -332,7 +333,10 @@ def _gather(files: ShardFiles, shards: Sequence[Shard], plan: EpochPlan, *, star
         if stop():
             return
         lo, hi = b * batch_size, min((b + 1) * batch_size, plan.num_samples)
-        images, labels, *teacher = batch = new_batch(hi - lo)
+        n = hi - lo
+        images, labels = new_images(n), torch.empty(n, dtype=torch.int64, pin_memory=pin)
+        teacher = [torch.empty((n, len(m.classes)), dtype=torch.float32, pin_memory=pin)] if files.teacher else []
+        batch = (images, labels, *teacher)
         flat = scratch[:hi - lo] if scratch is not None else images.view(hi - lo, m.image_bytes)
         while run < len(run_shards) and bounds[run] < hi:
             a, z = bounds[run], bounds[run + 1]

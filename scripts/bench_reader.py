@@ -3,6 +3,7 @@
     python scripts/bench_reader.py                  # builds a 100k-sample CIFAR-shaped npy cache in a temp dir
     python scripts/bench_reader.py --cache DIR      # or measures an existing npy cache
     python scripts/bench_reader.py --threads 8      # the N-thread rows with 8 intra-op threads
+    python scripts/bench_reader.py --only channels_last   # the limit and the channels_last uint8 row alone
 
 Prints images/s for each reader (best and median of --repeats, page cache warm; all shuffled,
 batch 256, CPU device, one process, a new training epoch every pass) and each as a ratio of the
@@ -120,6 +121,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=rank_threads(),
                         help="intra-op threads of the N-thread rows (default: cores / GPUs, what a GPU rank gets)")
+    parser.add_argument("--only", choices=("channels_last",),
+                        help="run only the limit and this CachedLoader row (one thread): the goal's pair, alone")
     parser.add_argument("--stock-repeats", type=int, default=2,
                         help="stock WebDataset is slow; fewer repeats (0: leave it out)")
     args = parser.parse_args()
@@ -195,7 +198,7 @@ def main() -> None:
                                  read_all)
             others["stock"] = max(next(iter(stock_rate.values()))[0])
         n_threads = f"[{args.threads} threads]"
-        rates = measure({
+        rows = {
             "numpy mmap gather (the limit)": numpy_limit,
             "plain read() of the shard files": read_all,
             "readinto a reused buffer": readinto_all,
@@ -207,7 +210,12 @@ def main() -> None:
             f"CachedLoader uint8, channels_last {n_threads}": with_threads(
                 args.threads, loader(normalize=False, channels_last=True)),
             f"CachedLoader float32, channels_last {n_threads}": with_threads(args.threads, loader(channels_last=True)),
-        }, args.repeats, read_all)
+        }
+        if args.only:  # the limit, the shard reads (untimed rows need them) and the one loader row
+            keep = ("numpy mmap gather (the limit)", "plain read() of the shard files", "readinto a reused buffer",
+                    "CachedLoader uint8, channels_last")
+            rows = {name: run for name, run in rows.items() if name in keep}
+        rates = measure(rows, args.repeats, read_all)
         others["read()"] = max(rates.pop("plain read() of the shard files")[0])
         rates.pop("readinto a reused buffer")
         ratios(rates, "numpy mmap gather (the limit)", others)

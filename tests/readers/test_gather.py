@@ -16,12 +16,12 @@ B = 32
 def _batches(gather, files: ShardFiles, loader: CachedLoader, epoch: int, start: int, channels_first: bool) -> list:
     plan = loader.plan(epoch)
 
-    def new_batch(n: int):
+    def new_images(n: int):
         h, w, c = loader.manifest.shape
-        return torch.empty((n, c, h, w) if channels_first else (n, h, w, c), dtype=torch.uint8), torch.empty(n, dtype=torch.int64)
+        return torch.empty((n, c, h, w) if channels_first else (n, h, w, c), dtype=torch.uint8)
 
     return [(x.clone(), y.clone()) for x, y in gather(files, loader.manifest.epochs[plan.cache_epoch], plan,
-                                                       start=start, new_batch=new_batch,
+                                                       start=start, new_images=new_images, pin=False,
                                                        channels_first=channels_first, stop=lambda: False)]
 
 
