@@ -15,7 +15,6 @@ import hashlib
 
 import numpy as np
 import pytest
-import torch
 
 from readers import CachedLoader
 from readers.elastic import resumed_plan
