@@ -109,9 +109,9 @@ def test_closing_a_loader_stops_a_download_waiting_on_another_process(remote, tm
     reader.start()
     time.sleep(1.0)
     assert reader.is_alive()  # waiting for the other process's download
-    t0 = time.monotonic()
     loader.close()
     reader.join(timeout=10)
+    stopped = not reader.is_alive()  # judged while the other process still holds the lock: close() ended the wait
     os.close(held)
-    assert not reader.is_alive() and time.monotonic() - t0 < 2.0
+    assert stopped
     assert errors and "download stopped" in errors[0]
