@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import cachegen.build
+import cachegen.execute
 from cachegen.doctor import machine_line
 from cachegen.build import build
 from cachegen.config import BuildConfig
@@ -81,7 +81,7 @@ class ShardClock:
     """Wall and CPU seconds spent in the build's per-shard path (`_write_task`), in this process (1 worker)."""
 
     def __init__(self) -> None:
-        self.seconds, self.cpu, self.inner = 0.0, 0.0, cachegen.build._write_task
+        self.seconds, self.cpu, self.inner = 0.0, 0.0, cachegen.execute._write_task
 
     def __call__(self, task):
         start, cpu = time.perf_counter(), time.process_time()
@@ -92,11 +92,11 @@ class ShardClock:
             self.cpu += time.process_time() - cpu
 
     def __enter__(self) -> ShardClock:
-        cachegen.build._write_task = self
+        cachegen.execute._write_task = self
         return self
 
     def __exit__(self, *exc) -> None:
-        cachegen.build._write_task = self.inner
+        cachegen.execute._write_task = self.inner
 
 
 def timed_save(path: Path, images: np.ndarray, sync: bool) -> float:

@@ -183,7 +183,7 @@ def test_a_batched_build_converting_channels_takes_the_converted_pixels(tmp_path
 
 
 def test_device_build_batches_are_bounded_in_bytes_by_the_image_shape_alone():
-    from cachegen.build import BATCH_BYTES, BUILD_BATCH, build_batch
+    from cachegen.execute import BATCH_BYTES, BUILD_BATCH, build_batch
 
     assert build_batch((32, 32, 3)) == build_batch((224, 224, 3)) == BUILD_BATCH  # the seeds of every build so far
     big = build_batch((1024, 1024, 3))

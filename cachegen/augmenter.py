@@ -1,0 +1,128 @@
+"""The build settings every worker needs, and the augmenter that loads source samples and augments
+them with them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision import transforms as T
+
+from cachegen import faults
+from cachegen.errors import CachegenError
+from cacheformat import FormatError
+from cachegen.sources import Source
+from cachegen.teacher import Teacher
+from cacheaug.batched import make_batched, place
+from cacheaug.transforms import augment, make_transform, to_hwc_uint8
+
+
+@dataclass(frozen=True)
+class Job:
+    """What every worker needs to write any shard of this build."""
+
+    source: Source
+    root: Path
+    spec: str
+    epochs: int
+    size: int
+    schedule: str
+    seed: int
+    encoding: str
+    on_error: str
+    resize: int | None = None
+    channels: int | None = None  # every source image converted to 1 (L) or 3 (RGB); None: as loaded
+    shape: tuple[int, int, int] | None = None  # every output image's HWC shape
+    source_shape: tuple[int, int, int] | None = None  # the (resized) source's, where fixed
+    augment_on: str = "cpu"  # "device": a cached epoch's shard is augmented in batches (cacheaug.batched)
+    device: str | None = None  # a device build's augmentation runs here, on this device; None: in the workers
+    teacher: Teacher | None = None  # a reinforced cache's teacher: runs where the augmentation does
+
+
+class _Augmenter:
+    """Loads source samples (with the optional deterministic resize and the build's channel count) and
+    augments them, seeded per sample."""
+
+    def __init__(self, job: Job) -> None:
+        self.job = job
+        self.transforms: dict[int, object] = {}
+        self.resize = T.Compose([T.Resize(job.resize), T.CenterCrop(job.resize)]) if job.resize else None
+
+    def load(self, index: int) -> Image.Image | None:
+        """The source image, resized where asked, with the build's channels; None where unreadable and
+        --on-error skip."""
+        job = self.job
+        try:
+            faults.before_read(job.source, index)
+            image = job.source.load(index)
+        except Exception as e:
+            if job.on_error == "skip":
+                return None
+            raise CachegenError(f"cannot read {job.source.name(index)} ({type(e).__name__}: {e}); "
+                                "fix or remove it, or pass --on-error skip") from None
+        return self.fit(self.resize(image) if self.resize else image)
+
+    def pixels(self, index: int) -> np.ndarray | None:
+        """What load gives, as HWC uint8: straight from a source that holds arrays where nothing is
+        resized or converted (no PIL image made and read back), else through load."""
+        job = self.job
+        if job.resize is None:
+            array = job.source.pixels(index)
+            if array is not None and (job.channels is None or array.shape[2] == job.channels):
+                return array
+        image = self.load(index)
+        return None if image is None else to_hwc_uint8(image)
+
+    def fit(self, image: Image.Image) -> Image.Image:
+        channels = self.job.channels
+        if channels is None or len(image.getbands()) == channels:
+            return image
+        return image.convert("L" if channels == 1 else "RGB")
+
+    def augment(self, epoch: int, index: int, image: Image.Image) -> np.ndarray:
+        job = self.job
+        if epoch not in self.transforms:
+            self.transforms[epoch] = make_transform(job.spec, epoch=epoch, epochs=job.epochs,
+                                                    size=job.size, schedule=job.schedule)
+        try:
+            out = augment(self.transforms[epoch], image, seed=job.seed, epoch=epoch, index=index)
+        except FormatError:  # ours, already one line (a TransformError: the output is not an image)
+            raise
+        except Exception as e:
+            raise CachegenError(f"transform failed on {job.source.name(index)}: {type(e).__name__}: {e}") from None
+        if job.shape is not None and out.shape != job.shape:
+            raise CachegenError(f"transform output shape varies: {job.source.name(index)} gave {out.shape}, "
+                                f"the first sample gave {job.shape}; every image of a cache needs one shape "
+                                "(end the transform with a Resize/CenterCrop)")
+        return out
+
+    def batched(self, epoch: int, device: torch.device = torch.device("cpu")):
+        """The batched augmentation of `epoch` (cacheaug.batched) on `device`, made once per epoch."""
+        job = self.job
+        key = ("batched", epoch)
+        if key not in self.transforms:
+            # Placed as the live loader places it (cacheaug.batched.place): buffers on `device`,
+            # Kornia's draws on the CPU.
+            self.transforms[key] = place(make_batched(job.spec, epoch=epoch, epochs=job.epochs, size=job.size,
+                                                      channels=job.source_shape[2], schedule=job.schedule), device)
+        return self.transforms[key]
+
+    def source_pixels(self, index: int, pixels: np.ndarray) -> np.ndarray:
+        """The un-augmented image (self.pixels) as a live cache stores it: HWC uint8 of one fixed shape."""
+        if pixels.shape != self.job.source_shape:
+            raise CachegenError(f"a live cache stores the source un-augmented, so its images need one shape: "
+                                f"{self.job.source.name(index)} is {pixels.shape}, the first is "
+                                f"{self.job.source_shape}; pass --resize N")
+        return pixels
+
+
+def _one_shape(job: Job, images: list[tuple[int, np.ndarray]]) -> None:
+    """CachegenError unless every (index, HWC image) has the first one's shape."""
+    first = images[0][1].shape
+    for index, pixels in images:
+        if pixels.shape != first:
+            raise CachegenError(f"--augment-on device augments whole batches, so the source images need one shape: "
+                                f"{job.source.name(index)} is {pixels.shape}, another {first}; pass --resize N")

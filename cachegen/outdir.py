@@ -1,0 +1,179 @@
+"""The output folder of a build: checked against the build, locked while it runs, temporaries
+removed, and --overwrite's staging folder swapped in for the old cache."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import glob
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from cachegen import faults
+from cachegen.errors import CachegenError
+from cacheformat.locks import lock_file
+from cachegen.manifest import (BUILD_STATE, MANIFEST, describe_difference, fsync_folder, identity, read_json,
+                               read_manifest)
+from cachegen.shards import TMP_MARK
+
+
+LOCK = ".cachegen-lock"  # in --out while a build runs: flock'ed, holding the builder's pid
+
+
+def _prepare_out(root: Path, meta: dict) -> dict | None:
+    """Check the output folder against this build; return the existing manifest, if compatible."""
+    manifest_path, state_path = root / MANIFEST, root / BUILD_STATE
+    existing = None
+    if manifest_path.exists():
+        existing = read_json(manifest_path)
+    elif state_path.exists():
+        existing = read_json(state_path)
+    elif root.is_dir() and any(child.name != LOCK for child in root.iterdir()):
+        raise CachegenError(f"--out {root} is not empty and holds no cachegen cache; choose an empty or new folder")
+    if existing is not None and identity(existing) != identity(meta):
+        raise CachegenError(f"{root} holds a different cache (differs in: "
+                            f"{describe_difference(existing, meta)}); use --overwrite to replace it, "
+                            "or another --out")
+    if existing is not None and manifest_path.exists():
+        existing = read_manifest(root)
+        for epoch, (old, new) in enumerate(zip(existing["epoch_fingerprints"], meta["epoch_fingerprints"])):
+            if old != new:
+                raise CachegenError(f"{root}: epoch {epoch} would now be augmented differently "
+                                    "(the schedule or factory depends on --epochs); use --overwrite to rebuild")
+        return existing
+    return None
+
+
+def _holds_cache(root: Path) -> bool:
+    return (root / MANIFEST).exists() or (root / BUILD_STATE).exists()
+
+
+def _beside(root: Path, meta: dict) -> tuple[Path, dict | None]:
+    """Where an --overwrite build writes while the old cache stays in place: a hidden sibling on the
+    same file system, resumed when it holds this very build's interrupted work, else emptied."""
+    work = root.parent / f".{root.name}.building"
+    try:
+        return work, _prepare_out(work, meta)
+    except CachegenError:  # another build's leftovers: ours to discard, under the lock on `root`
+        shutil.rmtree(work) if work.is_dir() else work.unlink()
+        return work, None
+
+
+REPLACED = ".cachegen-replaced"  # in a cache an --overwrite is swapping out: what is left of it is deleted
+
+
+def _replace(root: Path, work: Path) -> None:
+    """Put the complete cache in `work` in the place of the old one in `root`, then delete the old.
+
+    At every instant `root` holds the old cache or the new one: one atomic exchange where the
+    system has it (Linux), else two renames, which the next build finishes if a crash falls
+    between them (_finish_swap). The old cache is marked first, so what a crash leaves of it is
+    known for what it is and deleted by the next build."""
+    old = root.parent / f".{root.name}.replaced-{os.getpid()}"
+    (root / REPLACED).touch()
+    if _exchange(work, root):
+        faults.kill_at("swap:exchanged")
+        os.rename(work, old)
+    else:
+        os.rename(root, old)
+        faults.kill_at("swap:old-moved")
+        os.rename(work, root)
+    fsync_folder(root.parent)
+    faults.kill_at("swap:replaced")
+    shutil.rmtree(old)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (renameat2 RENAME_EXCHANGE); False where the system cannot."""
+    if not faults.exchange_allowed() or not sys.platform.startswith("linux"):
+        return False
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:  # a C library without it (glibc < 2.28, musl)
+        return False
+    at_cwd, exchange = -100, 2  # AT_FDCWD, RENAME_EXCHANGE
+    if renameat2(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # a file system or kernel without it
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _finish_swap(root: Path) -> None:
+    """Finish an --overwrite swap a crash interrupted, before anything else looks at `root`: where
+    `root` is missing and the old cache was moved aside, the new one goes in its place if it is
+    complete, else the old one comes back; then what is left of swapped-out caches is deleted."""
+    parent = root.parent
+    if not parent.is_dir():
+        return
+    work = parent / f".{root.name}.building"
+    replaced = sorted(parent.glob(f".{glob.escape(root.name)}.replaced-*"), key=lambda p: p.stat().st_mtime)
+    if not root.exists() and replaced:
+        os.rename(work if (work / MANIFEST).is_file() else replaced.pop(), root)
+        fsync_folder(parent)
+    if (work / REPLACED).exists():  # an exchange happened, the old cache was not yet moved on
+        replaced.append(work)
+    for old in replaced:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+_LOCK_FD: int | None = None  # the build lock's descriptor, which forked workers close
+
+
+@contextlib.contextmanager
+def _locked(root: Path):
+    """Hold the build lock on `root` (an existing folder) for one build, or fail at once naming the
+    build that holds it. A lock left by a killed build is no lock: the kernel drops an flock with its
+    holder, and the next build takes it over."""
+    global _LOCK_FD
+    path = root / LOCK
+    try:
+        fd = lock_file(path, blocking=False)
+    except OSError as e:
+        raise CachegenError(f"cannot write to --out {root}: {e.strerror or e}; choose a writable folder") from None
+    if fd is None:
+        try:
+            holder = path.read_text(errors="replace").strip() or "unknown"
+        except OSError:
+            holder = "unknown"
+        raise CachegenError(f"another cachegen build (pid {holder}) is writing {root}; wait for it to end "
+                            "(or stop it), then re-run")
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    _LOCK_FD = fd
+    try:
+        yield
+    finally:
+        _LOCK_FD = None
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                path.unlink()
+        except FileNotFoundError:  # --overwrite: went with the old cache
+            pass
+        os.close(fd)
+
+
+def _built_epochs(root: Path) -> int:
+    """How many epochs the cache at `root` already has (0 where there is none, or it is unreadable)."""
+    try:
+        return int(read_manifest(root)["epochs"]) if (root / MANIFEST).exists() else 0
+    except CachegenError:
+        return 0
+
+
+def _check_writable(root: Path) -> None:
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f".write-test{TMP_MARK}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise CachegenError(f"cannot write to --out {root}: {e.strerror or e}; choose a writable folder") from None
+
+
+def _remove_temporaries(root: Path) -> None:
+    for tmp in [*root.glob(f"*/*{TMP_MARK}*"), *root.glob(f"*{TMP_MARK}*")]:
+        tmp.unlink(missing_ok=True)
