@@ -21,7 +21,7 @@ from cacheaug.transforms import augment, make_transform, to_hwc_uint8
 
 
 @dataclass(frozen=True)
-class Job:
+class BuildSettings:
     """What every worker needs to write any shard of this build."""
 
     source: Source
@@ -42,87 +42,88 @@ class Job:
     teacher: Teacher | None = None  # a reinforced cache's teacher: runs where the augmentation does
 
 
-class _Augmenter:
+class Augmenter:
     """Loads source samples (with the optional deterministic resize and the build's channel count) and
     augments them, seeded per sample."""
 
-    def __init__(self, job: Job) -> None:
-        self.job = job
+    def __init__(self, settings: BuildSettings) -> None:
+        self.settings = settings
         self.transforms: dict[int, object] = {}
-        self.resize = T.Compose([T.Resize(job.resize), T.CenterCrop(job.resize)]) if job.resize else None
+        self.resize = T.Compose([T.Resize(settings.resize), T.CenterCrop(settings.resize)]) if settings.resize else None
 
     def load(self, index: int) -> Image.Image | None:
         """The source image, resized where asked, with the build's channels; None where unreadable and
         --on-error skip."""
-        job = self.job
+        settings = self.settings
         try:
-            faults.before_read(job.source, index)
-            image = job.source.load(index)
+            faults.before_read(settings.source, index)
+            image = settings.source.load(index)
         except Exception as e:
-            if job.on_error == "skip":
+            if settings.on_error == "skip":
                 return None
-            raise CachegenError(f"cannot read {job.source.name(index)} ({type(e).__name__}: {e}); "
+            raise CachegenError(f"cannot read {settings.source.name(index)} ({type(e).__name__}: {e}); "
                                 "fix or remove it, or pass --on-error skip") from None
-        return self.fit(self.resize(image) if self.resize else image)
+        return self.to_channels(self.resize(image) if self.resize else image)
 
     def pixels(self, index: int) -> np.ndarray | None:
         """What load gives, as HWC uint8: straight from a source that holds arrays where nothing is
         resized or converted (no PIL image made and read back), else through load."""
-        job = self.job
-        if job.resize is None:
-            array = job.source.pixels(index)
-            if array is not None and (job.channels is None or array.shape[2] == job.channels):
+        settings = self.settings
+        if settings.resize is None:
+            array = settings.source.pixels(index)
+            if array is not None and (settings.channels is None or array.shape[2] == settings.channels):
                 return array
         image = self.load(index)
         return None if image is None else to_hwc_uint8(image)
 
-    def fit(self, image: Image.Image) -> Image.Image:
-        channels = self.job.channels
+    def to_channels(self, image: Image.Image) -> Image.Image:
+        channels = self.settings.channels
         if channels is None or len(image.getbands()) == channels:
             return image
         return image.convert("L" if channels == 1 else "RGB")
 
     def augment(self, epoch: int, index: int, image: Image.Image) -> np.ndarray:
-        job = self.job
+        settings = self.settings
         if epoch not in self.transforms:
-            self.transforms[epoch] = make_transform(job.spec, epoch=epoch, epochs=job.epochs,
-                                                    size=job.size, schedule=job.schedule)
+            self.transforms[epoch] = make_transform(settings.spec, epoch=epoch, epochs=settings.epochs,
+                                                    size=settings.size, schedule=settings.schedule)
         try:
-            out = augment(self.transforms[epoch], image, seed=job.seed, epoch=epoch, index=index)
+            out = augment(self.transforms[epoch], image, seed=settings.seed, epoch=epoch, index=index)
         except FormatError:  # ours, already one line (a TransformError: the output is not an image)
             raise
         except Exception as e:
-            raise CachegenError(f"transform failed on {job.source.name(index)}: {type(e).__name__}: {e}") from None
-        if job.shape is not None and out.shape != job.shape:
-            raise CachegenError(f"transform output shape varies: {job.source.name(index)} gave {out.shape}, "
-                                f"the first sample gave {job.shape}; every image of a cache needs one shape "
+            raise CachegenError(f"transform failed on {settings.source.name(index)}: {type(e).__name__}: {e}") from None
+        if settings.shape is not None and out.shape != settings.shape:
+            raise CachegenError(f"transform output shape varies: {settings.source.name(index)} gave {out.shape}, "
+                                f"the first sample gave {settings.shape}; every image of a cache needs one shape "
                                 "(end the transform with a Resize/CenterCrop)")
         return out
 
     def batched(self, epoch: int, device: torch.device = torch.device("cpu")):
         """The batched augmentation of `epoch` (cacheaug.batched) on `device`, made once per epoch."""
-        job = self.job
+        settings = self.settings
         key = ("batched", epoch)
         if key not in self.transforms:
             # Placed as the live loader places it (cacheaug.batched.place): buffers on `device`,
             # Kornia's draws on the CPU.
-            self.transforms[key] = place(make_batched(job.spec, epoch=epoch, epochs=job.epochs, size=job.size,
-                                                      channels=job.source_shape[2], schedule=job.schedule), device)
+            self.transforms[key] = place(make_batched(settings.spec, epoch=epoch, epochs=settings.epochs,
+                                                      size=settings.size, channels=settings.source_shape[2],
+                                                      schedule=settings.schedule), device)
         return self.transforms[key]
 
     def source_pixels(self, index: int, pixels: np.ndarray) -> np.ndarray:
         """The un-augmented image (self.pixels) as a live cache stores it: HWC uint8 of one fixed shape."""
-        if pixels.shape != self.job.source_shape:
+        if pixels.shape != self.settings.source_shape:
             raise CachegenError(f"a live cache stores the source un-augmented, so its images need one shape: "
-                                f"{self.job.source.name(index)} is {pixels.shape}, the first is "
-                                f"{self.job.source_shape}; pass --resize N")
+                                f"{self.settings.source.name(index)} is {pixels.shape}, the first is "
+                                f"{self.settings.source_shape}; pass --resize N")
         return pixels
 
 
-def _one_shape(job: Job, images: list[tuple[int, np.ndarray]]) -> None:
+def check_one_shape(settings: BuildSettings, images: list[tuple[int, np.ndarray]]) -> None:
     """CachegenError unless every (index, HWC image) has the first one's shape."""
     first = images[0][1].shape
     for index, pixels in images:
         if pixels.shape != first:
             raise CachegenError(f"--augment-on device augments whole batches, so the source images need one shape: "
-                                f"{job.source.name(index)} is {pixels.shape}, another {first}; pass --resize N")
+                                f"{settings.source.name(index)} is {pixels.shape}, another {first}; pass --resize N")

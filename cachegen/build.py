@@ -11,15 +11,15 @@ import numpy as np
 import torch
 
 from cachegen import __version__
-from cachegen.augmenter import Job, _Augmenter
+from cachegen.augmenter import BuildSettings, Augmenter
 from cachegen.config import BuildConfig, parse_device, parse_shard_size
 from cachegen.errors import CachegenError
-from cachegen.execute import _read_indices, _skip_everywhere, _write_index, _write_shards
+from cachegen.execute import read_indices, _skip_everywhere, write_index, _write_shards
 from cacheformat.layout import index_path
 from cachegen.manifest import BUILD_STATE, FORMAT, FORMAT_VERSION, write_atomic, write_json_atomic, write_manifest
-from cachegen.outdir import (_beside, _built_epochs, _check_writable, _finish_swap, _holds_cache, _locked,
-                             _prepare_out, _remove_temporaries, _replace)
-from cachegen.plan import ShardTask, _plan
+from cachegen.outdir import (staging_folder, built_epochs, check_writable, finish_swap, holds_cache, build_lock,
+                             prepare_out, remove_temporaries, replace_cache)
+from cachegen.plan import ShardTask, plan_shards
 from cachegen.resolve import (_choose_mode, _probe, _probe_batched, _probe_images, _resolve_spec, _teacher,
                               _warn_relative_factory)
 from cachegen.shards import index_shard, npy_header_bytes
@@ -40,13 +40,13 @@ def build(config: BuildConfig) -> dict:
 
     The caller's torch, `random` and numpy RNG states are as they were when it returns."""
     root = config.out
-    _finish_swap(root.absolute())
+    finish_swap(root.absolute())
     if root.exists() and not root.is_dir():
         raise CachegenError(f"--out {root} is a file, not a folder")
     created = not root.exists()
-    _check_writable(root)
+    check_writable(root)
     try:
-        with _locked(root), borrowed_rng():
+        with build_lock(root), borrowed_rng():
             return _build(config)
     finally:
         if created:  # nothing was built: leave no empty folder behind
@@ -56,10 +56,10 @@ def build(config: BuildConfig) -> dict:
 
 def _build(config: BuildConfig) -> dict:
     source = open_source(config.source, split=config.split)
-    job = Job(source=source, root=config.out, spec=config.transform, epochs=config.epochs, size=0,
+    settings = BuildSettings(source=source, root=config.out, spec=config.transform, epochs=config.epochs, size=0,
               schedule=config.schedule, seed=config.seed, encoding=config.encoding, on_error=config.on_error,
               resize=config.resize)
-    probes = _probe_images(job)
+    probes = _probe_images(settings)
     side = min(probes[0][1].size)  # the first image's shorter side, after any --resize
     channels = config.channels or max(len(image.getbands()) for _, image in probes)
     size = config.size or config.resize or source.image_size or side
@@ -71,23 +71,23 @@ def _build(config: BuildConfig) -> dict:
     epochs = config.epochs if is_random(spec) else 1
     if epochs != config.epochs and not config.quiet:
         print(f"cachegen: transform {spec} is deterministic: writing 1 epoch, not {config.epochs}")
-    built = _built_epochs(config.out) if not config.overwrite else 0
-    kept_all = built > epochs  # said once the folder's cache is known to be this one (_prepare_out)
+    built = built_epochs(config.out) if not config.overwrite else 0
+    kept_all = built > epochs  # said once the folder's cache is known to be this one (prepare_out)
     epochs = max(epochs, built)
-    job = replace(job, spec=spec, epochs=epochs, size=size, channels=channels)
+    settings = replace(settings, spec=spec, epochs=epochs, size=size, channels=channels)
     augment_on = config.augment_on
     if augment_on == "auto" and ":" in spec:  # a factory's transform is per sample unless the user says otherwise
         augment_on = "cpu"
     if augment_on == "device":  # the batched augmentation gives the output shape
-        shape, source_shape = _probe_batched(job, probes)
+        shape, source_shape = _probe_batched(settings, probes)
         probe_bytes = float(np.prod(shape))  # raw pixels: --mode auto's estimate
     else:
-        shape, source_shape, probe_bytes = _probe(replace(job, encoding="npy" if config.mode == "live"
-                                                          else job.encoding), probes)
-    job = replace(job, shape=shape, source_shape=source_shape)
+        shape, source_shape, probe_bytes = _probe(replace(settings, encoding="npy" if config.mode == "live"
+                                                          else settings.encoding), probes)
+    settings = replace(settings, shape=shape, source_shape=source_shape)
     borrowed = stats_of_cache(config.stats_from, shape[2]) if config.stats_from else None  # refused before any work
     n = len(source)
-    mode = _choose_mode(config, job, n, epochs, probe_bytes)
+    mode = _choose_mode(config, settings, n, epochs, probe_bytes)
     if mode == "live":
         _warn_relative_factory(spec)
     stored_shape, encoding = (source_shape, "npy") if mode == "live" else (shape, config.encoding)
@@ -98,7 +98,7 @@ def _build(config: BuildConfig) -> dict:
     # A cached device build augments in this process on the GPU where there is one, else in the workers.
     device = (str(parse_device(config.device)) if config.device else "cuda" if torch.cuda.is_available() else None) \
         if mode == "cached" and augment_on == "device" else None
-    job = replace(job, encoding=encoding, augment_on=augment_on, device=device,
+    settings = replace(settings, encoding=encoding, augment_on=augment_on, device=device,
                   teacher=_teacher(config, mode, shape, len(source.classes), encoding, device))
     count, nbytes = parse_shard_size(config.shard_size)
     per_shard = count or max(1, nbytes // int(np.prod(stored_shape)))
@@ -121,33 +121,33 @@ def _build(config: BuildConfig) -> dict:
         "output_shape": list(shape),
         "shard_size": per_shard,
         "classes": list(source.classes),
-        **({"teacher": manifest_block(job.teacher, device and torch.device(device))} if job.teacher else {}),
+        **({"teacher": manifest_block(settings.teacher, device and torch.device(device))} if settings.teacher else {}),
         "epoch_fingerprints": [epoch_fingerprint(make_transform(spec, epoch=e, epochs=epochs, size=size,
                                                                 schedule=config.schedule))
                                for e in range(epochs)],
     }
     final = config.out
-    if config.overwrite and _holds_cache(final):  # the old cache stays until the new one is complete
+    if config.overwrite and holds_cache(final):  # the old cache stays until the new one is complete
         final = final.resolve()  # `--out .` and links too: the real folder has a name and a parent
-        root, previous = _beside(final, meta)
-        _check_writable(root)
-        job = replace(job, root=root)
+        root, previous = staging_folder(final, meta)
+        check_writable(root)
+        settings = replace(settings, root=root)
     else:
-        root, previous = final, _prepare_out(final, meta)
+        root, previous = final, prepare_out(final, meta)
         if kept_all and not config.quiet:
             print(f"cachegen: {printable(str(config.out))} already holds {built} epochs; keeping them all")
     write_json_atomic(root / BUILD_STATE, meta)
-    _remove_temporaries(root)
+    remove_temporaries(root)
 
-    plan = _plan(mode, config.seed, epochs, n, per_shard)
+    plan = plan_shards(mode, config.seed, epochs, n, per_shard)
     for folder in {Path(t.relpath).parent for t in plan}:
         (root / folder).mkdir(exist_ok=True)
     known = {s["path"]: s for entry in (previous or {}).get("epoch_list", []) for s in entry["shards"]}
     known.update({s["path"]: s for s in (previous or {}).get("source_shards", [])})
-    indexed = {t.relpath: _finished(job, t, known.get(t.relpath)) for t in plan if (root / t.relpath).exists()}
-    _write_shards(config, job, [t for t in plan if t.relpath not in indexed], indexed, final)
-    if job.on_error == "skip":
-        _skip_everywhere(config, job, plan, indexed, final)
+    indexed = {t.relpath: _finished_entry(settings, t, known.get(t.relpath)) for t in plan if (root / t.relpath).exists()}
+    _write_shards(config, settings, [t for t in plan if t.relpath not in indexed], indexed, final)
+    if settings.on_error == "skip":
+        _skip_everywhere(config, settings, plan, indexed, final)
 
     # How to open the source again (preview): not part of the identity, a path may be spelt two ways.
     manifest = {**meta, "epochs": epochs, "source_spec": {"spec": config.source, "split": config.split}}
@@ -162,7 +162,7 @@ def _build(config: BuildConfig) -> dict:
         stats_shards = manifest["epoch_list"][STATS_EPOCH]["shards"]
     kept = np.zeros(n, bool)
     for shard in stats_shards:
-        kept[_read_indices(root, shard["path"])] = True
+        kept[read_indices(root, shard["path"])] = True
     if not kept.any():
         raise CachegenError("every sample was skipped as unreadable: nothing to cache; check the source")
     manifest["skipped"] = np.flatnonzero(~kept).tolist()
@@ -178,34 +178,34 @@ def _build(config: BuildConfig) -> dict:
             more = f"\n  ... and {len(names) - SHOW_SKIPPED} more" if len(names) > SHOW_SKIPPED else ""
             print(f"cachegen: skipped {len(names)} unreadable sample(s) (--on-error skip), all listed in "
                   f"{printable(str(final / SKIPPED))}:{shown}{more}")
-    _remove_temporaries(root)  # a cluster worker killed mid-shard leaves one (Dask wrote that shard again)
+    remove_temporaries(root)  # a cluster worker killed mid-shard leaves one (Dask wrote that shard again)
     write_manifest(root, manifest, {Path(t.relpath).parent for t in plan})
     (root / BUILD_STATE).unlink(missing_ok=True)
     if root != final:
-        _replace(final, root)
+        replace_cache(final, root)
     return manifest
 
 
-def _finished(job: Job, task: ShardTask, known: dict | None) -> dict:
+def _finished_entry(settings: BuildSettings, task: ShardTask, known: dict | None) -> dict:
     """The manifest entry of a shard an earlier (interrupted, or shorter) build finished: the earlier
     manifest's, where the index it names is there, else indexed again from the shard itself."""
-    root = job.root
-    stored = job.source_shape if task.epoch is None else job.shape
+    root = settings.root
+    stored = settings.source_shape if task.epoch is None else settings.shape
     index_file = root / index_path(task.relpath)
     if known is None or "index" not in known or not index_file.is_file() \
             or index_file.stat().st_size != known["index"]["bytes"]:
         recorded = (known["bytes"], known["sha256"]) if known else None  # checked before anything is decoded
-        teacher = job.teacher.stored if job.teacher else None
-        known = _write_index(root, index_shard(root, task.relpath, job.encoding, stored, recorded, teacher))
+        teacher = settings.teacher.stored if settings.teacher else None
+        known = write_index(root, index_shard(root, task.relpath, settings.encoding, stored, recorded, teacher))
     if task.stats and "pixel_count" not in known:
-        known = {**known, **_source_stats(job, _read_indices(root, task.relpath).tolist())}
+        known = {**known, **_source_stats(settings, read_indices(root, task.relpath).tolist())}
     return known
 
 
-def _source_stats(job: Job, indices: list[int]) -> dict:
+def _source_stats(settings: BuildSettings, indices: list[int]) -> dict:
     """Pixel sums of the source images behind a shard finished by an earlier build."""
-    augment = _Augmenter(job)
-    stats = PixelStats(job.source_shape[2])
+    augment = Augmenter(settings)
+    stats = PixelStats(settings.source_shape[2])
     for index in indices:
         stats.add(augment.pixels(index))
     return stats.totals()

@@ -21,14 +21,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cachegen import outdir
-from cachegen.augmenter import Job, _Augmenter, _one_shape
+from cachegen.augmenter import BuildSettings, Augmenter, check_one_shape
 from cachegen.config import BuildConfig
 from cachegen.errors import CachegenError
 from cacheformat.index import encode_index, index_record
 from cacheformat.layout import index_path
 from cachegen.manifest import write_atomic
-from cachegen.outdir import _remove_temporaries
+from cachegen.outdir import close_inherited_lock, remove_temporaries
 from cachegen.plan import ShardTask
 from cachegen.shards import write_shard
 from cachegen.sources import printable
@@ -42,28 +41,27 @@ class _Progress(tqdm):
     monitor_interval = 0  # no tqdm monitor thread left running after a build returns
 
 
-_AUGMENT: _Augmenter | None = None
+_AUGMENT: Augmenter | None = None
 
 
-def _init_worker(job: Job) -> None:
+def _init_worker(settings: BuildSettings) -> None:
     """Set up a pool worker: one thread (one process per core already), its RNGs cachegen's, Ctrl-C
     left to the main process (which stops the pool), and this build's augmenter."""
     global _AUGMENT
     torch.set_num_threads(1)
     own_rng()
-    if outdir._LOCK_FD is not None:  # forked: the lock is the main process's alone
-        os.close(outdir._LOCK_FD)
+    close_inherited_lock()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _AUGMENT = _Augmenter(job)
+    _AUGMENT = Augmenter(settings)
 
 
 def _write_task(task: ShardTask) -> tuple[str, dict]:
     augment = _AUGMENT
-    job = augment.job
-    if task.epoch is not None and job.augment_on == "device":
+    settings = augment.settings
+    if task.epoch is not None and settings.augment_on == "device":
         indices, pixels, totals = _load_shard(task)
-        return _write_rows(task, indices, _augment_shard(job, augment.batched(task.epoch), task, pixels), totals)
-    stats = PixelStats(job.source_shape[2]) if task.stats else None
+        return _write_rows(task, indices, _augment_shard(settings, augment.batched(task.epoch), task, pixels), totals)
+    stats = PixelStats(settings.source_shape[2]) if task.stats else None
 
     def samples():
         for index in task.indices.tolist():
@@ -73,19 +71,19 @@ def _write_task(task: ShardTask) -> tuple[str, dict]:
                     continue
                 if stats is not None:
                     stats.add(pixels)
-                yield index, int(job.source.labels[index]), augment.source_pixels(index, pixels)
+                yield index, int(settings.source.labels[index]), augment.source_pixels(index, pixels)
                 continue
             image = augment.load(index)
             if image is None:
                 continue
             if stats is not None:
                 stats.add(to_hwc_uint8(image))
-            yield index, int(job.source.labels[index]), augment.augment(task.epoch, index, image)
+            yield index, int(settings.source.labels[index]), augment.augment(task.epoch, index, image)
 
     prefix = "src" if task.epoch is None else f"e{task.epoch:04d}"
-    rows = samples() if job.teacher is None or task.epoch is None else with_teacher(samples(), job.teacher)
-    entry = write_shard(job.root, task.relpath, prefix, rows, job.encoding)
-    return task.relpath, {**_write_index(job.root, entry), **(stats.totals() if stats else {})}
+    rows = samples() if settings.teacher is None or task.epoch is None else with_teacher(samples(), settings.teacher)
+    entry = write_shard(settings.root, task.relpath, prefix, rows, settings.encoding)
+    return task.relpath, {**write_index(settings.root, entry), **(stats.totals() if stats else {})}
 
 
 BUILD_BATCH = 256  # samples of a shard augmented together by a device build (fewer for large images)
@@ -107,28 +105,28 @@ def _load_shard(task: ShardTask) -> tuple[np.ndarray, np.ndarray, dict]:
     (source indices of the readable ones, their pixels NHWC uint8, the pixel statistics the task
     asks for)."""
     augment = _AUGMENT
-    job = augment.job
+    settings = augment.settings
     loaded = [(index, augment.pixels(index)) for index in task.indices.tolist()]
     loaded = [(index, pixels) for index, pixels in loaded if pixels is not None]
-    stats = PixelStats(job.source_shape[2]) if task.stats else None
+    stats = PixelStats(settings.source_shape[2]) if task.stats else None
     if stats is not None:
         for _, pixels in loaded:
             stats.add(pixels)
     if loaded:
-        _one_shape(job, loaded)
-    pixels = np.stack([p for _, p in loaded]) if loaded else np.zeros((0, *job.source_shape), np.uint8)
+        check_one_shape(settings, loaded)
+    pixels = np.stack([p for _, p in loaded]) if loaded else np.zeros((0, *settings.source_shape), np.uint8)
     return np.array([i for i, _ in loaded], np.int64), pixels, (stats.totals() if stats else {})
 
 
-def _augment_shard(job: Job, batched: Callable, task: ShardTask, pixels: np.ndarray,
+def _augment_shard(settings: BuildSettings, batched: Callable, task: ShardTask, pixels: np.ndarray,
                    device: torch.device = torch.device("cpu")) -> np.ndarray:
     """A shard's pixels (NHWC uint8) augmented on `device` in batches of build_batch(...), back as
     NHWC uint8: batch k is seeded with batch_seed(seed, epoch, the shard's first source index, k), so
     the bytes depend on neither the worker count, nor the other shards, nor where this runs (on one
     device type). On CUDA every batch is queued (pinned copies both ways, no wait between batches)
     and the shard is waited for once."""
-    h, w, c = job.shape
-    size = build_batch(max(job.shape, pixels.shape[1:], key=math.prod))
+    h, w, c = settings.shape
+    size = build_batch(max(settings.shape, pixels.shape[1:], key=math.prod))
     cuda = device.type == "cuda"
     source = torch.from_numpy(pixels)
     rows = torch.empty((len(pixels), h, w, c), dtype=torch.uint8, pin_memory=cuda)
@@ -136,8 +134,8 @@ def _augment_shard(job: Job, batched: Callable, task: ShardTask, pixels: np.ndar
         source = source.pin_memory()
     for k in range(0, len(pixels), size):
         batch = source[k:k + size].to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
-        seed = batch_seed(job.seed, task.epoch, int(task.indices[0]), stream=k // size)
-        out = augment_batch(batched, batch, seed=seed, name=job.spec, shape=(c, h, w))
+        seed = batch_seed(settings.seed, task.epoch, int(task.indices[0]), stream=k // size)
+        out = augment_batch(batched, batch, seed=seed, name=settings.spec, shape=(c, h, w))
         rows[k:k + len(out)].copy_(out.mul_(255.0).round_().to(torch.uint8).permute(0, 2, 3, 1), non_blocking=True)
     if cuda:
         torch.cuda.current_stream(device).synchronize()
@@ -148,17 +146,17 @@ def _write_rows(task: ShardTask, indices: np.ndarray, rows: np.ndarray, totals: 
                 teacher: list[bytes] | None = None) -> tuple[str, dict]:
     """Write a cached epoch's shard of augmented rows (and its index); its manifest entry. A
     reinforced cache's teacher members are `teacher`, or made here (on the CPU) where not given."""
-    job = _AUGMENT.job
-    labels = job.source.labels
+    settings = _AUGMENT.settings
+    labels = settings.source.labels
     samples = ((index, int(labels[index]), row) for index, row in zip(indices.tolist(), rows))
-    if job.teacher is not None:
-        members = teacher if teacher is not None else teacher_members(job.teacher, rows)
+    if settings.teacher is not None:
+        members = teacher if teacher is not None else teacher_members(settings.teacher, rows)
         samples = ((*sample, member) for sample, member in zip(samples, members))
-    entry = write_shard(job.root, task.relpath, f"e{task.epoch:04d}", samples, job.encoding)
-    return task.relpath, {**_write_index(job.root, entry), **totals}
+    entry = write_shard(settings.root, task.relpath, f"e{task.epoch:04d}", samples, settings.encoding)
+    return task.relpath, {**write_index(settings.root, entry), **totals}
 
 
-def _write_index(root: Path, entry: dict) -> dict:
+def write_index(root: Path, entry: dict) -> dict:
     """Write a shard's index file beside it (after the shard, before the manifest; an identical one
     already there is kept) and return the shard's manifest entry, which records the index's size and
     checksum instead of per-sample lists."""
@@ -170,63 +168,65 @@ def _write_index(root: Path, entry: dict) -> dict:
             "index": index_record(data)}
 
 
-def _read_indices(root: Path, relpath: str) -> np.ndarray:
+def read_indices(root: Path, relpath: str) -> np.ndarray:
     """The source indices a finished shard holds, from the index file this build wrote."""
     return np.load(root / index_path(relpath), allow_pickle=False)[:, 3]
 
 
-def _write_shards(config: BuildConfig, job: Job, tasks: list[ShardTask], indexed: dict, final: Path) -> None:
+def _write_shards(config: BuildConfig, settings: BuildSettings, tasks: list[ShardTask], indexed: dict,
+                  final: Path) -> None:
     """Write `tasks`' shards (a progress bar on the console), their entries into `indexed`; on any
     failure, no temporary is left and an --overwrite says the old cache is untouched."""
     with _Progress(total=sum(len(t.indices) for t in tasks), unit="img", disable=config.quiet or not tasks,
                    desc="cachegen build", dynamic_ncols=True, smoothing=0.1) as bar:
         try:
-            for relpath, entry in _run(job, tasks, config.workers, config.dask):
+            for relpath, entry in _run(settings, tasks, config.workers, config.dask):
                 indexed[relpath] = entry
                 bar.update(entry["samples"])
         except BaseException as e:
-            _remove_temporaries(job.root)
-            if isinstance(e, CachegenError) and job.root != final:
+            remove_temporaries(settings.root)
+            if isinstance(e, CachegenError) and settings.root != final:
                 raise CachegenError(f"{e} [--overwrite: {printable(str(final))} is untouched until the new cache "
                                     "is complete]") from None
             raise
 
 
-def _skip_everywhere(config: BuildConfig, job: Job, plan: list[ShardTask], indexed: dict, final: Path) -> None:
+def _skip_everywhere(config: BuildConfig, settings: BuildSettings, plan: list[ShardTask], indexed: dict,
+                     final: Path) -> None:
     """--on-error skip: a sample left out of one epoch (a read error there only: a transient one on
     NFS, a FUSE mount) is left out of every epoch. The shards that hold it are written again without
     it, the same bytes a build that never read it writes, until every epoch skips the same samples
     (a rewrite may meet another unreadable sample: at most as many rounds as samples skipped)."""
     while True:
-        held = {t.relpath: _read_indices(job.root, t.relpath) for t in plan}
+        held = {t.relpath: read_indices(settings.root, t.relpath) for t in plan}
         skipped = np.unique(np.concatenate([np.setdiff1d(t.indices, held[t.relpath]) for t in plan]))
         again = [replace(t, indices=t.indices[~np.isin(t.indices, skipped)]) for t in plan
                  if np.isin(held[t.relpath], skipped).any()]
         if not again:
             return
-        _write_shards(config, job, again, indexed, final)
+        _write_shards(config, settings, again, indexed, final)
 
 
 _ONE_AT_A_TIME = threading.Lock()  # a Dask worker's threads share the process's global RNGs: one shard at a time
 
 
-def _on_worker(job: Job, fn: Callable, *args):
+def _on_worker(settings: BuildSettings, fn: Callable, *args):
     """fn(*args) on a Dask worker (fn: a stage of writing a shard): the augmenter made once per
-    worker process (for the job the client sent), the process's RNGs cachegen's, one shard at a time."""
+    worker process (for the settings the client sent), the process's RNGs cachegen's, one shard at a time."""
     global _AUGMENT
     with _ONE_AT_A_TIME:
-        if not job.root.is_dir():
-            raise CachegenError(f"--out {job.root} is not there on Dask worker {socket.gethostname()} "
+        if not settings.root.is_dir():
+            raise CachegenError(f"--out {settings.root} is not there on Dask worker {socket.gethostname()} "
                                 f"(pid {os.getpid()}): --dask needs an output folder every worker sees at "
                                 "the same path (a shared file system)")
-        if _AUGMENT is None or _AUGMENT.job is not job:
+        if _AUGMENT is None or _AUGMENT.settings is not settings:
             torch.set_num_threads(1)
             own_rng()
-            _AUGMENT = _Augmenter(job)
+            _AUGMENT = Augmenter(settings)
         return fn(*args)
 
 
-def _run(job: Job, tasks: list[ShardTask], workers: int, dask: str | None = None):
+def _run(settings: BuildSettings, tasks: list[ShardTask], workers: int, dask: str | None = None):
     """Yield (relpath, shard entry) as shards finish: in-process for one worker, else in a pool of
     processes, or as tasks on the Dask cluster at `dask`; the last two through one Executor seam."""
     global _AUGMENT
@@ -239,16 +239,16 @@ def _run(job: Job, tasks: list[ShardTask], workers: int, dask: str | None = None
             # Sent once, not with every task; a task's result, so a worker lost with it costs nothing.
             with warnings.catch_warnings():  # "large graph": meant, and once
                 warnings.simplefilter("ignore", UserWarning)
-                shared = client.submit(_same, job, pure=False)
-            yield from _stream(job, tasks, lambda fn, *args: executor.submit(_on_worker, shared, fn, *args),
+                shared = client.submit(_ship_once, settings, pure=False)
+            yield from _stream(settings, tasks, lambda fn, *args: executor.submit(_on_worker, shared, fn, *args),
                                ahead=2 * max(1, len(client.nthreads())))
         return
     if workers == 1 or len(tasks) == 1:
         previous_threads = torch.get_num_threads()
         torch.set_num_threads(1)
-        _AUGMENT = _Augmenter(job)
+        _AUGMENT = Augmenter(settings)
         try:
-            yield from _stream(job, tasks, _now, ahead=1)
+            yield from _stream(settings, tasks, _run_inline, ahead=1)
         finally:
             torch.set_num_threads(previous_threads)
             _AUGMENT = None
@@ -257,30 +257,30 @@ def _run(job: Job, tasks: list[ShardTask], workers: int, dask: str | None = None
     # chose a start method itself (multiprocessing.set_start_method): any works.
     method = mp.get_start_method(allow_none=True) or ("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     pool = ProcessPoolExecutor(min(workers, len(tasks)), mp_context=mp.get_context(method),
-                               initializer=_init_worker, initargs=(job,))
+                               initializer=_init_worker, initargs=(settings,))
     processes = pool._processes  # by pid, filled as they start: to say which died (no public accessor before 3.14)
     try:
-        yield from _stream(job, tasks, pool.submit, ahead=2 * workers)
+        yield from _stream(settings, tasks, pool.submit, ahead=2 * workers)
     except BrokenProcessPool:
         _stop(pool, processes)
-        raise CachegenError(_death(processes)) from None
+        raise CachegenError(_dead_worker_message(processes)) from None
     finally:
         _stop(pool, processes)
 
 
-def _stream(job: Job, tasks: list[ShardTask], submit: Callable[..., Future], ahead: int):
+def _stream(settings: BuildSettings, tasks: list[ShardTask], submit: Callable[..., Future], ahead: int):
     """Yield (relpath, shard entry) as `submit` (an Executor's) gets the shards written. A device
-    build with job.device augments here, on that device (a GPU), shard by shard in order, while the
+    build with settings.device augments here, on that device (a GPU), shard by shard in order, while the
     executor loads the source images of the next `ahead` shards and writes the augmented ones."""
-    if job.device is None:
+    if settings.device is None:
         yield from _completed([submit(_write_task, task) for task in tasks])
         return
-    device = torch.device(job.device)
+    device = torch.device(settings.device)
     # Loaded shards and augmented ones not yet written, `ahead` of each at most: within HELD_BYTES.
-    shard_bytes = max(len(t.indices) for t in tasks) * max(math.prod(job.shape), math.prod(job.source_shape))
+    shard_bytes = max(len(t.indices) for t in tasks) * max(math.prod(settings.shape), math.prod(settings.source_shape))
     ahead = max(1, min(ahead, HELD_BYTES // (2 * shard_bytes)))
     waiting, loads, writes = iter(tasks), deque(), set()
-    here = _Augmenter(job)  # makes each epoch's augmentation on the device
+    here = Augmenter(settings)  # makes each epoch's augmentation on the device
 
     def load_ahead() -> None:
         while len(loads) < ahead and (task := next(waiting, None)) is not None:
@@ -291,8 +291,8 @@ def _stream(job: Job, tasks: list[ShardTask], submit: Callable[..., Future], ahe
         task, loading = loads.popleft()
         indices, pixels, totals = loading.result()
         load_ahead()
-        rows = _augment_shard(job, here.batched(task.epoch, device), task, pixels, device)
-        teacher = teacher_members(job.teacher, rows, device) if job.teacher else None
+        rows = _augment_shard(settings, here.batched(task.epoch, device), task, pixels, device)
+        teacher = teacher_members(settings.teacher, rows, device) if settings.teacher else None
         writes.add(submit(_write_rows, task, indices, rows, totals, teacher))
         if len(writes) >= ahead:  # written no faster than augmented: hold at most `ahead` shards of rows
             wait(writes, return_when=FIRST_COMPLETED)
@@ -302,15 +302,17 @@ def _stream(job: Job, tasks: list[ShardTask], submit: Callable[..., Future], ahe
     yield from _completed(list(writes))
 
 
-def _now(fn: Callable, *args) -> Future:
+def _run_inline(fn: Callable, *args) -> Future:
     """fn(*args), run now, as a finished Future: the one-process executor."""
     future = Future()
     future.set_result(fn(*args))
     return future
 
 
-def _same(job: Job) -> Job:
-    return job
+def _ship_once(settings: BuildSettings) -> BuildSettings:
+    """The settings as they are: submitted once, so that they live on the cluster as a task's result
+    which every shard task takes, instead of travelling with each task."""
+    return settings
 
 
 def _completed(futures: list[Future]):
@@ -334,7 +336,7 @@ def _stop(pool: ProcessPoolExecutor, processes: dict) -> None:
     pool.shutdown(wait=True)
 
 
-def _death(processes: dict) -> str:
+def _dead_worker_message(processes: dict) -> str:
     """One line on a worker that died under the pool: which, how, and what to do."""
     died = [(pid, p.exitcode) for pid, p in processes.items() if p.exitcode not in (None, 0, -signal.SIGTERM)]
     how = "a worker process died"

@@ -23,7 +23,7 @@ from cachegen.shards import TMP_MARK
 LOCK = ".cachegen-lock"  # in --out while a build runs: flock'ed, holding the builder's pid
 
 
-def _prepare_out(root: Path, meta: dict) -> dict | None:
+def prepare_out(root: Path, meta: dict) -> dict | None:
     """Check the output folder against this build; return the existing manifest, if compatible."""
     manifest_path, state_path = root / MANIFEST, root / BUILD_STATE
     existing = None
@@ -47,16 +47,16 @@ def _prepare_out(root: Path, meta: dict) -> dict | None:
     return None
 
 
-def _holds_cache(root: Path) -> bool:
+def holds_cache(root: Path) -> bool:
     return (root / MANIFEST).exists() or (root / BUILD_STATE).exists()
 
 
-def _beside(root: Path, meta: dict) -> tuple[Path, dict | None]:
+def staging_folder(root: Path, meta: dict) -> tuple[Path, dict | None]:
     """Where an --overwrite build writes while the old cache stays in place: a hidden sibling on the
     same file system, resumed when it holds this very build's interrupted work, else emptied."""
     work = root.parent / f".{root.name}.building"
     try:
-        return work, _prepare_out(work, meta)
+        return work, prepare_out(work, meta)
     except CachegenError:  # another build's leftovers: ours to discard, under the lock on `root`
         shutil.rmtree(work) if work.is_dir() else work.unlink()
         return work, None
@@ -65,12 +65,12 @@ def _beside(root: Path, meta: dict) -> tuple[Path, dict | None]:
 REPLACED = ".cachegen-replaced"  # in a cache an --overwrite is swapping out: what is left of it is deleted
 
 
-def _replace(root: Path, work: Path) -> None:
+def replace_cache(root: Path, work: Path) -> None:
     """Put the complete cache in `work` in the place of the old one in `root`, then delete the old.
 
     At every instant `root` holds the old cache or the new one: one atomic exchange where the
     system has it (Linux), else two renames, which the next build finishes if a crash falls
-    between them (_finish_swap). The old cache is marked first, so what a crash leaves of it is
+    between them (finish_swap). The old cache is marked first, so what a crash leaves of it is
     known for what it is and deleted by the next build."""
     old = root.parent / f".{root.name}.replaced-{os.getpid()}"
     (root / REPLACED).touch()
@@ -102,7 +102,7 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
-def _finish_swap(root: Path) -> None:
+def finish_swap(root: Path) -> None:
     """Finish an --overwrite swap a crash interrupted, before anything else looks at `root`: where
     `root` is missing and the old cache was moved aside, the new one goes in its place if it is
     complete, else the old one comes back; then what is left of swapped-out caches is deleted."""
@@ -123,8 +123,15 @@ def _finish_swap(root: Path) -> None:
 _LOCK_FD: int | None = None  # the build lock's descriptor, which forked workers close
 
 
+def close_inherited_lock() -> None:
+    """In a worker forked while the build lock is held: close its copy of the descriptor, so that
+    the lock is the main process's alone."""
+    if _LOCK_FD is not None:
+        os.close(_LOCK_FD)
+
+
 @contextlib.contextmanager
-def _locked(root: Path):
+def build_lock(root: Path):
     """Hold the build lock on `root` (an existing folder) for one build, or fail at once naming the
     build that holds it. A lock left by a killed build is no lock: the kernel drops an flock with its
     holder, and the next build takes it over."""
@@ -156,7 +163,7 @@ def _locked(root: Path):
         os.close(fd)
 
 
-def _built_epochs(root: Path) -> int:
+def built_epochs(root: Path) -> int:
     """How many epochs the cache at `root` already has (0 where there is none, or it is unreadable)."""
     try:
         return int(read_manifest(root)["epochs"]) if (root / MANIFEST).exists() else 0
@@ -164,7 +171,7 @@ def _built_epochs(root: Path) -> int:
         return 0
 
 
-def _check_writable(root: Path) -> None:
+def check_writable(root: Path) -> None:
     try:
         root.mkdir(parents=True, exist_ok=True)
         probe = root / f".write-test{TMP_MARK}"
@@ -174,6 +181,6 @@ def _check_writable(root: Path) -> None:
         raise CachegenError(f"cannot write to --out {root}: {e.strerror or e}; choose a writable folder") from None
 
 
-def _remove_temporaries(root: Path) -> None:
+def remove_temporaries(root: Path) -> None:
     for tmp in [*root.glob(f"*/*{TMP_MARK}*"), *root.glob(f"*{TMP_MARK}*")]:
         tmp.unlink(missing_ok=True)

@@ -18,7 +18,7 @@ class ShardTask:
     stats: bool
 
 
-def _plan(mode: str, seed: int, epochs: int, n: int, per_shard: int) -> list[ShardTask]:
+def plan_shards(mode: str, seed: int, epochs: int, n: int, per_shard: int) -> list[ShardTask]:
     """Every shard this cache holds, finished or not."""
     if mode == "live":
         return [ShardTask(None, source_shard_path(s), indices, True) for s, indices in enumerate(source_pass(n, per_shard))]

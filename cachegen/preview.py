@@ -10,7 +10,7 @@ from PIL import Image, ImageDraw
 from torchvision.transforms import functional as F
 from torchvision.utils import make_grid
 
-from cachegen.augmenter import Job, _Augmenter
+from cachegen.augmenter import BuildSettings, Augmenter
 from cacheaug.batched import augment_batch, batch_seed, make_batched
 from cacheaug.transforms import CacheFactory, augment, borrowed_rng, make_transform, to_hwc_uint8, to_pil
 from cachegen.errors import CachegenError
@@ -36,7 +36,7 @@ def _indexed(m: Manifest, shards) -> list[dict]:
     return out
 
 
-def _locate(shards: list[dict], wanted: set[int]) -> dict[int, tuple[dict, int]]:
+def _shard_positions(shards: list[dict], wanted: set[int]) -> dict[int, tuple[dict, int]]:
     """Where each wanted source index sits: (shard entry, position in it)."""
     found = {}
     for shard in shards:
@@ -46,25 +46,25 @@ def _locate(shards: list[dict], wanted: set[int]) -> dict[int, tuple[dict, int]]
     return found
 
 
-def _job(m: dict, source) -> Job:
+def _build_settings(m: dict, source) -> BuildSettings:
     t = m["transform"]
     # The channels the build converted the source to: the stored source's (live), or where a
     # transform keeps them (every preset), the output's.
     channels = m["image"]["shape"][2] if m["mode"] == "live" else m["output_shape"][2]
-    return Job(source=source, root=Path("."), spec=t["spec"], epochs=m["epochs"], size=t["size"],
+    return BuildSettings(source=source, root=Path("."), spec=t["spec"], epochs=m["epochs"], size=t["size"],
                schedule=t["schedule"], seed=m["seed"], encoding=m["image"]["encoding"], on_error="fail",
                resize=t["resize"], channels=channels if channels in (1, 3) else None,
                shape=tuple(m["output_shape"]), source_shape=tuple(m["image"]["shape"]))
 
 
-class _Stored:
+class _StoredSourcePass:
     """A live cache's source pass, as a Source: the images the transform starts from."""
 
-    def __init__(self, root: Path, m: dict, located: dict) -> None:
-        self.root, self.m, self.located = root, m, located
+    def __init__(self, root: Path, m: dict, positions: dict) -> None:
+        self.root, self.m, self.positions = root, m, positions
 
     def load(self, index: int) -> Image.Image:
-        shard, j = self.located[index]
+        shard, j = self.positions[index]
         pixels = read_image(self.root, shard, j, self.m["image"])
         return to_pil(pixels)
 
@@ -80,7 +80,7 @@ def _original(m: dict, indices: list[int]) -> list[np.ndarray] | None:
         return None
     if source.fingerprint() != m["source"]["fingerprint"]:
         return None
-    augmenter = _Augmenter(_job(m, source))  # loads and resizes only: no transform is made
+    augmenter = Augmenter(_build_settings(m, source))  # loads and resizes only: no transform is made
     return [to_hwc_uint8(augmenter.load(i)) for i in indices]
 
 
@@ -99,8 +99,8 @@ def preview(root: Path, out: Path, *, samples: int = 6, epochs: int = 8, trust_c
     indices = [i for s in indexed[0] for i in s["indices"]][:samples]
     shown = min(epochs, m["epochs"])
     if live:
-        stored = _Stored(root, m, _locate(indexed[0], set(indices)))
-        originals = [read_image(root, *stored.located[i], m["image"]) for i in indices]
+        stored = _StoredSourcePass(root, m, _shard_positions(indexed[0], set(indices)))
+        originals = [read_image(root, *stored.positions[i], m["image"]) for i in indices]
         if checked.augment_on == "device":  # the shown samples as one batch per epoch, as a device loader would
             columns = list(zip(*(_batched(checked, e, originals, factory) for e in range(shown))))
         else:
@@ -108,7 +108,7 @@ def preview(root: Path, out: Path, *, samples: int = 6, epochs: int = 8, trust_c
                 columns = _per_sample(checked, stored, indices, shown, factory)
     else:
         originals = _original(m, indices)
-        by_epoch = [_locate(indexed[e], set(indices)) for e in range(shown)]
+        by_epoch = [_shard_positions(indexed[e], set(indices)) for e in range(shown)]
         columns = [[read_image(root, *by_epoch[e][i], m["image"]) for e in range(shown)] for i in indices]
     h, w, c = m["output_shape"]
     tiles = []
@@ -122,7 +122,7 @@ def preview(root: Path, out: Path, *, samples: int = 6, epochs: int = 8, trust_c
     return len(indices), per_row
 
 
-def _per_sample(m: Manifest, stored: _Stored, indices: list[int], shown: int,
+def _per_sample(m: Manifest, stored: _StoredSourcePass, indices: list[int], shown: int,
                 factory: CacheFactory | None) -> list[list[np.ndarray]]:
     """Each of `indices` augmented per sample in each of the first `shown` epochs, as LiveLoader's
     per-sample path gives it (the builder's seeds, the reader's factory)."""

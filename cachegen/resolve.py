@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cachegen.augmenter import Job, _Augmenter, _one_shape
+from cachegen.augmenter import BuildSettings, Augmenter, check_one_shape
 from cachegen.config import BuildConfig
 from cachegen.errors import CachegenError
 from cachegen.shards import encode
@@ -35,11 +35,11 @@ def _resolve_spec(spec: str, source: Source, side: int) -> str:
     return "cifar" if side <= 64 else "imagenet"
 
 
-def _probe_images(job: Job) -> list[tuple[int, Image.Image]]:
+def _probe_images(settings: BuildSettings) -> list[tuple[int, Image.Image]]:
     """Up to PROBES readable source images as (index, image after any --resize, channels as loaded):
     the first readable one, then others spread over the source."""
-    n = len(job.source)
-    augment = _Augmenter(replace(job, on_error="skip", channels=None))
+    n = len(settings.source)
+    augment = Augmenter(replace(settings, on_error="skip", channels=None))
     found = []
     for index in range(min(n, 64)):
         image = augment.load(index)
@@ -47,8 +47,8 @@ def _probe_images(job: Job) -> list[tuple[int, Image.Image]]:
             found.append((index, image))
             break
     if not found:
-        if job.on_error == "fail":
-            _Augmenter(job).load(0)  # raises the error that names the file
+        if settings.on_error == "fail":
+            Augmenter(settings).load(0)  # raises the error that names the file
         raise CachegenError(f"none of the first {min(n, 64)} samples could be read: check the source")
     for index in dict.fromkeys(np.linspace(0, n - 1, PROBES).round().astype(int).tolist()):
         if len(found) < PROBES and index != found[0][0] and (image := augment.load(index)) is not None:
@@ -56,33 +56,33 @@ def _probe_images(job: Job) -> list[tuple[int, Image.Image]]:
     return found
 
 
-def _probe(job: Job, probes: list[tuple[int, Image.Image]]) -> tuple[tuple, tuple, float]:
+def _probe(settings: BuildSettings, probes: list[tuple[int, Image.Image]]) -> tuple[tuple, tuple, float]:
     """Augment the probe images (epoch 0): (output shape, source shape, mean encoded bytes per image)."""
-    augment = _Augmenter(job)
+    augment = Augmenter(settings)
     index, image = probes[0]
-    first = augment.augment(0, index, augment.fit(image))
-    augment = _Augmenter(replace(job, shape=first.shape))  # the others must match it
-    outputs = [first] + [augment.augment(0, i, augment.fit(im)) for i, im in probes[1:]]
-    if job.encoding in ("png", "jpg") and first.shape[2] not in (1, 3):
-        raise CachegenError(f"--format {job.encoding} stores 1 or 3 channels, these images have {first.shape[2]}"
+    first = augment.augment(0, index, augment.to_channels(image))
+    augment = Augmenter(replace(settings, shape=first.shape))  # the others must match it
+    outputs = [first] + [augment.augment(0, i, augment.to_channels(im)) for i, im in probes[1:]]
+    if settings.encoding in ("png", "jpg") and first.shape[2] not in (1, 3):
+        raise CachegenError(f"--format {settings.encoding} stores 1 or 3 channels, these images have {first.shape[2]}"
                             f"{' (RGBA)' if first.shape[2] == 4 else ''}: pass --channels 3 (or 1), or --format npy")
-    encoded = np.mean([len(encode(out, job.encoding)) for out in outputs])
-    return first.shape, to_hwc_uint8(augment.fit(image)).shape, float(encoded)
+    encoded = np.mean([len(encode(out, settings.encoding)) for out in outputs])
+    return first.shape, to_hwc_uint8(augment.to_channels(image)).shape, float(encoded)
 
 
-def _probe_batched(job: Job, probes: list[tuple[int, Image.Image]]) -> tuple[tuple, tuple]:
+def _probe_batched(settings: BuildSettings, probes: list[tuple[int, Image.Image]]) -> tuple[tuple, tuple]:
     """Augment the probe images as one batch with the batched augmentation (epoch 0): (output
     shape, source shape), both HWC."""
-    augmenter = _Augmenter(job)
-    pixels = [to_hwc_uint8(augmenter.fit(image)) for _, image in probes]
-    _one_shape(job, [(index, p) for (index, _), p in zip(probes, pixels)])
+    augmenter = Augmenter(settings)
+    pixels = [to_hwc_uint8(augmenter.to_channels(image)) for _, image in probes]
+    check_one_shape(settings, [(index, p) for (index, _), p in zip(probes, pixels)])
     channels = pixels[0].shape[2]
-    batched = make_batched(job.spec, epoch=0, epochs=job.epochs, size=job.size, channels=channels,
-                           schedule=job.schedule)
+    batched = make_batched(settings.spec, epoch=0, epochs=settings.epochs, size=settings.size, channels=channels,
+                           schedule=settings.schedule)
     batch = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).float().div_(255.0)
-    out = augment_batch(batched, batch, seed=batch_seed(job.seed, 0, 0), name=job.spec)
+    out = augment_batch(batched, batch, seed=batch_seed(settings.seed, 0, 0), name=settings.spec)
     if out.shape[1] != channels:
-        raise CachegenError(f"transform {job.spec} turns {channels}-channel batches into {out.shape[1]} channels: "
+        raise CachegenError(f"transform {settings.spec} turns {channels}-channel batches into {out.shape[1]} channels: "
                             "the batched augmentation must keep the channels (mean/std are per source channel)")
     return (out.shape[2], out.shape[3], out.shape[1]), pixels[0].shape
 
@@ -99,7 +99,7 @@ def _teacher(config: BuildConfig, mode: str, shape: tuple, classes: int, encodin
                          torch.device(device) if device else torch.device("cpu"))
 
 
-def _choose_mode(config: BuildConfig, job: Job, n: int, epochs: int, probe_bytes: int) -> str:
+def _choose_mode(config: BuildConfig, settings: BuildSettings, n: int, epochs: int, probe_bytes: int) -> str:
     if config.mode != "auto":
         return config.mode
     estimate = (probe_bytes + TAR_BYTES_PER_SAMPLE) * n * epochs
