@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cachegen.augmenter import BuildSettings, Augmenter, check_one_shape
+from cachegen.augmenter import Augmenter, BuildSettings, check_one_shape
 from cachegen.config import BuildConfig
 from cachegen.errors import CachegenError
 from cacheformat.index import encode_index, index_record
@@ -37,140 +37,21 @@ from cacheaug.batched import augment_batch, batch_seed
 from cacheaug.transforms import own_rng, to_hwc_uint8
 
 
-class _Progress(tqdm):
-    monitor_interval = 0  # no tqdm monitor thread left running after a build returns
-
-
-_AUGMENT: Augmenter | None = None
-
-
-def _init_worker(settings: BuildSettings) -> None:
-    """Set up a pool worker: one thread (one process per core already), its RNGs cachegen's, Ctrl-C
-    left to the main process (which stops the pool), and this build's augmenter."""
-    global _AUGMENT
-    torch.set_num_threads(1)
-    own_rng()
-    close_inherited_lock()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _AUGMENT = Augmenter(settings)
-
-
-def _write_task(task: ShardTask) -> tuple[str, dict]:
-    augment = _AUGMENT
-    settings = augment.settings
-    if task.epoch is not None and settings.augment_on == "device":
-        indices, pixels, totals = _load_shard(task)
-        return _write_rows(task, indices, _augment_shard(settings, augment.batched(task.epoch), task, pixels), totals)
-    stats = PixelStats(settings.source_shape[2]) if task.stats else None
-
-    def samples():
-        for index in task.indices.tolist():
-            if task.epoch is None:  # a live cache's source pass
-                pixels = augment.pixels(index)
-                if pixels is None:
-                    continue
-                if stats is not None:
-                    stats.add(pixels)
-                yield index, int(settings.source.labels[index]), augment.source_pixels(index, pixels)
-                continue
-            image = augment.load(index)
-            if image is None:
-                continue
-            if stats is not None:
-                stats.add(to_hwc_uint8(image))
-            yield index, int(settings.source.labels[index]), augment.augment(task.epoch, index, image)
-
-    prefix = "src" if task.epoch is None else f"e{task.epoch:04d}"
-    rows = samples() if settings.teacher is None or task.epoch is None else with_teacher(samples(), settings.teacher)
-    entry = write_shard(settings.root, task.relpath, prefix, rows, settings.encoding)
-    return task.relpath, {**write_index(settings.root, entry), **(stats.totals() if stats else {})}
-
-
 BUILD_BATCH = 256  # samples of a shard augmented together by a device build (fewer for large images)
-
 BATCH_BYTES = 2**30  # a device build's float batch at most: 256 images up to ~590 px square, fewer above
-
 HELD_BYTES = 2**31  # a device build's shards held in this process (loaded, or augmented and not yet written)
 
 
-def build_batch(shape: tuple[int, ...]) -> int:
-    """Samples augmented together for images of `shape` (the larger of source and output): BUILD_BATCH,
-    or as many as fit BATCH_BYTES in float32. A function of the shape alone, so the bytes of a build
-    depend on neither the machine nor the worker count."""
-    return max(1, min(BUILD_BATCH, BATCH_BYTES // (4 * math.prod(shape))))
+def execute(config: BuildConfig, settings: BuildSettings, plan: list[ShardTask], indexed: dict, final: Path) -> None:
+    """Write the shards of `plan` not in `indexed`, their entries into it; with --on-error skip, then
+    write again those that hold a sample another epoch left out."""
+    _write_shards(config, settings, [t for t in plan if t.relpath not in indexed], indexed, final)
+    if settings.on_error == "skip":
+        _skip_everywhere(config, settings, plan, indexed, final)
 
 
-def _load_shard(task: ShardTask) -> tuple[np.ndarray, np.ndarray, dict]:
-    """A cached epoch's shard's source images for batched augmentation (`--augment-on device`):
-    (source indices of the readable ones, their pixels NHWC uint8, the pixel statistics the task
-    asks for)."""
-    augment = _AUGMENT
-    settings = augment.settings
-    loaded = [(index, augment.pixels(index)) for index in task.indices.tolist()]
-    loaded = [(index, pixels) for index, pixels in loaded if pixels is not None]
-    stats = PixelStats(settings.source_shape[2]) if task.stats else None
-    if stats is not None:
-        for _, pixels in loaded:
-            stats.add(pixels)
-    if loaded:
-        check_one_shape(settings, loaded)
-    pixels = np.stack([p for _, p in loaded]) if loaded else np.zeros((0, *settings.source_shape), np.uint8)
-    return np.array([i for i, _ in loaded], np.int64), pixels, (stats.totals() if stats else {})
-
-
-def _augment_shard(settings: BuildSettings, batched: Callable, task: ShardTask, pixels: np.ndarray,
-                   device: torch.device = torch.device("cpu")) -> np.ndarray:
-    """A shard's pixels (NHWC uint8) augmented on `device` in batches of build_batch(...), back as
-    NHWC uint8: batch k is seeded with batch_seed(seed, epoch, the shard's first source index, k), so
-    the bytes depend on neither the worker count, nor the other shards, nor where this runs (on one
-    device type). On CUDA every batch is queued (pinned copies both ways, no wait between batches)
-    and the shard is waited for once."""
-    h, w, c = settings.shape
-    size = build_batch(max(settings.shape, pixels.shape[1:], key=math.prod))
-    cuda = device.type == "cuda"
-    source = torch.from_numpy(pixels)
-    rows = torch.empty((len(pixels), h, w, c), dtype=torch.uint8, pin_memory=cuda)
-    if cuda:
-        source = source.pin_memory()
-    for k in range(0, len(pixels), size):
-        batch = source[k:k + size].to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
-        seed = batch_seed(settings.seed, task.epoch, int(task.indices[0]), stream=k // size)
-        out = augment_batch(batched, batch, seed=seed, name=settings.spec, shape=(c, h, w))
-        rows[k:k + len(out)].copy_(out.mul_(255.0).round_().to(torch.uint8).permute(0, 2, 3, 1), non_blocking=True)
-    if cuda:
-        torch.cuda.current_stream(device).synchronize()
-    return rows.numpy()
-
-
-def _write_rows(task: ShardTask, indices: np.ndarray, rows: np.ndarray, totals: dict,
-                teacher: list[bytes] | None = None) -> tuple[str, dict]:
-    """Write a cached epoch's shard of augmented rows (and its index); its manifest entry. A
-    reinforced cache's teacher members are `teacher`, or made here (on the CPU) where not given."""
-    settings = _AUGMENT.settings
-    labels = settings.source.labels
-    samples = ((index, int(labels[index]), row) for index, row in zip(indices.tolist(), rows))
-    if settings.teacher is not None:
-        members = teacher if teacher is not None else teacher_members(settings.teacher, rows)
-        samples = ((*sample, member) for sample, member in zip(samples, members))
-    entry = write_shard(settings.root, task.relpath, f"e{task.epoch:04d}", samples, settings.encoding)
-    return task.relpath, {**write_index(settings.root, entry), **totals}
-
-
-def write_index(root: Path, entry: dict) -> dict:
-    """Write a shard's index file beside it (after the shard, before the manifest; an identical one
-    already there is kept) and return the shard's manifest entry, which records the index's size and
-    checksum instead of per-sample lists."""
-    data = encode_index(entry["offsets"], entry["sizes"], entry["labels"], entry["indices"])
-    path = root / index_path(entry["path"])
-    if not (path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data):
-        write_atomic(path, data, sync_folder=False)
-    return {"path": entry["path"], "samples": entry["samples"], "bytes": entry["bytes"], "sha256": entry["sha256"],
-            "index": index_record(data)}
-
-
-def read_indices(root: Path, relpath: str) -> np.ndarray:
-    """The source indices a finished shard holds, from the index file this build wrote."""
-    return np.load(root / index_path(relpath), allow_pickle=False)[:, 3]
+class _Progress(tqdm):
+    monitor_interval = 0  # no tqdm monitor thread left running after a build returns
 
 
 def _write_shards(config: BuildConfig, settings: BuildSettings, tasks: list[ShardTask], indexed: dict,
@@ -205,25 +86,6 @@ def _skip_everywhere(config: BuildConfig, settings: BuildSettings, plan: list[Sh
         if not again:
             return
         _write_shards(config, settings, again, indexed, final)
-
-
-_ONE_AT_A_TIME = threading.Lock()  # a Dask worker's threads share the process's global RNGs: one shard at a time
-
-
-def _on_worker(settings: BuildSettings, fn: Callable, *args):
-    """fn(*args) on a Dask worker (fn: a stage of writing a shard): the augmenter made once per
-    worker process (for the settings the client sent), the process's RNGs cachegen's, one shard at a time."""
-    global _AUGMENT
-    with _ONE_AT_A_TIME:
-        if not settings.root.is_dir():
-            raise CachegenError(f"--out {settings.root} is not there on Dask worker {socket.gethostname()} "
-                                f"(pid {os.getpid()}): --dask needs an output folder every worker sees at "
-                                "the same path (a shared file system)")
-        if _AUGMENT is None or _AUGMENT.settings is not settings:
-            torch.set_num_threads(1)
-            own_rng()
-            _AUGMENT = Augmenter(settings)
-        return fn(*args)
 
 
 def _run(settings: BuildSettings, tasks: list[ShardTask], workers: int, dask: str | None = None):
@@ -350,3 +212,147 @@ def _dead_worker_message(processes: dict) -> str:
             how = f"worker process {pid} exited with status {code}"
     return (f"{how} while writing shards; finished shards are kept: re-run the same command to resume "
             "(with fewer --workers if memory is short)")
+
+
+_AUGMENT: Augmenter | None = None
+
+
+def _init_worker(settings: BuildSettings) -> None:
+    """Set up a pool worker: one thread (one process per core already), its RNGs cachegen's, Ctrl-C
+    left to the main process (which stops the pool), and this build's augmenter."""
+    global _AUGMENT
+    torch.set_num_threads(1)
+    own_rng()
+    close_inherited_lock()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _AUGMENT = Augmenter(settings)
+
+
+_ONE_AT_A_TIME = threading.Lock()  # a Dask worker's threads share the process's global RNGs: one shard at a time
+
+
+def _on_worker(settings: BuildSettings, fn: Callable, *args):
+    """fn(*args) on a Dask worker (fn: a stage of writing a shard): the augmenter made once per
+    worker process (for the settings the client sent), the process's RNGs cachegen's, one shard at a time."""
+    global _AUGMENT
+    with _ONE_AT_A_TIME:
+        if not settings.root.is_dir():
+            raise CachegenError(f"--out {settings.root} is not there on Dask worker {socket.gethostname()} "
+                                f"(pid {os.getpid()}): --dask needs an output folder every worker sees at "
+                                "the same path (a shared file system)")
+        if _AUGMENT is None or _AUGMENT.settings is not settings:
+            torch.set_num_threads(1)
+            own_rng()
+            _AUGMENT = Augmenter(settings)
+        return fn(*args)
+
+
+def _write_task(task: ShardTask) -> tuple[str, dict]:
+    augment = _AUGMENT
+    settings = augment.settings
+    if task.epoch is not None and settings.augment_on == "device":
+        indices, pixels, totals = _load_shard(task)
+        return _write_rows(task, indices, _augment_shard(settings, augment.batched(task.epoch), task, pixels), totals)
+    stats = PixelStats(settings.source_shape[2]) if task.stats else None
+
+    def samples():
+        for index in task.indices.tolist():
+            if task.epoch is None:  # a live cache's source pass
+                pixels = augment.pixels(index)
+                if pixels is None:
+                    continue
+                if stats is not None:
+                    stats.add(pixels)
+                yield index, int(settings.source.labels[index]), augment.source_pixels(index, pixels)
+                continue
+            image = augment.load(index)
+            if image is None:
+                continue
+            if stats is not None:
+                stats.add(to_hwc_uint8(image))
+            yield index, int(settings.source.labels[index]), augment.augment(task.epoch, index, image)
+
+    prefix = "src" if task.epoch is None else f"e{task.epoch:04d}"
+    rows = samples() if settings.teacher is None or task.epoch is None else with_teacher(samples(), settings.teacher)
+    entry = write_shard(settings.root, task.relpath, prefix, rows, settings.encoding)
+    return task.relpath, {**write_index(settings.root, entry), **(stats.totals() if stats else {})}
+
+
+def build_batch(shape: tuple[int, ...]) -> int:
+    """Samples augmented together for images of `shape` (the larger of source and output): BUILD_BATCH,
+    or as many as fit BATCH_BYTES in float32. A function of the shape alone, so the bytes of a build
+    depend on neither the machine nor the worker count."""
+    return max(1, min(BUILD_BATCH, BATCH_BYTES // (4 * math.prod(shape))))
+
+
+def _load_shard(task: ShardTask) -> tuple[np.ndarray, np.ndarray, dict]:
+    """A cached epoch's shard's source images for batched augmentation (`--augment-on device`):
+    (source indices of the readable ones, their pixels NHWC uint8, the pixel statistics the task
+    asks for)."""
+    augment = _AUGMENT
+    settings = augment.settings
+    loaded = [(index, augment.pixels(index)) for index in task.indices.tolist()]
+    loaded = [(index, pixels) for index, pixels in loaded if pixels is not None]
+    stats = PixelStats(settings.source_shape[2]) if task.stats else None
+    if stats is not None:
+        for _, pixels in loaded:
+            stats.add(pixels)
+    if loaded:
+        check_one_shape(settings, loaded)
+    pixels = np.stack([p for _, p in loaded]) if loaded else np.zeros((0, *settings.source_shape), np.uint8)
+    return np.array([i for i, _ in loaded], np.int64), pixels, (stats.totals() if stats else {})
+
+
+def _augment_shard(settings: BuildSettings, batched: Callable, task: ShardTask, pixels: np.ndarray,
+                   device: torch.device = torch.device("cpu")) -> np.ndarray:
+    """A shard's pixels (NHWC uint8) augmented on `device` in batches of build_batch(...), back as
+    NHWC uint8: batch k is seeded with batch_seed(seed, epoch, the shard's first source index, k), so
+    the bytes depend on neither the worker count, nor the other shards, nor where this runs (on one
+    device type). On CUDA every batch is queued (pinned copies both ways, no wait between batches)
+    and the shard is waited for once."""
+    h, w, c = settings.shape
+    size = build_batch(max(settings.shape, pixels.shape[1:], key=math.prod))
+    cuda = device.type == "cuda"
+    source = torch.from_numpy(pixels)
+    rows = torch.empty((len(pixels), h, w, c), dtype=torch.uint8, pin_memory=cuda)
+    if cuda:
+        source = source.pin_memory()
+    for k in range(0, len(pixels), size):
+        batch = source[k:k + size].to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
+        seed = batch_seed(settings.seed, task.epoch, int(task.indices[0]), stream=k // size)
+        out = augment_batch(batched, batch, seed=seed, name=settings.spec, shape=(c, h, w))
+        rows[k:k + len(out)].copy_(out.mul_(255.0).round_().to(torch.uint8).permute(0, 2, 3, 1), non_blocking=True)
+    if cuda:
+        torch.cuda.current_stream(device).synchronize()
+    return rows.numpy()
+
+
+def _write_rows(task: ShardTask, indices: np.ndarray, rows: np.ndarray, totals: dict,
+                teacher: list[bytes] | None = None) -> tuple[str, dict]:
+    """Write a cached epoch's shard of augmented rows (and its index); its manifest entry. A
+    reinforced cache's teacher members are `teacher`, or made here (on the CPU) where not given."""
+    settings = _AUGMENT.settings
+    labels = settings.source.labels
+    samples = ((index, int(labels[index]), row) for index, row in zip(indices.tolist(), rows))
+    if settings.teacher is not None:
+        members = teacher if teacher is not None else teacher_members(settings.teacher, rows)
+        samples = ((*sample, member) for sample, member in zip(samples, members))
+    entry = write_shard(settings.root, task.relpath, f"e{task.epoch:04d}", samples, settings.encoding)
+    return task.relpath, {**write_index(settings.root, entry), **totals}
+
+
+def write_index(root: Path, entry: dict) -> dict:
+    """Write a shard's index file beside it (after the shard, before the manifest; an identical one
+    already there is kept) and return the shard's manifest entry, which records the index's size and
+    checksum instead of per-sample lists."""
+    data = encode_index(entry["offsets"], entry["sizes"], entry["labels"], entry["indices"])
+    path = root / index_path(entry["path"])
+    if not (path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data):
+        write_atomic(path, data, sync_folder=False)
+    return {"path": entry["path"], "samples": entry["samples"], "bytes": entry["bytes"], "sha256": entry["sha256"],
+            "index": index_record(data)}
+
+
+def read_indices(root: Path, relpath: str) -> np.ndarray:
+    """The source indices a finished shard holds, from the index file this build wrote."""
+    return np.load(root / index_path(relpath), allow_pickle=False)[:, 3]

@@ -21,6 +21,60 @@ from cachegen.shards import TMP_MARK
 
 
 LOCK = ".cachegen-lock"  # in --out while a build runs: flock'ed, holding the builder's pid
+REPLACED = ".cachegen-replaced"  # in a cache an --overwrite is swapping out: what is left of it is deleted
+
+
+_LOCK_FD: int | None = None  # the build lock's descriptor, which forked workers close
+
+
+@contextlib.contextmanager
+def build_lock(root: Path):
+    """Hold the build lock on `root` (an existing folder) for one build, or fail at once naming the
+    build that holds it. A lock left by a killed build is no lock: the kernel drops an flock with its
+    holder, and the next build takes it over."""
+    global _LOCK_FD
+    path = root / LOCK
+    try:
+        fd = lock_file(path, blocking=False)
+    except OSError as e:
+        raise CachegenError(f"cannot write to --out {root}: {e.strerror or e}; choose a writable folder") from None
+    if fd is None:
+        try:
+            holder = path.read_text(errors="replace").strip() or "unknown"
+        except OSError:
+            holder = "unknown"
+        raise CachegenError(f"another cachegen build (pid {holder}) is writing {root}; wait for it to end "
+                            "(or stop it), then re-run")
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    _LOCK_FD = fd
+    try:
+        yield
+    finally:
+        _LOCK_FD = None
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                path.unlink()
+        except FileNotFoundError:  # --overwrite: went with the old cache
+            pass
+        os.close(fd)
+
+
+def close_inherited_lock() -> None:
+    """In a worker forked while the build lock is held: close its copy of the descriptor, so that
+    the lock is the main process's alone."""
+    if _LOCK_FD is not None:
+        os.close(_LOCK_FD)
+
+
+def check_writable(root: Path) -> None:
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f".write-test{TMP_MARK}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise CachegenError(f"cannot write to --out {root}: {e.strerror or e}; choose a writable folder") from None
 
 
 def prepare_out(root: Path, meta: dict) -> dict | None:
@@ -51,6 +105,19 @@ def holds_cache(root: Path) -> bool:
     return (root / MANIFEST).exists() or (root / BUILD_STATE).exists()
 
 
+def built_epochs(root: Path) -> int:
+    """How many epochs the cache at `root` already has (0 where there is none, or it is unreadable)."""
+    try:
+        return int(read_manifest(root)["epochs"]) if (root / MANIFEST).exists() else 0
+    except CachegenError:
+        return 0
+
+
+def remove_temporaries(root: Path) -> None:
+    for tmp in [*root.glob(f"*/*{TMP_MARK}*"), *root.glob(f"*{TMP_MARK}*")]:
+        tmp.unlink(missing_ok=True)
+
+
 def staging_folder(root: Path, meta: dict) -> tuple[Path, dict | None]:
     """Where an --overwrite build writes while the old cache stays in place: a hidden sibling on the
     same file system, resumed when it holds this very build's interrupted work, else emptied."""
@@ -60,9 +127,6 @@ def staging_folder(root: Path, meta: dict) -> tuple[Path, dict | None]:
     except CachegenError:  # another build's leftovers: ours to discard, under the lock on `root`
         shutil.rmtree(work) if work.is_dir() else work.unlink()
         return work, None
-
-
-REPLACED = ".cachegen-replaced"  # in a cache an --overwrite is swapping out: what is left of it is deleted
 
 
 def replace_cache(root: Path, work: Path) -> None:
@@ -118,69 +182,3 @@ def finish_swap(root: Path) -> None:
         replaced.append(work)
     for old in replaced:
         shutil.rmtree(old, ignore_errors=True)
-
-
-_LOCK_FD: int | None = None  # the build lock's descriptor, which forked workers close
-
-
-def close_inherited_lock() -> None:
-    """In a worker forked while the build lock is held: close its copy of the descriptor, so that
-    the lock is the main process's alone."""
-    if _LOCK_FD is not None:
-        os.close(_LOCK_FD)
-
-
-@contextlib.contextmanager
-def build_lock(root: Path):
-    """Hold the build lock on `root` (an existing folder) for one build, or fail at once naming the
-    build that holds it. A lock left by a killed build is no lock: the kernel drops an flock with its
-    holder, and the next build takes it over."""
-    global _LOCK_FD
-    path = root / LOCK
-    try:
-        fd = lock_file(path, blocking=False)
-    except OSError as e:
-        raise CachegenError(f"cannot write to --out {root}: {e.strerror or e}; choose a writable folder") from None
-    if fd is None:
-        try:
-            holder = path.read_text(errors="replace").strip() or "unknown"
-        except OSError:
-            holder = "unknown"
-        raise CachegenError(f"another cachegen build (pid {holder}) is writing {root}; wait for it to end "
-                            "(or stop it), then re-run")
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
-    _LOCK_FD = fd
-    try:
-        yield
-    finally:
-        _LOCK_FD = None
-        try:
-            if os.stat(path).st_ino == os.fstat(fd).st_ino:
-                path.unlink()
-        except FileNotFoundError:  # --overwrite: went with the old cache
-            pass
-        os.close(fd)
-
-
-def built_epochs(root: Path) -> int:
-    """How many epochs the cache at `root` already has (0 where there is none, or it is unreadable)."""
-    try:
-        return int(read_manifest(root)["epochs"]) if (root / MANIFEST).exists() else 0
-    except CachegenError:
-        return 0
-
-
-def check_writable(root: Path) -> None:
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        probe = root / f".write-test{TMP_MARK}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise CachegenError(f"cannot write to --out {root}: {e.strerror or e}; choose a writable folder") from None
-
-
-def remove_temporaries(root: Path) -> None:
-    for tmp in [*root.glob(f"*/*{TMP_MARK}*"), *root.glob(f"*{TMP_MARK}*")]:
-        tmp.unlink(missing_ok=True)

@@ -10,7 +10,7 @@ from PIL import Image, ImageDraw
 from torchvision.transforms import functional as F
 from torchvision.utils import make_grid
 
-from cachegen.augmenter import BuildSettings, Augmenter
+from cachegen.augmenter import Augmenter, BuildSettings
 from cacheaug.batched import augment_batch, batch_seed, make_batched
 from cacheaug.transforms import CacheFactory, augment, borrowed_rng, make_transform, to_hwc_uint8, to_pil
 from cachegen.errors import CachegenError

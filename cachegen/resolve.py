@@ -5,25 +5,147 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 from PIL import Image
 
-from cachegen.augmenter import BuildSettings, Augmenter, check_one_shape
-from cachegen.config import BuildConfig
+from cachegen import __version__
+from cachegen.augmenter import Augmenter, BuildSettings, check_one_shape
+from cachegen.config import BuildConfig, parse_device, parse_shard_size
 from cachegen.errors import CachegenError
-from cachegen.shards import encode
-from cachegen.sources import Source, printable
-from cachegen.teacher import Teacher, probe_teacher
+from cachegen.manifest import FORMAT, FORMAT_VERSION
+from cachegen.outdir import built_epochs
+from cachegen.shards import encode, npy_header_bytes
+from cachegen.sources import Source, open_source, printable
+from cachegen.stats import stats_of_cache
+from cachegen.teacher import Teacher, manifest_block, probe_teacher
 from cacheaug.batched import augment_batch, batch_seed, make_batched
-from cacheaug.transforms import to_hwc_uint8
+from cacheaug.transforms import (epoch_fingerprint, factory_sha256, fingerprint, is_random, library_versions,
+                                 make_transform, to_hwc_uint8)
 
 
 PROBES = 8  # source images probed for the channel count and --mode auto's size estimate
-
 TAR_BYTES_PER_SAMPLE = 1536  # two 512-byte headers and the padded label
+
+
+@dataclass(frozen=True)
+class ResolvedBuild:
+    """A BuildConfig resolved against its source: what this build writes."""
+
+    settings: BuildSettings  # what every worker needs; root: --out
+    meta: dict  # the manifest's metadata, its identity among it: written first, as the build's state
+    mode: str  # "cached" or "live" (what --mode auto chose)
+    per_shard: int  # samples a shard
+    kept_all: bool  # --out holds more epochs than asked: all kept, and said once the folder is known to hold this cache
+    borrowed: tuple[list[float], list[float]] | None  # --stats-from's mean and std
+
+
+def resolve(config: BuildConfig) -> ResolvedBuild:
+    """Open and probe the source, then settle the transform, epochs, shapes, mode, device and teacher;
+    nothing is written yet, so a config the source refuses leaves --out as it was."""
+    source = open_source(config.source, split=config.split)
+    settings = BuildSettings(source=source, root=config.out, spec=config.transform, epochs=config.epochs, size=0,
+                             schedule=config.schedule, seed=config.seed, encoding=config.encoding,
+                             on_error=config.on_error, resize=config.resize)
+    probes = _probe_images(settings)
+    settings, kept_all = _transform(config, settings, probes)
+    augment_on = config.augment_on
+    if augment_on == "auto" and ":" in settings.spec:  # a factory's transform: per sample unless the user says
+        augment_on = "cpu"
+    settings, probe_bytes = _shapes(config, settings, probes, augment_on)
+    # --stats-from is read here: a cache it cannot lend its statistics refuses the build before any work
+    borrowed = stats_of_cache(config.stats_from, settings.shape[2]) if config.stats_from else None
+    mode = _choose_mode(config, settings, len(source), settings.epochs, probe_bytes)
+    settings = _for_mode(config, settings, mode, augment_on)
+    count, nbytes = parse_shard_size(config.shard_size)
+    per_shard = count or max(1, nbytes // int(np.prod(_stored_shape(settings, mode))))
+    return ResolvedBuild(settings, _meta(config, settings, mode, per_shard), mode, per_shard, kept_all, borrowed)
+
+
+def _transform(config: BuildConfig, settings: BuildSettings,
+               probes: list[tuple[int, Image.Image]]) -> tuple[BuildSettings, bool]:
+    """The settings with the transform, its output size, the channels and the epochs (at least as
+    many as --out holds); whether --out holds more epochs than asked."""
+    source = settings.source
+    side = min(probes[0][1].size)  # the first image's shorter side, after any --resize
+    channels = config.channels or max(len(image.getbands()) for _, image in probes)
+    size = config.size or config.resize or source.image_size or side
+    spec = _resolve_spec(config.transform, source, side)
+    if spec == "cifar" and size > side:
+        raise CachegenError(f"the cifar preset crops, and --size {size} is larger than the images "
+                            f"({'x'.join(map(str, probes[0][1].size))}): pass a smaller --size, --resize {size}, "
+                            "or --transform imagenet")
+    epochs = config.epochs if is_random(spec) else 1
+    if epochs != config.epochs and not config.quiet:
+        print(f"cachegen: transform {spec} is deterministic: writing 1 epoch, not {config.epochs}")
+    built = built_epochs(config.out) if not config.overwrite else 0
+    return replace(settings, spec=spec, epochs=max(epochs, built), size=size, channels=channels), built > epochs
+
+
+def _shapes(config: BuildConfig, settings: BuildSettings, probes: list[tuple[int, Image.Image]],
+            augment_on: str) -> tuple[BuildSettings, float]:
+    """The settings with the output and source shapes, from the probe images augmented as this build
+    will augment them; the bytes an image takes (--mode auto's estimate)."""
+    if augment_on == "device":  # the batched augmentation gives the output shape
+        shape, source_shape = _probe_batched(settings, probes)
+        probe_bytes = float(np.prod(shape))  # raw pixels: --mode auto's estimate
+    else:
+        shape, source_shape, probe_bytes = _probe(replace(settings, encoding="npy" if config.mode == "live"
+                                                          else settings.encoding), probes)
+    return replace(settings, shape=shape, source_shape=source_shape), probe_bytes
+
+
+def _for_mode(config: BuildConfig, settings: BuildSettings, mode: str, augment_on: str) -> BuildSettings:
+    """The settings with what the mode decides: the encoding, where the augmentation runs, the teacher."""
+    if mode == "live":
+        _warn_relative_factory(settings.spec)
+    encoding = "npy" if mode == "live" else config.encoding
+    if config.device and mode == "live":  # --mode auto chose live
+        raise CachegenError(f"--mode auto chose a live cache (a cached one would exceed --max-cache-gb), augmented "
+                            f"as it is read, on the loader's device: drop --device {config.device}, or pass --mode "
+                            "cached")
+    # A cached device build augments in this process on the GPU where there is one, else in the workers.
+    device = (str(parse_device(config.device)) if config.device else "cuda" if torch.cuda.is_available() else None) \
+        if mode == "cached" and augment_on == "device" else None
+    return replace(settings, encoding=encoding, augment_on=augment_on, device=device,
+                   teacher=_teacher(config, mode, settings.shape, len(settings.source.classes), encoding, device))
+
+
+def _stored_shape(settings: BuildSettings, mode: str) -> tuple[int, int, int]:
+    """The shape of a stored image: a live cache stores the source, a cached one the output."""
+    return settings.source_shape if mode == "live" else settings.shape
+
+
+def _meta(config: BuildConfig, settings: BuildSettings, mode: str, per_shard: int) -> dict:
+    """The manifest's metadata: what was built from what, how, with which versions."""
+    source, spec, size, epochs, device = settings.source, settings.spec, settings.size, settings.epochs, settings.device
+    stored_shape, encoding, augment_on = _stored_shape(settings, mode), settings.encoding, settings.augment_on
+    return {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "mode": mode,
+        "created_by": f"cachegen {__version__}",
+        "source": {"kind": source.kind, "description": source.description,
+                   "fingerprint": source.fingerprint(), "num_samples": len(source)},
+        "transform": {"spec": spec, "schedule": config.schedule, "size": size, "resize": config.resize,
+                      "fingerprint": fingerprint(spec, size=size, schedule=config.schedule),
+                      "factory_sha256": factory_sha256(spec),
+                      **({"augment_on": augment_on} if mode == "live" or augment_on == "device" else {}),
+                      **({"augment_device": torch.device(device).type if device else "cpu"}
+                         if mode == "cached" and augment_on == "device" else {})},
+        "versions": library_versions(),  # a sample's bytes depend on them too
+        "seed": config.seed,
+        "image": {"encoding": encoding, "shape": list(stored_shape), "dtype": "uint8", "layout": "HWC",
+                  **({"npy_header_bytes": npy_header_bytes(stored_shape)} if encoding == "npy" else {})},
+        "output_shape": list(settings.shape),
+        "shard_size": per_shard,
+        "classes": list(source.classes),
+        **({"teacher": manifest_block(settings.teacher, device and torch.device(device))} if settings.teacher
+           else {}),
+        "epoch_fingerprints": [epoch_fingerprint(make_transform(spec, epoch=e, epochs=epochs, size=size,
+                                                                schedule=config.schedule))
+                               for e in range(epochs)],
+    }
 
 
 def _resolve_spec(spec: str, source: Source, side: int) -> str:
