@@ -6,6 +6,7 @@ import contextlib
 import functools
 import hashlib
 import logging
+import traceback
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -200,6 +201,7 @@ class LiveLoader(Loader):
         self._tasks = _Tasks()
         self._workers_loader: torch.utils.data.DataLoader | None = None  # per-sample path, made on its first pass
         self._pass: object | None = None  # the per-sample pass now reading (one at a time: the workers are shared)
+        self._worker_batches: Iterator | None = None  # the workers' iterator over that pass's batches
 
     def _device_augment(self, plan: EpochPlan, batch: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
         if self.augment_on != "device":
@@ -267,12 +269,13 @@ class LiveLoader(Loader):
         token = self._pass = object()
         # The DataLoader's pin-memory thread pins on the GPU current when its iterator is made: this pass's.
         with torch.cuda.device(self._copier.device) if self._copier.pin else contextlib.nullcontext():
-            batches = iter(self._augmenting())
-        return self._per_sample(batches, token)
+            self._worker_batches = iter(self._augmenting())
+        return self._per_sample(token)
 
     def _augmenting(self) -> torch.utils.data.DataLoader:
         """The DataLoader over _LiveBatches whose worker processes augment every per-sample pass:
-        started on the first, kept across epochs (as `persistent_workers=True` keeps them)."""
+        started on the first, kept across epochs (`persistent_workers=True`: a pass then costs no
+        process start-up, and each worker keeps its open source shards and its epoch's transform)."""
         if self._workers_loader is None:
             dataset = _LiveBatches(self.manifest, self._copier.host_channels_first, *self._located, self._factory)
             extra = ({"prefetch_factor": self._prefetch_factor(), "worker_init_fn": _init_worker,
@@ -291,17 +294,22 @@ class LiveLoader(Loader):
         batch_bytes = self.options.batch_size * h * w * c
         return max(1, min(self.options.prefetch or 2, PINNED_BYTES // (self.workers * batch_bytes)))
 
-    def _per_sample(self, batches: Iterator, token: object) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """The workers' batches of one pass; a newer pass takes the workers over (this one then stops)."""
+    def _per_sample(self, token: object) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The workers' batches of one pass; a newer pass takes the workers over (this one then stops).
+
+        Holds no reference to the workers' iterator between batches (it reads `_worker_batches`
+        each time): dropping the loader's references stops the workers even while this pass is
+        still held somewhere."""
         while True:
             if self._pass is not token:  # checked before taking a batch: it would be the newer pass's
                 raise ReaderError(f"a newer pass over this LiveLoader of {self.manifest.root} started: read one "
                                   "pass at a time (or make a second LiveLoader to read two at once)")
             try:
-                batch = next(batches)
+                batch = next(self._worker_batches)
             except StopIteration:
                 return
-            except BaseException:  # a failed pass (a damaged shard, a worker lost): its workers stop with it
+            except BaseException as e:  # a failed pass (a damaged shard, a worker lost): its workers stop with it
+                _release_frames(e)  # the traceback's DataLoader frames would keep the workers' iterator alive
                 self._stop_workers()
                 raise
             yield batch
@@ -312,10 +320,22 @@ class LiveLoader(Loader):
         super().close()
 
     def _stop_workers(self) -> None:
-        pool, self._workers_loader, self._pass = self._workers_loader, None, None
-        workers = getattr(pool, "_iterator", None)  # persistent workers live in the DataLoader's iterator
-        if workers is not None:
-            workers._shutdown_workers()
+        """Drop the loader's references to its DataLoader and the workers' iterator: the iterator,
+        referenced nowhere else, is freed at once and its deletion shuts its workers down (the
+        DataLoader's own lifecycle). A per-sample pass still held holds neither (_per_sample)."""
+        self._workers_loader = self._worker_batches = self._pass = None
+
+
+def _release_frames(error: BaseException) -> None:
+    """Clear the local variables of the finished frames in `error`'s traceback and in those of the
+    exceptions it chains: the traceback reads the same, but no longer keeps their objects alive."""
+    todo, seen = [error], set()
+    while todo:
+        e = todo.pop()
+        if e is not None and id(e) not in seen:
+            seen.add(id(e))
+            traceback.clear_frames(e.__traceback__)  # frames still running (the caller's) are skipped
+            todo += [e.__cause__, e.__context__]
 
 
 @dataclass(frozen=True, eq=False)
