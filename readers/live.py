@@ -17,7 +17,7 @@ import torch
 
 from cacheaug.batched import AUGMENT_ON, augment_batch, make_batched, place
 from cacheaug.transforms import CacheFactory, augment, drift, make_transform, to_pil
-from cacheformat.layout import epoch_shard_sizes, epoch_shards
+from cacheformat.layout import epoch_shard_sizes
 from readers import split
 from readers.batch_transform import ORDER_SALT, batch_order
 from readers.errors import ReaderError
@@ -25,30 +25,10 @@ from readers.loader import STAGING_OPTIONS, Loader, open_cache
 from readers.manifest import Manifest, Shard, live_shards
 from readers.plan import DEFAULT_WINDOW, EpochPlan, sort_batches
 from readers.shards import SampleReads, ShardFiles
+from readers.source import SourceMap, epoch_source_indices, source_map
 from readers.trust import reader_factory
 
 _log = logging.getLogger(__name__)
-
-
-def _layout(manifest: Manifest, cache_epoch: int) -> list[np.ndarray]:
-    """The source indices of each shard of cached epoch `cache_epoch`, as the builder lays it out."""
-    m = manifest
-    return epoch_shards(m.seed, cache_epoch, m.num_samples, m.shard_size, m.skipped)
-
-
-def _locate(manifest: Manifest) -> tuple[np.ndarray, np.ndarray]:
-    """(where, labels): for each source index, (source shard, position in it), and its label, from
-    the source shards' index files. A live epoch draws every batch from all over the source."""
-    files = ShardFiles(manifest, max_index_samples=0)  # indexes read once here, not kept
-    n = manifest.num_samples
-    where = np.full((n, 2), -1, dtype=np.int64)
-    labels = np.zeros(n, dtype=np.int64)
-    for k, shard in enumerate(live_shards(manifest)):
-        index = files.index(shard)
-        where[index.indices, 0] = k
-        where[index.indices, 1] = np.arange(shard.samples)
-        labels[index.indices] = index.labels
-    return where, labels
 
 
 class _LiveBatches(torch.utils.data.Dataset):
@@ -180,7 +160,7 @@ class LiveLoader(Loader):
         for shard in live_shards(self.manifest):
             _check_shard(shard, verify)
         self._check_epochs()
-        self._located: tuple[np.ndarray, np.ndarray] | None = None  # (where, labels), on first use
+        self._located: SourceMap | None = None  # on first use
         changed = drift(self.manifest.raw, self._factory)
         if changed:
             warnings.warn(f"{cache} was built under other conditions ({'; '.join(changed)}): its samples are "
@@ -238,7 +218,7 @@ class LiveLoader(Loader):
 
     def _layout(self, cache_epoch: int) -> list[np.ndarray]:
         if cache_epoch not in self._layouts:
-            self._layouts = {cache_epoch: _layout(self.manifest, cache_epoch)}  # one epoch at a time: flat memory
+            self._layouts = {cache_epoch: epoch_source_indices(self.manifest, cache_epoch)}  # one epoch at a time: flat memory
         return self._layouts[cache_epoch]
 
     def _shard_sizes(self, cache_epoch: int) -> list[int]:
@@ -259,9 +239,9 @@ class LiveLoader(Loader):
     def _host_batches(self, plan: EpochPlan, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         indices = self._indices(plan)
         if self._located is None:
-            self._located = _locate(self.manifest)
+            self._located = source_map(self.manifest)
         if self.augment_on == "device":  # the stored source, gathered as CachedLoader gathers a cached epoch
-            source_plan = _SourcePlan.of(plan, self._located[0][indices])
+            source_plan = _SourcePlan.of(plan, self._located.where[indices])
             return self._gather(self._files, live_shards(self.manifest), source_plan, start)
         size = plan.batch_size
         self._tasks.tasks = [(plan.cache_epoch, indices[k:k + size])
