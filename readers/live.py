@@ -8,7 +8,7 @@ import hashlib
 import logging
 import traceback
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +23,8 @@ from readers.batch_transform import ORDER_SALT, batch_order
 from readers.errors import ReaderError
 from readers.loader import STAGING_OPTIONS, Loader, open_cache
 from readers.manifest import Manifest, Shard, live_shards
-from readers.plan import DEFAULT_WINDOW, EpochPlan, sort_batches
+from readers.options import passes_options_to
+from readers.plan import EpochPlan, sort_batches
 from readers.shards import SampleReads, ShardFiles
 from readers.source import SourceMap, epoch_source_indices, source_map
 from readers.trust import reader_factory
@@ -140,18 +141,11 @@ class LiveLoader(Loader):
 
     MODE = "live"
 
-    def __init__(self, cache: str | Path, *, batch_size: int, device: torch.device | str | None = None,
-                 shuffle: bool = True, seed: int = 0, drop_last: bool = False, normalize: bool = True,
-                 dtype: torch.dtype = torch.float32, channels_last: bool = False, rank: int | None = None,
-                 world_size: int | None = None, prefetch: int | None = None, shuffle_window: int = DEFAULT_WINDOW,
-                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                 workers: int | None = None, verify: bool = False, augment_on: str | None = None,
-                 trust_code: bool = False, factory: Callable[[int, int], object] | None = None,
-                 local: str | Path | None = None, batch_transform: Callable | None = None, **staging) -> None:
-        super().__init__(cache, batch_size=batch_size, device=device, shuffle=shuffle, seed=seed,
-                         drop_last=drop_last, normalize=normalize, dtype=dtype, channels_last=channels_last,
-                         rank=rank, world_size=world_size, prefetch=prefetch, shuffle_window=shuffle_window,
-                         mean=mean, std=std, local=local, batch_transform=batch_transform, **staging)
+    @passes_options_to(Loader.__init__)
+    def __init__(self, cache: str | Path, *, batch_size: int, workers: int | None = None, verify: bool = False,
+                 augment_on: str | None = None, trust_code: bool = False,
+                 factory: Callable[[int, int], object] | None = None, **options) -> None:
+        super().__init__(cache, batch_size=batch_size, **options)
         if workers is not None and (not isinstance(workers, int) or isinstance(workers, bool) or workers < 0):
             raise ValueError(f"workers must be an int >= 0 (0: augment in this process), got {workers!r}")
         self.workers = default_workers() if workers is None else workers
