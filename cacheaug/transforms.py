@@ -40,7 +40,8 @@ class TransformError(FormatError):
 def seed_sample(seed: int, epoch: int, index: int) -> None:
     """Seed the three global generators a transform may draw from, for one sample: torch's
     (torchvision v1 and v2), Python's `random` (v1 RandomChoice/RandomOrder) and numpy's legacy
-    one (~5 µs in all; torch.manual_seed alone takes ~100 µs, it seeds every device)."""
+    one. Torch's through its default CPU generator, not torch.manual_seed, which would also
+    seed every accelerator for each sample: work a CPU transform never draws on."""
     s = sample_seed(seed, epoch, index)
     torch.default_generator.manual_seed(s)  # the seed torch-only caches were always built with
     random.seed(s)
@@ -54,8 +55,9 @@ _rng_borrowed = False  # True while the caller's states are saved (or the proces
 def borrowed_rng() -> Iterator[None]:
     """Borrow torch's default CPU generator, Python's `random` and numpy's global RNG, and give
     them back untouched on exit, as torch.random.fork_rng does for torch alone. Re-entrant: an
-    inner borrow (every `augment` call inside a loop wrapped in one) costs nothing.
-    Saving and restoring cost ~60 µs, most of it numpy's get_state/set_state."""
+    inner borrow (every `augment` call inside a loop wrapped in one) costs nothing: saving and
+    restoring copy every generator's whole state (numpy's get_state/set_state the most), work
+    worth doing once per loop, not once per sample."""
     global _rng_borrowed
     if _rng_borrowed:
         yield

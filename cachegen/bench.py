@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -227,6 +228,16 @@ def _model(device: torch.device, classes: int):
     return step
 
 
+class _Run(NamedTuple):
+    """A row to time: its name, what makes a pass of its batches, its kind (Row.kind), and what the
+    progress line calls it (its name where empty)."""
+
+    name: str
+    make: Callable[[], Iterable]
+    kind: str = "loader"
+    said: str = ""
+
+
 def run_bench(cache: Path | None, *, batch_size: int = 256, workers: int | None = None, images: int = 20000,
               min_seconds: float = 3.0, warmup: int = 1000, model: bool = False, device: str | None = None,
               trust_code: bool = False, progress: Callable[[str], None] = print) -> dict:
@@ -235,73 +246,22 @@ def run_bench(cache: Path | None, *, batch_size: int = 256, workers: int | None 
     Each row: `warmup` images untimed, then passes repeated until >= `images` images and
     >= `min_seconds` seconds have been timed. The online and live rows augment with the cache's
     transform: a `module:factory` only with `trust_code` (the sample cache built here needs none)."""
-    from readers import CachedLoader, open_loader  # cachegen may use the readers; never the reverse
-
     workers = workers or default_workers()
     dev = parse_device(device)  # before any building: a bad --device fails at once
+    loader_workers = max(1, workers)
     with tempfile.TemporaryDirectory(prefix="cachegen-bench-") as tmp:
-        if cache is None:
-            progress("building a sample cache (2 epochs) and a live cache to measure ...")
-            cache = Path(tmp) / "cached"
-            build(BuildConfig(out=cache, epochs=2, workers=workers, quiet=True, mode="cached"))
-            trust_code = True  # built here, by us
-        m = read_manifest(cache)
-        if m["mode"] != "cached":
-            raise CachegenError(f"{cache} is a live cache: bench needs a cached one (build with --mode cached)")
-        # Checks the source is still there and unchanged; refuses code the user did not trust.
-        online_ds = online_dataset(cache, trust_code=trust_code)
-        factory = online_ds.factory  # the same factory for the live rows: imported once, on the user's word
-        live_dir = Path(tmp) / "live"
-        spec = m["source_spec"]
-        build(BuildConfig(source=spec["spec"], split=spec["split"], out=live_dir, epochs=m["epochs"],
-                          transform=m["transform"]["spec"], schedule=m["transform"]["schedule"],
-                          size=m["transform"]["size"], resize=m["transform"]["resize"], seed=m["seed"],
-                          workers=workers, quiet=True, mode="live", shard_size=str(m["shard_size"])))
-        shape = m["output_shape"]
-        image_bytes = int(np.prod(shape))
+        cache, m, online_ds, live_dir = _caches(cache, Path(tmp), workers, trust_code, progress)
         step = _model(dev, len(m["classes"])) if model else None
-        normalize = _normalizer(m["mean"], m["std"], dev)
-        shards = [str(Path(cache) / s["path"]) for s in m["epoch_list"][0]["shards"]]
-        encoding = m["image"]["encoding"]
-        loader_workers = max(1, workers)
-
-        # One loader per row, iterated pass after pass: each pass is the next epoch, as in training.
-        cached_loader = CachedLoader(cache, batch_size=batch_size, device=dev, seed=1)
-        live_loader = open_loader(live_dir, batch_size=batch_size, device=dev, seed=1, workers=loader_workers,
-                                  augment_on="cpu", factory=factory)
-        # The same live cache augmented in batches on the device (Kornia), no worker processes.
-        device_loader = open_loader(live_dir, batch_size=batch_size, device=dev, seed=1, augment_on="device",
-                                    factory=factory)
-        online_loader = make_online_loader(online_ds, batch_size=batch_size, workers=loader_workers, device=dev)
-        stock_loader = _stock_loader(shards, encoding, batch_size, loader_workers, dev)
-
-        def online():
-            return ((normalize(x), y) for x, y in online_loader)
-
-        def stock_webdataset():
-            return ((normalize(torch.as_tensor(x).permute(0, 3, 1, 2)), torch.as_tensor(y)) for x, y in stock_loader)
-
-        for path in shards:  # warm the page cache: every row reads from memory
-            Path(path).read_bytes()
-        runs = [*(_model_rows(step, dev, shape, batch_size) if step is not None else []),
-                *_in_process_rows("cachegen CachedLoader", "", dev, lambda: cached_loader),
-                (f"cachegen LiveLoader, per sample ({loader_workers} workers)", lambda: live_loader),
-                *_in_process_rows(f"cachegen LiveLoader, batched on {dev.type}", "no workers", dev,
-                                  lambda: device_loader),
-                (f"online: torchvision DataLoader ({loader_workers} workers)", online),
-                (f"stock webdataset ({loader_workers} workers)", stock_webdataset)]
-        online_setup = describe_loader(online_loader)
+        runs, online_setup = _runs(cache, m, online_ds, live_dir, dev, batch_size, loader_workers, step)
         rows = []
-        limits = dict(min_images=images, min_seconds=min_seconds, warmup=warmup, image_bytes=image_bytes)
-        for name, make in runs:
-            progress(f"measuring {name} ...")
-            with _one_thread(ONE_THREAD in name):
-                rows.append(_timed(name, make, step=step, kind="model" if name.startswith("model") else "loader",
+        limits = dict(min_images=images, min_seconds=min_seconds, warmup=warmup,
+                      image_bytes=int(np.prod(m["output_shape"])))
+        for run in runs:
+            progress(f"measuring {run.said or run.name} ...")
+            with _one_thread(ONE_THREAD in run.name):
+                rows.append(_timed(run.name, run.make, step=None if run.kind == "ceiling" else step, kind=run.kind,
                                    **limits))
-        progress("measuring plain read() of the shard bytes ...")
-        rows.append(_timed("plain read() of the shards", lambda: _plain_read(shards, m["epoch_list"][0]["shards"]),
-                           kind="ceiling", **limits))
-        del online_loader, stock_loader  # their persistent workers end here, with the temporary caches
+        del runs  # the loaders (their persistent workers) end here, with the temporary caches
     online_rate = next(r.rate for r in rows if r.name.startswith("online"))
     return {"config": {"cache": str(cache), "batch_size": batch_size, "workers": loader_workers,
                        "min_images": images, "min_seconds": min_seconds, "warmup_images": warmup,
@@ -310,6 +270,68 @@ def run_bench(cache: Path | None, *, batch_size: int = 256, workers: int | None 
                        "machine": machine_line()},
             # The ceiling has no training step: with --model its ratio to online would compare unlike things.
             "rows": [r.as_dict(None if model and r.kind == "ceiling" else online_rate) for r in rows]}
+
+
+def _caches(cache: Path | None, tmp: Path, workers: int, trust_code: bool,
+            progress: Callable[[str], None]) -> tuple[Path, dict, object, Path]:
+    """(cached cache, its manifest, its online dataset, a live cache of the same build in `tmp`);
+    without `cache`, a sample cache built in `tmp` first."""
+    if cache is None:
+        progress("building a sample cache (2 epochs) and a live cache to measure ...")
+        cache = tmp / "cached"
+        build(BuildConfig(out=cache, epochs=2, workers=workers, quiet=True, mode="cached"))
+        trust_code = True  # built here, by us
+    m = read_manifest(cache)
+    if m["mode"] != "cached":
+        raise CachegenError(f"{cache} is a live cache: bench needs a cached one (build with --mode cached)")
+    # Checks the source is still there and unchanged; refuses code the user did not trust.
+    online_ds = online_dataset(cache, trust_code=trust_code)
+    live_dir = tmp / "live"
+    spec, t = m["source_spec"], m["transform"]
+    build(BuildConfig(source=spec["spec"], split=spec["split"], out=live_dir, epochs=m["epochs"],
+                      transform=t["spec"], schedule=t["schedule"], size=t["size"], resize=t["resize"], seed=m["seed"],
+                      workers=workers, quiet=True, mode="live", shard_size=str(m["shard_size"])))
+    return cache, m, online_ds, live_dir
+
+
+def _runs(cache: Path, m: dict, online_ds, live_dir: Path, dev: torch.device, batch_size: int, workers: int,
+          step: Callable | None) -> tuple[list[_Run], str]:
+    """The rows, in table order, each over a loader of its own iterated pass after pass (each pass
+    the next epoch, as in training); and how the online row's DataLoader is set up."""
+    from readers import CachedLoader, open_loader  # cachegen may use the readers; never the reverse
+
+    factory = online_ds.factory  # the same factory for the live rows: imported once, on the user's word
+    normalize = _normalizer(m["mean"], m["std"], dev)
+    entries = m["epoch_list"][0]["shards"]
+    shards = [str(Path(cache) / s["path"]) for s in entries]
+    cached_loader = CachedLoader(cache, batch_size=batch_size, device=dev, seed=1)
+    live_loader = open_loader(live_dir, batch_size=batch_size, device=dev, seed=1, workers=workers,
+                              augment_on="cpu", factory=factory)
+    # The same live cache augmented in batches on the device (Kornia), no worker processes.
+    device_loader = open_loader(live_dir, batch_size=batch_size, device=dev, seed=1, augment_on="device",
+                                factory=factory)
+    online_loader = make_online_loader(online_ds, batch_size=batch_size, workers=workers, device=dev)
+    stock_loader = _stock_loader(shards, m["image"]["encoding"], batch_size, workers, dev)
+
+    def online():
+        return ((normalize(x), y) for x, y in online_loader)
+
+    def stock_webdataset():
+        return ((normalize(torch.as_tensor(x).permute(0, 3, 1, 2)), torch.as_tensor(y)) for x, y in stock_loader)
+
+    for path in shards:  # warm the page cache: every row reads from memory
+        Path(path).read_bytes()
+    model = _model_rows(step, dev, m["output_shape"], batch_size) if step is not None else []
+    runs = [*(_Run(name, make, "model") for name, make in model),
+            *(_Run(*row) for row in _in_process_rows("cachegen CachedLoader", "", dev, lambda: cached_loader)),
+            _Run(f"cachegen LiveLoader, per sample ({workers} workers)", lambda: live_loader),
+            *(_Run(*row) for row in _in_process_rows(f"cachegen LiveLoader, batched on {dev.type}", "no workers",
+                                                     dev, lambda: device_loader)),
+            _Run(f"online: torchvision DataLoader ({workers} workers)", online),
+            _Run(f"stock webdataset ({workers} workers)", stock_webdataset),
+            _Run("plain read() of the shards", lambda: _plain_read(shards, entries), "ceiling",
+                 said="plain read() of the shard bytes")]
+    return runs, describe_loader(online_loader)
 
 
 def format_table(result: dict) -> str:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from readers.loader import Loader
-from readers.plan import DEFAULT_WINDOW, EpochPlan
+from readers.options import passes_options_to
+from readers.plan import EpochPlan
 from readers.shards import ShardFiles
 from readers.teacher import check_targets
 
@@ -73,17 +74,10 @@ class CachedLoader(Loader):
 
     MODE = "cached"
 
-    def __init__(self, cache: str | Path, *, batch_size: int, device: torch.device | str | None = None,
-                 shuffle: bool = True, seed: int = 0, drop_last: bool = False, normalize: bool = True,
-                 dtype: torch.dtype = torch.float32, channels_last: bool = False, rank: int | None = None,
-                 world_size: int | None = None, prefetch: int | None = None, shuffle_window: int = DEFAULT_WINDOW,
-                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                 verify: bool = False, targets: str = "labels", local: str | Path | None = None,
-                 batch_transform: Callable | None = None, **staging) -> None:
-        super().__init__(cache, batch_size=batch_size, device=device, shuffle=shuffle, seed=seed,
-                         drop_last=drop_last, normalize=normalize, dtype=dtype, channels_last=channels_last,
-                         rank=rank, world_size=world_size, prefetch=prefetch, shuffle_window=shuffle_window,
-                         mean=mean, std=std, local=local, batch_transform=batch_transform, **staging)
+    @passes_options_to(Loader.__init__)
+    def __init__(self, cache: str | Path, *, batch_size: int, verify: bool = False, targets: str = "labels",
+                 **options) -> None:
+        super().__init__(cache, batch_size=batch_size, **options)
         self.verify = bool(verify)
         check_targets(targets, self.manifest)
         self.targets = targets

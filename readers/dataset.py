@@ -12,9 +12,9 @@ from cacheaug.batched import augment_batch, make_batched
 from cacheaug.transforms import TransformError, augment, make_transform, to_pil
 from cacheformat.seeding import sample_seed
 from readers.errors import ReaderError
-from readers.live import _layout, _locate
 from readers.manifest import load_manifest
 from readers.shards import SampleReads, ShardFiles, decode
+from readers.source import epoch_source_indices, source_map
 from readers.trust import reader_factory
 
 
@@ -52,8 +52,8 @@ class CacheDataset(torch.utils.data.Dataset):
             self._files = ShardFiles(m)
         else:
             resolved = reader_factory(m, trust_code=trust_code, factory=factory)  # before anything else
-            self._indices = np.concatenate(_layout(m, epoch))
-            self._where, self._labels = _locate(m)
+            self._indices = np.concatenate(epoch_source_indices(m, epoch))
+            self._where, self._labels = source_map(m)
             self._reads = SampleReads(m)
             t = m.raw["transform"]
             self._batched = m.augment_on == "device"  # the batched augmentation, as LiveLoader's device path

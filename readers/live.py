@@ -6,8 +6,9 @@ import contextlib
 import functools
 import hashlib
 import logging
+import traceback
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,38 +17,19 @@ import torch
 
 from cacheaug.batched import AUGMENT_ON, augment_batch, make_batched, place
 from cacheaug.transforms import CacheFactory, augment, drift, make_transform, to_pil
-from cacheformat.layout import epoch_shard_sizes, epoch_shards
+from cacheformat.layout import epoch_shard_sizes
 from readers import split
 from readers.batch_transform import ORDER_SALT, batch_order
 from readers.errors import ReaderError
 from readers.loader import STAGING_OPTIONS, Loader, open_cache
 from readers.manifest import Manifest, Shard, live_shards
-from readers.plan import DEFAULT_WINDOW, EpochPlan, sort_batches
+from readers.options import passes_options_to
+from readers.plan import EpochPlan, sort_batches
 from readers.shards import SampleReads, ShardFiles
+from readers.source import SourceMap, epoch_source_indices, source_map
 from readers.trust import reader_factory
 
 _log = logging.getLogger(__name__)
-
-
-def _layout(manifest: Manifest, cache_epoch: int) -> list[np.ndarray]:
-    """The source indices of each shard of cached epoch `cache_epoch`, as the builder lays it out."""
-    m = manifest
-    return epoch_shards(m.seed, cache_epoch, m.num_samples, m.shard_size, m.skipped)
-
-
-def _locate(manifest: Manifest) -> tuple[np.ndarray, np.ndarray]:
-    """(where, labels): for each source index, (source shard, position in it), and its label, from
-    the source shards' index files. A live epoch draws every batch from all over the source."""
-    files = ShardFiles(manifest, max_index_samples=0)  # indexes read once here, not kept
-    n = manifest.num_samples
-    where = np.full((n, 2), -1, dtype=np.int64)
-    labels = np.zeros(n, dtype=np.int64)
-    for k, shard in enumerate(live_shards(manifest)):
-        index = files.index(shard)
-        where[index.indices, 0] = k
-        where[index.indices, 1] = np.arange(shard.samples)
-        labels[index.indices] = index.labels
-    return where, labels
 
 
 class _LiveBatches(torch.utils.data.Dataset):
@@ -159,18 +141,11 @@ class LiveLoader(Loader):
 
     MODE = "live"
 
-    def __init__(self, cache: str | Path, *, batch_size: int, device: torch.device | str | None = None,
-                 shuffle: bool = True, seed: int = 0, drop_last: bool = False, normalize: bool = True,
-                 dtype: torch.dtype = torch.float32, channels_last: bool = False, rank: int | None = None,
-                 world_size: int | None = None, prefetch: int | None = None, shuffle_window: int = DEFAULT_WINDOW,
-                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                 workers: int | None = None, verify: bool = False, augment_on: str | None = None,
-                 trust_code: bool = False, factory: Callable[[int, int], object] | None = None,
-                 local: str | Path | None = None, batch_transform: Callable | None = None, **staging) -> None:
-        super().__init__(cache, batch_size=batch_size, device=device, shuffle=shuffle, seed=seed,
-                         drop_last=drop_last, normalize=normalize, dtype=dtype, channels_last=channels_last,
-                         rank=rank, world_size=world_size, prefetch=prefetch, shuffle_window=shuffle_window,
-                         mean=mean, std=std, local=local, batch_transform=batch_transform, **staging)
+    @passes_options_to(Loader.__init__)
+    def __init__(self, cache: str | Path, *, batch_size: int, workers: int | None = None, verify: bool = False,
+                 augment_on: str | None = None, trust_code: bool = False,
+                 factory: Callable[[int, int], object] | None = None, **options) -> None:
+        super().__init__(cache, batch_size=batch_size, **options)
         if workers is not None and (not isinstance(workers, int) or isinstance(workers, bool) or workers < 0):
             raise ValueError(f"workers must be an int >= 0 (0: augment in this process), got {workers!r}")
         self.workers = default_workers() if workers is None else workers
@@ -179,7 +154,7 @@ class LiveLoader(Loader):
         for shard in live_shards(self.manifest):
             _check_shard(shard, verify)
         self._check_epochs()
-        self._located: tuple[np.ndarray, np.ndarray] | None = None  # (where, labels), on first use
+        self._located: SourceMap | None = None  # on first use
         changed = drift(self.manifest.raw, self._factory)
         if changed:
             warnings.warn(f"{cache} was built under other conditions ({'; '.join(changed)}): its samples are "
@@ -200,6 +175,7 @@ class LiveLoader(Loader):
         self._tasks = _Tasks()
         self._workers_loader: torch.utils.data.DataLoader | None = None  # per-sample path, made on its first pass
         self._pass: object | None = None  # the per-sample pass now reading (one at a time: the workers are shared)
+        self._worker_batches: Iterator | None = None  # the workers' iterator over that pass's batches
 
     def _device_augment(self, plan: EpochPlan, batch: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
         if self.augment_on != "device":
@@ -236,7 +212,7 @@ class LiveLoader(Loader):
 
     def _layout(self, cache_epoch: int) -> list[np.ndarray]:
         if cache_epoch not in self._layouts:
-            self._layouts = {cache_epoch: _layout(self.manifest, cache_epoch)}  # one epoch at a time: flat memory
+            self._layouts = {cache_epoch: epoch_source_indices(self.manifest, cache_epoch)}  # one epoch at a time: flat memory
         return self._layouts[cache_epoch]
 
     def _shard_sizes(self, cache_epoch: int) -> list[int]:
@@ -257,9 +233,9 @@ class LiveLoader(Loader):
     def _host_batches(self, plan: EpochPlan, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         indices = self._indices(plan)
         if self._located is None:
-            self._located = _locate(self.manifest)
+            self._located = source_map(self.manifest)
         if self.augment_on == "device":  # the stored source, gathered as CachedLoader gathers a cached epoch
-            source_plan = _SourcePlan.of(plan, self._located[0][indices])
+            source_plan = _SourcePlan.of(plan, self._located.where[indices])
             return self._gather(self._files, live_shards(self.manifest), source_plan, start)
         size = plan.batch_size
         self._tasks.tasks = [(plan.cache_epoch, indices[k:k + size])
@@ -267,12 +243,13 @@ class LiveLoader(Loader):
         token = self._pass = object()
         # The DataLoader's pin-memory thread pins on the GPU current when its iterator is made: this pass's.
         with torch.cuda.device(self._copier.device) if self._copier.pin else contextlib.nullcontext():
-            batches = iter(self._augmenting())
-        return self._per_sample(batches, token)
+            self._worker_batches = iter(self._augmenting())
+        return self._per_sample(token)
 
     def _augmenting(self) -> torch.utils.data.DataLoader:
         """The DataLoader over _LiveBatches whose worker processes augment every per-sample pass:
-        started on the first, kept across epochs (as `persistent_workers=True` keeps them)."""
+        started on the first, kept across epochs (`persistent_workers=True`: a pass then costs no
+        process start-up, and each worker keeps its open source shards and its epoch's transform)."""
         if self._workers_loader is None:
             dataset = _LiveBatches(self.manifest, self._copier.host_channels_first, *self._located, self._factory)
             extra = ({"prefetch_factor": self._prefetch_factor(), "worker_init_fn": _init_worker,
@@ -291,17 +268,22 @@ class LiveLoader(Loader):
         batch_bytes = self.options.batch_size * h * w * c
         return max(1, min(self.options.prefetch or 2, PINNED_BYTES // (self.workers * batch_bytes)))
 
-    def _per_sample(self, batches: Iterator, token: object) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """The workers' batches of one pass; a newer pass takes the workers over (this one then stops)."""
+    def _per_sample(self, token: object) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The workers' batches of one pass; a newer pass takes the workers over (this one then stops).
+
+        Holds no reference to the workers' iterator between batches (it reads `_worker_batches`
+        each time): dropping the loader's references stops the workers even while this pass is
+        still held somewhere."""
         while True:
             if self._pass is not token:  # checked before taking a batch: it would be the newer pass's
                 raise ReaderError(f"a newer pass over this LiveLoader of {self.manifest.root} started: read one "
                                   "pass at a time (or make a second LiveLoader to read two at once)")
             try:
-                batch = next(batches)
+                batch = next(self._worker_batches)
             except StopIteration:
                 return
-            except BaseException:  # a failed pass (a damaged shard, a worker lost): its workers stop with it
+            except BaseException as e:  # a failed pass (a damaged shard, a worker lost): its workers stop with it
+                _release_frames(e)  # the traceback's DataLoader frames would keep the workers' iterator alive
                 self._stop_workers()
                 raise
             yield batch
@@ -312,10 +294,22 @@ class LiveLoader(Loader):
         super().close()
 
     def _stop_workers(self) -> None:
-        pool, self._workers_loader, self._pass = self._workers_loader, None, None
-        workers = getattr(pool, "_iterator", None)  # persistent workers live in the DataLoader's iterator
-        if workers is not None:
-            workers._shutdown_workers()
+        """Drop the loader's references to its DataLoader and the workers' iterator: the iterator,
+        referenced nowhere else, is freed at once and its deletion shuts its workers down (the
+        DataLoader's own lifecycle). A per-sample pass still held holds neither (_per_sample)."""
+        self._workers_loader = self._worker_batches = self._pass = None
+
+
+def _release_frames(error: BaseException) -> None:
+    """Clear the local variables of the finished frames in `error`'s traceback and in those of the
+    exceptions it chains: the traceback reads the same, but no longer keeps their objects alive."""
+    todo, seen = [error], set()
+    while todo:
+        e = todo.pop()
+        if e is not None and id(e) not in seen:
+            seen.add(id(e))
+            traceback.clear_frames(e.__traceback__)  # frames still running (the caller's) are skipped
+            todo += [e.__cause__, e.__context__]
 
 
 @dataclass(frozen=True, eq=False)

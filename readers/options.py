@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
@@ -58,6 +60,28 @@ class LoaderOptions:
             # A reader thread pays off when the consumer mostly waits on a GPU; on the CPU it
             # competes with the consumer for the same cores and the GIL, and measures slower.
             object.__setattr__(self, "prefetch", 2 if self.device.type == "cuda" else 0)
+
+
+_Init = TypeVar("_Init", bound=Callable)
+
+
+def passes_options_to(base_init: Callable) -> Callable[[_Init], _Init]:
+    """Decorator for a loader's `__init__(self, cache, *, batch_size, <its own options>, **options)`
+    that hands `**options` to `base_init` (Loader.__init__): the shared options are written once,
+    there, and this __init__'s signature (help(), inspect.signature) lists them with their
+    defaults as if written out, then base_init's `**staging`."""
+
+    def decorate(init: _Init) -> _Init:
+        signature = inspect.signature(init)
+        own, base = signature.parameters, inspect.signature(base_init).parameters
+        positional = [p for p in own.values() if p.kind is p.POSITIONAL_OR_KEYWORD]  # self, cache
+        shared = [own.get(name, p) for name, p in base.items() if p.kind is p.KEYWORD_ONLY]
+        extra = [p for name, p in own.items() if p.kind is p.KEYWORD_ONLY and name not in base]
+        staging = [p for p in base.values() if p.kind is p.VAR_KEYWORD]
+        init.__signature__ = signature.replace(parameters=[*positional, *shared, *extra, *staging])
+        return init
+
+    return decorate
 
 
 def _check_stats(name: str, values: object, above: float | None) -> tuple[float, ...] | None:

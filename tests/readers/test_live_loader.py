@@ -205,3 +205,39 @@ def test_a_live_cache_built_under_other_versions_says_so_once(pair, tmp_path):
                                          r"promised bit-identical") as caught:
         LiveLoader(live, batch_size=32, device="cpu", workers=0)
     assert len(caught) == 1
+
+
+def test_close_stops_the_workers_of_a_pass_still_held(pair):
+    _, live_dir = pair
+    gc.disable()  # reference counting alone must stop them: nothing may keep the workers' iterator alive
+    try:
+        loader = LiveLoader(live_dir, batch_size=32, device="cpu", workers=2)
+        held = iter(loader)
+        next(held)
+        assert len(workers_now()) == 2
+        loader.close()
+        assert gone_soon()
+        with pytest.raises(ReaderError, match="a newer pass over this LiveLoader"):
+            next(held)
+    finally:
+        gc.enable()
+
+
+def test_a_failed_pass_stops_its_workers_while_its_error_is_held(pair, tmp_path):
+    import shutil
+
+    live_dir = shutil.copytree(pair[1], tmp_path / "live")
+    gc.disable()  # the error's traceback (kept by pytest.raises) must not keep the workers alive
+    try:
+        loader = LiveLoader(live_dir, batch_size=32, device="cpu", workers=2)
+        shard = loader.manifest.source_shards[2].path
+        shard.write_bytes(shard.read_bytes()[:-100])
+        with pytest.raises(ReaderError, match=f"{shard} is .* bytes") as caught:
+            list(loader)
+        assert gone_soon() and caught.value.__traceback__ is not None
+        shard.write_bytes((pair[1] / shard.relative_to(live_dir)).read_bytes())
+        assert sum(len(y) for _, y in loader) == 300  # a pass after a failed one starts workers again
+        loader.close()
+        assert gone_soon()
+    finally:
+        gc.enable()

@@ -155,6 +155,20 @@ def test_every_loader_takes_mean_and_std(npy_cache):
     assert loader.mean == (0.1, 0.2, 0.3) and loader.std == (1.0, 1.0, 1.0)
 
 
+def test_every_loader_lists_the_shared_options_with_their_defaults():
+    from readers.loader import Loader
+
+    shared = {n: p.default for n, p in inspect.signature(Loader).parameters.items() if p.kind is p.KEYWORD_ONLY}
+    own = {CachedLoader: {"verify": False, "targets": "labels"},
+           LiveLoader: {"workers": None, "verify": False, "augment_on": None, "trust_code": False, "factory": None}}
+    for cls, extra in own.items():
+        params = inspect.signature(cls).parameters
+        assert list(params)[0] == "cache" and list(params)[-1] == "staging"
+        assert {n: p.default for n, p in params.items() if p.kind is p.KEYWORD_ONLY} == {**shared, **extra}
+        with pytest.raises(TypeError, match=f"{cls.__name__}.* missing 1 required keyword-only argument: 'batch_size'"):
+            cls("anywhere")
+
+
 def test_rank_alone_is_resolved_at_the_first_pass(npy_cache):
     # Built before init_process_group with only rank=: world size comes from torch.distributed later;
     # without a process group by then, the first pass says what is missing.
