@@ -55,7 +55,8 @@ class Section:
 def walk(schema: Section, section: Any, fail: Callable[[str], Exception], document: Any = None,
          i: int | None = None) -> None:
     """Check `section` against `schema`, depth first, in table order; raise `fail(message)` for
-    the first field that breaks it (`document`: the whole, for messages; by default `section`)."""
+    the first field that breaks it (`document`: the whole, for messages, by default `section`; `i`:
+    the section's place in its list)."""
     document = section if document is None else document
     if schema.ok is not None and not schema.ok(section, i):
         raise fail(say(schema.what, section, schema, document, i))
