@@ -1,6 +1,8 @@
 """The exception the contract raises for a cache that breaks the format."""
 
 import re
+from collections.abc import Callable
+from contextlib import ContextDecorator
 
 
 class FormatError(Exception):
@@ -13,3 +15,21 @@ class FormatError(Exception):
     def __init__(self, message: str) -> None:
         # One line even where it quotes another error's text.
         super().__init__(re.sub(r"\s*\n\s*", " ", str(message)).strip())
+
+
+class as_error(ContextDecorator):  # noqa: N801 - used as `with as_error(...)` / `@as_error(...)`, like a function
+    """Re-raise a FormatError raised inside as `kind` (one of each side's own error types, or
+    click's), with its text: one line, without the FormatError's traceback. `reword(text)`, where
+    given, says it in the caller's words; `kind` None keeps the error's own type."""
+
+    def __init__(self, kind: type[Exception] | None, reword: Callable[[str], str] | None = None) -> None:
+        self.kind, self.reword = kind, reword
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, _type, error, _traceback) -> bool:
+        if isinstance(error, FormatError):
+            text = self.reword(str(error)) if self.reword else str(error)
+            raise (self.kind or type(error))(text) from None
+        return False

@@ -7,18 +7,22 @@ shards (~250 bytes each), whatever the images and however many samples a shard h
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
 import os
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from cacheformat.errors import FormatError
 from cacheformat.layout import index_bytes, index_path, npy_layout, shard_size_problem
-from cacheformat.teacher import TeacherSpec, parse_teacher
+from cacheformat.schema import SKIP, Field, Section, walk
+from cacheformat.teacher import MEMBER as TEACHER_MEMBER
+from cacheformat.teacher import TeacherSpec, payload_bytes
 
 MANIFEST = "manifest.json"
 BUILD_STATE = ".cachegen-build.json"  # a build's identity, written first; a cache in progress
@@ -153,8 +157,181 @@ def check_version(raw: dict, path: Path) -> None:
                           f"{FORMAT_VERSION}): upgrade cachegen")
 
 
+def _is_sha256(x: Any) -> bool:
+    return isinstance(x, str) and _SHA256.fullmatch(x) is not None
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _ints(values: Any, low: int = 0, high: float = 2**63) -> bool:
+    """A JSON list of integers (not booleans), each in [low, high) (by default: fits int64)."""
+    return isinstance(values, list) and all(_is_int(v) and low <= v < high for v in values)
+
+
+# The schema (cacheformat.schema): each section's fields, what each must be, and what to say where
+# it is not; the messages name the field as the manifest spells it. Every number is untrusted.
+# What relates fields to each other is checked after the walk, by _consistent.
+
+def _count(low: float = 0, high: float = 2**63) -> Callable[[Any], bool]:
+    """An integer (not a boolean) in [low, high): by default, one that fits int64."""
+    return lambda x: _is_int(x) and low <= x < high
+
+
+def _one_of(*allowed: Any) -> Callable[[Any], bool]:
+    return lambda x: x in allowed
+
+
+def _or_none(ok: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda x: x is None or ok(x)
+
+
+def _any(x: Any) -> bool:
+    return True
+
+
+def _text(x: Any) -> bool:
+    return isinstance(x, str)
+
+
+def _texts(x: Any) -> bool:
+    return isinstance(x, list) and all(isinstance(v, str) for v in x)
+
+
+def _shape(x: Any) -> bool:
+    return isinstance(x, list) and len(x) == 3 and _ints(x, 1)
+
+
+def _numbers(x: Any) -> bool:
+    """Finite JSON numbers (an integer always is: never converted to a float to ask)."""
+    return isinstance(x, list) and all(type(v) is int or (type(v) is float and math.isfinite(v)) for v in x)
+
+
+def _tar_path(rel: Any) -> bool:
+    """A .tar file's path inside the cache folder, relative to it."""
+    if not isinstance(rel, str):
+        return False
+    path = PurePosixPath(rel)
+    return bool(path.parts) and not path.is_absolute() and ".." not in path.parts and rel.endswith(".tar")
+
+
+def _per_channel(name: str) -> Callable[[Mapping], str]:
+    return lambda m: f"{name} {m[name]!r} is not {m['output_shape'][2]} numbers, one per channel"
+
+
+def _digest(what: str, of: Callable[[Mapping], Any]) -> Callable[[Mapping], str]:
+    return lambda shard: f"shard {shard['path']}: {what} {str(of(shard))[:70]!r} is not a sha256"
+
+
+def _teacher_member(block: Mapping) -> str:
+    return (f"teacher member {block.get('member')!r} of {block.get('payload_bytes')!r} bytes is not "
+            f"{TEACHER_MEMBER} of {payload_bytes(block['topk'])} bytes")
+
+
+_COUNTS = ("num_samples {manifest[source][num_samples]!r}, shard_size {manifest[shard_size]!r}, "
+           "epochs {manifest[epochs]!r} or seed {manifest[seed]!r} is not a count")
+_TEXT = "a text field is not text"
+_VERSIONS = "transform factory_sha256 or versions is not a checksum / a map of version strings"
+_SIDE = "transform size {size!r} / resize {resize!r} is not a side"
+_AUGMENT_ON = f"transform augment_on {{augment_on!r}} is not one of {', '.join(AUGMENT_ON)} (auto: a live cache only)"
+_AUGMENT_DEVICE = (f"transform augment_device {{augment_device!r}} is not one of {', '.join(AUGMENT_DEVICES)} "
+                   "(a cached build augmented on the device only)")
+_DTYPE = "image dtype/layout {dtype!r}/{layout!r} is not uint8/HWC"
+_TEACHER_COUNTS = "teacher topk {topk!r} / classes {classes!r} are not counts with topk <= classes"
+_TEACHER_TEXT = "teacher spec / device is not text"
+_SKIPPED = "skipped is not a sorted list of source indices"
+_FINGERPRINTS = "epoch_fingerprints is not {epochs} fingerprints"
+_SHARD_COUNTS = "shard {path}: samples {samples!r} / bytes {bytes!r} are not counts"
+_PIXELS = "shard {path}: pixel statistics are not per-channel counts"
+
+
+def _live_lists(m: Mapping) -> str:
+    return f"a live cache lists {len(m['epoch_list'])} cached epochs (needs none) and its source_shards"
+
+
+SOURCE = Section((
+    Field("num_samples", _count(1), _COUNTS),  # in the source, skipped ones included
+    Field("kind", _text, _TEXT),
+    Field("description", _text, _TEXT),
+    Field("fingerprint", _text, _TEXT),
+))
+SOURCE_SPEC = Section((
+    Field("split", _text, _TEXT),
+    Field("spec", _or_none(_text), _TEXT),
+))
+TRANSFORM = Section((
+    Field("spec", _text, _TEXT),
+    Field("schedule", _text, _TEXT),
+    Field("fingerprint", _text, _TEXT),
+    Field("factory_sha256", _or_none(_is_sha256), _VERSIONS),  # null for a preset; always written
+    Field("size", _count(1), _SIDE),
+    Field("resize", _or_none(_count(1)), _SIDE),
+    Field("augment_on", _one_of(*AUGMENT_ON), _AUGMENT_ON, default=SKIP),  # absent: "cpu"
+    Field("augment_device", _or_none(_one_of(*AUGMENT_DEVICES)), _AUGMENT_DEVICE, default=SKIP),
+))
+IMAGE = Section((  # and npy_header_bytes, an npy cache's only: checked with the encoding, by _consistent
+    Field("encoding", _one_of(*ENCODINGS), f"image encoding {{encoding!r}} is not one of {', '.join(ENCODINGS)}"),
+    Field("shape", _shape, "image shape {shape!r} is not [H, W, C]"),
+    Field("dtype", _one_of("uint8"), _DTYPE),
+    Field("layout", _one_of("HWC"), _DTYPE),
+))
+TEACHER = Section((  # a reinforced cache's (cacheformat.teacher); an absent field is null
+    Field("topk", _count(1, math.inf), _TEACHER_COUNTS, default=None),
+    Field("classes", _count(1, math.inf), _TEACHER_COUNTS, default=None),
+    Field("member", _one_of(TEACHER_MEMBER), _teacher_member, default=None),
+    Field("spec", _text, _TEACHER_TEXT, default=None),
+    Field("device", _text, _TEACHER_TEXT, default=None),
+))
+SHARD = Section((  # one shard file of an epoch or of the source pass, and its index file
+    Field("path", _tar_path, "shard path {path!r} is not a .tar path inside the cache folder"),
+    Field("samples", _count(), _SHARD_COUNTS),
+    Field("bytes", _count(), _SHARD_COUNTS),
+    Field("sha256", _is_sha256, _digest("sha256", lambda s: s["sha256"])),
+    Field(("index", "sha256"), _is_sha256, _digest("index sha256", lambda s: s["index"]["sha256"])),
+    Field(("index", "bytes"), _count(1), "shard {path}: index bytes {index[bytes]!r} is not a count"),
+))  # and, where "pixel_count" is there, PIXEL_STATS
+PIXEL_STATS = Section((  # a shard's whose pixels were summed (mean/std are made of them): per channel
+    Field("pixel_count", _count(), _PIXELS),
+    Field("pixel_sum", _ints, _PIXELS),
+    Field("pixel_sqsum", _ints, _PIXELS),
+))
+EPOCH = Section((
+    Field("shards", _any, "", each=SHARD),
+    Field("samples", _any, ""),  # checked against its shards' by _check_shards
+), ok=lambda entry, e: isinstance(entry, dict) and entry["epoch"] == e and _is_int(entry["epoch"]),
+    what="epoch_list[{i}] is not epoch {i}")
+TOP = Section((
+    Field("mode", _one_of(*MODES), f"mode {{mode!r}} is not one of {', '.join(MODES)}"),
+    Field("source", _any, "", inner=SOURCE),
+    Field("shard_size", _count(1), _COUNTS),
+    Field("epochs", _count(1), _COUNTS),
+    Field("seed", _count(0, math.inf), _COUNTS),  # a seed may be any size
+    Field("created_by", _text, _TEXT),
+    Field("source_spec", _any, "", inner=SOURCE_SPEC),
+    Field("transform", _any, "", inner=TRANSFORM),
+    Field("versions", lambda x: isinstance(x, dict) and _texts(list(x.values())), _VERSIONS),
+    Field("image", _any, "", inner=IMAGE),
+    Field("output_shape", _shape, "output_shape {output_shape!r} is not [H, W, C]"),
+    Field("classes", lambda x: _texts(x) and bool(x), "classes {classes!s:.60} is not a list of class names"),
+    Field("teacher", _or_none(lambda x: isinstance(x, dict)), "teacher is not an object", default=SKIP,
+          inner=TEACHER),
+    Field("mean", _numbers, _per_channel("mean")),  # one per channel, in [0, 1] units: by _check_stats
+    Field("std", _numbers, _per_channel("std")),
+    Field("stats_from", _text, "stats_from {stats_from!r} is not the path of the cache mean/std came from",
+          default=SKIP),
+    Field("skipped", lambda x: _ints(x) and x == sorted(set(x)), _SKIPPED),
+    Field("epoch_fingerprints", _texts, _FINGERPRINTS),
+    # The entries of the lists of shards (EPOCH, SHARD) are walked by _check_shards, once their
+    # number is checked against the mode's and the epochs'.
+    Field("epoch_list", lambda x: isinstance(x, list), "epoch_list is not a list"),
+    Field("source_shards", _any, "", default=SKIP),  # a live cache's (a list): checked with the mode
+))
+
+
 def parse_manifest(raw: dict, root: Path) -> Manifest:
-    """Check every field both sides rely on: present, of its type, in range, consistent."""
+    """Check every field both sides rely on: present, of its type, in range (the schema above),
+    then consistent with the others (_consistent)."""
     path = root / MANIFEST
     check_version(raw, path)
 
@@ -163,114 +340,113 @@ def parse_manifest(raw: dict, root: Path) -> Manifest:
                            "rebuild the cache with `cachegen build --overwrite`")
 
     try:
-        mode, image, source, transform = raw["mode"], raw["image"], raw["source"], raw["transform"]
-        if mode not in MODES:
-            raise fail(f"mode {mode!r} is not one of {', '.join(MODES)}")
-        n, shard_size, seed, num_epochs = source["num_samples"], raw["shard_size"], raw["seed"], raw["epochs"]
-        if not (_ints([n, shard_size, num_epochs], 1) and _ints([seed], 0, math.inf)):  # a seed may be any size
-            raise fail(f"num_samples {n!r}, shard_size {shard_size!r}, epochs {num_epochs!r} or seed {seed!r} "
-                       "is not a count")
-        texts = (raw["created_by"], source["kind"], source["description"], source["fingerprint"],
-                 transform["spec"], transform["schedule"], transform["fingerprint"], raw["source_spec"]["split"])
-        spec = raw["source_spec"]["spec"]
-        if not all(isinstance(x, str) for x in texts) or not (spec is None or isinstance(spec, str)):
-            raise fail("a text field is not text")
-        factory = transform["factory_sha256"]  # null for a preset; always written
-        versions = raw["versions"]
-        if not (factory is None or _is_sha256(factory)) or not (
-                isinstance(versions, dict) and all(isinstance(v, str) for v in versions.values())):
-            raise fail("transform factory_sha256 or versions is not a checksum / a map of version strings")
-        if not (_ints([transform["size"]], 1) and (transform["resize"] is None or _ints([transform["resize"]], 1))):
-            raise fail(f"transform size {transform['size']!r} / resize {transform['resize']!r} is not a side")
-        augment_on = transform.get("augment_on", "cpu")
-        if augment_on not in AUGMENT_ON or (augment_on == "auto" and mode != "live"):
-            raise fail(f"transform augment_on {augment_on!r} is not one of {', '.join(AUGMENT_ON)} "
-                       "(auto: a live cache only)")
-        device = transform.get("augment_device")  # a cached device build's: its bytes are one device type's
-        if device is not None and (device not in AUGMENT_DEVICES or augment_on != "device" or mode != "cached"):
-            raise fail(f"transform augment_device {device!r} is not one of {', '.join(AUGMENT_DEVICES)} "
-                       "(a cached build augmented on the device only)")
-        encoding = image["encoding"]
-        if encoding not in ENCODINGS:
-            raise fail(f"image encoding {encoding!r} is not one of {', '.join(ENCODINGS)}")
-        shape = image["shape"]
-        if not (isinstance(shape, list) and len(shape) == 3 and _ints(shape, 1)):
-            raise fail(f"image shape {shape!r} is not [H, W, C]")
-        if image["dtype"] != "uint8" or image["layout"] != "HWC":
-            raise fail(f"image dtype/layout {image['dtype']!r}/{image['layout']!r} is not uint8/HWC")
-        header = image["npy_header_bytes"] if encoding == "npy" else 0
-        if not (_is_int(header) and (header > 0 or encoding != "npy")):
-            raise fail(f"npy_header_bytes {header!r} is not a byte count")
-        output_shape = raw["output_shape"]
-        if not (isinstance(output_shape, list) and len(output_shape) == 3 and _ints(output_shape, 1)):
-            raise fail(f"output_shape {output_shape!r} is not [H, W, C]")
-        if mode == "cached" and output_shape != shape:
-            raise fail(f"output_shape {output_shape!r} differs from the stored image shape {shape!r}")
-        classes = raw["classes"]
-        if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
-            raise fail(f"classes {str(classes)[:60]} is not a list of class names")
-        teacher = parse_teacher(raw.get("teacher"), len(classes), fail)
-        if teacher is not None and mode != "cached":
-            raise fail("a live cache has teacher targets (only a cached one stores them)")
-        channels = output_shape[2]
-        for name, low in (("mean", 0), ("std", 1e-9)):  # [0, 1] units; a reader divides by std
-            values = raw[name]
-            if not (isinstance(values, list) and len(values) == channels
-                    and all(type(v) in (int, float) and math.isfinite(v) for v in values)):
-                raise fail(f"{name} {values!r} is not {channels} numbers, one per channel")
-            if not all(low <= v <= 1 for v in values):
-                raise fail(f"{name} {values!r} has a value outside [{low:g}, 1]" + (" (std <= 0)" if low else ""))
-        if not isinstance(raw.get("stats_from", ""), str):
-            raise fail(f"stats_from {raw['stats_from']!r} is not the path of the cache mean/std came from")
-        skipped = raw["skipped"]
-        if not (_ints(skipped, 0, n) and skipped == sorted(set(skipped))):
-            raise fail("skipped is not a sorted list of source indices")
-        fingerprints = raw["epoch_fingerprints"]
-        if not (isinstance(fingerprints, list) and len(fingerprints) == num_epochs
-                and all(isinstance(x, str) for x in fingerprints)):
-            raise fail(f"epoch_fingerprints is not {num_epochs} fingerprints")
-        epoch_list = raw["epoch_list"]
-        if not isinstance(epoch_list, list):
-            raise fail("epoch_list is not a list")
-        if mode == "cached" and len(epoch_list) != num_epochs:
-            raise fail(f"epochs is {num_epochs} but epoch_list has {len(epoch_list)} entries")
-        if mode == "live" and (epoch_list or not isinstance(raw["source_shards"], list)):
-            raise fail(f"a live cache lists {len(epoch_list)} cached epochs (needs none) and its source_shards")
-        base = root.absolute()  # shard paths stay right if the process changes directory
-        epochs, seen = [], set()
-        payload = header + math.prod(shape) if encoding == "npy" else None  # an npy shard's size is exact
-        extra = teacher.member_bytes if teacher is not None else 0  # a reinforced sample's teacher member
-        for e, entry in enumerate(epoch_list):
-            if not (isinstance(entry, dict) and entry["epoch"] == e and _is_int(entry["epoch"])):
-                raise fail(f"epoch_list[{e}] is not epoch {e}")
-            shards = tuple(_shard(base, s, fail, seen, payload, extra) for s in entry["shards"])
-            total = sum(s.samples for s in shards)
-            if entry["samples"] != total:
-                raise fail(f"epoch {e} says {entry['samples']!r} samples but its shards hold {total}")
-            epochs.append(shards)
-        source_shards = tuple(_shard(base, s, fail, seen, payload, extra) for s in raw["source_shards"]) \
-            if mode == "live" else ()
-        want = n - len(skipped)  # each pass holds every sample but the skipped ones, once
-        passes = [("the source pass", source_shards)] if mode == "live" else \
-            [(f"epoch {e}", shards) for e, shards in enumerate(epochs)]
-        for what, shards in passes:
-            if sum(s.samples for s in shards) != want:
-                raise fail(f"{what} holds {sum(s.samples for s in shards)} samples, not the {want} of the source")
-            if any(s.samples > shard_size for s in shards):
-                raise fail(f"a shard of {what} holds more than shard_size {shard_size} samples")
-        for s in _stats_shards(raw, mode):
-            if not (_ints([s["pixel_count"]]) and _ints(s["pixel_sum"]) and _ints(s["pixel_sqsum"])
-                    and len(s["pixel_sum"]) == len(s["pixel_sqsum"])):
-                raise fail(f"shard {s['path']}: pixel statistics are not per-channel counts")
-    except FormatError:
-        raise
+        walk(TOP, raw, fail)
+        return _consistent(raw, root, fail)
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise fail(f"missing or malformed field: {type(e).__name__}: {str(e)[:60]}") from None
-    return Manifest(root=root, mode=mode, encoding=encoding, shape=tuple(shape), output_shape=tuple(output_shape),
-                    npy_header_bytes=header, mean=tuple(float(m) for m in raw["mean"]),
-                    std=tuple(float(s) for s in raw["std"]), classes=tuple(classes), seed=seed, num_samples=n,
-                    shard_size=shard_size, skipped=tuple(skipped), num_epochs=num_epochs, epochs=tuple(epochs),
-                    source_shards=source_shards, raw=raw, augment_on=augment_on, teacher=teacher)
+
+
+def _consistent(raw: dict, root: Path, fail: Callable[[str], FormatError]) -> Manifest:
+    """The checks across fields, on fields the walk typed (in the order they always ran: of two
+    faults, the one named is the one named before); then the Manifest."""
+    mode, image = raw["mode"], raw["image"]
+    augment_on, header = _check_settings(raw, fail)
+    teacher = _check_teacher(raw, fail)
+    _check_stats(raw, fail)
+    epochs, source_shards = _check_shards(raw, root.absolute(), header, teacher, fail)
+    for s in _stats_shards(raw, mode):
+        walk(PIXEL_STATS, s, fail, raw)
+        if len(s["pixel_sum"]) != len(s["pixel_sqsum"]):
+            raise fail(_PIXELS.format_map(s))
+    return Manifest(root=root, mode=mode, encoding=image["encoding"], shape=tuple(image["shape"]),
+                    output_shape=tuple(raw["output_shape"]), npy_header_bytes=header,
+                    mean=tuple(float(m) for m in raw["mean"]), std=tuple(float(s) for s in raw["std"]),
+                    classes=tuple(raw["classes"]), seed=raw["seed"], num_samples=raw["source"]["num_samples"],
+                    shard_size=raw["shard_size"], skipped=tuple(raw["skipped"]), num_epochs=raw["epochs"],
+                    epochs=epochs, source_shards=source_shards, raw=raw, augment_on=augment_on, teacher=teacher)
+
+
+def _check_settings(raw: dict, fail) -> tuple[str, int]:
+    """(augment_on, npy_header_bytes): where it augments, for its mode; the image for its encoding."""
+    mode, transform, image = raw["mode"], raw["transform"], raw["image"]
+    augment_on = transform.get("augment_on", "cpu")
+    if augment_on == "auto" and mode != "live":
+        raise fail(_AUGMENT_ON.format_map(transform))
+    # A cached device build's: its bytes are one device type's.
+    if transform.get("augment_device") is not None and (augment_on != "device" or mode != "cached"):
+        raise fail(_AUGMENT_DEVICE.format_map(transform))
+    header = image["npy_header_bytes"] if image["encoding"] == "npy" else 0
+    if image["encoding"] == "npy" and not (_is_int(header) and header > 0):
+        raise fail(f"npy_header_bytes {header!r} is not a byte count")
+    if mode == "cached" and raw["output_shape"] != image["shape"]:
+        raise fail(f"output_shape {raw['output_shape']!r} differs from the stored image shape {image['shape']!r}")
+    return augment_on, header
+
+
+def _check_teacher(raw: dict, fail) -> TeacherSpec | None:
+    """A reinforced cache's teacher block against itself, the classes and the mode; None where none."""
+    block = raw.get("teacher")
+    if block is None:
+        return None
+    if block["topk"] > block["classes"]:
+        raise fail(_TEACHER_COUNTS.format_map(block))
+    if block["classes"] != len(raw["classes"]):
+        raise fail(f"teacher classes {block['classes']} is not the cache's {len(raw['classes'])} classes")
+    if block.get("payload_bytes") != payload_bytes(block["topk"]):
+        raise fail(_teacher_member(block))
+    if raw["mode"] != "cached":
+        raise fail("a live cache has teacher targets (only a cached one stores them)")
+    return TeacherSpec(topk=block["topk"], classes=block["classes"])
+
+
+def _check_stats(raw: dict, fail) -> None:
+    """mean/std one per channel, in range; skipped within the source; one fingerprint an epoch."""
+    for name, low in (("mean", 0), ("std", 1e-9)):  # [0, 1] units; a reader divides by std
+        values = raw[name]
+        if len(values) != raw["output_shape"][2]:
+            raise fail(_per_channel(name)(raw))
+        if not all(low <= v <= 1 for v in values):
+            raise fail(f"{name} {values!r} has a value outside [{low:g}, 1]" + (" (std <= 0)" if low else ""))
+    if raw["skipped"] and raw["skipped"][-1] >= raw["source"]["num_samples"]:
+        raise fail(_SKIPPED)
+    if len(raw["epoch_fingerprints"]) != raw["epochs"]:
+        raise fail(_FINGERPRINTS.format_map(raw))
+
+
+def _check_shards(raw: dict, base: Path, header: int, teacher: TeacherSpec | None, fail
+                  ) -> tuple[tuple[tuple[ShardEntry, ...], ...], tuple[ShardEntry, ...]]:
+    """(the shards of each cached epoch, of the source pass): listed once, each of a size its samples
+    can have, each pass every sample of the source once. `base`: absolute, so a shard's path stays
+    right if the process changes directory."""
+    mode, num_epochs, epoch_list = raw["mode"], raw["epochs"], raw["epoch_list"]
+    if mode == "cached" and len(epoch_list) != num_epochs:
+        raise fail(f"epochs is {num_epochs} but epoch_list has {len(epoch_list)} entries")
+    if mode == "live" and (epoch_list or not isinstance(raw["source_shards"], list)):
+        raise fail(_live_lists(raw))
+    payload = header + math.prod(raw["image"]["shape"]) if header else None  # an npy shard's size is exact
+    extra = teacher.member_bytes if teacher is not None else 0  # a reinforced sample's teacher member
+    shard = functools.partial(_shard, base, fail, set(), payload, extra)
+    epochs = []
+    for e, entry in enumerate(epoch_list):
+        walk(EPOCH, entry, fail, raw, e)
+        shards = tuple(map(shard, entry["shards"]))
+        total = sum(s.samples for s in shards)
+        if entry["samples"] != total:
+            raise fail(f"epoch {e} says {entry['samples']!r} samples but its shards hold {total}")
+        epochs.append(shards)
+    if mode == "live":
+        for entry in raw["source_shards"]:
+            walk(SHARD, entry, fail, raw)
+    source_shards = tuple(map(shard, raw["source_shards"])) if mode == "live" else ()
+    want = raw["source"]["num_samples"] - len(raw["skipped"])  # each pass holds every sample but the skipped, once
+    passes = [("the source pass", source_shards)] if mode == "live" else \
+        [(f"epoch {e}", shards) for e, shards in enumerate(epochs)]
+    for what, shards in passes:
+        if sum(s.samples for s in shards) != want:
+            raise fail(f"{what} holds {sum(s.samples for s in shards)} samples, not the {want} of the source")
+        if any(s.samples > raw["shard_size"] for s in shards):
+            raise fail(f"a shard of {what} holds more than shard_size {raw['shard_size']} samples")
+    return tuple(epochs), source_shards
 
 
 def check_files(manifest: Manifest) -> None:
@@ -301,23 +477,14 @@ def _stats_shards(raw: dict, mode: str) -> list[dict]:
     return [s for s in shards if "pixel_count" in s]
 
 
-def _shard(root: Path, entry: dict, fail, seen: set, npy_payload: int | None, extra: int) -> ShardEntry:
-    rel = entry["path"]
-    parts = PurePosixPath(rel).parts if isinstance(rel, str) else ()
-    if not parts or PurePosixPath(rel).is_absolute() or ".." in parts or rel in (".", "") or not rel.endswith(".tar"):
-        raise fail(f"shard path {rel!r} is not a .tar path inside the cache folder")
+def _shard(root: Path, fail, seen: set, npy_payload: int | None, extra: int, entry: dict) -> ShardEntry:
+    """A shard entry the walk typed: listed once, its bytes able to hold its samples (they bound
+    them), its index of the size its samples make."""
+    rel, n, size, index = entry["path"], entry["samples"], entry["bytes"], entry["index"]
     if rel in seen:
         raise fail(f"shard {rel} is listed twice")
     seen.add(rel)
-    n, size, index = entry["samples"], entry["bytes"], entry["index"]
-    if not _ints([n, size]):
-        raise fail(f"shard {rel}: samples {n!r} / bytes {size!r} are not counts")
-    for what, digest in (("sha256", entry["sha256"]), ("index sha256", index["sha256"])):
-        if not _is_sha256(digest):
-            raise fail(f"shard {rel}: {what} {str(digest)[:70]!r} is not a sha256")
-    if not _ints([index["bytes"]], 1):
-        raise fail(f"shard {rel}: index bytes {index['bytes']!r} is not a count")
-    problem = shard_size_problem(n, size, npy_payload, extra)  # the bytes bound the samples
+    problem = shard_size_problem(n, size, npy_payload, extra)
     if problem:
         raise fail(f"shard {rel}: {problem}")
     if index["bytes"] != index_bytes(n):
@@ -359,16 +526,3 @@ def _differing_options(was: dict, now: dict) -> list[str]:
     return ["the factory's source file was edited" if k == "factory_sha256" else
             "its contents changed (same options, other bytes)" if k == "fingerprint" else
             f"{k} {was.get(k)} -> {now.get(k)}" for k in named]
-
-
-def _is_sha256(x: Any) -> bool:
-    return isinstance(x, str) and _SHA256.fullmatch(x) is not None
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _ints(values: Any, low: int = 0, high: float = 2**63) -> bool:
-    """A JSON list of integers (not booleans), each in [low, high) (by default: fits int64)."""
-    return isinstance(values, list) and all(_is_int(v) and low <= v < high for v in values)

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import functools
 import io
-import math
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
@@ -77,26 +75,6 @@ def member_starts(offsets: np.ndarray, sizes: np.ndarray) -> np.ndarray:
     return offsets + (sizes + BLOCK - 1) // BLOCK * BLOCK + BLOCK
 
 
-def parse_teacher(block: Any, classes: int, fail) -> TeacherSpec | None:
-    """A manifest's `teacher` block checked (None where the cache has none); `fail(what)` makes the
-    error to raise."""
-    if block is None:
-        return None
-    if not isinstance(block, dict):
-        raise fail("teacher is not an object")
-    topk, stored_classes = block.get("topk"), block.get("classes")
-    if not (_count(topk) and _count(stored_classes) and topk <= stored_classes):
-        raise fail(f"teacher topk {topk!r} / classes {stored_classes!r} are not counts with topk <= classes")
-    if stored_classes != classes:
-        raise fail(f"teacher classes {stored_classes} is not the cache's {classes} classes")
-    if block.get("member") != MEMBER or block.get("payload_bytes") != payload_bytes(topk):
-        raise fail(f"teacher member {block.get('member')!r} of {block.get('payload_bytes')!r} bytes is not "
-                   f"{MEMBER} of {payload_bytes(topk)} bytes")
-    if not all(isinstance(block.get(k), str) for k in ("spec", "device")):
-        raise fail("teacher spec / device is not text")
-    return TeacherSpec(topk=topk, classes=classes)
-
-
 def decode_records(raw: np.ndarray, spec: TeacherSpec, where: str) -> tuple[np.ndarray, np.ndarray]:
     """(classes int64 (n, K), probs float32 (n, K)) from `raw`, n members' records as uint8 (n, 6K);
     ValueError naming `where` unless every class is one of the cache's and every probability is in [0, 1]."""
@@ -110,6 +88,3 @@ def decode_records(raw: np.ndarray, spec: TeacherSpec, where: str) -> tuple[np.n
         raise ValueError(f"{where}: teacher probabilities outside [0, 1]")
     return classes, probs
 
-
-def _count(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and 1 <= x < math.inf

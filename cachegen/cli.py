@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from cachegen import __version__
-from cacheformat import FormatError
+from cacheformat import as_error
 from cacheformat.manifest import ENCODINGS
 
 
@@ -20,9 +20,8 @@ def _one_line_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
-        except FormatError as e:
-            raise click.ClickException(str(e)) from None
+            with as_error(click.ClickException):
+                return fn(*args, **kwargs)
         except KeyboardInterrupt:
             click.echo("\ncachegen: interrupted; re-run the same command to resume", err=True)
             raise SystemExit(130) from None

@@ -13,6 +13,7 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
+from cacheformat.manifest import MANIFEST
 from cachegen import __version__
 
 PACKAGES = ("torch", "torchvision", "numpy", "pillow", "webdataset", "kornia", "click",
@@ -114,7 +115,7 @@ def report(cache: Path) -> dict:
             "packages": package_versions(), "cores": cores(),
             "memory": {"total": mem.get("MemTotal"), "available": mem.get("MemAvailable"),
                        "page_cache": mem.get("Cached")},
-            "cache": {"path": str(cache), "is_cache": (cache / "manifest.json").is_file(),
+            "cache": {"path": str(cache), "is_cache": (cache / MANIFEST).is_file(),
                       "bytes": folder_bytes(cache), "disk": disk_at(cache)},
             "torch": gpus()}
 

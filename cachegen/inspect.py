@@ -55,7 +55,7 @@ def summary(root: Path) -> dict:
             "skipped": len(m["skipped"]), **({"stats_from": m["stats_from"]} if "stats_from" in m else {})}
 
 
-def _layout(m: Manifest) -> list[tuple[str, tuple, list[np.ndarray]]]:
+def _expected_passes(m: Manifest) -> list[tuple[str, tuple, list[np.ndarray]]]:
     """(what, shard entries, the source indices each must hold) for every pass the cache stores."""
     if m.mode == "live":
         return [("the source pass", m.source_shards, source_pass(m.num_samples, m.shard_size, m.skipped))]
@@ -101,7 +101,7 @@ def verify(root: Path) -> tuple[int, list[str]]:
 def _check_layout(root: Path, m: Manifest) -> None:
     """Each pass's shards hold the source indices its seed, shard_size and skipped put there (an
     index that does not load is left to _shard_problem, which names its shard)."""
-    for what, shards, expected in _layout(m):
+    for what, shards, expected in _expected_passes(m):
         if len(shards) != len(expected):
             _edited(root, f"{what} lists {len(shards)} shards, its seed and shard_size make {len(expected)}")
         for shard, indices in zip(shards, expected):

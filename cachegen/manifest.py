@@ -7,7 +7,7 @@ import json
 import os
 from pathlib import Path
 
-from cacheformat import FormatError
+from cacheformat import FormatError, as_error
 from cacheformat import manifest as contract
 from cacheformat.layout import TMP_MARK
 from cacheformat.manifest import (BUILD_STATE, FORMAT, FORMAT_VERSION, MANIFEST, Manifest,  # noqa: F401 - re-exported
@@ -55,15 +55,13 @@ def write_manifest(root: Path, manifest: dict, folders) -> None:
         CachegenError: the manifest would be refused by the readers (a cachegen bug: nothing is
             written, the shards are kept), or it cannot be written.
     """
-    try:
+    with as_error(CachegenError, lambda text: f"the build made a manifest its readers would refuse, so it was not "
+                                              f"written ({text}); the shards are kept: report this as a cachegen bug"):
         checked = contract.parse_manifest(json.loads(json.dumps(manifest)), root)  # as a reader gets it
         contract.check_files(checked)
         missing = [s.relpath for s in checked.all_shards() if not (s.path.is_file() and s.index_path.is_file())]
         if missing:
             raise FormatError(f"shard {missing[0]} or its index is missing")
-    except FormatError as e:
-        raise CachegenError(f"the build made a manifest its readers would refuse, so it was not written "
-                            f"({e}); the shards are kept: report this as a cachegen bug") from None
     for folder in sorted(set(folders)):
         fsync_folder(root / folder)
     write_json_atomic(root / MANIFEST, manifest)
@@ -73,19 +71,15 @@ def write_json_atomic(path: Path, obj: dict) -> None:
     write_atomic(path, json.dumps(obj, separators=(",", ":")).encode())
 
 
+@as_error(CachegenError)
 def read_json(path: Path) -> dict:
-    try:
-        return contract.read_json(path)
-    except FormatError as e:
-        raise CachegenError(str(e)) from None
+    return contract.read_json(path)
 
 
 def load_manifest(root: Path) -> Manifest:
     """The checked manifest of the cache at `root` (a CachegenError names what is missing or wrong)."""
-    try:
+    with as_error(CachegenError):
         return contract.read_manifest(root)
-    except FormatError as e:
-        raise CachegenError(str(e)) from None
 
 
 def read_manifest(root: Path) -> dict:

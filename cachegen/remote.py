@@ -13,12 +13,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from cacheformat.layout import index_path
-from cacheformat import FormatError
+from cacheformat import as_error
 from cachegen import faults
 from cachegen.errors import CachegenError
-from cachegen.manifest import describe_difference, identity
+from cachegen.manifest import MANIFEST, describe_difference, identity
 from readers.manifest import load_manifest
-from readers.remote import MANIFEST, Stager, filesystem, is_url
+from readers.remote import Stager, filesystem, is_url
 
 
 @contextmanager
@@ -29,14 +29,13 @@ def local_view(cache: str | Path, *, files: bool = False) -> Iterator[Path]:
         return
     with tempfile.TemporaryDirectory(prefix="cachegen-") as tmp:
         stager = Stager(str(cache), tmp)
-        try:
+        # A damaged manifest or shard: named by its URL, not the download's path.
+        with as_error(None, lambda text: named(text, stager.root, cache)):
             if files:
                 for shard in load_manifest(stager.root).all_shards():
                     for rel in (shard.relpath, index_path(shard.relpath)):
                         stager.copy(rel)
             yield stager.root
-        except FormatError as e:  # a damaged manifest or shard: named by its URL, not the download's path
-            raise type(e)(named(str(e), stager.root, cache)) from None
 
 
 def named(text: str, root: Path, cache: str | Path) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cacheformat import FormatError
+from cacheformat import as_error
 from cacheformat.layout import TMP_MARK, sample_key, tar_bytes
 from cacheformat.payload import CodecMessages, decode_payload
 from cacheformat.teacher import MEMBER as TEACHER_MEMBER
@@ -203,10 +203,8 @@ def read_image(root: Path, shard: dict, j: int, image: dict) -> np.ndarray:
 
 def _decoded(data, encoding: str, shape: tuple, **how) -> np.ndarray:
     """cacheformat's one decode path, its error a CachegenError."""
-    try:
+    with as_error(CachegenError):
         return decode_payload(data, encoding, shape, **how)
-    except FormatError as e:
-        raise CachegenError(str(e)) from None
 
 
 def check_shard(path: Path, size: int, sha256: str) -> str | None:

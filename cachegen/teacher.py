@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from cacheformat import FormatError
+from cacheformat import as_error
 from cacheformat.payload import decode_payload
 from cacheformat.teacher import MEMBER, RECORD, TeacherSpec, encode, payload_bytes
 from cachegen.errors import CachegenError
@@ -45,10 +45,8 @@ def load_teacher(spec: str, device: torch.device = torch.device("cpu"), weights:
     factory. `weights`: the sha256 its state_dict must have (what the build probed)."""
     key = (spec, str(device))
     if key not in _LOADED:
-        try:
+        with as_error(CachegenError):
             factory = load_callable(spec, option="--teacher", usage=USAGE)
-        except FormatError as e:
-            raise CachegenError(str(e)) from None
         try:
             module = factory()
         except Exception as e:

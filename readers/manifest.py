@@ -6,7 +6,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from cacheformat import FormatError
+from cacheformat import as_error
 from cacheformat.index import ShardIndex, read_index
 from cacheformat.manifest import Manifest, ShardEntry, check_files, identity, read_manifest
 from readers.errors import ReaderError
@@ -26,20 +26,16 @@ def load_manifest(root: str | Path) -> Manifest:
         ReaderError: no manifest, unreadable JSON, a cache of another format version, a field
             that breaks the format, or a file of another size, named.
     """
-    try:
+    with as_error(ReaderError):
         manifest = read_manifest(root)
         check_files(manifest)  # O(shards) stats, before anything costs O(samples)
-    except FormatError as e:
-        raise ReaderError(str(e)) from None
     return manifest
 
 
 def load_index(manifest: Manifest, shard: Shard) -> ShardIndex:
     """`shard`'s per-sample index, checked against the manifest; ReaderError naming it where not."""
-    try:
+    with as_error(ReaderError):
         return read_index(manifest, shard)
-    except FormatError as e:
-        raise ReaderError(str(e)) from None
 
 
 def live_shards(manifest: Manifest) -> tuple[Shard, ...]:

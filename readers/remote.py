@@ -32,10 +32,9 @@ from typing import Any
 
 from cacheformat.layout import TMP_MARK, index_path
 from cacheformat.locks import lock_file, locked
-from cacheformat.manifest import MAX_MANIFEST_BYTES
+from cacheformat.manifest import MANIFEST, MAX_MANIFEST_BYTES
 from readers.errors import ReaderError
 
-MANIFEST = "manifest.json"
 NODE_LOCK = ".node.lock"  # in the staged copy: held while a loader accounts for the node's shards
 PIN = ".pin"  # <shard>.pin: shared-locked by every loader reading the shard
 _CHUNK = 1 << 20  # a stopped pass's downloads notice within one chunk

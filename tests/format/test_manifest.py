@@ -55,6 +55,7 @@ FAULTS = {
     "mean one channel": (lambda m: m.update(mean=[0.5]), r"mean \[0.5\] is not 3 numbers"),
     "std zeroed": (lambda m: m.update(std=[0.2, 0.0, 0.2]), r"std .* outside \[1e-09, 1\] \(std <= 0\)"),
     "mean a string": (lambda m: m.update(mean=["0.5", 0.5, 0.5]), "mean .* is not 3 numbers"),
+    "mean a huge integer": (lambda m: m.update(mean=[10**400, 0.5, 0.5]), r"mean .* has a value outside \[0, 1\]"),
     "skipped unsorted": (lambda m: m.update(skipped=[5, 3]), "skipped is not a sorted list"),
     "skipped past the source": (lambda m: m.update(skipped=[SAMPLES]), "skipped is not a sorted list"),
     "fingerprints one short": (lambda m: m["epoch_fingerprints"].pop(), "epoch_fingerprints is not 2"),
