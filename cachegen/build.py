@@ -18,8 +18,7 @@ import threading
 import warnings
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, as_completed, wait
-from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures import FIRST_COMPLETED, Future, as_completed, wait
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -39,6 +38,7 @@ from cacheformat.locks import lock_file
 from cachegen.manifest import (BUILD_STATE, FORMAT, FORMAT_VERSION, MANIFEST, describe_difference, identity,
                                fsync_folder, read_json, read_manifest, write_atomic, write_json_atomic,
                                write_manifest)
+from cachegen.pool import WorkerDied, WorkerPool
 from cachegen.shards import TMP_MARK, encode, index_shard, npy_header_bytes, write_shard
 from cachegen.sources import Source, open_source, printable
 from cachegen.stats import STATS_EPOCH, PixelStats, channel_stats, stats_of_cache
@@ -821,16 +821,16 @@ def _run(job: Job, tasks: list[ShardTask], workers: int, dask: str | None = None
     # fork where there is one (the workers start at once, sharing the source), unless the program
     # chose a start method itself (multiprocessing.set_start_method): any works.
     method = mp.get_start_method(allow_none=True) or ("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    pool = ProcessPoolExecutor(min(workers, len(tasks)), mp_context=mp.get_context(method),
-                               initializer=_init_worker, initargs=(job,))
-    processes = pool._processes  # by pid, filled as they start: to say which died (no public accessor before 3.14)
+    pool = WorkerPool(min(workers, len(tasks)), mp_context=mp.get_context(method),
+                      initializer=_init_worker, initargs=(job,))
     try:
         yield from _stream(job, tasks, pool.submit, ahead=2 * workers)
-    except BrokenProcessPool:
-        _stop(pool, processes)
-        raise CachegenError(_death(processes)) from None
+    except WorkerDied as e:
+        raise CachegenError(_death(e)) from None
     finally:
-        _stop(pool, processes)
+        # Queued shards cancelled, workers still writing one terminated (the caller removes their
+        # temporaries), every process joined.
+        pool.stop()
 
 
 def _stream(job: Job, tasks: list[ShardTask], submit: Callable[..., Future], ahead: int):
@@ -884,32 +884,7 @@ def _completed(futures: list[Future]):
         yield future.result()
 
 
-def _stop(pool: ProcessPoolExecutor, processes: dict) -> None:
-    """Shut the pool down now: queued shards cancelled, workers still writing one terminated
-    (the caller removes their temporaries), every process joined."""
-    # shutdown() forgets the pool's manager thread, so a second shutdown(wait=True) would not wait for it
-    # to reap the workers: without this join, a worker's exit code could still be unset when read.
-    manager = pool._executor_manager_thread
-    pool.shutdown(wait=False, cancel_futures=True)
-    for process in processes.values():
-        if process.is_alive():
-            process.terminate()
-    if manager is not None:
-        manager.join()
-    pool.shutdown(wait=True)
-
-
-def _death(processes: dict) -> str:
+def _death(died: WorkerDied) -> str:
     """One line on a worker that died under the pool: which, how, and what to do."""
-    died = [(pid, p.exitcode) for pid, p in processes.items() if p.exitcode not in (None, 0, -signal.SIGTERM)]
-    how = "a worker process died"
-    if died:
-        pid, code = died[0]
-        if code < 0:
-            name = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
-            oom = " (the out-of-memory killer sends it: see `dmesg`)" if code == -signal.SIGKILL else ""
-            how = f"worker process {pid} was killed by {name}{oom}"
-        else:
-            how = f"worker process {pid} exited with status {code}"
-    return (f"{how} while writing shards; finished shards are kept: re-run the same command to resume "
-            "(with fewer --workers if memory is short)")
+    return (f"{died.describe()} while writing shards; finished shards are kept: re-run the same command to "
+            "resume (with fewer --workers if memory is short)")
