@@ -80,7 +80,7 @@ def _reply(conn, reply: tuple) -> bool:
     except Exception as e:  # the result or the exception does not pickle: say that instead
         unsent = e
     try:
-        conn.send(("error", _Raised(unsent)))
+        conn.send(("init" if reply[0] == "init" else "error", _Raised(unsent)))
         return True
     except (OSError, EOFError):
         return False
@@ -126,6 +126,9 @@ class _Worker:
         self.process = ctx.Process(target=_serve, args=(child, initializer, initargs))
         try:
             self.process.start()
+        except BaseException:
+            self.conn.close()
+            raise
         finally:
             # Closed before the next worker forks, so that only this worker holds its end: the
             # parent's reads see end-of-file the moment it dies.
@@ -151,9 +154,10 @@ _LIVE: weakref.WeakSet = weakref.WeakSet()
 
 
 @atexit.register  # registered after multiprocessing's own exit hook, so run before it joins the workers
-def _stop_all() -> None:
+def _shut_down_all() -> None:
+    """At exit, as the Executor contract says: every pool's pending tasks finished, then its workers ended."""
     for pool in list(_LIVE):
-        pool.stop()
+        pool.shutdown(wait=True)
 
 
 class WorkerPool(Executor):

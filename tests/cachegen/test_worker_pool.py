@@ -6,6 +6,8 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import signal
+import subprocess
+import sys
 import time
 from concurrent.futures import BrokenExecutor, CancelledError, as_completed, wait
 
@@ -179,3 +181,19 @@ def test_a_task_that_does_not_pickle_fails_alone(context):
         with pytest.raises(Exception, match="pickle"):
             unpicklable.result(timeout=30)
         assert pool.submit(square, 4).result(timeout=30) == 16
+
+
+def touch_later(path: str) -> None:
+    time.sleep(0.2)
+    open(path, "w").close()
+
+
+def test_a_program_that_never_shuts_its_pool_down_finishes_its_tasks_and_exits(tmp_path):
+    """As with concurrent.futures' pools: at exit the queued tasks run, then the workers end (no hang
+    in multiprocessing's own exit, which joins them)."""
+    script = ("import sys\nfrom cachegen.pool import WorkerPool\nfrom tests.cachegen.test_worker_pool import touch_later\n"
+              "pool = WorkerPool(2)\nfor i in range(4):\n    pool.submit(touch_later, f'{sys.argv[1]}/{i}')\n")
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["0", "1", "2", "3"]
