@@ -55,6 +55,14 @@ def wait_for_file(path: str) -> str:
     return path
 
 
+def handed_out(futures) -> None:
+    """Wait until the pool has given each of `futures` to a worker (it runs there, or will first)."""
+    deadline = time.monotonic() + 30
+    while not all(f.running() for f in futures):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -82,12 +90,12 @@ def test_results_arrive_as_tasks_finish_and_exceptions_as_themselves(context):
         assert pool.submit(square, 3).result() == 9  # a task's exception leaves the pool working
 
 
-def test_a_worker_killed_by_sigkill_fails_the_unfinished_tasks_with_its_pid_and_signal():
-    pool = WorkerPool(2, mp_context=mp.get_context(METHODS[0]))
+def test_a_worker_killed_by_sigkill_fails_the_unfinished_tasks_with_its_pid_and_signal(context):
+    pool = WorkerPool(2, mp_context=context)
     try:
         running = [pool.submit(nap, 60) for _ in range(2)]
         queued = [pool.submit(square, x) for x in range(4)]
-        time.sleep(0.5)  # both workers busy with a nap
+        handed_out(running)
         victim = pool.pids[0]
         os.kill(victim, signal.SIGKILL)
         done, not_done = wait(running + queued, timeout=30)
@@ -130,7 +138,7 @@ def test_shutdown_with_cancel_futures_cancels_queued_tasks_and_leaves_no_process
     gate = str(tmp_path / "gate")
     running = [pool.submit(wait_for_file, gate) for _ in range(2)]
     queued = [pool.submit(square, x) for x in range(6)]
-    time.sleep(0.5)
+    handed_out(running)
     pool.shutdown(wait=False, cancel_futures=True)
     assert all(f.cancelled() for f in queued)
     open(gate, "w").close()  # the running tasks finish: shutdown waits for them, it does not stop them
@@ -143,7 +151,7 @@ def test_stop_terminates_running_tasks_and_cancels_queued_ones_at_once(context):
     pool = WorkerPool(2, mp_context=context)
     running = [pool.submit(nap, 60) for _ in range(2)]
     queued = [pool.submit(square, x) for x in range(4)]
-    time.sleep(0.5)
+    handed_out(running)
     start = time.monotonic()
     pool.stop()
     assert time.monotonic() - start < 10  # not the tasks' 60 s
