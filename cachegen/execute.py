@@ -12,8 +12,7 @@ import threading
 import warnings
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, as_completed, wait
-from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures import FIRST_COMPLETED, Future, as_completed, wait
 from dataclasses import replace
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from cacheformat.layout import index_path
 from cachegen.manifest import write_atomic
 from cachegen.outdir import close_inherited_lock, remove_temporaries
 from cachegen.plan import ShardTask
+from cachegen.pool import WorkerDied, WorkerPool
 from cachegen.shards import write_shard
 from cachegen.sources import printable
 from cachegen.stats import PixelStats
@@ -118,16 +118,16 @@ def _run(settings: BuildSettings, tasks: list[ShardTask], workers: int, dask: st
     # fork where there is one (the workers start at once, sharing the source), unless the program
     # chose a start method itself (multiprocessing.set_start_method): any works.
     method = mp.get_start_method(allow_none=True) or ("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    pool = ProcessPoolExecutor(min(workers, len(tasks)), mp_context=mp.get_context(method),
-                               initializer=_init_worker, initargs=(settings,))
-    processes = pool._processes  # by pid, filled as they start: to say which died (no public accessor before 3.14)
+    pool = WorkerPool(min(workers, len(tasks)), mp_context=mp.get_context(method),
+                      initializer=_init_worker, initargs=(settings,))
     try:
         yield from _stream(settings, tasks, pool.submit, ahead=2 * workers)
-    except BrokenProcessPool:
-        _stop(pool, processes)
-        raise CachegenError(_dead_worker_message(processes)) from None
+    except WorkerDied as e:
+        raise CachegenError(_dead_worker_message(e)) from None
     finally:
-        _stop(pool, processes)
+        # Queued shards cancelled, workers still writing one terminated (the caller removes their
+        # temporaries), every process joined.
+        pool.stop()
 
 
 def _stream(settings: BuildSettings, tasks: list[ShardTask], submit: Callable[..., Future], ahead: int):
@@ -183,35 +183,10 @@ def _completed(futures: list[Future]):
         yield future.result()
 
 
-def _stop(pool: ProcessPoolExecutor, processes: dict) -> None:
-    """Shut the pool down now: queued shards cancelled, workers still writing one terminated
-    (the caller removes their temporaries), every process joined."""
-    # shutdown() forgets the pool's manager thread, so a second shutdown(wait=True) would not wait for it
-    # to reap the workers: without this join, a worker's exit code could still be unset when read.
-    manager = pool._executor_manager_thread
-    pool.shutdown(wait=False, cancel_futures=True)
-    for process in processes.values():
-        if process.is_alive():
-            process.terminate()
-    if manager is not None:
-        manager.join()
-    pool.shutdown(wait=True)
-
-
-def _dead_worker_message(processes: dict) -> str:
+def _dead_worker_message(died: WorkerDied) -> str:
     """One line on a worker that died under the pool: which, how, and what to do."""
-    died = [(pid, p.exitcode) for pid, p in processes.items() if p.exitcode not in (None, 0, -signal.SIGTERM)]
-    how = "a worker process died"
-    if died:
-        pid, code = died[0]
-        if code < 0:
-            name = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
-            oom = " (the out-of-memory killer sends it: see `dmesg`)" if code == -signal.SIGKILL else ""
-            how = f"worker process {pid} was killed by {name}{oom}"
-        else:
-            how = f"worker process {pid} exited with status {code}"
-    return (f"{how} while writing shards; finished shards are kept: re-run the same command to resume "
-            "(with fewer --workers if memory is short)")
+    return (f"{died.describe()} while writing shards; finished shards are kept: re-run the same command to "
+            "resume (with fewer --workers if memory is short)")
 
 
 _AUGMENT: Augmenter | None = None
