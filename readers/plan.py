@@ -55,8 +55,24 @@ class Window:
         if self.seed is None:
             full = np.arange(self.size, dtype=np.int64)
         else:
-            full = np.random.default_rng(self.seed).permutation(self.size)
+            full = np.random.default_rng(seed_words(self.seed)).permutation(self.size)
         return full[self.skip:self.skip + len(self)]
+
+
+def seed_words(seed: tuple[int, ...]) -> np.ndarray | tuple[int, ...]:
+    """`seed` as the uint32 words numpy's SeedSequence makes of a tuple of ints (each int's
+    little-endian 32-bit words, 0 as one word): the same generator, without numpy converting each
+    int to an array of its own (a window's permutation is drawn every epoch). A tuple holding
+    anything but ints >= 0 comes back as it is, for numpy to take or refuse."""
+    words = []
+    for v in seed:
+        if type(v) is not int or v < 0:
+            return seed
+        words.append(v & 0xFFFFFFFF)
+        while v > 0xFFFFFFFF:
+            v >>= 32
+            words.append(v & 0xFFFFFFFF)
+    return np.array(words, np.uint32)
 
 
 @dataclass(frozen=True, eq=False)
@@ -103,12 +119,15 @@ class EpochPlan:
         memo = self._memo
         if w not in memo:
             window = self.windows[w]
-            lengths = np.array([s.stop - s.start for s in window.segments], np.int64)
-            first = np.array([(s.shard << self._row_bits) + s.start for s in window.segments], np.int64)
-            # Position p of segment i (laid out end to end) holds key first[i] + p - (where segment i begins).
-            layout = np.arange(int(lengths.sum()), dtype=np.int64) + np.repeat(first - np.cumsum(lengths) + lengths,
-                                                                                lengths)
-            memo[w] = layout[window.order]
+            # Position p of the segments laid end to end holds the key of their p-th sample.
+            bits = self._row_bits
+            if len(window.segments) == 1:
+                seg = window.segments[0]
+                memo[w] = window.order + ((seg.shard << bits) + seg.start)
+            else:
+                layout = np.concatenate([np.arange((s.shard << bits) + s.start, (s.shard << bits) + s.stop,
+                                                   dtype=np.int64) for s in window.segments])
+                memo[w] = layout[window.order]
             while len(memo) > 2:
                 del memo[next(iter(memo))]
         return memo[w]
