@@ -332,7 +332,12 @@ class Loader:
         try:
             if copier.on_host and self.batch_transform is None and self.targets == "labels" \
                     and not self._per_batch_hooks():
-                yield from self._host_pass(producer)
+                if copier.normalize or copier.host_channels_first:
+                    yield from self._host_pass(producer)
+                    return
+                for images, labels in producer:  # the fastest CPU pass: NHWC memory is channels_last NCHW
+                    self._delivered += 1
+                    yield images.permute(0, 3, 1, 2), labels
                 return
             pending, error, taken = None, None, 0
             while True:
@@ -364,17 +369,13 @@ class Loader:
 
     def _host_pass(self, producer: Iterator[tuple[torch.Tensor, torch.Tensor]]
                    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """_batches on the CPU with nothing to run per batch but the conversion: no copy to overlap
+        """_batches on the CPU with nothing to run per batch but a conversion (normalising, or
+        none for a channels-first uint8 batch, which the gather transposed): no copy to overlap
         with training, so each batch is converted and handed out as it comes (the same batches,
         without the per-batch bookkeeping of the device path: next to a copy of a few dozen
-        microseconds, every call a batch counts)."""
-        copier = self._copier
-        if not copier.normalize and not copier.host_channels_first:
-            for images, labels in producer:  # what convert does then: NHWC memory is channels_last NCHW
-                self._delivered += 1
-                yield images.permute(0, 3, 1, 2), labels
-            return
-        convert, normalize = copier.convert, copier.normalize
+        microseconds, every call a batch counts). A channels_last uint8 pass, a view of each batch,
+        runs in _batches itself: one generator fewer between the copy and the consumer."""
+        convert, normalize = self._copier.convert, self._copier.normalize
         for images, labels in producer:
             converted = convert(images)
             if normalize:  # else the batch is the host batch: nothing to recycle
