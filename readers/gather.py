@@ -122,7 +122,7 @@ def _gather_into(files, shards: Sequence[Shard], view: torch.Tensor | None, rows
     else:
         _gather_runs(files, shards, *rows, out.view(n, h * w * c))
     if scratch is not None:
-        _to_channels_first(out, images, shape)
+        to_channels_first(out, images, shape)
     return images
 
 
@@ -259,9 +259,10 @@ def _gather_runs(files, shards: Sequence[Shard], shard: np.ndarray, rows: np.nda
         torch.index_select(files.get(shards[int(shard[a])]).rows, 0, rows[a:z], out=flat[a:z])
 
 
-def _to_channels_first(flat: torch.Tensor, images: torch.Tensor, shape: tuple[int, int, int]) -> None:
-    # The 3-channel transpose no gather can fuse cheaply: numpy's strided copy does it in one pass
-    # over the batch, without the per-element indexing of a general tensor copy.
+def to_channels_first(flat: torch.Tensor, images: torch.Tensor, shape: tuple[int, int, int]) -> None:
+    """Copy a batch of HWC images (`flat`, (n, H*W*C) or (n, H, W, C)) into `images` (n, C, H, W).
+    The 3-channel transpose no gather can fuse cheaply: numpy's strided copy does it in one pass
+    over the batch, without the per-element indexing of a general tensor copy."""
     h, w, c = shape
     n = len(images)
     np.copyto(images.numpy().reshape(n, c, h * w), flat.numpy().reshape(n, h * w, c).transpose(0, 2, 1))

@@ -335,7 +335,7 @@ class Loader:
                 if copier.normalize or copier.host_channels_first:
                     yield from self._host_pass(producer)
                     return
-                for images, labels in producer:  # the fastest CPU pass: NHWC memory is channels_last NCHW
+                for images, labels in producer:  # uint8 channels_last: NHWC memory is channels_last NCHW as it is
                     self._delivered += 1
                     yield images.permute(0, 3, 1, 2), labels
                 return
@@ -372,9 +372,9 @@ class Loader:
         """_batches on the CPU with nothing to run per batch but a conversion (normalising, or
         none for a channels-first uint8 batch, which the gather transposed): no copy to overlap
         with training, so each batch is converted and handed out as it comes (the same batches,
-        without the per-batch bookkeeping of the device path: next to a copy of a few dozen
-        microseconds, every call a batch counts). A channels_last uint8 pass, a view of each batch,
-        runs in _batches itself: one generator fewer between the copy and the consumer."""
+        without the per-batch bookkeeping of the device path: next to a copy of one batch, every
+        call a batch counts). A channels_last uint8 pass, a view of each batch, runs in _batches
+        itself: one generator fewer between the copy and the consumer."""
         convert, normalize = self._copier.convert, self._copier.normalize
         for images, labels in producer:
             converted = convert(images)

@@ -17,7 +17,8 @@ WINDOW_ORDER_SALT = 0x717D
 # Samples shuffled together. Each shard of a cached epoch is already a uniformly random subset of
 # the dataset (the build permutes every epoch), so the window only needs to vary batches between
 # training epochs that reuse a cached one; it costs no memory (batches are gathered from the
-# mapped shards), but each shard a batch touches costs one gather call (~5 us).
+# mapped shards), but a batch's reads spread over every shard it touches (and where a chunk of
+# batches touches more shards than may stay mapped, each costs a gather call of its own).
 DEFAULT_WINDOW = 2048
 
 
@@ -182,7 +183,7 @@ def sort_batches(samples: np.ndarray, batch_size: int) -> np.ndarray:
     shard_bits, row_bits = int(samples[:, 0].max()).bit_length(), int(samples[:, 1].max()).bit_length()
     if int(batch[-1]).bit_length() + shard_bits + row_bits > 63:  # too big to pack in one int64 key
         return samples[np.lexsort((samples[:, 1], samples[:, 0], batch))]
-    # One packed key sorted by value: ~3x faster than a three-key lexsort (it runs every epoch).
+    # One packed key sorted by value, not a three-key lexsort: one sort of one int64 array (it runs every epoch).
     key = np.sort((batch << (shard_bits + row_bits)) | (samples[:, 0] << row_bits) | samples[:, 1])
     return np.stack([(key >> row_bits) & ((1 << shard_bits) - 1), key & ((1 << row_bits) - 1)], axis=1)
 
