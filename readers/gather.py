@@ -177,18 +177,18 @@ class _Chunk:
         self._pass = pass_
         files, shards, bs = pass_.files, pass_.shards, pass_.batch_size
         self._shard, self._rows = keys >> row_bits, keys & ((1 << row_bits) - 1)
-        used = np.flatnonzero(np.bincount(self._shard, minlength=len(shards))).tolist()
+        # A shard's first sample in the chunk starts a run of it (samples are sorted within a batch).
+        heads = np.flatnonzero(np.concatenate([[True], self._shard[1:] != self._shard[:-1]]))
+        shard_of_run = self._shard[heads]
+        used, first = np.unique(shard_of_run, return_index=True)  # the shards read; the first run of each
+        by_first = np.argsort(first)
+        self._due: dict[int, list[int]] = {}  # batch -> the shards it is the first to read, in that order
+        for k, b in zip(used[by_first].tolist(), (heads[first[by_first]] // bs).tolist()):
+            self._due.setdefault(b, []).append(k)
+        used = used.tolist()
         self.labels = _labels(files, shards, used, self._shard, self._rows, pass_.pin)
         self.batch_labels = _per_batch(self.labels, bs)
         self._fits = len(used) <= files.max_open  # else one gather per shard, each mapped in turn
-        # A shard's first sample in the chunk starts a run of it (samples are sorted within a batch).
-        runs = np.flatnonzero(np.concatenate([[True], self._shard[1:] != self._shard[:-1]]))
-        first: dict[int, int] = {}
-        for k, b in zip(self._shard[runs].tolist(), (runs // bs).tolist()):
-            first.setdefault(k, b)
-        self._due: dict[int, list[int]] = {}  # batch -> the shards it is the first to read
-        for k, b in first.items():
-            self._due.setdefault(b, []).append(k)
         self._opened: list = []  # the mappings read so far, held while the chunk lives
         self._span = (2 ** 64, 0)  # the address range they cover
         # Each batch's view rows: filled in by _map for the batches up to the next that maps (the

@@ -111,8 +111,9 @@ class EpochPlan:
             if begin >= stop:
                 break
             parts.append(self._delivered(w)[max(start - begin, 0):stop - begin])
-        keys = np.concatenate(parts) if len(parts) > 1 else parts[0] if parts else np.zeros(0, np.int64)
-        return _sort_within(keys, self.batch_size), self._row_bits
+        keys = np.concatenate(parts) if parts else np.zeros(0, np.int64)  # a copy: sorted in place
+        _sort_within(keys, self.batch_size)
+        return keys, self._row_bits
 
     def _delivered(self, w: int) -> np.ndarray:
         """Window `w`'s samples as packed keys (see keys) in its order; the last two are kept, since
@@ -166,12 +167,11 @@ class EpochPlan:
         return last
 
 
-def _sort_within(keys: np.ndarray, batch_size: int) -> np.ndarray:
-    """`keys` with each run of `batch_size` sorted: full batches as the rows of one 2-D sort."""
+def _sort_within(keys: np.ndarray, batch_size: int) -> None:
+    """Sort each run of `batch_size` of `keys` in place: full batches as the rows of one 2-D sort."""
     full = len(keys) - len(keys) % batch_size
-    if full == len(keys):
-        return np.sort(keys.reshape(-1, batch_size), axis=1).reshape(-1)
-    return np.concatenate([np.sort(keys[:full].reshape(-1, batch_size), axis=1).reshape(-1), np.sort(keys[full:])])
+    keys[:full].reshape(-1, batch_size).sort(axis=1)
+    keys[full:].sort()
 
 
 def sort_batches(samples: np.ndarray, batch_size: int) -> np.ndarray:
