@@ -190,10 +190,15 @@ class Loader:
         """uint8 host batches of `plan` gathered from the mapped `shards` (the fast path): in a
         background thread `prefetch` batches ahead where asked, else in the consumer's thread."""
         channels_first = self._copier.host_channels_first
+        # Pinned, or given back once converted (_recycle): host batches from _new_images. Else a
+        # batch is handed out as (a view of) itself and never comes back: the gather allocates it.
+        copier = self._copier
+        own = copier.pin or copier.normalize or self.batch_transform is not None or self._per_batch_hooks()
+        new_images = self._new_images if own else None
 
-        def produce(stopping: Callable[[], bool] = lambda: False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-            return iter_batches(files, shards, plan, start=start, new_images=self._new_images,
-                                pin=self._copier.pin, channels_first=channels_first, stop=stopping)
+        def produce(stopping: Callable[[], bool] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            return iter_batches(files, shards, plan, start=start, new_images=new_images,
+                                pin=copier.pin, channels_first=channels_first, stop=stopping)
 
         if self.options.prefetch:
             return Prefetcher(produce, depth=self.options.prefetch, where=f"epoch {plan.epoch} of {self.manifest.root}")
@@ -327,7 +332,12 @@ class Loader:
         try:
             if copier.on_host and self.batch_transform is None and self.targets == "labels" \
                     and not self._per_batch_hooks():
-                yield from self._host_pass(producer)
+                if copier.normalize or copier.host_channels_first:
+                    yield from self._host_pass(producer)
+                    return
+                for images, labels in producer:  # uint8 channels_last: NHWC memory is channels_last NCHW as it is
+                    self._delivered += 1
+                    yield images.permute(0, 3, 1, 2), labels
                 return
             pending, error, taken = None, None, 0
             while True:
@@ -359,15 +369,16 @@ class Loader:
 
     def _host_pass(self, producer: Iterator[tuple[torch.Tensor, torch.Tensor]]
                    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """_batches on the CPU with nothing to run per batch but the conversion: no copy to overlap
+        """_batches on the CPU with nothing to run per batch but a conversion (normalising, or
+        none for a channels-first uint8 batch, which the gather transposed): no copy to overlap
         with training, so each batch is converted and handed out as it comes (the same batches,
-        without the per-batch bookkeeping of the device path: at ~100 us a batch, it counts)."""
+        without the per-batch bookkeeping of the device path: next to a copy of one batch, every
+        call a batch counts). A channels_last uint8 pass, a view of each batch, runs in _batches
+        itself: one generator fewer between the copy and the consumer."""
         convert, normalize = self._copier.convert, self._copier.normalize
-        if not normalize and not self._copier.host_channels_first:
-            convert = _nhwc_as_nchw  # what convert does then: NHWC memory is channels_last NCHW
         for images, labels in producer:
             converted = convert(images)
-            if normalize:  # else the batch is a view of the host batch: nothing to recycle
+            if normalize:  # else the batch is the host batch: nothing to recycle
                 self._recycle(images, converted)
             self._delivered += 1
             yield converted, labels
@@ -468,10 +479,6 @@ class Loader:
         if state["augment_on"] != mine["augment_on"]:
             raise ValueError(f"cannot resume: the state was taken augmenting on {state['augment_on']!r}, this loader "
                              f"augments on {mine['augment_on']!r}: pass augment_on={state['augment_on']!r}")
-
-
-def _nhwc_as_nchw(images: torch.Tensor) -> torch.Tensor:
-    return images.permute(0, 3, 1, 2)
 
 
 def _history(steps: Any) -> History:

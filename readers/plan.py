@@ -17,7 +17,8 @@ WINDOW_ORDER_SALT = 0x717D
 # Samples shuffled together. Each shard of a cached epoch is already a uniformly random subset of
 # the dataset (the build permutes every epoch), so the window only needs to vary batches between
 # training epochs that reuse a cached one; it costs no memory (batches are gathered from the
-# mapped shards), but each shard a batch touches costs one gather call (~5 us).
+# mapped shards), but a batch's reads spread over every shard it touches (and where a chunk of
+# batches touches more shards than may stay mapped, each costs a gather call of its own).
 DEFAULT_WINDOW = 2048
 
 
@@ -55,8 +56,24 @@ class Window:
         if self.seed is None:
             full = np.arange(self.size, dtype=np.int64)
         else:
-            full = np.random.default_rng(self.seed).permutation(self.size)
+            full = np.random.default_rng(seed_words(self.seed)).permutation(self.size)
         return full[self.skip:self.skip + len(self)]
+
+
+def seed_words(seed: tuple[int, ...]) -> np.ndarray | tuple[int, ...]:
+    """`seed` as the uint32 words numpy's SeedSequence makes of a tuple of ints (each int's
+    little-endian 32-bit words, 0 as one word): the same generator, without numpy converting each
+    int to an array of its own (a window's permutation is drawn every epoch). A tuple holding
+    anything but ints >= 0 comes back as it is, for numpy to take or refuse."""
+    words = []
+    for v in seed:
+        if type(v) is not int or v < 0:
+            return seed
+        words.append(v & 0xFFFFFFFF)
+        while v > 0xFFFFFFFF:
+            v >>= 32
+            words.append(v & 0xFFFFFFFF)
+    return np.array(words, np.uint32)
 
 
 @dataclass(frozen=True, eq=False)
@@ -94,8 +111,9 @@ class EpochPlan:
             if begin >= stop:
                 break
             parts.append(self._delivered(w)[max(start - begin, 0):stop - begin])
-        keys = np.concatenate(parts) if len(parts) > 1 else parts[0] if parts else np.zeros(0, np.int64)
-        return _sort_within(keys, self.batch_size), self._row_bits
+        keys = np.concatenate(parts) if parts else np.zeros(0, np.int64)  # a copy: sorted in place
+        _sort_within(keys, self.batch_size)
+        return keys, self._row_bits
 
     def _delivered(self, w: int) -> np.ndarray:
         """Window `w`'s samples as packed keys (see keys) in its order; the last two are kept, since
@@ -103,12 +121,15 @@ class EpochPlan:
         memo = self._memo
         if w not in memo:
             window = self.windows[w]
-            lengths = np.array([s.stop - s.start for s in window.segments], np.int64)
-            first = np.array([(s.shard << self._row_bits) + s.start for s in window.segments], np.int64)
-            # Position p of segment i (laid out end to end) holds key first[i] + p - (where segment i begins).
-            layout = np.arange(int(lengths.sum()), dtype=np.int64) + np.repeat(first - np.cumsum(lengths) + lengths,
-                                                                                lengths)
-            memo[w] = layout[window.order]
+            # Position p of the segments laid end to end holds the key of their p-th sample.
+            bits = self._row_bits
+            if len(window.segments) == 1:
+                seg = window.segments[0]
+                memo[w] = window.order + ((seg.shard << bits) + seg.start)
+            else:
+                layout = np.concatenate([np.arange((s.shard << bits) + s.start, (s.shard << bits) + s.stop,
+                                                   dtype=np.int64) for s in window.segments])
+                memo[w] = layout[window.order]
             while len(memo) > 2:
                 del memo[next(iter(memo))]
         return memo[w]
@@ -146,12 +167,11 @@ class EpochPlan:
         return last
 
 
-def _sort_within(keys: np.ndarray, batch_size: int) -> np.ndarray:
-    """`keys` with each run of `batch_size` sorted: full batches as the rows of one 2-D sort."""
+def _sort_within(keys: np.ndarray, batch_size: int) -> None:
+    """Sort each run of `batch_size` of `keys` in place: full batches as the rows of one 2-D sort."""
     full = len(keys) - len(keys) % batch_size
-    if full == len(keys):
-        return np.sort(keys.reshape(-1, batch_size), axis=1).reshape(-1)
-    return np.concatenate([np.sort(keys[:full].reshape(-1, batch_size), axis=1).reshape(-1), np.sort(keys[full:])])
+    keys[:full].reshape(-1, batch_size).sort(axis=1)
+    keys[full:].sort()
 
 
 def sort_batches(samples: np.ndarray, batch_size: int) -> np.ndarray:
@@ -163,7 +183,7 @@ def sort_batches(samples: np.ndarray, batch_size: int) -> np.ndarray:
     shard_bits, row_bits = int(samples[:, 0].max()).bit_length(), int(samples[:, 1].max()).bit_length()
     if int(batch[-1]).bit_length() + shard_bits + row_bits > 63:  # too big to pack in one int64 key
         return samples[np.lexsort((samples[:, 1], samples[:, 0], batch))]
-    # One packed key sorted by value: ~3x faster than a three-key lexsort (it runs every epoch).
+    # One packed key sorted by value, not a three-key lexsort: one sort of one int64 array (it runs every epoch).
     key = np.sort((batch << (shard_bits + row_bits)) | (samples[:, 0] << row_bits) | samples[:, 1])
     return np.stack([(key >> row_bits) & ((1 << shard_bits) - 1), key & ((1 << row_bits) - 1)], axis=1)
 

@@ -18,7 +18,7 @@ import torch
 from cacheformat import FormatError
 from cacheformat.payload import NPY_MAGIC, decode_payload
 from readers.errors import ReaderError
-from readers.gather import gather_npy
+from readers.gather import gather_npy, to_channels_first
 from readers.manifest import Manifest, Shard, ShardIndex, load_index
 from readers.plan import EpochPlan
 from readers.remote import Stager
@@ -61,6 +61,7 @@ class _Open:
     index: ShardIndex
     stat: tuple[int, int]  # (inode, size) when mapped
     teacher: ShardTargets | None = None  # a reinforced cache's teacher targets, where the reader asked for them
+    address: int = 0  # where `data` starts in the address space (readers.gather's view rows start from it)
 
 
 class ShardFiles:
@@ -137,6 +138,11 @@ class ShardFiles:
         if self.stager is not None:
             self.stager.begin(order, used)
 
+    @property
+    def staged(self) -> bool:
+        """Whether the shards are staged from a remote cache: only then does `done` do anything."""
+        return self.stager is not None
+
     def done(self, shard: Shard) -> None:
         """The pass has read all it reads of `shard` (a staged copy may be evicted)."""
         if self.stager is not None:
@@ -172,7 +178,7 @@ class ShardFiles:
             raise ReaderError(f"shard {shard.path} fails its sha256 check (corrupted); {REBUILD}")
         rows = None
         if m.encoding == "npy" and shard.samples:
-            # Every sample's npy magic, not just the first (~25 us for 1000 samples, once a mapping):
+            # Every sample's npy magic, not just the first (one vectorised comparison a magic byte, once a mapping):
             # a shard of another cache with the same size but other headers must not pass as pixels.
             ok = np.ones(shard.samples, bool)
             for i, byte in enumerate(NPY_MAGIC):
@@ -188,7 +194,8 @@ class ShardFiles:
                 warnings.simplefilter("ignore", UserWarning)
                 rows = torch.from_numpy(view)
         teacher = read_targets(m, shard, data, index) if self.teacher else None
-        return _Open(data=data, rows=rows, index=index, stat=(st.st_ino, st.st_size), teacher=teacher)
+        return _Open(data=data, rows=rows, index=index, stat=(st.st_ino, st.st_size), teacher=teacher,
+                     address=data.__array_interface__["data"][0])
 
 
 class SampleReads:
@@ -283,18 +290,34 @@ def epoch_labels(files: ShardFiles, shards: Sequence[Shard], samples: np.ndarray
 
 
 def iter_batches(files: ShardFiles, shards: Sequence[Shard], plan: EpochPlan, *, start: int = 0,
-                 new_images: Callable[[int], torch.Tensor], pin: bool = False, channels_first: bool = False,
-                 stop: Callable[[], bool] = lambda: False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """_gather's batches; a staged cache's downloads stop with the pass, also when it is left early."""
+                 new_images: Callable[[int], torch.Tensor] | None = None, pin: bool = False,
+                 channels_first: bool = False, stop: Callable[[], bool] | None = None
+                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """_gather's batches; a staged cache's downloads stop with the pass, also when it is left early.
+    `new_images` None: each batch in a tensor of its own the gather allocates (for a consumer that
+    never gives a batch back for reuse); `stop` None: the pass is never ended early."""
     # An npy cache's epoch plan: one gather per batch through a view of every mapping (readers.gather);
     # teacher targets are scattered per shard, by _gather.
     one_view = files.manifest.encoding == "npy" and isinstance(plan, EpochPlan) and not files.teacher
-    gather = gather_npy if one_view else _gather
-    try:
-        yield from gather(files, shards, plan, start=start, new_images=new_images, pin=pin,
+    if one_view:  # ends the pass itself, as _ending does
+        return gather_npy(files, shards, plan, start=start, new_images=new_images, pin=pin,
                           channels_first=channels_first, stop=stop)
+    return _ending(files, _gather(files, shards, plan, start=start,
+                                  new_images=new_images or _empty(files.manifest, channels_first), pin=pin,
+                                  channels_first=channels_first, stop=stop or (lambda: False)))
+
+
+def _ending(files: ShardFiles, batches: Iterator[tuple[torch.Tensor, ...]]) -> Iterator[tuple[torch.Tensor, ...]]:
+    try:
+        yield from batches
     finally:
         files.end()
+
+
+def _empty(manifest: Manifest, channels_first: bool) -> Callable[[int], torch.Tensor]:
+    """new_images for _gather where the caller gives none: a fresh uint8 batch of n images."""
+    h, w, c = manifest.shape
+    return lambda n: torch.empty((n, c, h, w) if channels_first else (n, h, w, c), dtype=torch.uint8)
 
 
 def _gather(files: ShardFiles, shards: Sequence[Shard], plan: EpochPlan, *, start: int,
@@ -357,7 +380,6 @@ def _gather(files: ShardFiles, shards: Sequence[Shard], plan: EpochPlan, *, star
                 files.done(shard)
             run += 1
         if scratch is not None:
-            # The 3-channel transpose no gather can fuse cheaply; numpy's strided copy is the fastest measured.
-            np.copyto(images.numpy().reshape(hi - lo, c, h * w), flat.numpy().reshape(hi - lo, h * w, c).transpose(0, 2, 1))
+            to_channels_first(flat, images, m.shape)
         labels.copy_(labels_all[lo:hi])
         yield batch

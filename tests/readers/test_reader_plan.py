@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -161,3 +162,45 @@ def test_plan_properties(sizes, world_size, batch_size, drop_last, window, seed,
         assert max(flat.values()) == 1 and len(flat) == world_size * samples
     else:
         assert len(flat) == total and sum(flat.values()) == world_size * samples
+
+
+def _spelled_out(plan: EpochPlan) -> list[tuple[int, int]]:
+    """A plan's samples as the plan defines them, the slow way: each window's (shard, row) pairs
+    laid end to end and permuted by numpy's generator of the window's seed tuple, cut to the
+    rank's samples, each batch sorted."""
+    pairs: list[tuple[int, int]] = []
+    for w in plan.windows:
+        laid = [(s.shard, r) for s in w.segments for r in range(s.start, s.stop)]
+        full = np.arange(len(laid)) if w.seed is None else np.random.default_rng(w.seed).permutation(len(laid))
+        pairs += [laid[i] for i in full[w.skip:w.skip + len(w)].tolist()]
+    pairs = pairs[:plan.num_samples]
+    b = plan.batch_size
+    return [pair for k in range(0, len(pairs), b) for pair in sorted(pairs[k:k + b])]
+
+
+@settings(max_examples=40, deadline=None)
+@given(sizes=st.lists(st.integers(0, 40), min_size=1, max_size=12).filter(lambda s: sum(s) > 0),
+       batch_size=st.integers(1, 17), window=st.integers(1, 120), seed=st.integers(0, 2**70),
+       epoch=st.integers(0, 2**33), shuffle=st.booleans())
+def test_the_plan_is_its_windows_permuted_by_their_seeds(sizes, batch_size, window, seed, epoch, shuffle):
+    # Pins the batches of a seed: the packed keys and the seed's uint32 words (seed_words) give
+    # what numpy's generator of the seed tuple and the laid-out pairs give, also for ints of
+    # more than 32 bits.
+    plan = plan_epoch(sizes, epoch=epoch, cache_epoch=0, seed=seed, batch_size=batch_size, window=window,
+                      shuffle=shuffle)
+    assert [tuple(p) for p in plan.samples().tolist()] == _spelled_out(plan)
+    for start in range(0, plan.num_samples, 3 * batch_size):  # a chunk at a time, as a pass asks
+        assert (plan.samples(start, start + 3 * batch_size) == plan.samples()[start:start + 3 * batch_size]).all()
+
+
+@pytest.mark.parametrize("seed", [(0, 0, 0), (1, 2**32 - 1, 2**32, 2**64 + 5), (3, -1), (True, 2)])
+def test_seed_words_give_numpys_generator_of_the_tuple(seed):
+    from readers.plan import seed_words
+
+    try:
+        expected = np.random.default_rng(seed).permutation(50)
+    except ValueError:
+        with pytest.raises(ValueError):
+            np.random.default_rng(seed_words(seed))
+        return
+    assert (np.random.default_rng(seed_words(seed)).permutation(50) == expected).all()
