@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from cacheformat import FormatError
+from cacheformat import as_error
 from cacheformat.payload import NPY_MAGIC, decode_payload
 from readers.errors import ReaderError
 from readers.gather import gather_npy, to_channels_first
@@ -269,11 +269,9 @@ def decode(manifest: Manifest, shard: Shard, opened: _Open, j: int) -> torch.Ten
     """Sample `j` of a png/jpg shard, decoded through the one decode path (cacheformat.payload), as
     (H*W*C,) uint8."""
     offset, size = int(opened.index.offsets[j]), int(opened.index.sizes[j])
-    try:
+    with as_error(ReaderError):
         pixels = decode_payload(opened.data[offset:offset + size], manifest.encoding, manifest.shape,
                                 where=f"{shard.path}: sample {j}")
-    except FormatError as e:
-        raise ReaderError(str(e)) from None
     return torch.from_numpy(pixels).reshape(-1)
 
 
