@@ -1,7 +1,7 @@
 """Benchmark CachedLoader against stock WebDataset and plain file reads of the same shards, in one run.
 
     python scripts/bench_reader.py                  # builds a 100k-sample CIFAR-shaped npy cache in a temp dir
-    python scripts/bench_reader.py --cache DIR      # or measures an existing npy cache
+    python scripts/bench_reader.py --cache DIR      # or measures an existing npy cache (a fresh copy of it)
     python scripts/bench_reader.py --threads 8      # the N-thread rows with 8 intra-op threads
     python scripts/bench_reader.py --only channels_last   # the limit and the channels_last uint8 row alone
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -123,6 +124,9 @@ def main() -> None:
                         help="intra-op threads of the N-thread rows (default: cores / GPUs, what a GPU rank gets)")
     parser.add_argument("--only", choices=("channels_last",),
                         help="run only the limit and this CachedLoader row (one thread): the goal's pair, alone")
+    parser.add_argument("--in-place", action="store_true",
+                        help="read --cache where it is; by default it is copied beside the limit's file first, so that "
+                             "both are written in the same minute (a file's age in the page cache moves its read speed)")
     parser.add_argument("--stock-repeats", type=int, default=2,
                         help="stock WebDataset is slow; fewer repeats (0: leave it out)")
     args = parser.parse_args()
@@ -130,6 +134,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="bench-reader-") as tmp:
         cache = args.cache or build_cache(Path(tmp), args.samples, args.shard_size)
+        if args.cache and not args.in_place:
+            cache = Path(shutil.copytree(args.cache, Path(tmp) / "cache"))
         manifest = load_manifest(cache)
         shards = manifest.epochs[0]
         files = [str(s.path) for s in shards]
