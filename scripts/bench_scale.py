@@ -29,6 +29,10 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from cacheformat.layout import index_bytes, npy_layout, tar_bytes  # noqa: E402
+
 IMAGENET, EPOCHS, PER_SHARD = 1_281_167, 10, 1000
 TARGET_SHARDS = EPOCHS * -(-IMAGENET // PER_SHARD)
 
@@ -124,11 +128,16 @@ def repeat_to(cache: Path, out: Path, shards: int) -> int:
     template = m["epoch_list"][0]["shards"][1]
     template = {k: v for k, v in template.items() if not k.startswith("pixel_")}
     per_epoch = shards // EPOCHS
+    pitch = npy_layout(m["image"]["npy_header_bytes"] + int(np.prod(m["image"]["shape"])))[1]
+
+    def entry(path: str, samples: int) -> dict:  # the sizes `samples` npy samples make (readers check them)
+        return {**template, "path": path, "samples": samples, "bytes": tar_bytes(samples * pitch),
+                "index": {**template["index"], "bytes": index_bytes(samples)}}
+
     epoch_list = []
     for e in range(EPOCHS):
-        entries = [{**template, "path": f"epoch-{e:04d}/shard-{k:06d}.tar", "samples": PER_SHARD}
-                   for k in range(per_epoch)]
-        entries[-1]["samples"] = IMAGENET - PER_SHARD * (per_epoch - 1)
+        entries = [entry(f"epoch-{e:04d}/shard-{k:06d}.tar", PER_SHARD) for k in range(per_epoch - 1)]
+        entries.append(entry(f"epoch-{e:04d}/shard-{per_epoch - 1:06d}.tar", IMAGENET - PER_SHARD * (per_epoch - 1)))
         if e == 0:
             entries[0].update({k: v for k, v in m["epoch_list"][0]["shards"][0].items() if k.startswith("pixel_")})
         epoch_list.append({"epoch": e, "shards": entries, "samples": IMAGENET})

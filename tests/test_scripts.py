@@ -191,3 +191,18 @@ def test_gpu_feed_prints_every_row_against_synthetic(caches, tmp_path):
                                                 "DataLoader, online augmentation, 1 workers"]
     assert all("data wait" in r for r in rows) and "synthetic data already on the device" in done.stdout
     assert "uint8 pinned" in done.stdout  # --copies
+
+
+def test_bench_scale_repeats_a_build_into_a_manifest_the_readers_accept(caches, tmp_path):
+    """scripts/bench_scale.py's ImageNet-sized manifest (a small build's shard entries repeated) states
+    the sizes its sample counts make, so a loader opens it (readers check every size against the counts)."""
+    import importlib.util
+
+    from readers import CachedLoader
+
+    spec = importlib.util.spec_from_file_location("bench_scale", ROOT / "scripts" / "bench_scale.py")
+    bench_scale = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_scale)
+    samples = bench_scale.repeat_to(caches / "cached", tmp_path / "big", bench_scale.TARGET_SHARDS)
+    loader = CachedLoader(tmp_path / "big", batch_size=256, device="cpu")
+    assert len(loader) == -(-samples // 256) and samples == bench_scale.IMAGENET
