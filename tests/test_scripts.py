@@ -206,3 +206,19 @@ def test_bench_scale_repeats_a_build_into_a_manifest_the_readers_accept(caches, 
     samples = bench_scale.repeat_to(caches / "cached", tmp_path / "big", bench_scale.TARGET_SHARDS)
     loader = CachedLoader(tmp_path / "big", batch_size=256, device="cpu")
     assert len(loader) == -(-samples // 256) and samples == bench_scale.IMAGENET
+
+
+def test_bench_batch_transform_prints_each_row_as_a_ratio_of_the_plain_loader(tmp_path):
+    """scripts/bench_batch_transform.py at toy size: the rates table, then every row / the plain loader."""
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_batch_transform.py"), "--samples", "200",
+                           "--shard-size", "100", "--batch-size", "32", "--repeats", "1", "--threads", "1"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    table, _, ratios = done.stdout.partition("\nas a ratio of the plain loader (best of each)")
+    rows = [line.strip() for line in ratios.splitlines()[1:]]
+    assert [r.split("  ")[0] for r in rows] == [
+        "CachedLoader (no batch transform)", "batch_transform=v2.MixUp(alpha=0.2)",
+        "batch_transform=v2.CutMix(alpha=1.0)", "batch_transform=v2.RandomChoice([MixUp, CutMix])",
+        "v2.MixUp in the training loop (unseeded)"]
+    assert " 1.00x " in rows[0] and all(r.endswith(" us/batch") for r in rows)
+    assert "200 samples npy" in table and "wall img/s: best" in table
