@@ -23,7 +23,6 @@ from cacheformat.errors import FormatError
 NPY_MAGIC = b"\x93NUMPY"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNG_COLOR_TYPE = {1: 0, 3: 2, 4: 6}  # channels -> PNG colour type: grey, RGB, RGBA (8 bits each)
-PNG_CHUNKS = (b"IHDR", b"IDAT", b"IEND")  # all the builder writes; anything else is refused
 PNG_FILTERS = 5  # a row's first byte: none, sub, up, average, paeth
 
 
