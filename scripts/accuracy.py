@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from cachegen.doctor import machine_line
-from cachegen.sample import make_sample
+from cachegen.sources.sample import make_sample
 
 HERE = Path(__file__).resolve().parent
 

@@ -39,7 +39,7 @@ import cachegen.execute
 from cachegen.doctor import machine_line
 from cachegen.build import build
 from cachegen.config import BuildConfig
-from cachegen.sample import SAMPLE_SIZE, make_sample
+from cachegen.sources.sample import SAMPLE_SIZE, make_sample
 from cachegen.sources import open_source
 from cacheaug.transforms import make_transform, seed_sample, to_hwc_uint8
 

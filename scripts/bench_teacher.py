@@ -31,7 +31,7 @@ import torch
 from bench_build import ShardClock  # scripts/ is on the path of a script run from there
 from cachegen.build import build
 from cachegen.config import BuildConfig
-from cachegen.sample import SAMPLE_SIZE
+from cachegen.sources.sample import SAMPLE_SIZE
 from cachegen.teacher import TEACHER_BATCH, load_teacher
 
 HERE = Path(__file__).resolve().parent

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from cachegen.sources.array import ArraySource
+
 CLASSES = (
     "circle", "square", "triangle", "cross", "ring",
     "diamond", "hbar", "vbar", "x", "frame",
@@ -62,3 +64,10 @@ def make_sample(n: int = SAMPLE_SIZE, size: int = IMAGE_SIZE, seed: int = SAMPLE
     fg = (bg + 128 + rng.integers(-40, 41, (n, 1, 1, 3), dtype=np.int16)) % 256
     images = np.where(shape_mask[..., None], fg + grain // 2, bg + coarse + grain)
     return np.clip(images, 0, 255).astype(np.uint8), labels, CLASSES
+
+
+def open_sample(split: str = "train") -> ArraySource:
+    """The sample as a source: SAMPLE_SIZE training images, or SAMPLE_TEST_SIZE others for any other split."""
+    n, seed = (SAMPLE_SIZE, SAMPLE_SEED) if split == "train" else (SAMPLE_TEST_SIZE, SAMPLE_SEED + 1)
+    images, labels, classes = make_sample(n, seed=seed)
+    return ArraySource(images, labels, classes, kind="sample", description=f"built-in sample ({split}): {n} 32x32 shapes")

@@ -1,0 +1,40 @@
+"""Sources: one file per kind behind the one `Source` interface (base.py); open_source picks the kind
+from the spec. The built-in sample (sample.py), an ImageFolder tree (folder.py), torchvision's on-disk
+datasets (torchvision.py), a .npz (npz.py); array.py holds the in-memory images three of them share."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cachegen.errors import CachegenError
+from cachegen.sources.array import ArraySource
+from cachegen.sources.base import Source, printable
+from cachegen.sources.folder import FolderSource
+from cachegen.sources.npz import open_npz
+from cachegen.sources.sample import open_sample
+from cachegen.sources.torchvision import TORCHVISION_KINDS, detect, open_torchvision
+
+
+def open_source(spec: str | None, *, split: str = "train") -> Source:
+    """Open a source from its spec: None/'sample', 'cifar10:ROOT' (and cifar100, mnist,
+    fashionmnist), a .npz file, or a folder (torchvision layout detected, else ImageFolder)."""
+    if spec in (None, "", "sample"):
+        return open_sample(split)
+    kind, sep, rest = spec.partition(":")
+    if sep and kind.lower() in TORCHVISION_KINDS:
+        return open_torchvision(kind.lower(), Path(rest), split)
+    path = Path(spec)
+    if not path.exists():
+        raise CachegenError(f"source {spec} does not exist: give a folder, a .npz, "
+                            f"'{{cifar10,cifar100,mnist,fashionmnist}}:ROOT' or 'sample'")
+    if path.is_file():
+        if path.suffix != ".npz":
+            raise CachegenError(f"source {spec} is a file but not a .npz: give a folder or a .npz")
+        return open_npz(path)
+    detected = detect(path)
+    if detected:
+        return open_torchvision(detected, path, split)
+    return FolderSource(path)
+
+
+__all__ = ["ArraySource", "FolderSource", "Source", "open_source", "printable"]
