@@ -5,16 +5,17 @@ The live reader's device path (`--augment-on device`) uses it: uint8 source batc
 device, become float in [0, 1], are augmented here batch by batch, then normalised.
 
 Placement and randomness, the same in the build and the loader (`place`): the augmentation's
-buffers go to the batch's device, while Kornia draws its random parameters on the CPU, from torch's
-CPU generator. Kornia moves each parameter to a CUDA batch with a non-blocking copy and branches
-on CPU values, so a batch costs no wait for the GPU; drawn on the GPU instead, Kornia 0.9 reads
-some of them back (`.tolist()`, `.any()`), a wait each. A batch is augmented with torch's CPU
-generator and the batch's device generator seeded from `batch_seed(...)`, both borrowed and given
-back as they were, so a batch depends only on its seed and never moves the caller's generators: the
-same seed gives the same parameters on the CPU and on a GPU. It runs in full float32 whatever the
-caller set: autocast is off inside and, on CUDA, TF32 too. The same seed gives the same batch on
-the same device type (and library versions); per-sample (PIL) and batched augmentation are
-equivalent in distribution, not bit-equal.
+parameters and buffers go to the batch's device (non-blocking copies, never through Kornia's
+`.to()`, which would rebuild its samplers there), while Kornia draws its random parameters on the
+CPU, from torch's CPU generator. Kornia moves each parameter to a CUDA batch with a non-blocking
+copy and branches on CPU values, so a batch costs no wait for the GPU; drawn on the GPU instead,
+Kornia 0.9 reads some of them back (`.tolist()`, `.any()`), a wait each. A batch is augmented with
+torch's CPU generator and the batch's device generator seeded from `batch_seed(...)`, both borrowed
+and given back as they were, so a batch depends only on its seed and never moves the caller's
+generators: the same seed gives the same parameters on the CPU and on a GPU. It runs in full float32
+whatever the caller set: autocast is off inside, and TF32 (or bf16) kernels too (`full_float32`).
+The same seed gives the same batch on the same device type (and library versions); per-sample (PIL)
+and batched augmentation are equivalent in distribution, not bit-equal.
 """
 
 from __future__ import annotations
@@ -74,34 +75,70 @@ def make_batched(spec: str, *, epoch: int, epochs: int, size: int, channels: int
 
 def place(augmentation: Callable[[torch.Tensor], torch.Tensor], device: torch.device
           ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """`augmentation` on `device`: a module (a preset's, or a factory's) is moved there with its
-    buffers, and every Kornia augmentation in it keeps drawing its parameters on the CPU (moving a
-    Kornia module moves its samplers too); any other callable is returned as it is."""
+    """`augmentation` on `device`: a module's (a preset's, or a factory's) parameters and buffers are
+    moved there, each with a non-blocking copy, and every Kornia augmentation in it draws its
+    parameters on the CPU; any other callable is returned as it is.
+
+    Not `module.to(device)`: Kornia's `_apply` also moves its samplers, rebuilding their
+    distributions on the device (blocking copies, reads back), at every cache epoch of a live pass;
+    the samplers stay on the CPU anyway."""
     if not isinstance(augmentation, torch.nn.Module):
         return augmentation
-    augmentation = augmentation.to(device)
-    for module in augmentation.modules():
-        if hasattr(module, "set_rng_device_and_dtype"):  # Kornia's augmentations (and their param generators)
-            module.set_rng_device_and_dtype(torch.device("cpu"), torch.float32)
+    cpu = torch.device("cpu")
+    with torch.no_grad():
+        for module in augmentation.modules():
+            for param in module.parameters(recurse=False):
+                if param.device != device:
+                    param.data = param.data.to(device, non_blocking=True)
+            for name, buffer in module.named_buffers(recurse=False):
+                if buffer.device != device:
+                    module._buffers[name] = buffer.to(device, non_blocking=True)
+            # Kornia's augmentations (and their param generators): on the CPU, where a factory may not have left them
+            if hasattr(module, "set_rng_device_and_dtype") and \
+                    (getattr(module, "device", None), getattr(module, "dtype", None)) != (cpu, torch.float32):
+                module.set_rng_device_and_dtype(cpu, torch.float32)
     return augmentation
 
 
+# (backend, fp32_precision knob) pairs torch >= 2.9 has per device type: "ieee" is full float32
+_PRECISION = {"cuda": (("cuda", "matmul"), ("cudnn", "conv"), ("cudnn", "rnn")),
+              "cpu": (("mkldnn", "matmul"), ("mkldnn", "conv"), ("mkldnn", "rnn"))}
+
+
+def _precision_knobs(device: torch.device) -> list:
+    """The fp32_precision settings that decide `device`'s float32 kernels (torch >= 2.9), or [] on
+    an older torch."""
+    knobs = [getattr(getattr(torch.backends, backend, None), op, None) for backend, op in
+             _PRECISION.get(device.type, ())]
+    return [k for k in knobs if hasattr(k, "fp32_precision")]
+
+
 @contextmanager
-def _float32(device: torch.device) -> Iterator[None]:
-    """Full float32 on `device` inside, whatever the caller's autocast and TF32 settings: a
-    batch's pixels must not depend on the training loop's precision. TF32 is a process-wide
-    switch; the loader and the build augment on the thread that would otherwise use it."""
+def full_float32(device: torch.device) -> Iterator[None]:
+    """Full float32 on `device` inside, whatever the caller's autocast and TF32 (or bf16) settings:
+    a batch's pixels (and a teacher's targets) must not depend on the training loop's precision.
+
+    torch >= 2.9: its fp32_precision settings ("ieee" inside, each restored after); the legacy
+    allow_tf32 flags are never read there, since reading them raises once a caller has used the new
+    API. Older torch: the legacy flags (CUDA). These are process-wide switches; the loader and the
+    build run this on the thread that would otherwise use them."""
     autocast = torch.autocast(device.type, enabled=False) if device.type in ("cpu", "cuda") else nullcontext()
-    tf32 = device.type == "cuda"
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) if tf32 else None
+    knobs = _precision_knobs(device)
+    legacy = device.type == "cuda" and not knobs
+    saved = [k.fp32_precision for k in knobs]
+    saved_legacy = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) if legacy else None
     try:
-        if tf32:
+        for k in knobs:
+            k.fp32_precision = "ieee"
+        if legacy:
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
         with autocast:
             yield
     finally:
-        if saved is not None:
-            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+        for k, value in zip(knobs, saved):
+            k.fp32_precision = value
+        if saved_legacy is not None:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved_legacy
 
 
 @contextmanager
@@ -133,7 +170,7 @@ def augment_batch(augmentation: Callable, images: torch.Tensor, *, seed: int, na
         TransformError: the augmentation fails or returns something else than a float batch of
             the same size (and `shape`), in one line naming `name` (the preset or factory).
     """
-    with seeded(seed, images.device), _float32(images.device):
+    with seeded(seed, images.device), full_float32(images.device):
         try:
             out = augmentation(images)
         except TransformError:

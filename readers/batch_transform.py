@@ -86,15 +86,19 @@ class BatchTransform:
                              f"got {type(transform).__name__}")
         self.transform = transform
         self.name = name or _name(transform)
+        self._device: torch.device | None = None  # where `to` last moved a module
 
     @classmethod
     def of(cls, transform: Callable | BatchTransform | None) -> BatchTransform | None:
         return transform if transform is None or isinstance(transform, BatchTransform) else cls(transform)
 
     def to(self, device: torch.device) -> BatchTransform:
-        """Moves a transform that is an nn.Module (buffers, parameters) to `device`; returns self."""
-        if isinstance(self.transform, torch.nn.Module):
+        """Moves a transform that is an nn.Module (buffers, parameters) to `device`, once per
+        device (a loader calls it at every pass: moving a Kornia module again would rebuild its
+        samplers, blocking copies); returns self."""
+        if isinstance(self.transform, torch.nn.Module) and device != self._device:
             self.transform.to(device)
+            self._device = device
         return self
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, *, seed: int, where: str = "a batch",

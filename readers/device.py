@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -25,16 +26,17 @@ def check_device(device: str | torch.device | None) -> torch.device:
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """`device` with its GPU index: an index-less cuda (or None on a machine with a GPU) is GPU
+    """`device` with its GPU index: an index-less cuda (or None on a machine with a GPU) is the
+    current GPU where something chose one (`torch.cuda.set_device` to another than GPU 0), else GPU
     LOCAL_RANK under a launcher that sets it (torchrun, Lightning, Accelerate), else the current
-    GPU. Call it when work starts, not when a loader is built: a loader made before
+    GPU (pick_device). Call it when work starts, not when a loader is built: a loader made before
     `torch.cuda.set_device` then still lands on its rank's GPU.
 
     Raises:
         ValueError: as check_device, or a LOCAL_RANK with no GPU of that index.
     """
     available = torch.cuda.is_available()
-    needs_current = available and (device is None or str(device) == "cuda") and "LOCAL_RANK" not in os.environ
+    needs_current = available and (device is None or str(device) == "cuda")
     return pick_device(device, cuda_available=available, device_count=torch.cuda.device_count() if available else 0,
                        current=torch.cuda.current_device() if needs_current else None, env=os.environ)
 
@@ -43,7 +45,13 @@ def pick_device(device: str | torch.device | None, *, cuda_available: bool, devi
                 current: int | None, env: Mapping[str, str]) -> torch.device:
     """The device resolve_device gives, as a pure function of what it looks at: whether CUDA is
     available, how many GPUs there are, the current GPU's index (None: leave an index-less cuda
-    as it is) and the environment (LOCAL_RANK)."""
+    as it is) and the environment (LOCAL_RANK).
+
+    An index-less cuda is, in this order: the current GPU when it is not GPU 0 (a process that
+    called `torch.cuda.set_device`, as Lightning does with `devices=[2, 3]`: its choice, not
+    LOCAL_RANK's); GPU 0 when it is the only one visible (one GPU per task, as SLURM gives, where
+    LOCAL_RANK counts the tasks of the node, not the GPUs this one sees); GPU LOCAL_RANK; the
+    current GPU. A current GPU 0 cannot be told from one nobody chose, so LOCAL_RANK decides then."""
     if device is None:
         device = "cuda" if cuda_available else "cpu"
     try:
@@ -57,6 +65,8 @@ def pick_device(device: str | torch.device | None, *, cuda_available: bool, devi
     if not cuda_available:
         raise ValueError(f"device {str(device)!r} was asked for but CUDA is not available")
     index, why = device.index, ""
+    if index is None and current is not None and (current != 0 or device_count == 1):
+        index = current
     if index is None:
         local = env.get("LOCAL_RANK")
         if local is not None:
@@ -176,6 +186,12 @@ class DeviceCopier:
         for tensor in batch:
             tensor.record_stream(current)
         return batch
+
+    def on_stream(self) -> AbstractContextManager:
+        """Where the batches' device work runs, as a context: the side stream on CUDA (what is
+        queued inside comes before the batches that use it, e.g. an augmentation's buffers placed
+        when a cache epoch starts), else nothing to switch."""
+        return torch.cuda.stream(self._stream) if self._stream is not None else nullcontext()
 
     @property
     def on_host(self) -> bool:

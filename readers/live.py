@@ -184,10 +184,11 @@ class LiveLoader(Loader):
         t = m.raw["transform"]
         key = (plan.cache_epoch, self._copier.device)  # on the device this pass is bound to, as a build places it
         if key not in self._batched:
-            self._batched = {key: place(make_batched(t["spec"], epoch=plan.cache_epoch, epochs=m.num_epochs,
-                                                     size=t["size"], channels=m.output_shape[2],
-                                                     schedule=t["schedule"], factory=self._factory),
-                                         self._copier.device)}
+            with self._copier.on_stream():  # its buffers' copies queued before the batches that read them
+                self._batched = {key: place(make_batched(t["spec"], epoch=plan.cache_epoch, epochs=m.num_epochs,
+                                                         size=t["size"], channels=m.output_shape[2],
+                                                         schedule=t["schedule"], factory=self._factory),
+                                             self._copier.device)}
         augmentation = self._batched[key]
         # A batch's randomness: the cache's seed, the training epoch, the batch, and what decides
         # which samples it holds (the loader's order seed and the rank layout).

@@ -116,9 +116,7 @@ class Loader:
         self._copier = DeviceCopier(device=self.options.device, normalize=normalize, mean=self.mean,
                                     std=self.std, dtype=dtype, channels_last=channels_last)
         # (images, labels) -> (images, targets) after normalisation, on the device, seeded per batch
-        self.batch_transform = BatchTransform.of(batch_transform)
-        if self.batch_transform is not None:
-            self.batch_transform.to(self.options.device)
+        self.batch_transform = BatchTransform.of(batch_transform)  # moved to the device when a pass starts
         self._spare: list[torch.Tensor] = []  # CPU host batches the device stage is done with (_gather's)
         self.sampler = EpochHook(self)  # what Lightning calls set_epoch on
         self._epoch = 0
@@ -327,7 +325,9 @@ class Loader:
         if start >= plan.num_batches:
             return
         copier = self._copier
-        copier.bind()  # an index-less cuda resolved now: LOCAL_RANK's GPU, or the current one
+        device = copier.bind()  # an index-less cuda resolved now: LOCAL_RANK's GPU, or the current one
+        if self.batch_transform is not None:
+            self.batch_transform.to(device)
         producer = self._host_batches(plan, start)
         try:
             if copier.on_host and self.batch_transform is None and self.targets == "labels" \

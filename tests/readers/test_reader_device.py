@@ -110,6 +110,18 @@ def test_pick_device_finds_the_gpu_of_this_rank(requested, current, env, expecte
     assert pick_device(requested, current=current, env=env, **GPUS) == torch.device(expected)
 
 
+@pytest.mark.parametrize(("requested", "current", "count", "env", "expected"), [
+    ("cuda", 3, 4, {"LOCAL_RANK": "1"}, "cuda:3"),  # Lightning devices=[2, 3], rank 1: set_device(3) wins
+    (None, 2, 4, {"LOCAL_RANK": "0"}, "cuda:2"),  # and rank 0: set_device(2)
+    ("cuda", 0, 1, {"LOCAL_RANK": "1"}, "cuda:0"),  # SLURM, one GPU per task: task 1 sees its GPU as cuda:0
+    ("cuda", 0, 4, {"LOCAL_RANK": "3"}, "cuda:3"),  # torchrun, nothing set: the rank's GPU
+    ("cuda:1", 3, 4, {"LOCAL_RANK": "2"}, "cuda:1"),  # an explicit index still wins over both
+])
+def test_pick_device_respects_an_explicit_current_device(requested, current, count, env, expected):
+    assert pick_device(requested, cuda_available=True, device_count=count, current=current, env=env) == \
+        torch.device(expected)
+
+
 @pytest.mark.parametrize(("requested", "env", "message"), [
     ("cuda:2", {}, r"device cuda:2 does not exist: 2 CUDA GPU\(s\) here, cuda:0 to cuda:1"),
     ("cuda", {"LOCAL_RANK": "3"}, r"device cuda:3 \(LOCAL_RANK=3\) does not exist: 2 CUDA GPU\(s\) here"),
@@ -190,3 +202,101 @@ def test_device_augmentation_ignores_the_callers_autocast():
         under = copier.convert(host, augment)
         assert torch.is_autocast_enabled("cpu")  # and the caller's autocast is on again after
     assert under.dtype == torch.float32 and torch.equal(under, plain)
+
+
+class _Tinted(torch.nn.Module):
+    """A factory's augmentation with a buffer of its own and a Kornia augmentation inside."""
+
+    def __init__(self) -> None:
+        import kornia.augmentation as K
+
+        super().__init__()
+        self.register_buffer("tint", torch.tensor([1.0, 0.9, 0.8]).view(1, 3, 1, 1))
+        self.flip = K.RandomHorizontalFlip()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.flip(x) * self.tint
+
+
+@pytest.mark.parametrize("spec", ["cifar", "imagenet", "mnist", "val", "factory"])
+def test_a_new_cache_epoch_placed_on_the_device_makes_no_blocking_copy(spec):
+    """A live pass places each cache epoch's augmentation when the epoch starts, within the pass:
+    placing it, as augmenting with it, must not make the host wait (sync debug mode raises on GPU)."""
+    import functools
+
+    from cacheaug.batched import augment_batch, make_batched, place
+    from devicecount import MetaGPU
+
+    def made():
+        return _Tinted() if spec == "factory" else make_batched(spec, epoch=1, epochs=2, size=24, channels=3)
+
+    host = torch.randint(0, 256, (8, 24, 24, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    on_cpu = _copier(channels_last=True)
+    expected = on_cpu.convert(host, functools.partial(augment_batch, place(made(), torch.device("cpu")), seed=7,
+                                                     name=spec, shape=(3, 24, 24)))
+    with MetaGPU() as gpu:
+        copier = _copier(device=torch.device("meta"), channels_last=True)
+        copier.bind()
+        images = gpu.device_tensor(host)
+        gpu.counting = True
+        augmentation = place(made(), torch.device("meta"))
+        out = copier.convert(images, functools.partial(augment_batch, augmentation, seed=7, name=spec,
+                                                       shape=(3, 24, 24)))
+        gpu.counting = False
+    assert "blocking" not in gpu.to_device and gpu.to_host == []
+    assert all(t.device.type == "meta" for t in augmentation.buffers())
+    assert gpu.to_device.count("non_blocking") >= (1 if spec == "factory" else 0)  # the tint buffer
+    torch.testing.assert_close(gpu.value(out), expected)  # the same draws, made on the CPU
+
+
+def test_full_float32_under_the_callers_fp32_precision_api():
+    """A training script that set torch's fp32_precision API (torch >= 2.9): reading the legacy
+    allow_tf32 flags would raise then; full float32 inside, the caller's settings as they were after."""
+    from cacheaug.batched import full_float32
+
+    backends = torch.backends
+    if not hasattr(backends, "fp32_precision"):
+        pytest.skip("torch < 2.9 has no fp32_precision API")
+    knobs = [backends.cuda.matmul, backends.cudnn.conv, backends.cudnn.rnn, backends.mkldnn.matmul,
+             backends.mkldnn.conv]
+    saved = backends.fp32_precision, [k.fp32_precision for k in knobs]
+    try:
+        backends.fp32_precision = "tf32"
+        backends.mkldnn.matmul.fp32_precision = "bf16"
+        before = [k.fp32_precision for k in knobs]
+        for device in ("cuda", "cpu"):  # only torch's settings are touched: no GPU needed for cuda's
+            with full_float32(torch.device(device)):
+                inside = [k.fp32_precision for k in knobs]
+                assert inside[:3] == ["ieee"] * 3 if device == "cuda" else inside[3:] == ["ieee"] * 2
+            assert [k.fp32_precision for k in knobs] == before
+        assert backends.fp32_precision == "tf32"
+    finally:
+        for k, value in zip(knobs, saved[1]):
+            k.fp32_precision = value
+        backends.fp32_precision = saved[0]
+    assert isinstance(backends.cuda.matmul.allow_tf32, bool)  # the legacy flags readable again
+
+
+def test_a_loader_built_before_set_device_moves_its_transform_when_a_pass_starts(npy_cache, monkeypatch):
+    """Under torchrun a loader may be built before torch.cuda.set_device(local_rank): a module
+    batch_transform must not be put on the GPU current then (it goes where the pass is bound).
+    Without a GPU, torch's own CUDA queries stand in for a machine with two."""
+    from readers import CachedLoader
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    transform = _Scaled()
+    loader = CachedLoader(npy_cache, batch_size=8, batch_transform=transform)
+    assert loader.options.device == torch.device("cuda")  # index-less: bound to a GPU when a pass starts
+    assert transform.scale.device == torch.device("cpu")  # not moved yet: no GPU chosen
+
+
+class _Scaled(torch.nn.Module):
+    """A module batch_transform with a buffer (the images scaled by it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("scale", torch.tensor(0.5))
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return images * self.scale, labels
