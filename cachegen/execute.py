@@ -32,7 +32,7 @@ from cachegen.pool import WorkerDied, WorkerPool
 from cachegen.shards import write_shard
 from cachegen.sources import printable
 from cachegen.stats import PixelStats
-from cachegen.teacher import teacher_members, with_teacher
+from cachegen.teacher import Teacher, queue_members, stored_as_made, teacher_members, with_teacher
 from cacheaug.batched import augment_batch, batch_seed
 from cacheaug.transforms import own_rng, to_hwc_uint8
 
@@ -153,8 +153,8 @@ def _stream(settings: BuildSettings, tasks: list[ShardTask], submit: Callable[..
         task, loading = loads.popleft()
         indices, pixels, totals = loading.result()
         load_ahead()
-        rows = _augment_shard(settings, here.batched(task.epoch, device), task, pixels, device)
-        teacher = teacher_members(settings.teacher, rows, device) if settings.teacher else None
+        rows, teacher = _augment_shard(settings, here.batched(task.epoch, device), task, pixels, device,
+                                       settings.teacher)
         writes.add(submit(_write_rows, task, indices, rows, totals, teacher))
         if len(writes) >= ahead:  # written no faster than augmented: hold at most `ahead` shards of rows
             wait(writes, return_when=FIRST_COMPLETED)
@@ -227,7 +227,8 @@ def _write_task(task: ShardTask) -> tuple[str, dict]:
     settings = augment.settings
     if task.epoch is not None and settings.augment_on == "device":
         indices, pixels, totals = _load_shard(task)
-        return _write_rows(task, indices, _augment_shard(settings, augment.batched(task.epoch), task, pixels), totals)
+        rows, teacher = _augment_shard(settings, augment.batched(task.epoch), task, pixels, teacher=settings.teacher)
+        return _write_rows(task, indices, rows, totals, teacher)
     stats = PixelStats(settings.source_shape[2]) if task.stats else None
 
     def samples():
@@ -279,27 +280,38 @@ def _load_shard(task: ShardTask) -> tuple[np.ndarray, np.ndarray, dict]:
 
 
 def _augment_shard(settings: BuildSettings, batched: Callable, task: ShardTask, pixels: np.ndarray,
-                   device: torch.device = torch.device("cpu")) -> np.ndarray:
+                   device: torch.device = torch.device("cpu"), teacher: Teacher | None = None
+                   ) -> tuple[np.ndarray, list[bytes] | None]:
     """A shard's pixels (NHWC uint8) augmented on `device` in batches of build_batch(...), back as
-    NHWC uint8: batch k is seeded with batch_seed(seed, epoch, the shard's first source index, k), so
-    the bytes depend on neither the worker count, nor the other shards, nor where this runs (on one
-    device type). On CUDA every batch is queued (pinned copies both ways, no wait between batches)
+    NHWC uint8, with each row's `teacher` member where given (else None): batch k is seeded with
+    batch_seed(seed, epoch, the shard's first source index, k), so the bytes depend on neither the
+    worker count, nor the other shards, nor where this runs (on one device type). On CUDA the shard
+    stays on the GPU: every batch is queued (pinned copies both ways), the teacher runs on the
+    augmented rows there (on what a reader decodes: JPEG's are decoded again on the host first),
     and the shard is waited for once."""
     h, w, c = settings.shape
     size = build_batch(max(settings.shape, pixels.shape[1:], key=math.prod))
     cuda = device.type == "cuda"
     source = torch.from_numpy(pixels)
-    rows = torch.empty((len(pixels), h, w, c), dtype=torch.uint8, pin_memory=cuda)
     if cuda:
         source = source.pin_memory()
+    augmented = torch.empty((len(pixels), h, w, c), dtype=torch.uint8, device=device)
     for k in range(0, len(pixels), size):
         batch = source[k:k + size].to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
         seed = batch_seed(settings.seed, task.epoch, int(task.indices[0]), stream=k // size)
         out = augment_batch(batched, batch, seed=seed, name=settings.spec, shape=(c, h, w))
-        rows[k:k + len(out)].copy_(out.mul_(255.0).round_().to(torch.uint8).permute(0, 2, 3, 1), non_blocking=True)
+        augmented[k:k + len(out)].copy_(out.mul_(255.0).round_().to(torch.uint8).permute(0, 2, 3, 1))
+    rows = augmented
+    if cuda:
+        rows = torch.empty(augmented.shape, dtype=torch.uint8, pin_memory=True).copy_(augmented, non_blocking=True)
+    here = teacher is not None and stored_as_made(teacher.encoding)  # the augmented rows are what a reader gets
+    members = queue_members(teacher, augmented) if here else None
     if cuda:
         torch.cuda.current_stream(device).synchronize()
-    return rows.numpy()
+    rows = rows.numpy()
+    if teacher is None:
+        return rows, None
+    return rows, members() if members is not None else teacher_members(teacher, rows, device)
 
 
 def _write_rows(task: ShardTask, indices: np.ndarray, rows: np.ndarray, totals: dict,

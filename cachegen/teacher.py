@@ -1,11 +1,11 @@
 """The teacher of a reinforced cache (`cachegen build --teacher`): loaded from the user's factory,
-run batched in eval mode on the images as stored, its top-K softmax probabilities encoded as each
-sample's teacher member (cacheformat.teacher)."""
+run batched in eval mode, in full float32, on the images as stored, its top-K softmax probabilities
+encoded as each sample's teacher member (cacheformat.teacher)."""
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,6 +15,7 @@ from cacheformat import as_error
 from cacheformat.payload import decode_payload
 from cacheformat.teacher import MEMBER, RECORD, TeacherSpec, encode, payload_bytes
 from cachegen.errors import CachegenError
+from cacheaug.batched import full_float32
 from cacheaug.transforms import load_callable, source_sha256
 
 TEACHER_BATCH = 64  # samples of a shard the teacher sees at once: fixed, so its bytes do not depend on the workers
@@ -76,11 +77,12 @@ def teacher_sha256(spec: str) -> str | None:
     return source_sha256(load_callable(spec, option="--teacher", usage=USAGE))
 
 
-def top_k(module: torch.nn.Module, batch: torch.Tensor, teacher: Teacher) -> tuple[np.ndarray, np.ndarray]:
-    """The teacher's top-K (class indices int32, softmax probabilities float16) for a float batch
-    (B, C, H, W) in [0, 1], highest first."""
+def _logits(module: torch.nn.Module, batch: torch.Tensor, teacher: Teacher) -> torch.Tensor:
+    """The teacher's logits for a float batch (B, C, H, W) in [0, 1], in full float32 whatever the
+    caller's autocast and TF32 settings (the stored targets must not depend on them), shape
+    checked (no wait for the GPU: shapes are known on the host)."""
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), full_float32(batch.device):
             logits = module(batch)
     except Exception as e:
         raise CachegenError(f"teacher {teacher.spec} failed on a batch of shape {list(batch.shape)}: "
@@ -89,15 +91,61 @@ def top_k(module: torch.nn.Module, batch: torch.Tensor, teacher: Teacher) -> tup
         got = list(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise CachegenError(f"teacher {teacher.spec} gave {got} for a batch of {len(batch)}, not (batch, "
                             f"{teacher.classes}) logits: the cache has {teacher.classes} classes")
+    return logits
+
+
+def _non_finite(teacher: Teacher) -> CachegenError:
+    return CachegenError(f"teacher {teacher.spec} gave non-finite logits (NaN or inf)")
+
+
+def top_k(module: torch.nn.Module, batch: torch.Tensor, teacher: Teacher) -> tuple[np.ndarray, np.ndarray]:
+    """The teacher's top-K (class indices int32, softmax probabilities float16) for a float batch
+    (B, C, H, W) in [0, 1], highest first."""
+    logits = _logits(module, batch, teacher)
     if not torch.isfinite(logits).all():
-        raise CachegenError(f"teacher {teacher.spec} gave non-finite logits (NaN or inf)")
+        raise _non_finite(teacher)
     probs, classes = logits.float().softmax(dim=1).topk(teacher.topk, dim=1)
     return classes.to(torch.int32).cpu().numpy(), probs.to(torch.float16).cpu().numpy()
 
 
+def queue_members(teacher: Teacher, images: torch.Tensor) -> Callable[[], list[bytes]]:
+    """Queue the teacher on a shard's images as stored (uint8 (N, H, W, C) on the device it runs
+    on), in batches of TEACHER_BATCH counted from the first; returns what gives each row's teacher
+    member once the device is synchronised (at once on the CPU). Nothing here waits for the GPU:
+    the top-K travel to pinned host memory with non-blocking copies, and whether every logit was
+    finite is a flag on the device read after the caller's one wait."""
+    device = images.device
+    module = load_teacher(teacher.spec, device, teacher.weights)
+    pin = device.type == "cuda"
+    n, k = len(images), teacher.topk
+    classes = torch.empty((n, k), dtype=torch.int32, pin_memory=pin)
+    probs = torch.empty((n, k), dtype=torch.float16, pin_memory=pin)
+    finite = torch.ones((), dtype=torch.bool, device=device)
+    for start in range(0, n, TEACHER_BATCH):
+        batch = images[start:start + TEACHER_BATCH].permute(0, 3, 1, 2).float().div_(255.0)
+        logits = _logits(module, batch, teacher)
+        finite &= torch.isfinite(logits).all()
+        top, which = logits.float().softmax(dim=1).topk(k, dim=1)
+        classes[start:start + len(batch)].copy_(which.to(torch.int32), non_blocking=pin)
+        probs[start:start + len(batch)].copy_(top.to(torch.float16), non_blocking=pin)
+    all_finite = torch.empty((), dtype=torch.bool, pin_memory=pin).copy_(finite, non_blocking=pin)
+
+    def members() -> list[bytes]:
+        if not all_finite.item():
+            raise _non_finite(teacher)
+        return [encode(c, p) for c, p in zip(classes.numpy(), probs.numpy())]
+
+    return members
+
+
+def stored_as_made(encoding: str) -> bool:
+    """Whether images of `encoding` read back bit-equal (every encoding but lossy JPEG)."""
+    return encoding != "jpg"
+
+
 def as_stored(rows: np.ndarray, encoding: str) -> np.ndarray:
     """The images (N, H, W, C uint8) as a reader gets them back: JPEG is lossy, so decoded again."""
-    if encoding != "jpg" or not len(rows):
+    if stored_as_made(encoding) or not len(rows):
         return rows
     from cachegen.shards import encode as encode_image
 
@@ -106,15 +154,15 @@ def as_stored(rows: np.ndarray, encoding: str) -> np.ndarray:
 
 
 def teacher_members(teacher: Teacher, rows: np.ndarray, device: torch.device = torch.device("cpu")) -> list[bytes]:
-    """Each row's teacher member: a shard's augmented images (N, H, W, C uint8), in batches of
-    TEACHER_BATCH counted from the shard's first sample, on `device`."""
-    module = load_teacher(teacher.spec, device, teacher.weights)
-    stored = as_stored(rows, teacher.encoding)
-    members = []
-    for k in range(0, len(stored), TEACHER_BATCH):
-        batch = torch.from_numpy(stored[k:k + TEACHER_BATCH]).to(device).permute(0, 3, 1, 2).float().div_(255.0)
-        members.extend(encode(c, p) for c, p in zip(*top_k(module, batch, teacher)))
-    return members
+    """Each row's teacher member: a shard's augmented images (N, H, W, C uint8) on the host, in
+    batches of TEACHER_BATCH counted from the shard's first sample, on `device` (one wait there)."""
+    stored = torch.from_numpy(as_stored(rows, teacher.encoding))
+    if device.type == "cuda":
+        stored = stored.pin_memory().to(device, non_blocking=True)
+    members = queue_members(teacher, stored)
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
+    return members()
 
 
 def with_teacher(samples: Iterable[tuple[int, int, np.ndarray]], teacher: Teacher) -> Iterator[tuple]:

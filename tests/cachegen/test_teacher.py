@@ -259,14 +259,37 @@ def _rehash(cache, relpath: str) -> None:
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
-def test_a_teacher_run_in_this_process_gives_the_bytes_the_workers_give(npz_source, teachers, tmp_path, workers):
+def test_a_teacher_run_in_this_process_gives_the_bytes_the_workers_give(npz_source, teachers, tmp_path, workers,
+                                                                         monkeypatch):
     """--device cpu: this process augments each shard and runs the teacher on it (as it does on a
     GPU with --device cuda); the same bytes as the workers' own, whatever the worker count."""
     args = [npz_source[0], "--epochs", "2", "--shard-size", "50", "--transform", "cifar", "--augment-on", "device",
             "--teacher", teachers("make"), "--quiet"]
-    run_cli("build", *args, "--out", tmp_path / "workers", "--workers", "2")
+    with monkeypatch.context() as gpu_hidden:  # without --device a GPU host would build on CUDA, not in the workers
+        gpu_hidden.setattr(torch.cuda, "is_available", lambda: False)
+        run_cli("build", *args, "--out", tmp_path / "workers", "--workers", "2")
     run_cli("build", *args, "--out", tmp_path / "here", "--workers", workers, "--device", "cpu")
     assert shard_bytes(tmp_path / "here") == shard_bytes(tmp_path / "workers")
+
+
+def test_stored_targets_ignore_the_callers_autocast_and_precision(npz_source, teachers, tmp_path):
+    """A build run from a training script (this process runs the teacher with --device): its bf16
+    autocast and reduced-precision float32 kernels must not reach the teacher's targets."""
+    args = [npz_source[0], "--epochs", "1", "--shard-size", "50", "--transform", "cifar", "--augment-on", "device",
+            "--device", "cpu", "--workers", "1", "--teacher", teachers("make"), "--quiet"]
+    run_cli("build", *args, "--out", tmp_path / "plain")
+    knob = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
+    saved = getattr(knob, "fp32_precision", None)
+    try:
+        if saved is not None:
+            knob.fp32_precision = "bf16"
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            run_cli("build", *args, "--out", tmp_path / "under")
+            assert torch.is_autocast_enabled("cpu")
+    finally:
+        if saved is not None:
+            knob.fp32_precision = saved
+    assert shard_bytes(tmp_path / "under") == shard_bytes(tmp_path / "plain")
 
 
 @pytest.mark.cuda  # skipped without a GPU (tests/conftest.py)
@@ -283,6 +306,26 @@ def test_a_teacher_on_cuda_stores_its_top_k_deterministically(npz_source, teache
         probs = rerun(teachers("make"), images.cpu())
         torch.testing.assert_close(teacher.cpu(), torch.zeros_like(probs).scatter_(1, probs.topk(4).indices,
                                    probs.topk(4).values), atol=2e-3, rtol=0)
+
+
+@pytest.mark.cuda
+def test_the_teacher_queues_a_shard_on_the_gpu_without_waiting(teachers):
+    """The GPU build's teacher: a shard's batches queued with no synchronising call (torch raises on
+    one in sync debug mode), its members read after the one wait, as the host path gives them."""
+    from cachegen.teacher import probe_teacher, queue_members, teacher_members
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    teacher = probe_teacher(teachers("make"), 3, 4, (32, 32, 3), "npy", device)
+    rows = np.random.default_rng(5).integers(0, 256, (150, 32, 32, 3), dtype=np.uint8)  # 3 teacher batches
+    images = torch.from_numpy(rows).to(device)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        members = queue_members(teacher, images)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert members() == teacher_members(teacher, rows, device)
 
 
 def test_a_dask_build_with_a_teacher_is_byte_identical_to_a_local_build(dask_cluster, teachers, tmp_path):

@@ -67,6 +67,35 @@ def test_a_second_gpu_by_index_by_local_rank_and_by_the_current_device(caches, m
     _close(batches, epoch_batches(CachedLoader(caches["cached"], device="cpu", **options), 0))
 
 
+class _Shift(torch.nn.Module):
+    """A module batch_transform with a buffer: images minus it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("shift", torch.tensor(0.25))
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return images - self.shift, labels
+
+
+@two_gpus
+def test_a_module_batch_transform_goes_to_the_gpu_bound_at_the_pass(caches):
+    """Built before torch.cuda.set_device (GPU 0 current then): the transform's buffer follows the
+    pass to GPU 1, and its batches are the CPU loader's."""
+    options = dict(batch_size=32, seed=1)
+    transform = _Shift()
+    early = CachedLoader(caches["cached"], batch_transform=transform, **options)
+    previous = torch.cuda.current_device()
+    torch.cuda.set_device(1)
+    try:
+        batches = epoch_batches(early, 0)
+    finally:
+        torch.cuda.set_device(previous)
+    assert transform.shift.device == torch.device("cuda", 1)
+    assert {x.device for x, _ in batches} == {torch.device("cuda", 1)}
+    _close(batches, epoch_batches(CachedLoader(caches["cached"], device="cpu", batch_transform=_Shift(), **options), 0))
+
+
 def test_a_missing_gpu_index_is_one_line(caches):
     index = torch.cuda.device_count()
     with pytest.raises(ValueError, match=rf"device cuda:{index} does not exist: {index} CUDA GPU\(s\) here"):
@@ -103,6 +132,21 @@ def test_device_augmentation_ignores_autocast_and_tf32(caches):
         assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, True)
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    assert all(torch.equal(x, a) and torch.equal(y, b) for (x, y), (a, b) in zip(under, plain))
+
+
+def test_device_augmentation_under_the_fp32_precision_api(caches):
+    """A training script that set torch's newer fp32_precision API (reading the legacy allow_tf32
+    flags raises then): device augmentation runs, in full float32, the caller's setting kept."""
+    options = dict(batch_size=32, seed=4, device=GPU, augment_on="device")
+    plain = epoch_batches(LiveLoader(caches["device"], **options), 0)
+    saved = torch.backends.fp32_precision
+    torch.backends.fp32_precision = "tf32"
+    try:
+        under = epoch_batches(LiveLoader(caches["device"], **options), 0)
+        assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+    finally:
+        torch.backends.fp32_precision = saved
     assert all(torch.equal(x, a) and torch.equal(y, b) for (x, y), (a, b) in zip(under, plain))
 
 
