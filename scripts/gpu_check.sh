@@ -1,21 +1,28 @@
 #!/usr/bin/env bash
-# GPU check: one invocation, every step run whatever the others did, a summary at the end; a few
-# minutes on an H200 (each step has a time limit, and all of them BUDGET=460 s: under 8 minutes).
+# GPU check: one invocation, every step run whatever the others did, a summary (outcomes and every
+# figure) at the end; about 6 minutes on an H100 or H200 (each step has a time limit, and all of them
+# BUDGET=360 s, of which the CUDA tests keep TESTS_S=120 s for themselves).
 #
-#   PYTHON=python3 scripts/gpu_check.sh    # from a checkout; the project need not be installed
+#   PYTHON=python3 scripts/gpu_check.sh                 # from a checkout; the project need not be installed
+#   ONLY="tests feed224" PYTHON=python3 scripts/gpu_check.sh    # a rerun of some steps (and what they need)
 #
 # On a machine with an NVIDIA GPU it prints, all measured in this run:
 #   build    `cachegen build` images/s: per sample in worker processes vs --augment-on device
 #            --device cuda (batched on the GPU), for CIFAR-shaped 32 px (cifar preset) and 256 px
 #            sources cropped to 224 (imagenet preset); the 32 px device build with a ResNet-18 --teacher;
-#   feed 32  ResNet-18 at 32 px (batch 512) fed by CachedLoader, LiveLoader on the device, LiveLoader
+#   feed32   ResNet-18 at 32 px (batch 512) fed by CachedLoader, LiveLoader on the device, LiveLoader
 #            per sample, an online DataLoader, each as a share of the synthetic-data rate (goal
 #            >= 90 %) with its data wait (scripts/gpu_feed.py), after host -> device copy rates;
-#   feed 224 ResNet-50 at 224 px (batch 128), the same rows;
+#   feed224  ResNet-50 at 224 px (batch 128), the same rows;
 #   train    scripts/train.py, a few steps with each loader (cached, live, online);
-#   tests    pytest -m cuda (every CUDA test).
+#   tests    pytest -m cuda (every CUDA test), once.
 # Without CUDA every step runs on the CPU at toy sizes, so the script is known to run; those numbers
-# say nothing about a GPU. Missing packages are named in one line first (docs/gpu.md: carrying wheels).
+# say nothing about a GPU. Missing packages are named in one line first (docs/gpu.md: carrying wheels),
+# then /dev/shm is checked (DataLoader workers hand batches over in it).
+#
+# A new row: a shell function below (its figures on lines with "img/s" or "x the"), then one `step`
+# line in the table at the end (a key, a name, a limit in seconds on a GPU, the command), and its
+# key's needs in NEEDS where it reads what another step makes.
 set -uo pipefail
 
 cd "$(dirname "$0")/.." || exit 1
@@ -57,17 +64,40 @@ echo "gpu_check: $("$PYTHON" -c 'import torch; print(torch.cuda.get_device_name(
 else "no GPU: the CPU at toy sizes, numbers say nothing about a GPU")'); $SAMPLES images at 32 px, $BIG at" \
      "$SIDE px; $(nproc) cores; work dir $WORK"
 
-declare -a SUMMARY=()
+declare -a SUMMARY=() FIGURES=()
 FAILED=0
+
+# /dev/shm: DataLoader workers (per-sample live rows, online rows, train.py) pass batches through it;
+# a container's default 64 MB ends them with a bus error at the first large batch.
+shm_free=$(df -Pm /dev/shm 2>/dev/null | awk 'NR == 2 {print $4}')
+if [ -z "$shm_free" ] || [ "$shm_free" -lt "${SHM_MIN_MIB:-1024}" ]; then
+    SUMMARY+=("WARNING       /dev/shm has ${shm_free:-no} MiB free: worker rows may die (docs/gpu.md: growing /dev/shm)")
+    echo "gpu_check: /dev/shm has ${shm_free:-no} MiB free (under ${SHM_MIN_MIB:-1024}): steps with DataLoader" \
+         "workers may die; as root: mount -o remount,size=8G /dev/shm"
+else
+    echo "gpu_check: /dev/shm has $shm_free MiB free"
+fi
 
 # Seconds for all the steps, so that a slow or hung step cannot take the others' time; on the CPU
 # (toy sizes, but no GPU doing the work) every limit is SCALE times longer.
-if [ "$GPU" = 1 ]; then BUDGET=${BUDGET:-460} SCALE=1; else BUDGET=${BUDGET:-2400} SCALE=8; fi
+if [ "$GPU" = 1 ]; then BUDGET=${BUDGET:-360} SCALE=1; else BUDGET=${BUDGET:-2400} SCALE=8; fi
+TESTS_S=$(( ${TESTS_S:-120} * SCALE ))  # kept for the tests (the last step) whatever the steps before took
 
-step() {  # step NAME LIMIT_S COMMAND...: run it, its output indented, its outcome kept for the summary
-    local name=$1 limit=$2 start rc left
-    shift 2
+# ONLY: the keys to run (all when empty), with the steps each needs (NEEDS) run first.
+declare -A NEEDS=([build]="sources" [caches]="sources build" [feed32]="sources build caches"
+                  [feed224]="sources build caches" [train]="sources build caches")
+declare -A WANTED=()
+for key in ${ONLY:-}; do
+    WANTED[$key]=1
+    for need in ${NEEDS[$key]:-}; do WANTED[$need]=1; done
+done
+
+step() {  # step KEY NAME LIMIT_S COMMAND...: run it, its output indented (and kept), its outcome for the summary
+    local key=$1 name=$2 limit=$3 start rc left log
+    shift 3
+    [ -z "${ONLY:-}" ] || [ -n "${WANTED[$key]:-}" ] || return 0
     left=$(( BUDGET - ($(date +%s) - began) ))
+    [ "$key" = tests ] || left=$(( left - TESTS_S ))
     if [ "$left" -lt 10 ]; then
         FAILED=$((FAILED + 1))
         SUMMARY+=("SKIPPED       $name (the ${BUDGET}s budget is spent)")
@@ -77,8 +107,9 @@ step() {  # step NAME LIMIT_S COMMAND...: run it, its output indented, its outco
     [ "$limit" -gt "$left" ] && limit=$left
     echo "== $name"
     start=$(date +%s)
+    log="$WORK/step-$key.log"
     # bash -c: the steps below are shell functions (exported), which timeout cannot run by itself
-    timeout --kill-after=10 "$limit" bash -c '"$@"' step "$@" 2>&1 | sed 's/^/  /'
+    timeout --kill-after=10 "$limit" bash -c '"$@"' step "$@" 2>&1 | sed 's/^/  /' | tee "$log"
     rc=${PIPESTATUS[0]}
     local took=$(( $(date +%s) - start ))
     if [ "$rc" -eq 0 ]; then
@@ -89,6 +120,8 @@ step() {  # step NAME LIMIT_S COMMAND...: run it, its output indented, its outco
         [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ] && why="timed out after ${limit}s"
         SUMMARY+=("FAILED   ${took}s  $name ($why)")
     fi
+    local line
+    while IFS= read -r line; do FIGURES+=("$key: ${line#  }"); done < <(grep -E "img/s|x the " "$log")
 }
 
 sources() {  # CIFAR-shaped random pixels (enough to time reading), and smooth 256 px ones (crops have edges)
@@ -175,16 +208,21 @@ train_each() {  # scripts/train.py a few steps with each loader, on the default 
 
 export PYTHON WORK SAMPLES EPOCHS BIG SIDE CROP WORKERS TRAIN
 export -f sources build_rates live_caches train_each
-step "sources" 40 sources
-step "build rates" 120 build_rates
-step "live caches" 90 live_caches
-step "feed 32 px: ResNet-18" 70 "$PYTHON" scripts/gpu_feed.py --model resnet18 --classes 10 "${FEED32[@]}" \
+# The table: one row per step, in order (KEY NAME LIMIT_S COMMAND...).
+step sources "sources" 30 sources
+step build "build rates" 100 build_rates
+step caches "live caches" 60 live_caches
+step feed32 "feed 32 px: ResNet-18" 60 "$PYTHON" scripts/gpu_feed.py --model resnet18 --classes 10 "${FEED32[@]}" \
     --cached "$WORK/cache" --live-device "$WORK/live" --live-cpu "$WORK/live-cpu" --online "$WORK/cache"
-step "feed $CROP px: ResNet-50" 90 "$PYTHON" scripts/gpu_feed.py --model resnet50 --classes 100 "${FEED224[@]}" \
-    --cached "$WORK/big-cache" --live-device "$WORK/big-live" --live-cpu "$WORK/big-live-cpu" --online "$WORK/big-cache"
-step "train.py, each loader" 80 train_each
-step "pytest -m cuda" 120 "$PYTHON" -m pytest -q -p no:cacheprovider -m cuda --continue-on-collection-errors tests
+step feed224 "feed $CROP px: ResNet-50" 75 "$PYTHON" scripts/gpu_feed.py --model resnet50 --classes 100 \
+    "${FEED224[@]}" --cached "$WORK/big-cache" --live-device "$WORK/big-live" --live-cpu "$WORK/big-live-cpu" \
+    --online "$WORK/big-cache"
+step train "train.py, each loader" 60 train_each
+step tests "pytest -m cuda" $(( TESTS_S / SCALE )) "$PYTHON" -m pytest -q -p no:cacheprovider -m cuda -rfE --tb=short \
+    --continue-on-collection-errors tests
 
+echo "== figures"
+printf '  %s\n' "${FIGURES[@]}"
 echo "== summary (GPU: $([ "$GPU" = 1 ] && echo yes || echo no), $(( $(date +%s) - began ))s)"
 printf '  %s\n' "${SUMMARY[@]}"
 [ "$FAILED" -eq 0 ]
