@@ -164,7 +164,8 @@ def test_per_sample_live_loader_pins_and_matches_the_cpu(caches):
 @pytest.mark.parametrize("cache", ["cached", "device"])
 def test_no_host_waits_per_batch(caches, cache):
     """A pass after the first (whose bind copies the constants once) makes no synchronising call:
-    torch raises on any (an .item(), a blocking copy, a read-back) in sync debug mode."""
+    torch raises on any (an .item(), a blocking copy, a read-back) in sync debug mode. The caches
+    have 2 epochs: the second pass reads cache epoch 1, so the live one places a new augmentation."""
     loader = (CachedLoader if cache == "cached" else LiveLoader)(caches[cache], batch_size=32, device=GPU)
     epoch_batches(loader, 0)
     batches = iter(loader)
