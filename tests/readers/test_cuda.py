@@ -47,26 +47,6 @@ def _close(gpu: list, cpu: list, atol: float = 1e-5) -> None:
         torch.testing.assert_close(x.float().cpu(), a.float(), atol=atol, rtol=0)
 
 
-@two_gpus
-def test_a_second_gpu_by_index_by_local_rank_and_by_the_current_device(caches, monkeypatch):
-    options = dict(batch_size=32, seed=1)
-    by_index = epoch_batches(CachedLoader(caches["cached"], device="cuda:1", **options), 0)
-    assert {x.device for x, _ in by_index} == {torch.device("cuda", 1)}
-    monkeypatch.setenv("LOCAL_RANK", "1")
-    loader = CachedLoader(caches["cached"], device="cuda", **options)  # built with GPU 0 current
-    assert {x.device for x, _ in epoch_batches(loader, 0)} == {torch.device("cuda", 1)}
-    monkeypatch.delenv("LOCAL_RANK")
-    early = CachedLoader(caches["cached"], **options)  # built before set_device: bound when the pass starts
-    previous = torch.cuda.current_device()
-    torch.cuda.set_device(1)
-    try:
-        batches = epoch_batches(early, 0)
-    finally:
-        torch.cuda.set_device(previous)
-    assert {x.device for x, _ in batches} == {torch.device("cuda", 1)}
-    _close(batches, epoch_batches(CachedLoader(caches["cached"], device="cpu", **options), 0))
-
-
 class _Shift(torch.nn.Module):
     """A module batch_transform with a buffer: images minus it."""
 
@@ -79,20 +59,25 @@ class _Shift(torch.nn.Module):
 
 
 @two_gpus
-def test_a_module_batch_transform_goes_to_the_gpu_bound_at_the_pass(caches):
-    """Built before torch.cuda.set_device (GPU 0 current then): the transform's buffer follows the
-    pass to GPU 1, and its batches are the CPU loader's."""
+def test_a_second_gpu_by_index_by_local_rank_and_by_the_current_device(caches, monkeypatch):
+    """The last: a loader (with a module batch_transform) built before torch.cuda.set_device(1),
+    GPU 0 current then: the pass, and the transform's buffer, go to GPU 1."""
     options = dict(batch_size=32, seed=1)
+    by_index = epoch_batches(CachedLoader(caches["cached"], device="cuda:1", **options), 0)
+    assert {x.device for x, _ in by_index} == {torch.device("cuda", 1)}
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    loader = CachedLoader(caches["cached"], device="cuda", **options)  # built with GPU 0 current
+    assert {x.device for x, _ in epoch_batches(loader, 0)} == {torch.device("cuda", 1)}
+    monkeypatch.delenv("LOCAL_RANK")
     transform = _Shift()
-    early = CachedLoader(caches["cached"], batch_transform=transform, **options)
+    early = CachedLoader(caches["cached"], batch_transform=transform, **options)  # bound when the pass starts
     previous = torch.cuda.current_device()
     torch.cuda.set_device(1)
     try:
         batches = epoch_batches(early, 0)
     finally:
         torch.cuda.set_device(previous)
-    assert transform.shift.device == torch.device("cuda", 1)
-    assert {x.device for x, _ in batches} == {torch.device("cuda", 1)}
+    assert {x.device for x, _ in batches} == {transform.shift.device} == {torch.device("cuda", 1)}
     _close(batches, epoch_batches(CachedLoader(caches["cached"], device="cpu", batch_transform=_Shift(), **options), 0))
 
 
