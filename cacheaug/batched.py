@@ -85,14 +85,15 @@ def place(augmentation: Callable[[torch.Tensor], torch.Tensor], device: torch.de
     if not isinstance(augmentation, torch.nn.Module):
         return augmentation
     cpu = torch.device("cpu")
+    ahead = device.type != "cpu"  # to the CPU a non-blocking copy would hand out memory not yet written
     with torch.no_grad():
         for module in augmentation.modules():
             for param in module.parameters(recurse=False):
                 if param.device != device:
-                    param.data = param.data.to(device, non_blocking=True)
+                    param.data = param.data.to(device, non_blocking=ahead)
             for name, buffer in module.named_buffers(recurse=False):
                 if buffer.device != device:
-                    module._buffers[name] = buffer.to(device, non_blocking=True)
+                    module._buffers[name] = buffer.to(device, non_blocking=ahead)
             # Kornia's augmentations (and their param generators): on the CPU, where a factory may not have left them
             if hasattr(module, "set_rng_device_and_dtype") and \
                     (getattr(module, "device", None), getattr(module, "dtype", None)) != (cpu, torch.float32):
