@@ -44,6 +44,8 @@ _LOADED: dict[tuple[str, str], torch.nn.Module] = {}  # (spec, device) -> module
 def load_teacher(spec: str, device: torch.device = torch.device("cpu"), weights: str = "") -> torch.nn.Module:
     """The module `spec`'s factory returns, in eval mode on `device`; one-line errors naming the
     factory. `weights`: the sha256 its state_dict must have (what the build probed)."""
+    if device.type == "cuda" and device.index is None:  # one module for "cuda" and the tensors' "cuda:N"
+        device = torch.device("cuda", torch.cuda.current_device())
     key = (spec, str(device))
     if key not in _LOADED:
         with as_error(CachegenError):
@@ -96,16 +98,6 @@ def _logits(module: torch.nn.Module, batch: torch.Tensor, teacher: Teacher) -> t
 
 def _non_finite(teacher: Teacher) -> CachegenError:
     return CachegenError(f"teacher {teacher.spec} gave non-finite logits (NaN or inf)")
-
-
-def top_k(module: torch.nn.Module, batch: torch.Tensor, teacher: Teacher) -> tuple[np.ndarray, np.ndarray]:
-    """The teacher's top-K (class indices int32, softmax probabilities float16) for a float batch
-    (B, C, H, W) in [0, 1], highest first."""
-    logits = _logits(module, batch, teacher)
-    if not torch.isfinite(logits).all():
-        raise _non_finite(teacher)
-    probs, classes = logits.float().softmax(dim=1).topk(teacher.topk, dim=1)
-    return classes.to(torch.int32).cpu().numpy(), probs.to(torch.float16).cpu().numpy()
 
 
 def queue_members(teacher: Teacher, images: torch.Tensor) -> Callable[[], list[bytes]]:
@@ -191,8 +183,7 @@ def probe_teacher(spec: str, topk: int, classes: int, shape: tuple[int, int, int
     module = load_teacher(spec, device)
     teacher = Teacher(spec=spec, topk=min(topk, classes), classes=classes, encoding=encoding,
                       weights=weights_sha256(module))
-    h, w, c = shape
-    top_k(module, torch.zeros((2, c, h, w), device=device), teacher)
+    teacher_members(teacher, np.zeros((2, *shape), np.uint8), device)
     return teacher
 
 
