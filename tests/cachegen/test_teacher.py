@@ -293,9 +293,10 @@ def test_stored_targets_ignore_the_callers_autocast_and_precision(npz_source, te
 
 
 @pytest.mark.cuda  # skipped without a GPU (tests/conftest.py)
-def test_a_teacher_on_cuda_stores_its_top_k_deterministically(npz_source, teachers, tmp_path):
+@pytest.mark.parametrize("encoding", ["npy", "jpg"])  # jpg: the teacher sees the rows decoded again on the host
+def test_a_teacher_on_cuda_stores_its_top_k_deterministically(npz_source, teachers, tmp_path, encoding):
     args = [npz_source[0], "--epochs", "2", "--shard-size", "50", "--transform", "cifar", "--augment-on", "device",
-            "--device", "cuda", "--teacher", teachers("make"), "--quiet"]
+            "--device", "cuda", "--teacher", teachers("make"), "--format", encoding, "--quiet"]
     run_cli("build", *args, "--out", tmp_path / "one", "--workers", "1")
     run_cli("build", *args, "--out", tmp_path / "two", "--workers", "2")
     assert shard_bytes(tmp_path / "one") == shard_bytes(tmp_path / "two")
