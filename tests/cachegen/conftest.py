@@ -14,6 +14,16 @@ from cachegen.cli import main
 from tests.conftest import make_npz
 
 
+@pytest.fixture
+def gpu_hidden(monkeypatch):
+    """torch's own CUDA query says no GPU: a cached `--augment-on device` build without --device
+    augments in its workers, as on a machine without one (on a GPU host it would augment in this
+    process, on CUDA: other bytes than a --device cpu build's)."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
 def run_cli(*args: str, expect: int = 0):
     """Run `cachegen ARGS` in-process; assert the exit code; return the result."""
     result = CliRunner().invoke(main, [str(a) for a in args])

@@ -54,7 +54,7 @@ cuda = pytest.mark.cuda  # skipped without a GPU (tests/conftest.py)
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
-def test_augmenting_in_this_process_gives_the_bytes_the_workers_give(npz_source, tmp_path, workers):
+def test_augmenting_in_this_process_gives_the_bytes_the_workers_give(npz_source, tmp_path, workers, gpu_hidden):
     """--device cpu: this process augments each shard (as it does on a GPU with --device cuda) while
     the workers load the source and encode and write the shards: the same bytes as the workers'
     own batched augmentation, whatever the worker count."""
@@ -66,7 +66,7 @@ def test_augmenting_in_this_process_gives_the_bytes_the_workers_give(npz_source,
     assert run_cli("verify", tmp_path / "here").output.startswith("ok: ")
 
 
-def test_the_device_type_is_recorded_and_another_type_cannot_extend_the_cache(npz_source, tmp_path):
+def test_the_device_type_is_recorded_and_another_type_cannot_extend_the_cache(npz_source, tmp_path, gpu_hidden):
     import json
 
     common = [npz_source[0], "--shard-size", "50", "--quiet", "--augment-on", "device", "--workers", "1"]
@@ -97,7 +97,7 @@ def make(epoch, epochs):
 """
 
 
-def test_with_device_this_process_augments_and_the_workers_do_not(npz_source, tmp_path, monkeypatch):
+def test_with_device_this_process_augments_and_the_workers_do_not(npz_source, tmp_path, monkeypatch, gpu_hidden):
     (tmp_path / "recording.py").write_text(RECORDING)
     common = [npz_source[0], "--shard-size", "50", "--quiet", "--epochs", "2", "--augment-on", "device",
               "--transform", f"{tmp_path / 'recording.py'}:make", "--workers", "2"]
@@ -112,7 +112,7 @@ def test_with_device_this_process_augments_and_the_workers_do_not(npz_source, tm
     assert shard_bytes(tmp_path / "here" / "cache") == shard_bytes(tmp_path / "workers" / "cache")
 
 
-def test_a_build_interrupted_on_one_side_of_the_device_option_resumes_on_the_other(npz_source, tmp_path):
+def test_a_build_interrupted_on_one_side_of_the_device_option_resumes_on_the_other(npz_source, tmp_path, gpu_hidden):
     common = [npz_source[0], "--shard-size", "50", "--quiet", "--augment-on", "device", "--workers", "2"]
     run_cli("build", *common, "--out", tmp_path / "whole", "--epochs", "3")
     run_cli("build", *common, "--out", tmp_path / "grown", "--epochs", "1", "--device", "cpu")
