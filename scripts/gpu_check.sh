@@ -86,7 +86,7 @@ TESTS_S=$(( ${TESTS_S:-120} * SCALE ))  # kept for the tests (the last step) wha
 # ONLY: the keys to run (all when empty), with the steps each needs (NEEDS) run first.
 declare -A NEEDS=([build]="sources" [caches]="sources build" [feed32]="sources build caches"
                   [feed224]="sources build caches" [train]="sources build caches")
-declare -A WANTED=()
+declare -A WANTED=() KNOWN=()
 for key in ${ONLY:-}; do
     WANTED[$key]=1
     for need in ${NEEDS[$key]:-}; do WANTED[$need]=1; done
@@ -95,9 +95,12 @@ done
 step() {  # step KEY NAME LIMIT_S COMMAND...: run it, its output indented (and kept), its outcome for the summary
     local key=$1 name=$2 limit=$3 start rc left log
     shift 3
+    KNOWN[$key]=1
     [ -z "${ONLY:-}" ] || [ -n "${WANTED[$key]:-}" ] || return 0
     left=$(( BUDGET - ($(date +%s) - began) ))
-    [ "$key" = tests ] || left=$(( left - TESTS_S ))
+    if [ "$key" != tests ] && { [ -z "${ONLY:-}" ] || [ -n "${WANTED[tests]:-}" ]; }; then
+        left=$(( left - TESTS_S ))  # the tests' time, kept
+    fi
     if [ "$left" -lt 10 ]; then
         FAILED=$((FAILED + 1))
         SUMMARY+=("SKIPPED       $name (the ${BUDGET}s budget is spent)")
@@ -221,8 +224,11 @@ step train "train.py, each loader" 60 train_each
 step tests "pytest -m cuda" $(( TESTS_S / SCALE )) "$PYTHON" -m pytest -q -p no:cacheprovider -m cuda -rfE --tb=short \
     --continue-on-collection-errors tests
 
+for key in ${ONLY:-}; do
+    [ -n "${KNOWN[$key]:-}" ] || { FAILED=$((FAILED + 1)); SUMMARY+=("UNKNOWN       ONLY key $key (keys: ${!KNOWN[*]})"); }
+done
 echo "== figures"
-printf '  %s\n' "${FIGURES[@]}"
+[ "${#FIGURES[@]}" -eq 0 ] || printf '  %s\n' "${FIGURES[@]}"
 echo "== summary (GPU: $([ "$GPU" = 1 ] && echo yes || echo no), $(( $(date +%s) - began ))s)"
 printf '  %s\n' "${SUMMARY[@]}"
 [ "$FAILED" -eq 0 ]
