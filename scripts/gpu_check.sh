@@ -202,9 +202,10 @@ train_each() {  # scripts/train.py a few steps with each loader, on the default 
     local loader cache rc=0
     for loader in cached live online; do
         cache="$WORK/cache"; [ "$loader" = live ] && cache="$WORK/live-cpu"
-        echo "scripts/train.py --loader $loader"
-        "$PYTHON" scripts/train.py --cache "$cache" --val "$WORK/val" --loader "$loader" --epochs 1 $TRAIN \
-            || rc=1
+        # each line named by its loader: the figures section shows the img/s lines alone
+        "$PYTHON" scripts/train.py --cache "$cache" --val "$WORK/val" --loader "$loader" --epochs 1 $TRAIN 2>&1 \
+            | sed "s/^/train.py --loader $loader: /"
+        [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
     done
     return $rc
 }
