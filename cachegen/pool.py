@@ -7,6 +7,18 @@ One dispatcher thread in the parent hands queued tasks to idle workers, one at a
 on every worker's pipe and process sentinel and on a wake-up pipe for submit() and shutdown().
 A worker that ends while the pool needs it breaks the pool: every unfinished task fails with
 WorkerDied, which says which process ended and how.
+
+A worker never outlives the pool's process, however that process ends (kill -9, the OOM killer):
+a thread in each worker waits on multiprocessing.parent_process().sentinel, which becomes readable
+the moment the parent ends, and exits the worker then, busy or idle. Chosen over the others, each
+tried on a parent killed by SIGKILL with one busy and one idle worker: closing the parent's pipe
+ends in the child frees only an idle worker (a busy one runs its shard to the end first);
+prctl(PR_SET_PDEATHSIG) is Linux-only, fires when the forking *thread* ends, and under forkserver
+(Python 3.14's default on Linux) watches the fork server instead of the pool's process: its workers
+were left alive. The sentinel works under fork, spawn and forkserver alike. (Under fork, a worker's
+sentinel is also held by its younger siblings: they end first, on theirs, and then it ends.) loky
+(not a dependency) would replace this whole pool, and its worker-by-worker account of deaths, to gain
+what these few lines do.
 """
 
 from __future__ import annotations
@@ -86,9 +98,25 @@ def _reply(conn, reply: tuple) -> bool:
         return False
 
 
+def _end_with_parent() -> None:
+    """Exit this worker the moment the process that started it ends (see the module's docstring)."""
+    parent = mp.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        parent.join()  # waits on its sentinel
+        os._exit(1)
+
+    threading.Thread(target=watch, name="WorkerPool-parent-watch", daemon=True).start()
+
+
 def _serve(conn, initializer, initargs) -> None:
     """A worker's life: initializer(*initargs), then (fn, args, kwargs) from `conn`, each answered
     with ("ok", result) or ("error", exception), until None or the pool's end closes."""
+    _end_with_parent()
+    # terminate() must end a worker, whatever SIGTERM handler a forked one inherited from its parent.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if initializer is not None:
         try:
             initializer(*initargs)

@@ -191,6 +191,39 @@ def test_a_task_that_does_not_pickle_fails_alone(context):
         assert pool.submit(square, 4).result(timeout=30) == 16
 
 
+def test_workers_end_with_the_pool_process_however_it_ends(context):
+    """The pool's process killed alone (the OOM killer's SIGKILL), one worker busy, one idle: neither
+    outlives it."""
+    script = ("import multiprocessing as mp, sys, time\nfrom cachegen.pool import WorkerPool\n"
+              "from tests.cachegen.test_worker_pool import nap\n"
+              f"pool = WorkerPool(2, mp_context=mp.get_context({context.get_start_method()!r}))\n"
+              "pool.submit(nap, 600)\nprint(*pool.pids, flush=True)\ntime.sleep(600)\n")
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    try:
+        workers = [int(p) for p in parent.stdout.readline().split()]
+    finally:
+        parent.kill()
+        parent.communicate(timeout=60)
+    assert len(workers) == 2
+    deadline = time.monotonic() + 60
+    while any(running(p) for p in workers) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    left = [p for p in workers if running(p)]
+    for p in left:
+        os.kill(p, signal.SIGKILL)
+    assert not left, f"workers {left} outlived the pool's process"
+
+
+def running(pid: int) -> bool:
+    """Whether process `pid` exists and has not ended (a zombie, not yet reaped by init, has)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def touch_later(path: str) -> None:
     time.sleep(0.2)
     open(path, "w").close()
