@@ -135,3 +135,21 @@ def test_any_build_finishes_a_swap_a_crash_cut_between_its_renames(npz_source, t
     run_cli("build", source, "--out", out, "--workers", "1", *ARGS, "--seed", "1")  # no --overwrite: resumes it
     assert manifest(out)["seed"] == 1 and run_cli("verify", out).output.startswith("ok: 10 shards")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "data.npz"]
+
+
+@pytest.mark.parametrize("point,exchange", [("swap:old-moved", "0"), ("swap:exchanged", "1")])
+def test_a_crash_in_the_swap_through_a_linked_out_is_finished_by_the_rerun(npz_source, tmp_path, point, exchange):
+    """--out a link to the cache: the swap works on the folder it points at, and so does the
+    recovery, so the re-run finds both halves."""
+    source, real, out = npz_source[0], tmp_path / "real" / "cache", tmp_path / "link"
+    real.parent.mkdir()
+    run_cli("build", source, "--out", real, "--workers", "1", *ARGS)
+    out.symlink_to(real, target_is_directory=True)
+    overwrite = ["build", source, "--out", out, "--workers", "1", *ARGS, "--seed", "1", "--overwrite"]
+    done = cachegen(*overwrite, CACHEGEN_FAULT_KILL=point, CACHEGEN_FAULT_NO_EXCHANGE="1" if exchange == "0" else "0")
+    assert done.returncode == -signal.SIGKILL, output(done)
+    done = cachegen(*overwrite, CACHEGEN_FAULT_NO_EXCHANGE="1" if exchange == "0" else "0")
+    assert done.returncode == 0, output(done)
+    assert out.is_symlink() and manifest(out)["seed"] == 1 and run_cli("verify", out).output.startswith("ok: 10 shards")
+    assert sorted(p.name for p in real.parent.iterdir()) == ["cache"]  # nothing of either left aside
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.npz", "link", "real"]
