@@ -153,7 +153,7 @@ def _stream(settings: BuildSettings, tasks: list[ShardTask], submit: Callable[..
         task, loading = loads.popleft()
         indices, pixels, totals = loading.result()
         load_ahead()
-        rows = _augment_shard(settings, here.batched(task.epoch, device), task, pixels, device)
+        rows = _augment_shard(settings, here.batched(task.epoch, device), task.epoch, indices, pixels, device)
         teacher = teacher_members(settings.teacher, rows, device) if settings.teacher else None
         writes.add(submit(_write_rows, task, indices, rows, totals, teacher))
         if len(writes) >= ahead:  # written no faster than augmented: hold at most `ahead` shards of rows
@@ -227,7 +227,8 @@ def _write_task(task: ShardTask) -> tuple[str, dict]:
     settings = augment.settings
     if task.epoch is not None and settings.augment_on == "device":
         indices, pixels, totals = _load_shard(task)
-        return _write_rows(task, indices, _augment_shard(settings, augment.batched(task.epoch), task, pixels), totals)
+        rows = _augment_shard(settings, augment.batched(task.epoch), task.epoch, indices, pixels)
+        return _write_rows(task, indices, rows, totals)
     stats = PixelStats(settings.source_shape[2]) if task.stats else None
 
     def samples():
@@ -278,12 +279,13 @@ def _load_shard(task: ShardTask) -> tuple[np.ndarray, np.ndarray, dict]:
     return np.array([i for i, _ in loaded], np.int64), pixels, (stats.totals() if stats else {})
 
 
-def _augment_shard(settings: BuildSettings, batched: Callable, task: ShardTask, pixels: np.ndarray,
+def _augment_shard(settings: BuildSettings, batched: Callable, epoch: int, indices: np.ndarray, pixels: np.ndarray,
                    device: torch.device = torch.device("cpu")) -> np.ndarray:
-    """A shard's pixels (NHWC uint8) augmented on `device` in batches of build_batch(...), back as
-    NHWC uint8: batch k is seeded with batch_seed(seed, epoch, the shard's first source index, k), so
-    the bytes depend on neither the worker count, nor the other shards, nor where this runs (on one
-    device type). On CUDA every batch is queued (pinned copies both ways, no wait between batches)
+    """A shard's pixels (NHWC uint8, of the source samples `indices`) augmented on `device` in
+    batches of build_batch(...), back as NHWC uint8: batch k is seeded with batch_seed(seed, epoch,
+    the first source index the shard holds, k), so the bytes depend on neither the worker count, nor
+    the other shards, nor where this runs (on one device type), nor whether an unreadable sample
+    was read (--on-error skip's rewrite of a shard gives the bytes of a build that never read it). On CUDA every batch is queued (pinned copies both ways, no wait between batches)
     and the shard is waited for once."""
     h, w, c = settings.shape
     size = build_batch(max(settings.shape, pixels.shape[1:], key=math.prod))
@@ -294,7 +296,7 @@ def _augment_shard(settings: BuildSettings, batched: Callable, task: ShardTask, 
         source = source.pin_memory()
     for k in range(0, len(pixels), size):
         batch = source[k:k + size].to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
-        seed = batch_seed(settings.seed, task.epoch, int(task.indices[0]), stream=k // size)
+        seed = batch_seed(settings.seed, epoch, int(indices[0]), stream=k // size)
         out = augment_batch(batched, batch, seed=seed, name=settings.spec, shape=(c, h, w))
         rows[k:k + len(out)].copy_(out.mul_(255.0).round_().to(torch.uint8).permute(0, 2, 3, 1), non_blocking=True)
     if cuda:
