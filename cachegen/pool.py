@@ -26,6 +26,7 @@ from __future__ import annotations
 import atexit
 import multiprocessing as mp
 import os
+import pickle
 import signal
 import threading
 import traceback
@@ -66,20 +67,39 @@ class RemoteTraceback(Exception):
         return self.args[0]
 
 
-def _with_traceback(exc: BaseException, text: str) -> BaseException:
+class WorkerError(Exception):
+    """An exception a task raised in a worker that cannot be sent or rebuilt here (one whose __init__
+    takes other arguments than its args, e.g. `ShardError(shard, reason)`, one holding something that
+    does not pickle, or whose class is not importable here): its type and message; its traceback in
+    the worker is its __cause__."""
+
+
+def _with_traceback(pickled: bytes, summary: str, text: str) -> BaseException:
+    try:
+        exc = pickle.loads(pickled)
+    except Exception:  # noqa: BLE001 - whatever rebuilding it raises, the worker's own error is the one to report
+        exc = WorkerError(summary)
     exc.__cause__ = RemoteTraceback(text)
     return exc
 
 
 class _Raised:
-    """An exception on its way from a worker: it arrives as itself (pickled), its traceback as text."""
+    """An exception on its way from a worker: it arrives as itself (pickled, rebuilt here), its
+    traceback as text; one that pickles but cannot be rebuilt arrives as a WorkerError that says
+    what it was, not as the TypeError its rebuilding raises."""
 
     def __init__(self, exc: BaseException):
         self.exc = exc
         self.text = '\n"""\n' + "".join(traceback.format_exception(exc)) + '"""'
 
     def __reduce__(self):
-        return _with_traceback, (self.exc, self.text)
+        exc = self.exc
+        summary = f"{type(exc).__module__}.{type(exc).__qualname__}: {exc}"
+        try:
+            pickled = pickle.dumps(exc)
+        except Exception:  # noqa: BLE001 - it does not pickle (an attribute that cannot): its summary arrives
+            pickled = b""
+        return _with_traceback, (pickled, summary, self.text)
 
 
 def _reply(conn, reply: tuple) -> bool:

@@ -14,7 +14,7 @@ from concurrent.futures import BrokenExecutor, CancelledError, as_completed, wai
 import pytest
 
 from cachegen.errors import CachegenError
-from cachegen.pool import RemoteTraceback, WorkerDied, WorkerPool
+from cachegen.pool import RemoteTraceback, WorkerDied, WorkerError, WorkerPool
 
 METHODS = [m for m in ("fork", "spawn") if m in mp.get_all_start_methods()]
 
@@ -30,6 +30,17 @@ def nap(seconds: float, value=None):
 
 def fail(message: str):
     raise CachegenError(message)
+
+
+class ShardError(Exception):
+    """An exception that pickles but does not unpickle: its __init__ takes other arguments than its args."""
+
+    def __init__(self, shard: str, reason: str):
+        super().__init__(f"{shard}: {reason}")
+
+
+def fail_oddly(shard: str):
+    raise ShardError(shard, "cannot be written")
 
 
 def exit_with(code: int):
@@ -88,6 +99,15 @@ def test_results_arrive_as_tasks_finish_and_exceptions_as_themselves(context):
         # where it was raised in the worker, for an unexpected error's traceback
         assert isinstance(raised.value.__cause__, RemoteTraceback) and "in fail" in str(raised.value.__cause__)
         assert pool.submit(square, 3).result() == 9  # a task's exception leaves the pool working
+
+
+def test_an_exception_that_does_not_unpickle_arrives_with_its_message_and_traceback(context):
+    with WorkerPool(1, mp_context=context) as pool:
+        with pytest.raises(WorkerError) as raised:
+            pool.submit(fail_oddly, "epoch-0000/shard-000003.tar").result(timeout=60)
+        assert str(raised.value).endswith("test_worker_pool.ShardError: epoch-0000/shard-000003.tar: cannot be written")
+        assert isinstance(raised.value.__cause__, RemoteTraceback) and "in fail_oddly" in str(raised.value.__cause__)
+        assert pool.submit(square, 3).result(timeout=60) == 9
 
 
 def test_a_worker_killed_by_sigkill_fails_the_unfinished_tasks_with_its_pid_and_signal(context):
