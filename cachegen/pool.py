@@ -10,15 +10,15 @@ WorkerDied, which says which process ended and how.
 
 A worker never outlives the pool's process, however that process ends (kill -9, the OOM killer):
 a thread in each worker waits on multiprocessing.parent_process().sentinel, which becomes readable
-the moment the parent ends, and exits the worker then, busy or idle. Chosen over the others, each
-tried on a parent killed by SIGKILL with one busy and one idle worker: closing the parent's pipe
-ends in the child frees only an idle worker (a busy one runs its shard to the end first);
-prctl(PR_SET_PDEATHSIG) is Linux-only, fires when the forking *thread* ends, and under forkserver
-(Python 3.14's default on Linux) watches the fork server instead of the pool's process: its workers
-were left alive. The sentinel works under fork, spawn and forkserver alike. (Under fork, a worker's
-sentinel is also held by its younger siblings: they end first, on theirs, and then it ends.) loky
-(not a dependency) would replace this whole pool, and its worker-by-worker account of deaths, to gain
-what these few lines do.
+the moment the parent ends, and exits the worker then, busy or idle. Chosen by killing (SIGKILL) a
+parent of one busy and one idle worker under fork, spawn and forkserver: the sentinel ended both
+under all three; prctl(PR_SET_PDEATHSIG) under fork and spawn only (under forkserver, Python 3.14's
+default on Linux, it watches the fork server, not the pool's process; it is also Linux-only and
+fires when the forking *thread* ends). Closing the parent's pipe ends in a forked child would free
+an idle worker only: a busy one would write its shard to the end first. (Under fork, a worker's
+sentinel is also held by its younger siblings: they end first, on theirs, and then it does.) loky
+(not a dependency) would replace this whole pool, and its worker-by-worker account of deaths, to
+gain what these few lines do.
 """
 
 from __future__ import annotations

@@ -10,14 +10,14 @@ under a file lock, by the first process that needs it.
 
 `cache_limit` (bytes) is the node's: it bounds the shards staged in the shared folder by all the
 loaders using it, accounted in that folder under a file lock (`.node.lock`) before each download.
-Room is made by deleting the least recently fetched shards no loader is reading: a loader pins
-(a shared flock on `<shard>.pin`) each shard from the moment it needs it until it is done with it
-and no longer maps it (a pass left early keeps the pins of the shards it still maps), and a pinned
-shard is never deleted. A download's temporary counts as the shard's full size; one left by a
-loader that died mid-download (no process holds that shard's download lock) is deleted when room
-is next made. A shard fetched ahead of the consumer is not pinned: it may
-be evicted for a shard another loader needs now, and is fetched again when it is reached. When
-the pinned shards fill the limit, a loader still fetches the one shard it needs now.
+Room is made by deleting the least recently fetched shards no loader is reading: a loader pins (a
+shared flock on `<shard>.pin`) each shard from the moment it needs it until it is done with it and
+no longer maps it (a pass left early keeps the pins of the shards it still maps), and a pinned shard
+is never deleted. A download's temporary counts as the shard's full size; one left by a loader that
+died mid-download (no process holds that shard's download lock) is deleted when room is next made. A
+shard fetched ahead of the consumer is not pinned: it may be evicted for a shard another loader
+needs now, and is fetched again when it is reached. When the pinned shards fill the limit, a loader
+still fetches the one shard it needs now.
 
 Storage options, credentials and endpoints are fsspec's (for S3: s3fs/botocore's `AWS_*`
 variables, `AWS_ENDPOINT_URL` included, `~/.aws`, fsspec's config files), or `storage_options=`.
