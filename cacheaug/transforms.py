@@ -14,6 +14,7 @@ import os
 import random
 import re
 import sys
+import threading
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -48,7 +49,17 @@ def seed_sample(seed: int, epoch: int, index: int) -> None:
     np.random.seed(s & 0xFFFFFFFF)  # numpy's legacy seeds are 32-bit
 
 
-_rng_borrowed = False  # True while the caller's states are saved (or the process is cachegen's own)
+_borrowing = threading.local()  # .active: this thread is inside a borrow (saved the states, will restore them)
+_rng_owned = False  # the process is cachegen's own (own_rng): nothing to give back
+_BORROW_LOCK = threading.Lock()  # the generators are the process's: one thread's borrow at a time
+
+
+def _reset_after_fork() -> None:
+    global _BORROW_LOCK
+    _BORROW_LOCK = threading.Lock()  # a child's threads are not the parent's: none holds it
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 @contextmanager
@@ -57,27 +68,31 @@ def borrowed_rng() -> Iterator[None]:
     them back untouched on exit, as torch.random.fork_rng does for torch alone. Re-entrant: an
     inner borrow (every `augment` call inside a loop wrapped in one) costs nothing: saving and
     restoring copy every generator's whole state (numpy's get_state/set_state the most), work
-    worth doing once per loop, not once per sample."""
-    global _rng_borrowed
-    if _rng_borrowed:
+    worth doing once per loop, not once per sample. Re-entrant per thread: the generators are
+    shared by every thread of the process, so another thread's borrow waits for this one to end
+    (else its save and restore would interleave with this one's, and each would hand back the
+    other's seeded state)."""
+    if _rng_owned or getattr(_borrowing, "active", False):
         yield
         return
-    states = torch.default_generator.get_state(), random.getstate(), np.random.get_state()
-    _rng_borrowed = True
-    try:
-        yield
-    finally:
-        _rng_borrowed = False
-        torch.default_generator.set_state(states[0])
-        random.setstate(states[1])
-        np.random.set_state(states[2])
+    lock = _BORROW_LOCK  # the one acquired is the one released, across a fork
+    with lock:
+        states = torch.default_generator.get_state(), random.getstate(), np.random.get_state()
+        _borrowing.active = True
+        try:
+            yield
+        finally:
+            _borrowing.active = False
+            torch.default_generator.set_state(states[0])
+            random.setstate(states[1])
+            np.random.set_state(states[2])
 
 
 def own_rng() -> None:
     """Declare this process's global RNGs cachegen's (a worker process it started): `augment`
     stops saving and restoring them."""
-    global _rng_borrowed
-    _rng_borrowed = True
+    global _rng_owned
+    _rng_owned = True
 
 
 def to_hwc_uint8(image) -> np.ndarray:

@@ -17,7 +17,7 @@ from cachegen.execute import execute, read_indices, write_index
 from cacheformat.layout import index_path
 from cachegen.manifest import BUILD_STATE, write_atomic, write_json_atomic, write_manifest
 from cachegen.outdir import (build_lock, check_writable, finish_swap, holds_cache, prepare_out, remove_temporaries,
-                             replace_cache, staging_folder)
+                             replace_cache, staging_folder, swapped_path)
 from cachegen.plan import ShardTask, plan_shards
 from cachegen.resolve import ResolvedBuild, resolve
 from cachegen.shards import index_shard
@@ -34,7 +34,7 @@ def build(config: BuildConfig) -> dict:
 
     The caller's torch, `random` and numpy RNG states are as they were when it returns."""
     root = config.out
-    finish_swap(root.absolute())
+    finish_swap(swapped_path(root))
     if root.exists() and not root.is_dir():
         raise CachegenError(f"--out {root} is a file, not a folder")
     created = not root.exists()
@@ -65,7 +65,7 @@ def _open_out(config: BuildConfig, resolved: ResolvedBuild) -> tuple[Path, Build
     written first."""
     final, settings, meta = config.out, resolved.settings, resolved.meta
     if config.overwrite and holds_cache(final):
-        final = final.resolve()  # `--out .` and links too: the real folder has a name and a parent
+        final = swapped_path(final)
         root, previous = staging_folder(final, meta)
         check_writable(root)
         settings = replace(settings, root=root)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import shutil
+import signal
+import threading
 from pathlib import Path
 
 import click
@@ -14,17 +17,38 @@ from cacheformat import as_error
 from cacheformat.manifest import ENCODINGS
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C's KeyboardInterrupt would be: the same cleanup runs."""
+
+
+def _terminate(signum, frame) -> None:
+    raise _Terminated
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (kill, a batch system's stop, a container's) ends a command as Ctrl-C does."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _one_line_errors(fn):
     """Turn an expected error (CachegenError, a damaged cache's FormatError, a TransformError: all
-    FormatErrors) and a Ctrl-C into a one-line message and a non-zero exit."""
+    FormatErrors) and a Ctrl-C or SIGTERM into a one-line message and a non-zero exit."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            with as_error(click.ClickException):
+            with _sigterm_as_interrupt(), as_error(click.ClickException):
                 return fn(*args, **kwargs)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
             click.echo("\ncachegen: interrupted; re-run the same command to resume", err=True)
-            raise SystemExit(130) from None
+            raise SystemExit(128 + (signal.SIGTERM if isinstance(e, _Terminated) else signal.SIGINT)) from None
     return wrapper
 
 

@@ -153,8 +153,8 @@ def _stream(settings: BuildSettings, tasks: list[ShardTask], submit: Callable[..
         task, loading = loads.popleft()
         indices, pixels, totals = loading.result()
         load_ahead()
-        rows, teacher = _augment_shard(settings, here.batched(task.epoch, device), task, pixels, device,
-                                       settings.teacher)
+        rows, teacher = _augment_shard(settings, here.batched(task.epoch, device), task.epoch, indices, pixels,
+                                       device, settings.teacher)
         writes.add(submit(_write_rows, task, indices, rows, totals, teacher))
         if len(writes) >= ahead:  # written no faster than augmented: hold at most `ahead` shards of rows
             wait(writes, return_when=FIRST_COMPLETED)
@@ -227,7 +227,8 @@ def _write_task(task: ShardTask) -> tuple[str, dict]:
     settings = augment.settings
     if task.epoch is not None and settings.augment_on == "device":
         indices, pixels, totals = _load_shard(task)
-        rows, teacher = _augment_shard(settings, augment.batched(task.epoch), task, pixels, teacher=settings.teacher)
+        rows, teacher = _augment_shard(settings, augment.batched(task.epoch), task.epoch, indices, pixels,
+                                       teacher=settings.teacher)
         return _write_rows(task, indices, rows, totals, teacher)
     stats = PixelStats(settings.source_shape[2]) if task.stats else None
 
@@ -279,15 +280,17 @@ def _load_shard(task: ShardTask) -> tuple[np.ndarray, np.ndarray, dict]:
     return np.array([i for i, _ in loaded], np.int64), pixels, (stats.totals() if stats else {})
 
 
-def _augment_shard(settings: BuildSettings, batched: Callable, task: ShardTask, pixels: np.ndarray,
+def _augment_shard(settings: BuildSettings, batched: Callable, epoch: int, indices: np.ndarray, pixels: np.ndarray,
                    device: torch.device = torch.device("cpu"), teacher: Teacher | None = None
                    ) -> tuple[np.ndarray, list[bytes] | None]:
-    """A shard's pixels (NHWC uint8) augmented on `device` in batches of build_batch(...), back as
-    NHWC uint8, with each row's `teacher` member where given (else None): batch k is seeded with
-    batch_seed(seed, epoch, the shard's first source index, k), so the bytes depend on neither the
-    worker count, nor the other shards, nor where this runs (on one device type). On CUDA the shard
-    stays on the GPU: every batch is queued (pinned copies both ways), the teacher runs on the
-    augmented rows there (on what a reader decodes: JPEG's are decoded again on the host first),
+    """A shard's pixels (NHWC uint8, of the source samples `indices`) augmented on `device` in
+    batches of build_batch(...), back as NHWC uint8, with each row's `teacher` member where given
+    (else None): batch k is seeded with batch_seed(seed, epoch, the first source index the shard
+    holds, k), so the bytes depend on neither the worker count, nor the other shards, nor where this
+    runs (on one device type), nor whether an unreadable sample was read (--on-error skip's rewrite
+    of a shard gives the bytes of a build that never read it). On CUDA the shard stays on the GPU:
+    every batch is queued (pinned copies both ways), the teacher runs on the augmented rows there
+    (on what a reader decodes: JPEG's are decoded again on the host first),
     and the shard is waited for once."""
     h, w, c = settings.shape
     size = build_batch(max(settings.shape, pixels.shape[1:], key=math.prod))
@@ -298,7 +301,7 @@ def _augment_shard(settings: BuildSettings, batched: Callable, task: ShardTask, 
     augmented = torch.empty((len(pixels), h, w, c), dtype=torch.uint8, device=device)
     for k in range(0, len(pixels), size):
         batch = source[k:k + size].to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
-        seed = batch_seed(settings.seed, task.epoch, int(task.indices[0]), stream=k // size)
+        seed = batch_seed(settings.seed, epoch, int(indices[0]), stream=k // size)
         out = augment_batch(batched, batch, seed=seed, name=settings.spec, shape=(c, h, w))
         augmented[k:k + len(out)].copy_(out.mul_(255.0).round_().to(torch.uint8).permute(0, 2, 3, 1))
     rows = augmented

@@ -114,8 +114,12 @@ def built_epochs(root: Path) -> int:
 
 
 def remove_temporaries(root: Path) -> None:
-    for tmp in [*root.glob(f"*/*{TMP_MARK}*"), *root.glob(f"*{TMP_MARK}*")]:
-        tmp.unlink(missing_ok=True)
+    """Delete the temporaries a build leaves in `root` and its epoch folders; a link (to a folder
+    outside, or a file) is never followed: what it points at is not the cache's."""
+    folders = [root, *(entry for entry in root.iterdir() if entry.is_dir() and not entry.is_symlink())]
+    for folder in folders:
+        for tmp in folder.glob(f"*{TMP_MARK}*"):
+            tmp.unlink(missing_ok=True)
 
 
 def staging_folder(root: Path, meta: dict) -> tuple[Path, dict | None]:
@@ -127,6 +131,13 @@ def staging_folder(root: Path, meta: dict) -> tuple[Path, dict | None]:
     except CachegenError:  # another build's leftovers: ours to discard, under the lock on `root`
         shutil.rmtree(work) if work.is_dir() else work.unlink()
         return work, None
+
+
+def swapped_path(out: Path) -> Path:
+    """The folder an --overwrite swaps for `out`: every link resolved (`--out .` too: the real folder
+    has a name and a parent, beside which the new cache is built). The swap and the recovery of an
+    interrupted one both use it, so that they agree on where the halves are."""
+    return out.resolve()
 
 
 def replace_cache(root: Path, work: Path) -> None:

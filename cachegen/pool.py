@@ -7,6 +7,18 @@ One dispatcher thread in the parent hands queued tasks to idle workers, one at a
 on every worker's pipe and process sentinel and on a wake-up pipe for submit() and shutdown().
 A worker that ends while the pool needs it breaks the pool: every unfinished task fails with
 WorkerDied, which says which process ended and how.
+
+A worker never outlives the pool's process, however that process ends (kill -9, the OOM killer):
+a thread in each worker waits on multiprocessing.parent_process().sentinel, which becomes readable
+the moment the parent ends, and exits the worker then, busy or idle. Chosen by killing (SIGKILL) a
+parent of one busy and one idle worker under fork, spawn and forkserver: the sentinel ended both
+under all three; prctl(PR_SET_PDEATHSIG) under fork and spawn only (under forkserver, Python 3.14's
+default on Linux, it watches the fork server, not the pool's process; it is also Linux-only and
+fires when the forking *thread* ends). Closing the parent's pipe ends in a forked child would free
+an idle worker only: a busy one would write its shard to the end first. (Under fork, a worker's
+sentinel is also held by its younger siblings: they end first, on theirs, and then it does.) loky
+(not a dependency) would replace this whole pool, and its worker-by-worker account of deaths, to
+gain what these few lines do.
 """
 
 from __future__ import annotations
@@ -14,6 +26,7 @@ from __future__ import annotations
 import atexit
 import multiprocessing as mp
 import os
+import pickle
 import signal
 import threading
 import traceback
@@ -54,20 +67,39 @@ class RemoteTraceback(Exception):
         return self.args[0]
 
 
-def _with_traceback(exc: BaseException, text: str) -> BaseException:
+class WorkerError(Exception):
+    """An exception a task raised in a worker that cannot be sent or rebuilt here (one whose __init__
+    takes other arguments than its args, e.g. `ShardError(shard, reason)`, one holding something that
+    does not pickle, or whose class is not importable here): its type and message; its traceback in
+    the worker is its __cause__."""
+
+
+def _with_traceback(pickled: bytes, summary: str, text: str) -> BaseException:
+    try:
+        exc = pickle.loads(pickled)
+    except Exception:  # noqa: BLE001 - whatever rebuilding it raises, the worker's own error is the one to report
+        exc = WorkerError(summary)
     exc.__cause__ = RemoteTraceback(text)
     return exc
 
 
 class _Raised:
-    """An exception on its way from a worker: it arrives as itself (pickled), its traceback as text."""
+    """An exception on its way from a worker: it arrives as itself (pickled, rebuilt here), its
+    traceback as text; one that pickles but cannot be rebuilt arrives as a WorkerError that says
+    what it was, not as the TypeError its rebuilding raises."""
 
     def __init__(self, exc: BaseException):
         self.exc = exc
         self.text = '\n"""\n' + "".join(traceback.format_exception(exc)) + '"""'
 
     def __reduce__(self):
-        return _with_traceback, (self.exc, self.text)
+        exc = self.exc
+        summary = f"{type(exc).__module__}.{type(exc).__qualname__}: {exc}"
+        try:
+            pickled = pickle.dumps(exc)
+        except Exception:  # noqa: BLE001 - it does not pickle (an attribute that cannot): its summary arrives
+            pickled = b""
+        return _with_traceback, (pickled, summary, self.text)
 
 
 def _reply(conn, reply: tuple) -> bool:
@@ -86,9 +118,25 @@ def _reply(conn, reply: tuple) -> bool:
         return False
 
 
+def _end_with_parent() -> None:
+    """Exit this worker the moment the process that started it ends (see the module's docstring)."""
+    parent = mp.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        parent.join()  # waits on its sentinel
+        os._exit(1)
+
+    threading.Thread(target=watch, name="WorkerPool-parent-watch", daemon=True).start()
+
+
 def _serve(conn, initializer, initargs) -> None:
     """A worker's life: initializer(*initargs), then (fn, args, kwargs) from `conn`, each answered
     with ("ok", result) or ("error", exception), until None or the pool's end closes."""
+    _end_with_parent()
+    # terminate() must end a worker, whatever SIGTERM handler a forked one inherited from its parent.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if initializer is not None:
         try:
             initializer(*initargs)

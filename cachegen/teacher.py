@@ -5,6 +5,7 @@ encoded as each sample's teacher member (cacheformat.teacher)."""
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -180,11 +181,22 @@ def probe_teacher(spec: str, topk: int, classes: int, shape: tuple[int, int, int
     """Load the teacher and run it once on a blank batch of the cache's image shape (HWC): the
     errors a build would meet in its workers, met now; the Teacher every worker runs."""
     _LOADED.clear()  # loaded afresh for each build (a retrained teacher, the same spec)
+    spec = canonical_spec(spec)
     module = load_teacher(spec, device)
     teacher = Teacher(spec=spec, topk=min(topk, classes), classes=classes, encoding=encoding,
                       weights=weights_sha256(module))
     teacher_members(teacher, np.zeros((2, *shape), np.uint8), device)
     return teacher
+
+
+def canonical_spec(spec: str) -> str:
+    """The --teacher spec as the manifest records it: a factory in a file by the file's absolute
+    path (`./teachers.py:make` from one folder and the same file from another are one teacher, one
+    cache); module:factory as given (found on sys.path wherever the build runs)."""
+    where, _, attr = spec.rpartition(":")
+    if where.endswith(".py") or "/" in where or os.sep in where:  # as load_callable tells a file from a module
+        return f"{os.path.abspath(where)}:{attr}"
+    return spec
 
 
 def manifest_block(teacher: Teacher, device: torch.device | None) -> dict:

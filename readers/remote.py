@@ -10,11 +10,14 @@ under a file lock, by the first process that needs it.
 
 `cache_limit` (bytes) is the node's: it bounds the shards staged in the shared folder by all the
 loaders using it, accounted in that folder under a file lock (`.node.lock`) before each download.
-Room is made by deleting the least recently fetched shards no loader is reading: a loader pins
-(a shared flock on `<shard>.pin`) each shard from the moment it needs it until it is done with it,
-and a pinned shard is never deleted. A shard fetched ahead of the consumer is not pinned: it may
-be evicted for a shard another loader needs now, and is fetched again when it is reached. When
-the pinned shards fill the limit, a loader still fetches the one shard it needs now.
+Room is made by deleting the least recently fetched shards no loader is reading: a loader pins (a
+shared flock on `<shard>.pin`) each shard from the moment it needs it until it is done with it and
+no longer maps it (a pass left early keeps the pins of the shards it still maps), and a pinned shard
+is never deleted. A download's temporary counts as the shard's full size; one left by a loader that
+died mid-download (no process holds that shard's download lock) is deleted when room is next made. A
+shard fetched ahead of the consumer is not pinned: it may be evicted for a shard another loader
+needs now, and is fetched again when it is reached. When the pinned shards fill the limit, a loader
+still fetches the one shard it needs now.
 
 Storage options, credentials and endpoints are fsspec's (for S3: s3fs/botocore's `AWS_*`
 variables, `AWS_ENDPOINT_URL` included, `~/.aws`, fsspec's config files), or `storage_options=`.
@@ -113,7 +116,7 @@ class Stager:
     def begin(self, order: Sequence, indexes: Iterable) -> None:
         """A pass starts: fetch the indexes of `indexes` (all, in parallel, waited for), then the
         first shards of `order` (the shards in the order they will be read) in the background."""
-        self.end()
+        self.end(keep=self._pins)  # a shard still mapped stays pinned (ShardFiles lets go of it)
         self._stop = threading.Event()
         self._pool = cf.ThreadPoolExecutor(self.threads, thread_name_prefix="readers-stage")
         jobs = [self._pool.submit(self._get, index_path(s.relpath), s.index_bytes, s.index_sha256, self._stop)
@@ -146,20 +149,25 @@ class Stager:
         self._get(index_path(shard.relpath), shard.index_bytes, shard.index_sha256, self._stop)
 
     def done(self, shard) -> None:
-        """This pass has read all it reads of `shard`: it may be evicted (unless another loader reads it)."""
-        fd = self._pins.pop(shard.relpath, None)
+        """This loader has read all it reads of `shard` and no longer maps it: it may be evicted
+        (unless another loader reads it)."""
+        self.unpin(shard.relpath)
+
+    def unpin(self, rel: str) -> None:
+        fd = self._pins.pop(rel, None)
         if fd is not None:
             os.close(fd)
 
-    def end(self) -> None:
+    def end(self, keep: Iterable[str] = ()) -> None:
         """The pass is over (or left): downloads stop within a chunk (or a lock poll), the
-        threads are joined, and this loader's pins are let go."""
+        threads are joined, and this loader's pins are let go, but those of `keep` (shards it
+        still maps)."""
         pool, self._pool = self._pool, None
         if pool is not None:
             self._stop.set()
             pool.shutdown(wait=True, cancel_futures=True)
-        while self._pins:
-            os.close(self._pins.popitem()[1])
+        for rel in set(self._pins) - set(keep):
+            self.unpin(rel)
 
     def stage_all(self, shards: Iterable) -> None:
         """Fetch every shard and index of `shards` now (a live cache reads all of its source)."""
@@ -198,12 +206,14 @@ class Stager:
 
     # -- the node's share of the disk (under NODE_LOCK) -----------------------------------------
 
-    def _make_room(self, size: int, optional: bool) -> bool:
+    def _make_room(self, size: int, optional: bool, own: Path) -> bool:
         """Whether a shard of `size` bytes may be staged now: deletes unpinned shards, least
         recently fetched first, until the node's staged shards (downloads under way included)
         plus `size` fit in cache_limit. An `optional` shard (fetched ahead) that does not fit is
-        not fetched; a needed one is, over the limit if the pinned shards fill it."""
-        staged = sorted(((st.st_mtime, path, st.st_size) for path, st in _shard_files(self.root)),
+        not fetched; a needed one is, over the limit if the pinned shards fill it. The temporaries
+        of dead downloads go first (`own`: the shard this thread holds the download lock of)."""
+        staged = sorted(((st.st_mtime, path, st.st_size) for path, st in _shard_files(self.root)
+                         if TMP_MARK not in path.name or not self._reclaim(path, own)),
                         key=lambda t: t[0])
         used = sum(size for _, _, size in staged)
         for _, path, bytes_ in staged:
@@ -213,6 +223,23 @@ class Stager:
                 continue
             used -= bytes_
         return used + size <= self.cache_limit or not optional
+
+    def _reclaim(self, tmp: Path, own: Path) -> bool:
+        """Delete the download temporary `tmp` where no download of its shard is under way (its
+        loader died mid-download): a download holds its shard's lock from before its temporary
+        is made until after it is gone. `own`'s lock is this thread's: any temporary of it is dead."""
+        shard = tmp.with_name(tmp.name.split(TMP_MARK)[0])
+        if shard == own:
+            tmp.unlink(missing_ok=True)
+            return True
+        fd = lock_file(shard.with_name(shard.name + ".lock"), blocking=False)
+        if fd is None:  # being downloaded
+            return False
+        try:
+            tmp.unlink(missing_ok=True)
+            return True
+        finally:
+            os.close(fd)
 
     def _evict(self, path: Path) -> bool:
         """Delete the staged shard `path` unless a loader has it pinned."""
@@ -259,7 +286,7 @@ class Stager:
         if self.cache_limit is None or not rel.endswith(".tar"):
             return True
         with locked(self.root / NODE_LOCK):
-            if not self._make_room(size, optional is not None):
+            if not self._make_room(size, optional is not None, self.root / rel):
                 return False
             with open(tmp, "wb") as f:
                 f.truncate(size)

@@ -129,7 +129,9 @@ class ShardFiles:
         opened = self._map(shard)
         self._open[shard.relpath] = opened
         while len(self._open) > self.max_open:
-            self._open.popitem(last=False)  # unmapped (and its descriptor closed) once unreferenced
+            closed, _ = self._open.popitem(last=False)  # unmapped (and its descriptor closed) once unreferenced
+            if self.stager is not None:
+                self.stager.unpin(closed)
         return opened
 
     def begin(self, order: Sequence[Shard], used: Iterable[Shard]) -> None:
@@ -150,9 +152,10 @@ class ShardFiles:
             self.stager.done(shard)
 
     def end(self) -> None:
-        """The pass is over or left: background downloads stop."""
+        """The pass is over or left: background downloads stop; a staged shard still mapped stays
+        pinned (no loader of the node deletes it) until it is done or unmapped."""
         if self.stager is not None:
-            self.stager.end()
+            self.stager.end(keep=self._open)
 
     def __len__(self) -> int:
         """Shards mapped now."""

@@ -62,6 +62,25 @@ def test_a_read_error_in_one_epoch_only_skips_the_sample_in_every_epoch(tmp_path
     assert shard_bytes(out) == shard_bytes(tmp_path / "broken")
 
 
+def test_a_device_build_rewrites_a_shard_whose_first_sample_was_skipped_as_a_build_that_never_read_it(tmp_path):
+    """--augment-on device seeds a shard's batches from the first sample it holds: the rewrite of
+    a shard that lost its first sample gives the bytes of a build for which that image never read."""
+    folder = image_folder(tmp_path / "folder", broken=False)
+    common = ["--epochs", "3", "--shard-size", "20", "--on-error", "skip", "--transform", "cifar",
+              "--augment-on", "device", "--workers", "1", "--quiet"]
+    run_cli("build", folder, "--out", tmp_path / "clean", *common)
+    # A sample first in a shard of epoch 2, read fine there and in epoch 0, not in epoch 1.
+    first = next(s["indices"][0] for s in manifest(tmp_path / "clean")["epoch_list"][2]["shards"] if s["indices"][0])
+    flaky = f"{'ab'[first // 30]}/{first % 30:02d}.png"
+    log = tmp_path / "reads"
+    done = cachegen("build", folder, "--out", tmp_path / "cache", *common, CACHEGEN_FAULT_FLAKY=f"{flaky}:2:{log}")
+    assert done.returncode == 0, output(done)
+    assert log.read_bytes() == b"..." and manifest(tmp_path / "cache")["skipped"] == [first]
+    (folder / flaky).write_bytes(b"not a png")
+    run_cli("build", folder, "--out", tmp_path / "broken", *common)
+    assert shard_bytes(tmp_path / "cache") == shard_bytes(tmp_path / "broken")
+
+
 # --- the manifest is checked before it is written ---------------------------------------------
 
 def test_a_manifest_the_readers_would_refuse_is_never_written(build, tmp_path):
@@ -135,3 +154,21 @@ def test_any_build_finishes_a_swap_a_crash_cut_between_its_renames(npz_source, t
     run_cli("build", source, "--out", out, "--workers", "1", *ARGS, "--seed", "1")  # no --overwrite: resumes it
     assert manifest(out)["seed"] == 1 and run_cli("verify", out).output.startswith("ok: 10 shards")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "data.npz"]
+
+
+@pytest.mark.parametrize("point,exchange", [("swap:old-moved", "0"), ("swap:exchanged", "1")])
+def test_a_crash_in_the_swap_through_a_linked_out_is_finished_by_the_rerun(npz_source, tmp_path, point, exchange):
+    """--out a link to the cache: the swap works on the folder it points at, and so does the
+    recovery, so the re-run finds both halves."""
+    source, real, out = npz_source[0], tmp_path / "real" / "cache", tmp_path / "link"
+    real.parent.mkdir()
+    run_cli("build", source, "--out", real, "--workers", "1", *ARGS)
+    out.symlink_to(real, target_is_directory=True)
+    overwrite = ["build", source, "--out", out, "--workers", "1", *ARGS, "--seed", "1", "--overwrite"]
+    done = cachegen(*overwrite, CACHEGEN_FAULT_KILL=point, CACHEGEN_FAULT_NO_EXCHANGE="1" if exchange == "0" else "0")
+    assert done.returncode == -signal.SIGKILL, output(done)
+    done = cachegen(*overwrite, CACHEGEN_FAULT_NO_EXCHANGE="1" if exchange == "0" else "0")
+    assert done.returncode == 0, output(done)
+    assert out.is_symlink() and manifest(out)["seed"] == 1 and run_cli("verify", out).output.startswith("ok: 10 shards")
+    assert sorted(p.name for p in real.parent.iterdir()) == ["cache"]  # nothing of either left aside
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.npz", "link", "real"]

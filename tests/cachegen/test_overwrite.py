@@ -118,3 +118,15 @@ def test_overwrite_of_the_current_folder(build, npz_source, tmp_path, monkeypatc
             "--workers", "1")
     assert manifest(out)["seed"] == 3 and run_cli("verify", out).output.startswith("ok: ")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "data.npz"]
+
+
+def test_a_build_removes_its_temporaries_and_nothing_a_link_in_the_cache_points_at(build, tmp_path):
+    out = build("--epochs", "1")
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "notes.tmp-1").write_text("the user's")
+    (out / "notes").symlink_to(notes, target_is_directory=True)
+    (out / "epoch-0000" / "shard-000001.tar.tmp-424242").write_bytes(b"\0" * 100)  # what a killed build leaves
+    build("--epochs", "2", out=out)  # grows the cache: the temporaries sweep runs
+    assert (notes / "notes.tmp-1").read_text() == "the user's"
+    assert not list(out.glob("epoch-*/*.tmp-*"))

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 
 from cacheformat.index import encode_index, index_record
@@ -52,12 +53,15 @@ KILL_ARGS = ["--epochs", "5", "--shard-size", "50", "--transform", "cifar", "--q
 
 
 class BuildProcess:
-    """`cachegen build` as a real process group (its pool's workers die with it, as under kill -9)."""
+    """`cachegen build --workers 2` as a real process (`start_method`: its pool's, multiprocessing's)."""
 
-    def __init__(self, source: Path, out: Path) -> None:
-        self.out = out
+    def __init__(self, source: Path, out: Path, start_method: str = "fork") -> None:
+        self.out, self.text = out, None
+        script = ("import multiprocessing as mp, sys\n"
+                  f"mp.set_start_method({start_method!r})\n"
+                  "from cachegen.cli import main\nmain(sys.argv[1:])\n")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "cachegen", "build", str(source), "--out", str(out), "--workers", "2",
+            [sys.executable, "-c", script, "build", str(source), "--out", str(out), "--workers", "2",
              *KILL_ARGS], start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
     def wait_until_working(self, timeout: float = 180) -> None:
@@ -74,15 +78,43 @@ class BuildProcess:
             assert time.monotonic() < deadline, "build made no progress"
             time.sleep(0.002)
 
-    def kill(self) -> None:
-        """SIGKILL the group (a no-op once the build has ended) and reap it."""
+    def kill(self, sig: int = signal.SIGKILL) -> int:
+        """Send `sig` to the build process alone, as the OOM killer or `kill` does (a no-op once the
+        build has ended), reap it, and assert that none of its processes outlives it; its exit code."""
+        processes = []
         if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=60)
+            processes = psutil.Process(self.proc.pid).children(recursive=True)
+            os.kill(self.proc.pid, sig)
+        code = self.proc.wait(timeout=60)
+        survivors = outliving(processes)
+        for process in survivors:  # left to no one else: ended here, then the test fails
+            process.kill()
+        self.text = self.proc.stdout.read().decode(errors="replace")  # after the survivors: they hold the pipe
         self.proc.stdout.close()
+        assert not survivors, f"processes outlived the build killed by {signal.Signals(sig).name}: {survivors}"
+        return code
 
     def output(self) -> str:
-        return self.proc.stdout.read().decode(errors="replace")
+        """What it printed (read once it has ended)."""
+        if self.text is None:
+            self.text = self.proc.stdout.read().decode(errors="replace")
+        return self.text
+
+
+def outliving(processes: list, timeout: float = 60) -> list:
+    """Those of `processes` still running after `timeout` seconds (a zombie has ended)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        running = []
+        for process in processes:
+            try:
+                if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+                    running.append(process)
+            except psutil.NoSuchProcess:
+                pass
+        if not running or time.monotonic() > deadline:
+            return running
+        time.sleep(0.01)
 
 
 def phase(out: Path, shards: int) -> str:
@@ -167,6 +199,29 @@ def test_kill_at_2_random_moments_then_resume(kill_setup, tmp_path):
 @pytest.mark.slow
 def test_kill_at_10_random_moments_then_resume(kill_setup, tmp_path):
     kill_at_random_moments(kill_setup, tmp_path, moments=10, seed=random.randrange(1 << 30))
+
+
+@pytest.mark.parametrize("sig,start_method", [(signal.SIGKILL, "fork"), (signal.SIGKILL, "spawn"),
+                                              (signal.SIGTERM, "fork")])  # fork: a handler the workers inherit
+def test_a_build_killed_alone_while_its_workers_are_busy_leaves_no_process(kill_setup, tmp_path, sig, start_method):
+    """The OOM killer's SIGKILL or a `kill` reaches the build process only, not its group: its workers
+    end with it (BuildProcess.kill asserts it). SIGTERM is a Ctrl-C: temporaries removed, one line,
+    and the state a re-run resumes from (resuming after a kill: the tests above)."""
+    source, clean, shards, _ = kill_setup
+    out = tmp_path / "cache"
+    build = BuildProcess(source, out, start_method)
+    try:
+        build.wait_for_shards(2)
+    finally:
+        code = build.kill(sig)
+    if sig == signal.SIGTERM:
+        assert code == 128 + signal.SIGTERM, build.output()
+        assert build.output().strip() == "cachegen: interrupted; re-run the same command to resume"
+        assert not temporaries(out)
+    else:
+        assert code == -signal.SIGKILL
+    assert shard_bytes(out).items() <= shard_bytes(clean).items() and (out / STATE).exists()
+    assert_not_a_cache(out)
 
 
 # --- crashes simulated at exact points -----------------------------------------------------------

@@ -181,6 +181,18 @@ def test_resume_and_growth_keep_the_teacher_and_another_teacher_is_refused(build
     assert_one_line_error(build("--epochs", "2", *args, expect=1), "holds a different cache", "weights_sha256")
 
 
+def test_a_teacher_file_named_from_another_folder_is_the_same_cache(build, teachers, tmp_path, monkeypatch):
+    """The manifest names a teacher's file by its absolute path: a relative name from the cache's
+    folder and the absolute one from elsewhere grow the same cache."""
+    monkeypatch.chdir(tmp_path)
+    cache = build("--epochs", "1", "--transform", "cifar", "--teacher", "./teachers.py:make")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    build("--epochs", "2", "--transform", "cifar", "--teacher", teachers("make"))
+    m = json.loads((cache / "manifest.json").read_text())
+    assert m["epochs"] == 2 and m["teacher"]["spec"] == teachers("make")
+
+
 def test_a_factory_giving_other_weights_in_another_process_is_refused(teachers):
     """A spawned or Dask worker loads the teacher afresh: with other weights (an unseeded random
     initialisation) it refuses to write targets that would differ between processes."""

@@ -14,7 +14,7 @@ from concurrent.futures import BrokenExecutor, CancelledError, as_completed, wai
 import pytest
 
 from cachegen.errors import CachegenError
-from cachegen.pool import RemoteTraceback, WorkerDied, WorkerPool
+from cachegen.pool import RemoteTraceback, WorkerDied, WorkerError, WorkerPool
 
 METHODS = [m for m in ("fork", "spawn") if m in mp.get_all_start_methods()]
 
@@ -30,6 +30,17 @@ def nap(seconds: float, value=None):
 
 def fail(message: str):
     raise CachegenError(message)
+
+
+class ShardError(Exception):
+    """An exception that pickles but does not unpickle: its __init__ takes other arguments than its args."""
+
+    def __init__(self, shard: str, reason: str):
+        super().__init__(f"{shard}: {reason}")
+
+
+def fail_oddly(shard: str):
+    raise ShardError(shard, "cannot be written")
 
 
 def exit_with(code: int):
@@ -88,6 +99,15 @@ def test_results_arrive_as_tasks_finish_and_exceptions_as_themselves(context):
         # where it was raised in the worker, for an unexpected error's traceback
         assert isinstance(raised.value.__cause__, RemoteTraceback) and "in fail" in str(raised.value.__cause__)
         assert pool.submit(square, 3).result() == 9  # a task's exception leaves the pool working
+
+
+def test_an_exception_that_does_not_unpickle_arrives_with_its_message_and_traceback(context):
+    with WorkerPool(1, mp_context=context) as pool:
+        with pytest.raises(WorkerError) as raised:
+            pool.submit(fail_oddly, "epoch-0000/shard-000003.tar").result(timeout=60)
+        assert str(raised.value).endswith("test_worker_pool.ShardError: epoch-0000/shard-000003.tar: cannot be written")
+        assert isinstance(raised.value.__cause__, RemoteTraceback) and "in fail_oddly" in str(raised.value.__cause__)
+        assert pool.submit(square, 3).result(timeout=60) == 9
 
 
 def test_a_worker_killed_by_sigkill_fails_the_unfinished_tasks_with_its_pid_and_signal(context):
@@ -189,6 +209,39 @@ def test_a_task_that_does_not_pickle_fails_alone(context):
         with pytest.raises(Exception, match="pickle"):
             unpicklable.result(timeout=30)
         assert pool.submit(square, 4).result(timeout=30) == 16
+
+
+def test_workers_end_with_the_pool_process_however_it_ends(context):
+    """The pool's process killed alone (the OOM killer's SIGKILL), one worker busy, one idle: neither
+    outlives it."""
+    script = ("import multiprocessing as mp, sys, time\nfrom cachegen.pool import WorkerPool\n"
+              "from tests.cachegen.test_worker_pool import nap\n"
+              f"pool = WorkerPool(2, mp_context=mp.get_context({context.get_start_method()!r}))\n"
+              "pool.submit(nap, 600)\nprint(*pool.pids, flush=True)\ntime.sleep(600)\n")
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    try:
+        workers = [int(p) for p in parent.stdout.readline().split()]
+    finally:
+        parent.kill()
+        parent.communicate(timeout=60)
+    assert len(workers) == 2
+    deadline = time.monotonic() + 60
+    while any(running(p) for p in workers) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    left = [p for p in workers if running(p)]
+    for p in left:
+        os.kill(p, signal.SIGKILL)
+    assert not left, f"workers {left} outlived the pool's process"
+
+
+def running(pid: int) -> bool:
+    """Whether process `pid` exists and has not ended (a zombie, not yet reaped by init, has)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def touch_later(path: str) -> None:

@@ -115,3 +115,58 @@ def test_closing_a_loader_stops_a_download_waiting_on_another_process(remote, tm
     os.close(held)
     assert stopped
     assert errors and "download stopped" in errors[0]
+
+
+def _stall(url: str, local: str, limit: int) -> None:
+    """A loader whose downloads stall (the shards are not in the store yet: retried, far apart)."""
+    loader = CachedLoader(url, local=local, cache_limit=limit, download_backoff=60, download_retries=5,
+                          shuffle=False, **OPTIONS)
+    next(iter(loader))
+
+
+def _shard_objects(remote: str) -> list[str]:
+    from s3server import s3fs_filesystem
+
+    return [p for p in s3fs_filesystem().find(remote.removeprefix("s3://")) if p.endswith(".tar")]
+
+
+def test_the_reservation_of_a_loader_killed_mid_download_is_reclaimed(npy_cache, remote, tmp_path):
+    from s3server import s3fs_filesystem, upload
+
+    fs, local = s3fs_filesystem(), tmp_path / "node"
+    shards = _shard_objects(remote)
+    fs.rm(shards)  # until they are back, the loader's downloads wait between tries, reserved
+    manifest = json.loads((npy_cache / "manifest.json").read_text())
+    shard_bytes = max(s["bytes"] for e in manifest["epoch_list"] for s in e["shards"])
+    killed = mp.get_context("spawn").Process(target=_stall, args=(remote, str(local), 100 * shard_bytes))
+    killed.start()
+    try:
+        deadline = time.monotonic() + 120
+        while not list(local.glob("*/*/*.tar.tmp-*")):
+            assert killed.is_alive() and time.monotonic() < deadline
+            time.sleep(0.01)
+    finally:
+        killed.kill()  # mid-download, as the OOM killer would
+        killed.join()
+    left = list(local.glob("*/*/*.tar.tmp-*"))
+    assert left and all(f".tmp-{killed.pid}-" in p.name for p in left)
+    upload(fs, npy_cache, remote)
+
+    loader = CachedLoader(remote, local=local, cache_limit=3 * shard_bytes, **OPTIONS)
+    assert sum(len(y) for _, y in loader) == 300
+    assert not [p for p in left if p.exists()]  # no longer counted against the node's limit for ever
+
+
+def test_a_shard_still_mapped_after_a_pass_left_early_stays_pinned(npy_cache, remote, tmp_path):
+    manifest = json.loads((npy_cache / "manifest.json").read_text())
+    shard_bytes = max(s["bytes"] for e in manifest["epoch_list"] for s in e["shards"])
+    local = tmp_path / "node"
+    left = CachedLoader(remote, local=local, seed=1, **OPTIONS)
+    next(iter(left))  # a pass left after one batch: its shards stay mapped, to be read next pass
+    mapped = [s for s in left.manifest.epochs[0] if s.relpath in left._files._open]
+    assert mapped and all(s.path.is_file() for s in mapped)
+
+    other = CachedLoader(remote, local=local, cache_limit=2 * shard_bytes, seed=2, **OPTIONS)
+    assert sum(len(y) for _, y in other) == 300 and other._stager.evicted > 0  # room made, shard by shard
+    assert all(s.path.is_file() for s in mapped)  # not evicted while mapped
+    left.close()

@@ -90,3 +90,47 @@ def test_in_process_live_epoch_leaves_torchs_generator_alone(rng_pair):
     before = _seed_caller()
     epoch_batches(loader, 1)
     assert torch.equal(torch.get_rng_state(), before[0])
+
+
+def _draws() -> tuple:
+    return random.random(), float(np.random.random()), float(torch.rand(()))
+
+
+def test_seeding_in_two_threads_at_once_gives_each_its_draws_and_the_callers_generators_back():
+    """The generators are the process's: a second thread's seeded_everything, begun while a first
+    one's is under way, neither disturbs the first one's draws nor leaves its own seed behind."""
+    import threading
+
+    from readers.batch_transform import seeded_everything
+
+    cpu = torch.device("cpu")
+    expected = {}
+    for seed in (1, 2):
+        with seeded_everything(seed, cpu):
+            expected[seed] = _draws()
+    before = _seed_caller()
+    inside, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
+    got = {}
+
+    def first():
+        with seeded_everything(1, cpu):
+            inside.set()
+            second_in.wait(0.5)  # the second's seeding lands here, unless it waits for this borrow to end
+            got[1] = _draws()
+        first_out.set()
+
+    def second():
+        inside.wait()
+        with seeded_everything(2, cpu):
+            second_in.set()
+            first_out.wait(10)  # draws after the first has given its states back
+            got[2] = _draws()
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert got == expected
+    assert torch.equal(torch.get_rng_state(), before[0]) and random.getstate() == before[1]
+    assert repr(np.random.get_state()) == before[2]
