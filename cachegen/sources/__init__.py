@@ -1,6 +1,7 @@
 """Sources: one file per kind behind the one `Source` interface (base.py); open_source picks the kind
 from the spec. The built-in sample (sample.py), an ImageFolder tree (folder.py), torchvision's on-disk
-datasets (torchvision.py), a .npz (npz.py); array.py holds the in-memory images three of them share."""
+datasets (torchvision.py), a .npz (npz.py), WebDataset shards or a cachegen cache (webdataset.py); array.py
+holds the in-memory images three of them share, images.py decodes the encoded images of the others."""
 
 from __future__ import annotations
 
@@ -13,16 +14,20 @@ from cachegen.sources.folder import FolderSource
 from cachegen.sources.npz import open_npz
 from cachegen.sources.sample import open_sample
 from cachegen.sources.torchvision import TORCHVISION_KINDS, detect, open_torchvision
+from cachegen.sources.webdataset import WebDatasetSource, is_shards, open_webdataset
 
 
 def open_source(spec: str | None, *, split: str = "train") -> Source:
     """Open a source from its spec: None/'sample', 'cifar10:ROOT' (and cifar100, mnist,
-    fashionmnist), a .npz file, or a folder (torchvision layout detected, else ImageFolder)."""
+    fashionmnist), a .npz file, WebDataset shards (a .tar, a brace pattern or glob of them, a folder of
+    them, a cachegen cache), or a folder (torchvision layout detected, else ImageFolder)."""
     if spec in (None, "", "sample"):
         return open_sample(split)
     kind, sep, rest = spec.partition(":")
     if sep and kind.lower() in TORCHVISION_KINDS:
         return open_torchvision(kind.lower(), Path(rest), split)
+    if is_shards(spec):
+        return open_webdataset(spec)
     path = Path(spec)
     if not path.exists():
         raise CachegenError(f"source {spec} does not exist: give a folder, a .npz, "
@@ -37,4 +42,4 @@ def open_source(spec: str | None, *, split: str = "train") -> Source:
     return FolderSource(path)
 
 
-__all__ = ["ArraySource", "FolderSource", "Source", "open_source", "printable"]
+__all__ = ["ArraySource", "FolderSource", "Source", "WebDatasetSource", "open_source", "printable"]
