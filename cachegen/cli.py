@@ -62,6 +62,10 @@ def main() -> None:
               help="Samples per shard (1000) or bytes of pixels per shard (64MB).")
 @click.option("--split", default="train", show_default=True, type=click.Choice(["train", "test"]),
               help="Split of a torchvision dataset source.")
+@click.option("--image-column", metavar="NAME", help="The image column of a list (.csv, .jsonl) or a Hugging Face "
+              "dataset source [default: found by its name or feature].")
+@click.option("--label-column", metavar="NAME", help="The label column of a list or a Hugging Face dataset source "
+              "[default: found by its name or feature].")
 @click.option("--on-error", default="fail", show_default=True, type=click.Choice(["fail", "skip"]),
               help="On an unreadable image: stop naming it, or skip it and report how many.")
 @click.option("--mode", default="auto", show_default=True, type=click.Choice(["auto", "cached", "live"]),

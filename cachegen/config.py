@@ -71,6 +71,8 @@ class BuildConfig:
     device: str | None = None  # where a cached --augment-on device build augments (this process); None: cuda or workers
     teacher: str | None = None  # FILE.py:factory or module:factory: store its top-K targets per sample
     teacher_topk: int = DEFAULT_TOPK
+    image_column: str | None = None  # a list's or a Hugging Face dataset's image column; None: found by name
+    label_column: str | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.epochs <= MAX_EPOCHS:

@@ -1,7 +1,8 @@
 """Sources: one file per kind behind the one `Source` interface (base.py); open_source picks the kind
 from the spec. The built-in sample (sample.py), an ImageFolder tree (folder.py), torchvision's on-disk
-datasets (torchvision.py), a .npz (npz.py), WebDataset shards or a cachegen cache (webdataset.py); array.py
-holds the in-memory images three of them share, images.py decodes the encoded images of the others."""
+datasets (torchvision.py), a .npz (npz.py), WebDataset shards or a cachegen cache (webdataset.py), a
+CSV/JSONL list (lists.py); array.py holds the in-memory images three of them share, images.py decodes the
+encoded images of the others."""
 
 from __future__ import annotations
 
@@ -11,16 +12,26 @@ from cachegen.errors import CachegenError
 from cachegen.sources.array import ArraySource
 from cachegen.sources.base import Source, printable
 from cachegen.sources.folder import FolderSource
+from cachegen.sources.lists import ListSource, is_list
 from cachegen.sources.npz import open_npz
 from cachegen.sources.sample import open_sample
 from cachegen.sources.torchvision import TORCHVISION_KINDS, detect, open_torchvision
 from cachegen.sources.webdataset import WebDatasetSource, is_shards, open_webdataset
 
 
-def open_source(spec: str | None, *, split: str = "train") -> Source:
+def open_source(spec: str | None, *, split: str = "train", image_column: str | None = None,
+                label_column: str | None = None) -> Source:
     """Open a source from its spec: None/'sample', 'cifar10:ROOT' (and cifar100, mnist,
     fashionmnist), a .npz file, WebDataset shards (a .tar, a brace pattern or glob of them, a folder of
-    them, a cachegen cache), or a folder (torchvision layout detected, else ImageFolder)."""
+    them, a cachegen cache), a .csv/.tsv/.jsonl list of images and labels, or a folder (torchvision layout
+    detected, else ImageFolder). `image_column`, `label_column`: a list's columns."""
+    columns = {"image_column": image_column, "label_column": label_column}
+    if spec and is_list(spec):
+        return ListSource(Path(spec), **columns)
+    for option, value in columns.items():
+        if value is not None:
+            raise CachegenError(f"--{option.replace('_', '-')} names a column of a list (.csv, .jsonl) or a Hugging "
+                                f"Face dataset; source {spec or 'sample'} has none: drop it")
     if spec in (None, "", "sample"):
         return open_sample(split)
     kind, sep, rest = spec.partition(":")
@@ -42,4 +53,4 @@ def open_source(spec: str | None, *, split: str = "train") -> Source:
     return FolderSource(path)
 
 
-__all__ = ["ArraySource", "FolderSource", "Source", "WebDatasetSource", "open_source", "printable"]
+__all__ = ["ArraySource", "FolderSource", "ListSource", "Source", "WebDatasetSource", "open_source", "printable"]

@@ -5,6 +5,8 @@ datasets)."""
 from __future__ import annotations
 
 import io
+import os
+import stat
 import warnings
 
 import numpy as np
@@ -36,3 +38,22 @@ def decode_image(data: bytes, *, npy: bool = False) -> Image.Image:
             if image.mode.startswith("I;16"):
                 return Image.fromarray((np.asarray(image) >> 8).astype(np.uint8))
             return image.convert("L" if image.mode in GRAY_MODES else "RGB")
+
+
+def read_regular(path: str) -> bytes:
+    """The bytes of the file at `path`, refused unless it is a regular file (a FIFO would block a read
+    forever; a folder is no image)."""
+    with open(path, "rb", opener=lambda p, flags: os.open(p, flags | getattr(os, "O_NONBLOCK", 0))) as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(f"{path} is not a regular file")
+        return f.read(st.st_size + 1)
+
+
+def stamp(path: str) -> bytes:
+    """What the fingerprint of a source of files records of one file: its size and modification time."""
+    try:
+        st = os.stat(path)
+        return f"|{st.st_size}|{st.st_mtime_ns}\n".encode()
+    except OSError:  # gone: load() names it, or --on-error skip leaves it out
+        return b"|unreadable\n"

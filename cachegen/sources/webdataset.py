@@ -16,7 +16,7 @@ from PIL import Image
 
 from cachegen.errors import CachegenError
 from cachegen.sources.base import Source, printable
-from cachegen.sources.images import decode_image
+from cachegen.sources.images import decode_image, stamp
 from cachegen.sources.npz import MAX_UNNAMED_CLASSES
 
 # Image members by the extension webdataset gives them, the first a sample has taken (its order:
@@ -84,12 +84,7 @@ class WebDatasetSource(Source):
     def fingerprint(self) -> str:
         h = hashlib.sha256(repr(self.classes).encode())
         for path in self.shards:
-            try:
-                st = os.stat(path)
-                about = f"|{st.st_size}|{st.st_mtime_ns}\n"
-            except OSError:
-                about = "|unreadable\n"
-            h.update(os.fsencode(os.path.basename(path)) + about.encode())
+            h.update(os.fsencode(os.path.basename(path)) + stamp(path))
         for column in (self.shard_of, self.offsets, self.sizes, self.exts, self.labels):
             h.update(np.ascontiguousarray(column).data)
         return h.hexdigest()
