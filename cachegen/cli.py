@@ -62,6 +62,9 @@ def main() -> None:
               help="Samples per shard (1000) or bytes of pixels per shard (64MB).")
 @click.option("--split", default="train", show_default=True, type=click.Choice(["train", "test"]),
               help="Split of a torchvision dataset source.")
+@click.option("--source-factory", metavar="FILE.py:make", help="Build from your own map-style Dataset: make() "
+              "returns it, its items (PIL image | uint8 tensor CHW | uint8 array HWC, int label), its `classes` "
+              "named where it has them. Runs your code, at build time only.")
 @click.option("--image-column", metavar="NAME", help="The image column of a list (.csv, .jsonl) or a Hugging Face "
               "dataset source [default: found by its name or feature].")
 @click.option("--label-column", metavar="NAME", help="The label column of a list or a Hugging Face dataset source "

@@ -53,4 +53,15 @@ def open_source(spec: str | None, *, split: str = "train", image_column: str | N
     return FolderSource(path)
 
 
-__all__ = ["ArraySource", "FolderSource", "ListSource", "Source", "WebDatasetSource", "open_source", "printable"]
+def reopen(source_spec: dict) -> Source:
+    """The source a manifest's `source_spec` names, opened again (preview, bench); a source a
+    --source-factory made is refused: a cache is data, and reading one never runs the code it names."""
+    if source_spec.get("source_factory"):
+        raise CachegenError(f"the cache was built from the Dataset --source-factory {source_spec['source_factory']} "
+                            "makes, and what reads a cache runs no code: build from data (a folder, shards, a list) "
+                            "to compare with it")
+    return open_source(source_spec["spec"], split=source_spec["split"], image_column=source_spec.get("image_column"),
+                       label_column=source_spec.get("label_column"))
+
+
+__all__ = ["ArraySource", "FolderSource", "ListSource", "Source", "WebDatasetSource", "open_source", "printable", "reopen"]

@@ -65,23 +65,31 @@ def same_bytes_on_dask(cluster, tmp_path: Path, spec: str, *args: str) -> None:
     assert tree(tmp_path / "dask") == tree(tmp_path / "local")
 
 
-def changed_source_refuses_resume(tmp_path: Path, spec: str, change, *args: str) -> None:
-    """A build, its source changed (`change()`), the same command: refused, naming the source."""
+def changed_source_refuses_resume(tmp_path: Path, spec: str | None, change, *args: str, build=None) -> None:
+    """A build, its source changed (`change()`), the same command: refused, naming the source.
+    `build(out, *args, expect=...)`: how to build (default: `build(spec, ...)`)."""
+    build = build or _of(spec)
     out = tmp_path / "resumed"
-    build(spec, out, *args)
+    build(out, *args)
     before = shard_bytes(out)
     change()
-    result = build(spec, out, *args, expect=1)
+    result = build(out, *args, expect=1)
     assert_one_line_error(result, "holds a different cache", "source")
     assert shard_bytes(out) == before
 
 
-def bad_item_skipped(tmp_path: Path, spec: str, bad: int, n: int, *args: str) -> None:
-    """With sample `bad` unreadable: refused in one line naming it; under --on-error skip, built without it."""
-    assert_one_line_error(build(spec, tmp_path / "failed", *args, expect=1), "cannot read", "--on-error skip")
+def bad_item_skipped(tmp_path: Path, spec: str | None, bad: int, n: int, *args: str, build=None) -> None:
+    """With sample `bad` unreadable: refused in one line naming it; under --on-error skip, built without it.
+    `build`: as changed_source_refuses_resume's."""
+    build = build or _of(spec)
+    assert_one_line_error(build(tmp_path / "failed", *args, expect=1), "cannot read", "--on-error skip")
     out = tmp_path / "skipped"
-    build(spec, out, "--on-error", "skip", *args)
+    build(out, "--on-error", "skip", *args)
     m = manifest(out)
     assert m["skipped"] == [bad]
     assert all(e["samples"] == n - 1 for e in m["epoch_list"])
     assert (out / "skipped.txt").read_text().startswith(f"{bad}\t")
+
+
+def _of(spec: str):
+    return lambda out, *args, expect=0: build(spec, out, *args, expect=expect)
