@@ -12,9 +12,8 @@ import warnings
 import numpy as np
 from PIL import Image
 
-# Image modes a source image is grayscale in (loaded as L; any other as RGB, alpha dropped), as an
-# ImageFolder's (folder.py).
-GRAY_MODES = ("1", "L", "LA", "La", "I", "F")
+from cachegen.sources.folder import GRAY_MODES  # an encoded image is grayscale where a folder's would be
+
 NPY_CHANNELS = (1, 3, 4)
 
 
