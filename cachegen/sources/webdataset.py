@@ -153,7 +153,7 @@ def _open_regular(path: str) -> int:
     return fd
 
 
-def _walk(path: str):
+def _walk(path: str) -> list[tuple[int, int, int, int]]:
     """(image offset, size, extension number, label) per sample of the shard at `path`, from one pass
     over its headers. A sample is the run of members whose names share a key (the name up to the first
     dot of its last part), as webdataset groups them; only regular members count (links, FIFOs and
@@ -165,52 +165,113 @@ def _walk(path: str):
     with os.fdopen(fd, "rb") as f:
         end = os.fstat(fd).st_size
         try:
-            tar = tarfile.open(fileobj=f, mode="r:")
+            return list(_samples(path, fd, _plain_members(path, fd, end)))
+        except _NotPlain:  # pax or GNU extension headers, base-256 sizes: tarfile reads those
+            return list(_samples(path, fd, _tarfile_members(path, f, end)))
+
+
+def _samples(path: str, fd: int, members):
+    """The samples of a shard's (name, data offset, size) regular members, in order."""
+    key, group = None, {}
+    for name, offset, size in members:
+        folder, _, base = name.rpartition("/")
+        stem, _, ext = base.partition(".")
+        if (folder, stem) != key:
+            if key is not None:
+                yield _sample(path, fd, key, group)
+            key, group = (folder, stem), {}
+        group[ext.lower()] = (offset, size)
+    if key is not None:
+        yield _sample(path, fd, key, group)
+
+
+class _NotPlain(Exception):
+    """A header _plain_members leaves to tarfile."""
+
+
+_REGULAR, _NO_DATA = (b"0", b"\0"), (b"1", b"2", b"3", b"4", b"5", b"6")  # data follows only a regular member's header
+
+
+def _plain_members(path: str, fd: int, end: int):
+    """(name, data offset, size) of each regular member of a tar of plain ustar (or GNU, or v7) headers,
+    one pread a header: the common case (what webdataset's and cachegen's writers write), read without
+    the whole TarInfo tarfile builds of every header (most of an index's time there). _NotPlain at the first
+    header it does not read itself (an extension header, a base-256 size, a bad checksum): tarfile
+    then reads the shard from its start."""
+    position = 0
+    while True:
+        block = os.pread(fd, tarfile.BLOCKSIZE, position)
+        if len(block) < tarfile.BLOCKSIZE or not block.strip(b"\0"):  # the end (checked below), or a cut header
+            break
+        kind, size_field = block[156:157], block[124:136]
+        try:
+            size = int(size_field.rstrip(b"\0 ") or b"0", 8)
+            checksum = int(block[148:156].rstrip(b"\0 "), 8)
+        except ValueError:
+            raise _NotPlain from None
+        if (kind not in _REGULAR and kind not in _NO_DATA) or checksum != sum(block) - sum(block[148:156]) + 256:
+            raise _NotPlain
+        name = block[:100].split(b"\0", 1)[0]
+        if block[257:263] == b"ustar\0" and block[345] != 0:  # POSIX ustar: a prefix of the name
+            name = block[345:500].split(b"\0", 1)[0] + b"/" + name
+        name = name.decode("utf-8", "surrogateescape")
+        position += tarfile.BLOCKSIZE
+        if kind in _REGULAR and not name.endswith("/"):  # tarfile: a type-NUL member named x/ is a folder
+            if position + size > end:
+                raise CachegenError(f"{printable(path)}: member {printable(name)} runs past the end of the file "
+                                    "(truncated?)")
+            yield name, position, size
+            position += -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+    _check_end(path, fd, position)
+
+
+def _tarfile_members(path: str, f, end: int):
+    """(name, data offset, size) of each regular member, as tarfile reads the headers (ustar, GNU, pax)."""
+    f.seek(0)
+    try:
+        tar = tarfile.open(fileobj=f, mode="r:")
+    except tarfile.TarError as e:
+        raise CachegenError(f"{printable(path)} is not a plain (uncompressed) tar ({e}): {WDS_HELP}") from None
+    while True:
+        try:
+            member = tar.next()
         except tarfile.TarError as e:
-            raise CachegenError(f"{printable(path)} is not a plain (uncompressed) tar ({e}): {WDS_HELP}") from None
-        key, members = None, {}
-        while True:
-            try:
-                member = tar.next()
-            except tarfile.TarError as e:
-                raise CachegenError(f"{printable(path)}: damaged tar header ({e})") from None
-            tar.members.clear()  # the index is ours: tarfile would keep every header in memory
-            if member is None:
-                break
-            if not member.isreg():
-                continue
-            if member.offset_data + member.size > end:
-                raise CachegenError(f"{printable(path)}: member {printable(member.name)} runs past the end of the "
-                                    "file (truncated?)")
-            folder, _, base = member.name.rpartition("/")
-            stem, _, ext = base.partition(".")
-            if (folder, stem) != key:
-                if key is not None:
-                    yield _sample(path, f, key, members)
-                key, members = (folder, stem), {}
-            members[ext.lower()] = member
-        if key is not None:
-            yield _sample(path, f, key, members)
-        if os.pread(fd, 2 * tarfile.BLOCKSIZE, tar.offset).strip(b"\0"):  # tarfile ends quietly at a bad header
-            raise CachegenError(f"{printable(path)}: damaged tar header at byte {tar.offset}")
+            raise CachegenError(f"{printable(path)}: damaged tar header ({e})") from None
+        tar.members.clear()  # the index is ours: tarfile would keep every header in memory
+        if member is None:
+            break
+        if not member.isreg():
+            continue
+        if member.offset_data + member.size > end:
+            raise CachegenError(f"{printable(path)}: member {printable(member.name)} runs past the end of the "
+                                "file (truncated?)")
+        yield member.name, member.offset_data, member.size
+    _check_end(path, f.fileno(), tar.offset)
 
 
-def _sample(path: str, f, key: tuple[str, str], members: dict[str, tarfile.TarInfo]) -> tuple[int, int, int, int]:
+def _check_end(path: str, fd: int, position: int) -> None:
+    """What follows the last header must be the end of the archive (zero blocks), not a damaged header
+    that ended the walk quietly."""
+    if os.pread(fd, 2 * tarfile.BLOCKSIZE, position).strip(b"\0"):
+        raise CachegenError(f"{printable(path)}: damaged tar header at byte {position}")
+
+
+def _sample(path: str, fd: int, key: tuple[str, str], members: dict[str, tuple[int, int]]) -> tuple[int, int, int, int]:
     name = printable(f"{path}: sample {'/'.join(filter(None, key))}")
     ext = next((e for e in IMAGE_EXTENSIONS if e in members), None)
     if ext is None:
         raise CachegenError(f"{name} has no image member ({', '.join(IMAGE_EXTENSIONS)}); it has "
                             f"{', '.join(sorted(members)) or 'none'}")
-    image = members[ext]
+    offset, size = members[ext]
     if "cls" in members:
-        text = _member_bytes(f, members["cls"], LABEL_BYTES, name)
+        text = _member_bytes(fd, members["cls"], LABEL_BYTES, name, "cls")
         try:
             label = int(text)
         except ValueError:
             raise CachegenError(f"{name}: its cls member {text[:20]!r} is not an integer label") from None
     elif "json" in members:
         try:
-            label = json.loads(_member_bytes(f, members["json"], JSON_BYTES, name))["label"]
+            label = json.loads(_member_bytes(fd, members["json"], JSON_BYTES, name, "json"))["label"]
         except (ValueError, KeyError, TypeError):
             raise CachegenError(f"{name}: its json member has no integer \"label\"") from None
         if not isinstance(label, int) or isinstance(label, bool):
@@ -218,14 +279,14 @@ def _sample(path: str, f, key: tuple[str, str], members: dict[str, tarfile.TarIn
     else:
         raise CachegenError(f"{name} has no label: give each sample a cls member (an integer) or a json one "
                             "with a \"label\"")
-    return image.offset_data, image.size, IMAGE_EXTENSIONS.index(ext), label
+    return offset, size, IMAGE_EXTENSIONS.index(ext), label
 
 
-def _member_bytes(f, member: tarfile.TarInfo, limit: int, name: str) -> bytes:
-    if member.size > limit:
-        raise CachegenError(f"{name}: its {member.name.rpartition('.')[2]} member is {member.size} bytes, more "
-                            f"than a label takes ({limit})")
-    return os.pread(f.fileno(), member.size, member.offset_data)
+def _member_bytes(fd: int, member: tuple[int, int], limit: int, name: str, ext: str) -> bytes:
+    offset, size = member
+    if size > limit:
+        raise CachegenError(f"{name}: its {ext} member is {size} bytes, more than a label takes ({limit})")
+    return os.pread(fd, size, offset)
 
 
 def _unnamed_classes(labels: np.ndarray, description: str) -> tuple[str, ...]:

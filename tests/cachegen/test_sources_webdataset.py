@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cachegen.sources import WebDatasetSource, open_source
+from cachegen.sources import WebDatasetSource, open_source, webdataset
 from tests.cachegen import sourcecheck as check
 from tests.cachegen.conftest import assert_one_line_error, manifest, run_cli
 from tests.conftest import make_npz
@@ -175,3 +175,30 @@ def test_bad_shards_are_refused_in_one_line(problem, fragment, tmp_path):
                 add(tar, "a.cls", b"x1" if problem == "bad cls" else b"1")
     spec = str(tmp_path / "bad-{0..1}.tar") if problem == "missing" else str(shard)
     assert_one_line_error(run_cli("build", spec, "--out", tmp_path / "out", "--quiet", expect=1), fragment)
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_the_fast_header_walk_and_tarfiles_agree(fmt, tmp_path):
+    """Long names (a ustar prefix, a GNU long-name header, a pax header) and a folder member: the
+    headers read one by one (or left to tarfile, for the extension headers) give the same samples."""
+    pixels, _ = check.images(n=3)
+    shard = tmp_path / "mixed.tar"
+    deep = "d" * 60 + "/" + "e" * 60 if fmt == tarfile.USTAR_FORMAT else "f" * 150
+    with tarfile.open(shard, "w", format=fmt) as tar:
+        add(tar, "plain/", b"", type=tarfile.DIRTYPE)
+        for i, key in enumerate(["plain/a", f"{deep}/b", "c"]):
+            add(tar, f"{key}.png", check.png(pixels[i]))
+            add(tar, f"{key}.cls", str(i).encode())
+    source = open_source(str(shard))
+    assert source.labels.tolist() == [0, 1, 2]
+    assert all(np.array_equal(np.asarray(source.load(i)), pixels[i]) for i in range(3))
+    with open(shard, "rb") as f:
+        by_tarfile = list(webdataset._samples(str(shard), f.fileno(), webdataset._tarfile_members(str(shard), f, 1 << 40)))
+    assert by_tarfile == webdataset._walk(str(shard))
+    with open(shard, "rb") as f:
+        try:
+            read_here = list(webdataset._samples(str(shard), f.fileno(),
+                                                 webdataset._plain_members(str(shard), f.fileno(), 1 << 40)))
+        except webdataset._NotPlain:  # an extension header: left to tarfile
+            read_here = None
+    assert read_here == (by_tarfile if fmt == tarfile.USTAR_FORMAT else None)
