@@ -161,3 +161,20 @@ def test_bad_factories_are_refused_in_one_line(args, fragment, factory, tmp_path
     where = factory.rpartition(":")[0]
     args = [a.format(factory=factory, where=where) for a in args]
     assert_one_line_error(run_cli("build", *args, "--out", tmp_path / "out", "--quiet", expect=1), fragment)
+
+
+def test_a_torchvision_dataset_gives_its_targets_and_classes(tmp_path):
+    """torchvision's ImageFolder as the factory's Dataset: labels from its `targets` (no pass over the
+    items), class names from its `classes`."""
+    pixels, labels = check.images(n=9)
+    for i, (image, label) in enumerate(zip(pixels, labels)):
+        (tmp_path / "tree" / f"class{label}").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "tree" / f"class{label}" / f"{i}.png").write_bytes(check.png(image))
+    (tmp_path / "tv.py").write_text("import torchvision\n\n"
+                                    f"def make():\n    return torchvision.datasets.ImageFolder({str(tmp_path / 'tree')!r})\n")
+    source = FactorySource(f"{tmp_path / 'tv.py'}:make")
+    assert source.classes == ("class0", "class1", "class2")
+    assert source.labels.tolist() == source.dataset.targets == sorted(labels)
+    out = tmp_path / "cache"
+    build(f"{tmp_path / 'tv.py'}:make", out, "--transform", "none")
+    assert sorted(manifest(out)["epoch_list"][0]["shards"][0]["labels"]) == sorted(labels)

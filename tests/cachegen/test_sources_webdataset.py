@@ -111,6 +111,16 @@ def test_a_cache_is_a_source_to_augment_again(tmp_path):
     check.same_bytes_for_any_worker_count(tmp_path, str(first))
 
 
+def test_a_live_cache_is_a_source_through_its_source_pass(tmp_path):
+    data, images, labels = make_npz(tmp_path / "data.npz", n=30, size=12)
+    live = tmp_path / "live"
+    run_cli("build", data, "--out", live, "--mode", "live", "--shard-size", "8", "--workers", "1", "--quiet")
+    source = open_source(str(live))
+    assert "source pass" in source.description and len(source) == 30
+    assert source.labels.tolist() == labels.tolist()  # the source pass is in index order
+    assert np.array_equal(np.asarray(source.load(29)), images[29])
+
+
 def test_the_source_pickles_without_its_open_files(shards):
     source = open_source(shards[0])
     source.load(0)
