@@ -37,6 +37,7 @@ class HFSource(Source):
                  label_column: str | None = None) -> None:
         self.spec, self.split = spec, split
         self._rows = _open(spec, split)
+        self._reopen = os.path.abspath(spec)  # where a worker opens it: a Dask worker's current folder is its own
         features = self._rows.features
         self.image_column = _find(features, image_column, "Image", IMAGE_NAMES, "--image-column", "image")
         self.label_column = _find(features, label_column, "ClassLabel", LABEL_NAMES, "--label-column",
@@ -62,7 +63,7 @@ class HFSource(Source):
 
     def load(self, index: int) -> Image.Image:
         if self._rows is None:  # in a worker: open the files here
-            self._rows = _open(self.spec, self.split)
+            self._rows = _open(self._reopen, self.split)
         cell = self._rows.cell(index, self.image_column)
         if isinstance(cell, dict):  # datasets.Image's storage: the encoded bytes, or a path to them
             if cell.get("bytes") is not None:

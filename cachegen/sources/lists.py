@@ -37,7 +37,7 @@ class ListSource(Source):
         first_row, header = rows[0]
         image_key = _column(path, header, image_column, PATH_COLUMNS, "--image-column", "image path")
         label_key = _column(path, header, label_column, LABEL_COLUMNS, "--label-column", "label")
-        folder = path.parent
+        folder = os.path.abspath(path.parent)  # a Dask worker's current folder is its own
         paths, raw_labels = [], []
         for row, record in rows:
             where = f"{printable(str(path))} row {row}"
@@ -47,7 +47,7 @@ class ListSource(Source):
             file = os.path.join(folder, name)
             if not os.path.isfile(file):
                 raise CachegenError(f"{where}: {printable(name)} does not exist (paths are relative to "
-                                    f"{printable(str(folder))}); fix the row or remove it")
+                                    f"{printable(folder)}); fix the row or remove it")
             if isinstance(label, bool) or not (isinstance(label, int) or isinstance(label, str) and label.strip()):
                 raise CachegenError(f"{where}: label {label!r} is neither a class name nor an integer")
             paths.append(file)
@@ -65,7 +65,7 @@ class ListSource(Source):
     def fingerprint(self) -> str:
         h = hashlib.sha256(self.list_sha256.encode())
         for path in self.paths:
-            h.update(os.fsencode(os.path.relpath(path, self.list_path.parent)) + stamp(path))
+            h.update(os.fsencode(os.path.relpath(path, os.path.abspath(self.list_path.parent))) + stamp(path))
         return h.hexdigest()
 
 

@@ -37,7 +37,7 @@ class WebDatasetSource(Source):
     def __init__(self, shards: list[Path], *, description: str, classes: tuple[str, ...] | None = None) -> None:
         if not shards:
             raise CachegenError(f"no .tar shards in {description}: {WDS_HELP}")
-        self.shards = [str(p) for p in shards]
+        self.shards = [os.path.abspath(p) for p in shards]  # a Dask worker's current folder is its own
         columns: list[list[int]] = [[], [], [], [], []]  # shard, offset, size, image extension, label
         for number, path in enumerate(self.shards):
             for offset, size, ext, label in _walk(path):

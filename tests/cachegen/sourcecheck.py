@@ -93,3 +93,15 @@ def bad_item_skipped(tmp_path: Path, spec: str | None, bad: int, n: int, *args: 
 
 def _of(spec: str):
     return lambda out, *args, expect=0: build(spec, out, *args, expect=expect)
+
+
+def read_from_another_folder(monkeypatch, folder: Path, spec: str, index: int, expected: np.ndarray) -> None:
+    """The source opened from `spec` relative to `folder`, pickled, and read in another current
+    folder (as a Dask worker reads it, in a folder of its own) gives `expected` at `index`."""
+    from cachegen.sources import open_source
+    import pickle
+
+    monkeypatch.chdir(folder)
+    data = pickle.dumps(open_source(spec))
+    monkeypatch.chdir(folder.parent)
+    assert np.array_equal(np.asarray(pickle.loads(data).load(index)), expected)

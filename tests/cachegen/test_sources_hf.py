@@ -139,3 +139,7 @@ def test_without_the_extra_the_source_is_refused_naming_it(tmp_path):
             f"main(['build', {spec!r}, '--out', {str(tmp_path / 'out')!r}, '--quiet'])")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[2])
     assert run.returncode == 1 and run.stderr.strip() == f"Error: {EXTRA}", run.stderr
+
+
+def test_a_relative_spec_is_read_from_any_folder(hub, tmp_path, monkeypatch):
+    check.read_from_another_folder(monkeypatch, tmp_path, Path(hub[0]).name, 30, hub[1][30])

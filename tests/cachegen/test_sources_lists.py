@@ -103,3 +103,7 @@ def test_bad_jsonl_labels_are_named(tmp_path):
 def test_a_column_option_is_refused_where_the_source_has_no_columns(tmp_path):
     result = run_cli("build", "--image-column", "img", "--out", tmp_path / "out", "--quiet", expect=1)
     assert_one_line_error(result, "--image-column names a column", "drop it")
+
+
+def test_a_relative_list_is_read_from_any_folder(listed, tmp_path, monkeypatch):
+    check.read_from_another_folder(monkeypatch, tmp_path, "data/train.csv", 11, listed[1][11])

@@ -212,3 +212,7 @@ def test_the_fast_header_walk_and_tarfiles_agree(fmt, tmp_path):
         except webdataset._NotPlain:  # an extension header: left to tarfile
             read_here = None
     assert read_here == (by_tarfile if fmt == tarfile.USTAR_FORMAT else None)
+
+
+def test_a_relative_pattern_is_read_from_any_folder(shards, tmp_path, monkeypatch):
+    check.read_from_another_folder(monkeypatch, tmp_path, "wds/train-{000000..000002}.tar", 20, shards[1][20])
