@@ -102,7 +102,8 @@ def main() -> None:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @_one_line_errors
 def build(source, **options) -> None:
-    """Write SOURCE (a folder, a .npz, cifar10:ROOT, ...; default: the built-in sample) as augmented epochs."""
+    """Write SOURCE (a folder, a .npz, cifar10:ROOT, .tar shards, a .csv/.jsonl list, a Hugging Face dataset, ...;
+    default: the built-in sample; docs/building.md lists every kind) as augmented epochs."""
     from cachegen.config import BuildConfig
     from cachegen.remote import check_writable, is_url, stage_folder, upload
 
