@@ -24,15 +24,16 @@ from cachegen.sources.npz import MAX_UNNAMED_CLASSES
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "ppm", "pgm", "pbm", "bmp", "tif", "tiff", "gif", "npy")
 LABEL_BYTES = 64  # a `cls` member: an integer in text
 JSON_BYTES = 1 << 16  # a `json` member read for its "label"
+OPEN_SHARDS = 64  # shards a process keeps open to read from (a dataset may have thousands)
 WDS_HELP = "WebDataset shards: plain .tar files, each sample an image member (jpg, png, npy, ...) and a cls member"
 
 
 class WebDatasetSource(Source):
-    """Samples of plain WebDataset .tar shards, found by one pass over their headers (tarfile parses
-    them: ustar, GNU and pax); each image is read at its offset with one pread, nothing extracted.
+    """Samples of plain WebDataset .tar shards, found by one pass over their headers (ustar, GNU and
+    pax); each image is read at its offset with one pread, nothing extracted.
 
     The index it keeps (and pickles to the workers) is five numbers a sample; the shards are opened
-    lazily in each process, so a worker, a Dask one too, reads them itself."""
+    lazily in each process, so a worker, a Dask one too, reads them itself, OPEN_SHARDS at most at a time."""
 
     def __init__(self, shards: list[Path], *, description: str, classes: tuple[str, ...] | None = None) -> None:
         if not shards:
@@ -63,6 +64,8 @@ class WebDatasetSource(Source):
     def load(self, index: int) -> Image.Image:
         number = int(self.shard_of[index])
         if number not in self._files:
+            if len(self._files) >= OPEN_SHARDS:  # the one opened first: the descriptors a process has are few
+                os.close(self._files.pop(next(iter(self._files))))
             self._files[number] = _open_regular(self.shards[number])
         size = int(self.sizes[index])
         data = os.pread(self._files[number], size, int(self.offsets[index]))

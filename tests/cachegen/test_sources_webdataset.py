@@ -216,3 +216,12 @@ def test_the_fast_header_walk_and_tarfiles_agree(fmt, tmp_path):
 
 def test_a_relative_pattern_is_read_from_any_folder(shards, tmp_path, monkeypatch):
     check.read_from_another_folder(monkeypatch, tmp_path, "wds/train-{000000..000002}.tar", 20, shards[1][20])
+
+
+def test_a_process_keeps_few_shards_open(tmp_path, monkeypatch):
+    pixels, labels = check.images(n=12)
+    source = open_source(write_shards(tmp_path / "wds", pixels, labels, per_shard=1))
+    monkeypatch.setattr(webdataset, "OPEN_SHARDS", 3)
+    for i in range(12):
+        assert np.array_equal(np.asarray(source.load(i)), pixels[i])
+        assert len(source._files) <= 3
