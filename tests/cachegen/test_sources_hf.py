@@ -143,3 +143,18 @@ def test_without_the_extra_the_source_is_refused_naming_it(tmp_path):
 
 def test_a_relative_spec_is_read_from_any_folder(hub, tmp_path, monkeypatch):
     check.read_from_another_folder(monkeypatch, tmp_path, Path(hub[0]).name, 30, hub[1][30])
+
+
+def test_an_image_cell_holding_a_path_is_read_from_it(tmp_path):
+    """datasets.Image stores a path where the bytes were not embedded: the file is read."""
+    pixels, labels = check.images(n=5)
+    files = []
+    for i, image in enumerate(pixels):
+        files.append(str(tmp_path / f"{i}.png"))
+        Path(files[-1]).write_bytes(check.png(image))
+    data = datasets.Dataset.from_dict({"image": [{"bytes": None, "path": f} for f in files], "label": labels},
+                                      features=datasets.Features({"image": datasets.Image(),
+                                                                  "label": datasets.ClassLabel(names=NAMES)}))
+    data.to_parquet(str(tmp_path / "paths.parquet"))
+    source = open_source(str(tmp_path / "paths.parquet"))
+    assert np.array_equal(np.asarray(source.load(3)), pixels[3])
