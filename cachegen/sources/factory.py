@@ -32,11 +32,10 @@ class FactorySource(Source):
         factory = load_callable(self.spec, "--source-factory", USAGE)
         self.sha256 = source_sha256(factory)
         self.dataset = _call(factory, spec)
-        n = len(self.dataset)
+        n = _length(self.dataset, spec)
         if n == 0:
             raise CachegenError(f"--source-factory {spec}: the Dataset is empty")
         self.kind, self.description = "factory", printable(f"Dataset from --source-factory {spec}")
-        self.labels = np.zeros(0, np.int64)
         self.labels = _labels(self, n)
         known = [k for k in self.labels.tolist() if k >= 0]
         if not known:
@@ -52,7 +51,11 @@ class FactorySource(Source):
         if max(known) >= len(self.classes):
             raise CachegenError(f"--source-factory {spec}: label {max(known)} is past its {len(self.classes)} classes")
         first = int(np.flatnonzero(self.labels >= 0)[0])
-        if not np.array_equal(np.asarray(self.load(first)), np.asarray(self.load(first))):
+        try:
+            same = np.array_equal(np.asarray(self.load(first)), np.asarray(self.load(first)))
+        except Exception as e:  # an item that is no image: said now, not as an unreadable item in every worker
+            raise CachegenError(f"--source-factory {spec}: item {first}: {type(e).__name__}: {e}") from None
+        if not same:
             raise CachegenError(f"--source-factory {spec}: item {first} differs each time it is read (a random "
                                 "transform inside?); return the images as they are: cachegen augments them")
         self._fingerprint = self._identity()
@@ -67,7 +70,7 @@ class FactorySource(Source):
                 raise CachegenError(f"--source-factory {self.spec}: its source file changed since the build began "
                                     f"(pid {os.getpid()}); re-run the build")
             self.dataset = _call(factory, self.spec)
-            if len(self.dataset) != len(self.labels):
+            if _length(self.dataset, self.spec) != len(self.labels):
                 raise CachegenError(f"--source-factory {self.spec} made {len(self.dataset)} items here, "
                                     f"{len(self.labels)} where the build began: it must make the same Dataset")
         return self.dataset
@@ -138,6 +141,14 @@ def _call(factory, spec: str):
         raise CachegenError(f"--source-factory {spec} returned a {type(dataset).__name__}, not a map-style Dataset "
                             f"(__len__ and __getitem__): {USAGE}")
     return dataset
+
+
+def _length(dataset, spec: str) -> int:
+    try:
+        return int(len(dataset))
+    except Exception as e:
+        raise CachegenError(f"--source-factory {spec}: len() of its Dataset failed ({type(e).__name__}: {e}); "
+                            f"{USAGE}") from None
 
 
 def _labels(source: FactorySource, n: int) -> np.ndarray:

@@ -58,6 +58,15 @@ def random():
 
 def not_a_dataset():
     return 42
+
+
+class Floats(Shapes):
+    def __getitem__(self, i):
+        return torch.rand(3, SIDE, SIDE), i % 3
+
+
+def floats():
+    return Floats("pil")
 '''
 
 
@@ -155,6 +164,7 @@ def test_reading_the_cache_never_runs_the_factory(factory, tmp_path):
     (["--source-factory", "{where}:not_a_dataset"], "not a map-style Dataset"),
     (["--source-factory", "{where}:random"], "differs each time it is read"),
     (["--source-factory", "{where}:missing"], "has no callable 'missing'"),
+    (["--source-factory", "{where}:floats"], "item 0: TypeError: the image is a ndarray float32: give a PIL image"),
     (["--source-factory", "nofile"], "bad --source-factory"),
 ])
 def test_bad_factories_are_refused_in_one_line(args, fragment, factory, tmp_path):
