@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pickle
-import subprocess
 import sys
 from pathlib import Path
 
@@ -130,15 +129,11 @@ def test_bad_options_are_refused_in_one_line(hub, tmp_path):
     assert_one_line_error(result, "no column 'nope' (--image-column)")
 
 
-def test_without_the_extra_the_source_is_refused_naming_it(tmp_path):
-    """In a process where `datasets` cannot be imported: one line naming the hf extra."""
-    pixels, labels = check.images(n=4)
-    spec = parquet(tmp_path / "hub", pixels, labels, parts=1)
-    code = ("import sys; sys.modules['datasets'] = None\n"
-            "from cachegen.cli import main\n"
-            f"main(['build', {spec!r}, '--out', {str(tmp_path / 'out')!r}, '--quiet'])")
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[2])
-    assert run.returncode == 1 and run.stderr.strip() == f"Error: {EXTRA}", run.stderr
+def test_without_the_extra_the_source_is_refused_naming_it(hub, tmp_path, monkeypatch):
+    """Where `datasets` cannot be imported (None in sys.modules: an ImportError): one line naming the hf extra."""
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    result = run_cli("build", hub[0], "--out", tmp_path / "out", "--quiet", expect=1)
+    assert_one_line_error(result, EXTRA)
 
 
 def test_a_relative_spec_is_read_from_any_folder(hub, tmp_path, monkeypatch):
