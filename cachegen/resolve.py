@@ -46,9 +46,9 @@ class ResolvedBuild:
 def resolve(config: BuildConfig) -> ResolvedBuild:
     """Open and probe the source, then settle the transform, epochs, shapes, mode, device and teacher;
     nothing is written yet, so a config the source refuses leaves --out as it was."""
-    source = FactorySource(config.source_factory) if config.source_factory else \
+    source = FactorySource(config.source_factory, quiet=config.quiet) if config.source_factory else \
         open_source(config.source, split=config.split, image_column=config.image_column,
-                    label_column=config.label_column)
+                    label_column=config.label_column, quiet=config.quiet)
     settings = BuildSettings(source=source, root=config.out, spec=config.transform, epochs=config.epochs, size=0,
                              schedule=config.schedule, seed=config.seed, encoding=config.encoding,
                              on_error=config.on_error, resize=config.resize)

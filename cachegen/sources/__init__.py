@@ -21,12 +21,13 @@ from cachegen.sources.webdataset import WebDatasetSource, is_shards, open_webdat
 
 
 def open_source(spec: str | None, *, split: str = "train", image_column: str | None = None,
-                label_column: str | None = None) -> Source:
+                label_column: str | None = None, quiet: bool = True) -> Source:
     """Open a source from its spec: None/'sample', 'cifar10:ROOT' (and cifar100, mnist,
     fashionmnist), a .npz file, WebDataset shards (a .tar, a brace pattern or glob of them, a folder of
     them, a cachegen cache), a .csv/.tsv/.jsonl list of images and labels, a Hugging Face dataset (a
     save_to_disk folder, parquet files), or a folder (torchvision layout detected, else ImageFolder).
-    `image_column`, `label_column`: a list's or a Hugging Face dataset's columns."""
+    `image_column`, `label_column`: a list's or a Hugging Face dataset's columns. Not `quiet`: a bar
+    while shards' headers are read, where that takes more than a moment."""
     columns = {"image_column": image_column, "label_column": label_column}
     if spec and (is_list(spec) or is_shards(spec)) and split != "train":
         raise CachegenError(f"source {spec} has no splits: drop --split {split} (give the split's own list or shards)")
@@ -44,7 +45,7 @@ def open_source(spec: str | None, *, split: str = "train", image_column: str | N
     if sep and kind.lower() in TORCHVISION_KINDS:
         return open_torchvision(kind.lower(), Path(rest), split)
     if is_shards(spec):
-        return open_webdataset(spec)
+        return open_webdataset(spec, quiet=quiet)
     path = Path(spec)
     if not path.exists():
         raise CachegenError(f"source {spec} does not exist: give a folder, a .npz, .tar shards, a .csv/.jsonl list, "

@@ -13,6 +13,7 @@ from cachegen.errors import CachegenError
 from cachegen.sources.base import Source, printable
 from cachegen.sources.images import GRAY_MODES
 from cachegen.sources.npz import MAX_UNNAMED_CLASSES
+from cachegen.sources.progress import opening
 from cacheaug.transforms import load_callable, source_sha256
 
 USAGE = "make() -> a map-style Dataset whose items are (PIL image | uint8 tensor CHW | uint8 array HWC, int label)"
@@ -27,7 +28,7 @@ class FactorySource(Source):
     It pickles as its spec, not its Dataset: a worker that receives it (spawned, or on Dask) calls the
     factory itself, once, and refuses a factory whose source file is no longer the one this build began with."""
 
-    def __init__(self, spec: str) -> None:
+    def __init__(self, spec: str, *, quiet: bool = True) -> None:
         self.spec = _portable(spec)
         factory = load_callable(self.spec, "--source-factory", USAGE)
         self.sha256 = source_sha256(factory)
@@ -36,7 +37,7 @@ class FactorySource(Source):
         if n == 0:
             raise CachegenError(f"--source-factory {spec}: the Dataset is empty")
         self.kind, self.description = "factory", printable(f"Dataset from --source-factory {spec}")
-        self.labels = _labels(self, n)
+        self.labels = _labels(self, n, quiet)
         known = [k for k in self.labels.tolist() if k >= 0]
         if not known:
             raise CachegenError(f"--source-factory {spec}: none of its {n} items could be read")
@@ -151,7 +152,7 @@ def _length(dataset, spec: str) -> int:
                             f"{USAGE}") from None
 
 
-def _labels(source: FactorySource, n: int) -> np.ndarray:
+def _labels(source: FactorySource, n: int, quiet: bool) -> np.ndarray:
     """Every item's label: its Dataset's `targets` where it lists them (torchvision's do), else read
     from each item (one pass over the Dataset); -1 for an item that cannot be read."""
     targets = getattr(source.dataset, "targets", None)
@@ -159,7 +160,7 @@ def _labels(source: FactorySource, n: int) -> np.ndarray:
         labels = np.asarray([_label(t, i, source.spec) for i, t in enumerate(targets)], np.int64)
     else:
         labels = np.empty(n, np.int64)
-        for index in range(n):
+        for index in opening(range(n), total=n, desc="cachegen: reading the Dataset's labels", quiet=quiet):
             try:
                 item = source.item(index)
             except Exception:  # unreadable: load() raises again, and --on-error decides

@@ -18,6 +18,7 @@ from cachegen.errors import CachegenError
 from cachegen.sources.base import Source, printable
 from cachegen.sources.images import decode_image, stamp
 from cachegen.sources.npz import MAX_UNNAMED_CLASSES
+from cachegen.sources.progress import opening
 
 # Image members by the extension webdataset gives them, the first a sample has taken (its order:
 # an encoded image before a cachegen cache's raw .npy).
@@ -35,12 +36,15 @@ class WebDatasetSource(Source):
     The index it keeps (and pickles to the workers) is five numbers a sample; the shards are opened
     lazily in each process, so a worker, a Dask one too, reads them itself, OPEN_SHARDS at most at a time."""
 
-    def __init__(self, shards: list[Path], *, description: str, classes: tuple[str, ...] | None = None) -> None:
+    def __init__(self, shards: list[Path], *, description: str, classes: tuple[str, ...] | None = None,
+                 quiet: bool = True) -> None:
         if not shards:
             raise CachegenError(f"no .tar shards in {description}: {WDS_HELP}")
         self.shards = [os.path.abspath(p) for p in shards]  # a Dask worker's current folder is its own
         columns: list[list[int]] = [[], [], [], [], []]  # shard, offset, size, image extension, label
-        for number, path in enumerate(self.shards):
+        shards = opening(enumerate(self.shards), total=len(self.shards), desc="cachegen: reading shard headers",
+                         quiet=quiet)
+        for number, path in shards:
             for offset, size, ext, label in _walk(path):
                 for column, value in zip(columns, (number, offset, size, ext, label)):
                     column.append(value)
@@ -93,24 +97,25 @@ class WebDatasetSource(Source):
         return h.hexdigest()
 
 
-def open_webdataset(spec: str | list[str]) -> WebDatasetSource:
+def open_webdataset(spec: str | list[str], *, quiet: bool = True) -> WebDatasetSource:
     """Shards from `spec`: a .tar file, a brace pattern (`train-{000000..000099}.tar`), a glob, a
     list of .tar files, a folder of .tar files, or a cachegen cache's folder (its epoch 0, or a live
     cache's source pass, with its class names)."""
     if isinstance(spec, (list, tuple)):
-        return WebDatasetSource([Path(p) for p in spec], description=f"WebDataset {len(spec)} shard(s)")
+        return WebDatasetSource([Path(p) for p in spec], description=f"WebDataset {len(spec)} shard(s)",
+                                quiet=quiet)
     path = Path(spec)
     if path.is_dir() and (path / "manifest.json").is_file():
-        return _open_cache(path)
+        return _open_cache(path, quiet)
     if path.is_dir():
-        return WebDatasetSource(sorted(path.glob("*.tar")), description=f"WebDataset {spec}")
+        return WebDatasetSource(sorted(path.glob("*.tar")), description=f"WebDataset {spec}", quiet=quiet)
     if path.is_file():
-        return WebDatasetSource([path], description=f"WebDataset {spec}")
+        return WebDatasetSource([path], description=f"WebDataset {spec}", quiet=quiet)
     shards = [Path(p) for p in expand(spec)]
     missing = [p for p in shards if not p.exists()]
     if missing:
         raise CachegenError(f"WebDataset shard {printable(str(missing[0]))} (of {printable(spec)}) does not exist")
-    return WebDatasetSource(shards, description=f"WebDataset {spec}")
+    return WebDatasetSource(shards, description=f"WebDataset {spec}", quiet=quiet)
 
 
 def expand(spec: str) -> list[str]:
@@ -133,7 +138,7 @@ def is_shards(spec: str) -> bool:
     return spec.endswith(".tar")
 
 
-def _open_cache(root: Path) -> WebDatasetSource:
+def _open_cache(root: Path, quiet: bool) -> WebDatasetSource:
     """A cachegen cache as a source: its epoch 0 (a live cache: its un-augmented source pass), with
     the manifest's class names. The manifest is checked as a reader checks it (data, no code)."""
     from cacheformat import as_error
@@ -144,7 +149,7 @@ def _open_cache(root: Path) -> WebDatasetSource:
     shards = manifest.source_shards if manifest.mode == "live" else manifest.epochs[0]
     what = "source pass" if manifest.mode == "live" else "epoch 0"
     return WebDatasetSource([s.path for s in shards], description=f"cachegen cache {root} ({what})",
-                            classes=manifest.classes)
+                            classes=manifest.classes, quiet=quiet)
 
 
 def _open_regular(path: str) -> int:

@@ -6,6 +6,7 @@ import io
 import json
 import os
 import pickle
+import sys
 import tarfile
 from pathlib import Path
 
@@ -225,3 +226,20 @@ def test_a_process_keeps_few_shards_open(tmp_path, monkeypatch):
     for i in range(12):
         assert np.array_equal(np.asarray(source.load(i)), pixels[i])
         assert len(source._files) <= 3
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_reading_the_headers_shows_a_bar_unless_quiet(quiet, shards, monkeypatch):
+    """Before the build's own bar: one while the headers are read, where that takes long (here: at once)."""
+    from cachegen.sources import progress
+
+    monkeypatch.setattr(progress, "DELAY_S", 0)
+    monkeypatch.setattr("sys.stderr", Terminal())
+    open_source(shards[0], quiet=quiet)
+    shown = sys.stderr.getvalue()
+    assert ("cachegen: reading shard headers" in shown) != quiet, shown
