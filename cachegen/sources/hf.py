@@ -26,6 +26,7 @@ from cachegen.sources.webdataset import expand
 EXTRA = "a Hugging Face dataset source needs the datasets package: pip install 'cachegen[hf]'"
 SAVED = ("dataset_dict.json", "state.json")  # what save_to_disk writes: a DatasetDict's, a Dataset's
 IMAGE_NAMES = ("image", "img", "image_bytes", "picture")  # an image column without an Image feature
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".ppm", ".pgm", ".gif")
 LABEL_NAMES = ("label", "labels", "class", "target", "fine_label", "coarse_label")
 
 
@@ -91,7 +92,27 @@ def is_hf(spec: str) -> bool:
     if spec.endswith(".parquet"):
         return True
     path = Path(spec)
-    return path.is_dir() and (any((path / name).is_file() for name in SAVED) or bool(_parquet_files(path)))
+    return path.is_dir() and (any((path / name).is_file() for name in SAVED) or _holds_parquet(path))
+
+
+def _holds_parquet(folder: Path) -> bool:
+    """Whether parquet files lie in `folder` or one or two folders down (as _parquet_files finds them),
+    without listing a whole ImageFolder tree: a sub-folder that holds an image ends the search."""
+    stack = [(str(folder), 0)]
+    while stack:
+        here, depth = stack.pop()
+        try:
+            with os.scandir(here) as listing:
+                entries = [(e.name.lower(), e.path, e.is_dir(follow_symlinks=False)) for e in listing]
+        except OSError:
+            continue
+        if any(name.endswith(".parquet") for name, _, _ in entries):
+            return True
+        if depth > 0 and any(name.endswith(IMAGE_SUFFIXES) for name, _, _ in entries):
+            return False  # a class folder of an ImageFolder
+        if depth < 2:
+            stack += [(where, depth + 1) for _, where, is_dir in entries if is_dir]
+    return False
 
 
 class _Arrow:

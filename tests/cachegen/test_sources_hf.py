@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import sys
 from pathlib import Path
@@ -153,3 +154,20 @@ def test_an_image_cell_holding_a_path_is_read_from_it(tmp_path):
     data.to_parquet(str(tmp_path / "paths.parquet"))
     source = open_source(str(tmp_path / "paths.parquet"))
     assert np.array_equal(np.asarray(source.load(3)), pixels[3])
+
+
+def test_telling_an_imagefolder_from_a_hub_folder_lists_one_class_folder(tmp_path, monkeypatch):
+    """An ImageFolder is not searched through for parquet files: the search ends at its first class folder."""
+    from cachegen.sources import hf
+
+    for k in range(5):
+        (tmp_path / "tree" / f"c{k}").mkdir(parents=True)
+        (tmp_path / "tree" / f"c{k}" / "0.png").write_bytes(b"")
+    listed = []
+    scandir = os.scandir
+    monkeypatch.setattr(hf.os, "scandir", lambda p: listed.append(p) or scandir(p))
+    assert not hf.is_hf(str(tmp_path / "tree")) and len(listed) == 2
+    pixels, labels = check.images(n=4)
+    parquet(tmp_path / "hub", pixels, labels, parts=1)
+    (tmp_path / "hub" / "README.png").write_bytes(b"")  # a hub folder may hold pictures of its own
+    assert hf.is_hf(str(tmp_path / "hub"))
