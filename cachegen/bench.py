@@ -288,7 +288,8 @@ def _caches(cache: Path | None, tmp: Path, workers: int, trust_code: bool,
     online_ds = online_dataset(cache, trust_code=trust_code)
     live_dir = tmp / "live"
     spec, t = m["source_spec"], m["transform"]
-    build(BuildConfig(source=spec["spec"], split=spec["split"], out=live_dir, epochs=m["epochs"],
+    build(BuildConfig(source=spec["spec"], split=spec["split"], image_column=spec.get("image_column"),
+                      label_column=spec.get("label_column"), out=live_dir, epochs=m["epochs"],
                       transform=t["spec"], schedule=t["schedule"], size=t["size"], resize=t["resize"], seed=m["seed"],
                       workers=workers, quiet=True, mode="live", shard_size=str(m["shard_size"])))
     return cache, m, online_ds, live_dir

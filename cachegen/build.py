@@ -19,7 +19,7 @@ from cachegen.manifest import BUILD_STATE, write_atomic, write_json_atomic, writ
 from cachegen.outdir import (build_lock, check_writable, finish_swap, holds_cache, prepare_out, remove_temporaries,
                              replace_cache, staging_folder, swapped_path)
 from cachegen.plan import ShardTask, plan_shards
-from cachegen.resolve import ResolvedBuild, resolve
+from cachegen.resolve import ResolvedBuild, resolve, source_options
 from cachegen.shards import index_shard
 from cachegen.sources import printable
 from cachegen.stats import STATS_EPOCH, PixelStats, channel_stats
@@ -141,7 +141,7 @@ def _manifest(config: BuildConfig, resolved: ResolvedBuild, settings: BuildSetti
     and the channel statistics (of the source images behind the statistics epoch, or --stats-from's)."""
     # How to open the source again (preview): not part of the identity, a path may be spelt two ways.
     manifest = {**resolved.meta, "epochs": settings.epochs,
-                "source_spec": {"spec": config.source, "split": config.split}}
+                "source_spec": {"spec": config.source, "split": config.split, **source_options(config)}}
     if resolved.mode == "live":
         manifest["source_shards"] = [indexed[t.relpath] for t in plan]
         manifest["epoch_list"] = []

@@ -86,6 +86,13 @@ def main() -> None:
               help="Samples per shard (1000) or bytes of pixels per shard (64MB).")
 @click.option("--split", default="train", show_default=True, type=click.Choice(["train", "test"]),
               help="Split of a torchvision dataset source.")
+@click.option("--source-factory", metavar="FILE.py:make", help="Build from your own map-style Dataset: make() "
+              "returns it, its items (PIL image | uint8 tensor CHW | uint8 array HWC, int label), its `classes` "
+              "named where it has them. Runs your code, at build time only.")
+@click.option("--image-column", metavar="NAME", help="The image column of a list (.csv, .jsonl) or a Hugging Face "
+              "dataset source [default: found by its name or feature].")
+@click.option("--label-column", metavar="NAME", help="The label column of a list or a Hugging Face dataset source "
+              "[default: found by its name or feature].")
 @click.option("--on-error", default="fail", show_default=True, type=click.Choice(["fail", "skip"]),
               help="On an unreadable image: stop naming it, or skip it and report how many.")
 @click.option("--mode", default="auto", show_default=True, type=click.Choice(["auto", "cached", "live"]),
@@ -119,7 +126,8 @@ def main() -> None:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @_one_line_errors
 def build(source, **options) -> None:
-    """Write SOURCE (a folder, a .npz, cifar10:ROOT, ...; default: the built-in sample) as augmented epochs."""
+    """Write SOURCE (a folder, a .npz, cifar10:ROOT, .tar shards, a .csv/.jsonl list, a Hugging Face dataset, ...;
+    default: the built-in sample; docs/building.md lists every kind) as augmented epochs."""
     from cachegen.config import BuildConfig
     from cachegen.remote import check_writable, is_url, stage_folder, upload
 

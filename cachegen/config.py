@@ -71,6 +71,9 @@ class BuildConfig:
     device: str | None = None  # where a cached --augment-on device build augments (this process); None: cuda or workers
     teacher: str | None = None  # FILE.py:factory or module:factory: store its top-K targets per sample
     teacher_topk: int = DEFAULT_TOPK
+    image_column: str | None = None  # a list's or a Hugging Face dataset's image column; None: found by name
+    label_column: str | None = None
+    source_factory: str | None = None  # FILE.py:make or module:make returning the Dataset to build from
 
     def __post_init__(self) -> None:
         if not 1 <= self.epochs <= MAX_EPOCHS:
@@ -108,6 +111,7 @@ class BuildConfig:
                 raise CachegenError("a live cache is augmented as it is read, on the loader's device: drop --device "
                                     "(or build --mode cached)")
         self._check_teacher()
+        self._check_source_factory()
         if not self.max_cache_gb > 0:
             raise CachegenError(f"--max-cache-gb must be positive, got {self.max_cache_gb}")
         if self.resize is not None and not 1 <= self.resize <= MAX_SIDE:
@@ -132,6 +136,23 @@ class BuildConfig:
         if self.mode == "live":
             raise CachegenError("a live cache augments as it is read, so its teacher would run at read time: "
                                 "drop --teacher, or build --mode cached")
+
+
+    def _check_source_factory(self) -> None:
+        if self.source_factory is None:
+            return
+        where, _, attr = self.source_factory.rpartition(":")
+        if not where or not attr:
+            raise CachegenError(f"bad --source-factory {self.source_factory!r}: give path/to/file.py:make or "
+                                "module:make")
+        if self.source is not None:
+            raise CachegenError(f"--source-factory makes the source: drop SOURCE ({self.source}), or drop "
+                                "--source-factory")
+        refused = [f"--{name.replace('_', '-')}" for name in ("image_column", "label_column")
+                   if getattr(self, name) is not None] + (["--split"] if self.split != "train" else [])
+        if refused:
+            raise CachegenError(f"{refused[0]} does not apply to a --source-factory Dataset (it is what make() "
+                                "returns): drop it")
 
 
 def _did_you_mean(name: str) -> str:

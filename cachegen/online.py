@@ -17,7 +17,7 @@ from torchvision import transforms as T
 
 from cachegen.errors import CachegenError
 from cachegen.manifest import read_manifest
-from cachegen.sources import Source, open_source
+from cachegen.sources import Source, reopen
 from cachegen.trust import trusted_factory
 from cacheaug.transforms import CacheFactory, make_transform
 
@@ -72,7 +72,7 @@ def online_dataset(cache: Path, *, trust_code: bool = False) -> OnlineDataset:
     m = read_manifest(cache)
     factory = trusted_factory(cache, m, trust_code)
     spec = m["source_spec"]
-    source = open_source(spec["spec"], split=spec["split"])
+    source = reopen(spec)
     if source.fingerprint() != m["source"]["fingerprint"]:
         raise CachegenError(f"the source of {cache} ({m['source']['description']}) has changed since the "
                             "build: online augmentation needs the same source")

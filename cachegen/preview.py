@@ -18,7 +18,7 @@ from cacheformat import FormatError
 from cacheformat.index import read_index
 from cachegen.manifest import Manifest, load_manifest
 from cachegen.shards import read_image
-from cachegen.sources import open_source
+from cachegen.sources import reopen
 from cachegen.trust import trusted_factory
 
 MIN_TILE = 96  # pixels: smaller images are scaled up by a whole factor to at least this
@@ -75,7 +75,7 @@ class _StoredSourcePass:
 def _original(m: dict, indices: list[int]) -> list[np.ndarray] | None:
     """The un-augmented source images (resized as the build did), or None where the source is gone."""
     try:
-        source = open_source(m["source_spec"]["spec"], split=m["source_spec"]["split"])
+        source = reopen(m["source_spec"])
     except CachegenError:
         return None
     if source.fingerprint() != m["source"]["fingerprint"]:

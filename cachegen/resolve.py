@@ -19,6 +19,7 @@ from cachegen.manifest import FORMAT, FORMAT_VERSION
 from cachegen.outdir import built_epochs
 from cachegen.shards import encode, npy_header_bytes
 from cachegen.sources import Source, open_source, printable
+from cachegen.sources.factory import FactorySource
 from cachegen.stats import stats_of_cache
 from cachegen.teacher import Teacher, manifest_block, probe_teacher
 from cacheaug.batched import augment_batch, batch_seed, make_batched
@@ -45,7 +46,9 @@ class ResolvedBuild:
 def resolve(config: BuildConfig) -> ResolvedBuild:
     """Open and probe the source, then settle the transform, epochs, shapes, mode, device and teacher;
     nothing is written yet, so a config the source refuses leaves --out as it was."""
-    source = open_source(config.source, split=config.split)
+    source = FactorySource(config.source_factory, quiet=config.quiet) if config.source_factory else \
+        open_source(config.source, split=config.split, image_column=config.image_column,
+                    label_column=config.label_column, quiet=config.quiet)
     settings = BuildSettings(source=source, root=config.out, spec=config.transform, epochs=config.epochs, size=0,
                              schedule=config.schedule, seed=config.seed, encoding=config.encoding,
                              on_error=config.on_error, resize=config.resize)
@@ -62,6 +65,14 @@ def resolve(config: BuildConfig) -> ResolvedBuild:
     count, nbytes = parse_shard_size(config.shard_size)
     per_shard = count or max(1, nbytes // int(np.prod(_stored_shape(settings, mode))))
     return ResolvedBuild(settings, _meta(config, settings, mode, per_shard), mode, per_shard, kept_all, borrowed)
+
+
+def source_options(config: BuildConfig) -> dict:
+    """The options that say how to open the source, beyond its spec and split: those given only (a
+    manifest records them beside the spec, so that the source can be opened again)."""
+    given = {"image_column": config.image_column, "label_column": config.label_column,
+             "source_factory": config.source_factory}  # code: recorded, never run by what reads the cache
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def _transform(config: BuildConfig, settings: BuildSettings,

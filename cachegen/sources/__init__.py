@@ -1,6 +1,8 @@
 """Sources: one file per kind behind the one `Source` interface (base.py); open_source picks the kind
 from the spec. The built-in sample (sample.py), an ImageFolder tree (folder.py), torchvision's on-disk
-datasets (torchvision.py), a .npz (npz.py); array.py holds the in-memory images three of them share."""
+datasets (torchvision.py), a .npz (npz.py), WebDataset shards or a cachegen cache (webdataset.py), a
+CSV/JSONL list (lists.py), a Hugging Face dataset (hf.py); array.py holds the in-memory images three of
+them share, images.py decodes the encoded images of the others."""
 
 from __future__ import annotations
 
@@ -10,23 +12,45 @@ from cachegen.errors import CachegenError
 from cachegen.sources.array import ArraySource
 from cachegen.sources.base import Source, printable
 from cachegen.sources.folder import FolderSource
+from cachegen.sources.hf import HFSource, is_hf, open_hf
+from cachegen.sources.lists import ListSource, is_list
 from cachegen.sources.npz import open_npz
 from cachegen.sources.sample import open_sample
 from cachegen.sources.torchvision import TORCHVISION_KINDS, detect, open_torchvision
+from cachegen.sources.webdataset import WebDatasetSource, is_shards, open_webdataset
 
 
-def open_source(spec: str | None, *, split: str = "train") -> Source:
+def open_source(spec: str | None, *, split: str = "train", image_column: str | None = None,
+                label_column: str | None = None, quiet: bool = True) -> Source:
     """Open a source from its spec: None/'sample', 'cifar10:ROOT' (and cifar100, mnist,
-    fashionmnist), a .npz file, or a folder (torchvision layout detected, else ImageFolder)."""
+    fashionmnist), a .npz file, WebDataset shards (a .tar, a brace pattern or glob of them, a folder of
+    them, a cachegen cache), a .csv/.tsv/.jsonl list of images and labels, a Hugging Face dataset (a
+    save_to_disk folder, parquet files), or a folder (torchvision layout detected, else ImageFolder).
+    `image_column`, `label_column`: a list's or a Hugging Face dataset's columns. Not `quiet`: a bar
+    while shards' headers are read, where that takes more than a moment."""
+    columns = {"image_column": image_column, "label_column": label_column}
+    if spec and (is_list(spec) or is_shards(spec)) and split != "train":
+        raise CachegenError(f"source {spec} has no splits: drop --split {split} (give the split's own list or shards)")
+    if spec and is_list(spec):
+        return ListSource(Path(spec), **columns)
+    if spec and is_hf(spec):
+        return open_hf(spec, split=split, **columns)
+    for option, value in columns.items():
+        if value is not None:
+            raise CachegenError(f"--{option.replace('_', '-')} names a column of a list (.csv, .jsonl) or a Hugging "
+                                f"Face dataset; source {spec or 'sample'} has none: drop it")
     if spec in (None, "", "sample"):
         return open_sample(split)
     kind, sep, rest = spec.partition(":")
     if sep and kind.lower() in TORCHVISION_KINDS:
         return open_torchvision(kind.lower(), Path(rest), split)
+    if is_shards(spec):
+        return open_webdataset(spec, quiet=quiet)
     path = Path(spec)
     if not path.exists():
-        raise CachegenError(f"source {spec} does not exist: give a folder, a .npz, "
-                            f"'{{cifar10,cifar100,mnist,fashionmnist}}:ROOT' or 'sample'")
+        raise CachegenError(f"source {spec} does not exist: give a folder, a .npz, .tar shards, a .csv/.jsonl list, "
+                            f"a saved or parquet Hugging Face dataset, '{{cifar10,cifar100,mnist,fashionmnist}}:ROOT' "
+                            "or 'sample'")
     if path.is_file():
         if path.suffix != ".npz":
             raise CachegenError(f"source {spec} is a file but not a .npz: give a folder or a .npz")
@@ -37,4 +61,15 @@ def open_source(spec: str | None, *, split: str = "train") -> Source:
     return FolderSource(path)
 
 
-__all__ = ["ArraySource", "FolderSource", "Source", "open_source", "printable"]
+def reopen(source_spec: dict) -> Source:
+    """The source a manifest's `source_spec` names, opened again (preview, bench); a source a
+    --source-factory made is refused: a cache is data, and reading one never runs the code it names."""
+    if source_spec.get("source_factory"):
+        raise CachegenError(f"the cache was built from the Dataset --source-factory {source_spec['source_factory']} "
+                            "makes, and what reads a cache runs no code: build from data (a folder, shards, a list) "
+                            "to compare with it")
+    return open_source(source_spec["spec"], split=source_spec["split"], image_column=source_spec.get("image_column"),
+                       label_column=source_spec.get("label_column"))
+
+
+__all__ = ["ArraySource", "FolderSource", "HFSource", "ListSource", "Source", "WebDatasetSource", "open_source", "printable", "reopen"]
