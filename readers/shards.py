@@ -17,6 +17,7 @@ import torch
 
 from cacheformat import as_error
 from cacheformat.payload import NPY_MAGIC, decode_payload
+from readers.decode import BatchDecoder, check_decode_threads
 from readers.errors import ReaderError
 from readers.gather import gather_npy, to_channels_first
 from readers.manifest import Manifest, Shard, ShardIndex, load_index
@@ -71,11 +72,15 @@ class ShardFiles:
     number of shards reads under a low file-descriptor limit. `check` (once an epoch, for the
     shards about to be read) finds a shard cut, deleted or replaced since it was mapped.
     Index files are kept (small: 32 bytes a sample) for every shard read, up to `max_index_samples`.
+    A png/jpg cache's batches are decoded by `decode_threads` threads (None: readers.decode's
+    default), started by a pass's first batch and stopped when it ends (`end`).
     """
 
     def __init__(self, manifest: Manifest, *, verify: bool = False, max_open: int | None = None,
-                 max_index_samples: int = 1_000_000, stager: Stager | None = None, teacher: bool = False) -> None:
+                 max_index_samples: int = 1_000_000, stager: Stager | None = None, teacher: bool = False,
+                 decode_threads: int | None = None) -> None:
         self.manifest = manifest
+        self.decoder = BatchDecoder(check_decode_threads(decode_threads))
         self.teacher = teacher  # read each shard's teacher targets as it is mapped (readers.teacher)
         self.stager = stager  # a remote cache: files are fetched into manifest.root as they are needed
         self.verify = verify
@@ -150,7 +155,8 @@ class ShardFiles:
             self.stager.done(shard)
 
     def end(self) -> None:
-        """The pass is over or left: background downloads stop."""
+        """The pass is over or left: decode threads and background downloads stop."""
+        self.decoder.close()
         if self.stager is not None:
             self.stager.end()
 
@@ -268,11 +274,25 @@ def _map_file(f, size: int, shard: Shard) -> np.ndarray:
 def decode(manifest: Manifest, shard: Shard, opened: _Open, j: int) -> torch.Tensor:
     """Sample `j` of a png/jpg shard, decoded through the one decode path (cacheformat.payload), as
     (H*W*C,) uint8."""
+    return _decode_hwc(manifest, shard, opened, j).reshape(-1)
+
+
+def _decode_hwc(manifest: Manifest, shard: Shard, opened: _Open, j: int) -> torch.Tensor:
+    """Sample `j` of a png/jpg shard as (H, W, C) uint8 (a view of the decoder's CHW output)."""
     offset, size = int(opened.index.offsets[j]), int(opened.index.sizes[j])
     with as_error(ReaderError):
         pixels = decode_payload(opened.data[offset:offset + size], manifest.encoding, manifest.shape,
                                 where=f"{shard.path}: sample {j}")
-    return torch.from_numpy(pixels).reshape(-1)
+    return torch.from_numpy(pixels)
+
+
+def _decode_job(manifest: Manifest, shard: Shard, opened: _Open, j: int, out: torch.Tensor,
+                channels_first: bool) -> Callable[[], None]:
+    """A BatchDecoder job: sample `j` decoded into `out`, (C, H, W) or (H, W, C) as `channels_first`."""
+    def job() -> None:
+        pixels = _decode_hwc(manifest, shard, opened, j)
+        out.copy_(pixels.permute(2, 0, 1) if channels_first else pixels)
+    return job
 
 
 def epoch_labels(files: ShardFiles, shards: Sequence[Shard], samples: np.ndarray, used: np.ndarray) -> torch.Tensor:
@@ -331,7 +351,6 @@ def _gather(files: ShardFiles, shards: Sequence[Shard], plan: EpochPlan, *, star
     shard it touches, straight from the mapping into the batch: one copy, few Python calls.
     """
     m = files.manifest
-    h, w, c = m.shape
     samples = plan.samples()
     used = np.unique(samples[:, 0])
     files.check(shards[k] for k in used.tolist())
@@ -359,6 +378,7 @@ def _gather(files: ShardFiles, shards: Sequence[Shard], plan: EpochPlan, *, star
         teacher = [torch.empty((n, len(m.classes)), dtype=torch.float32, pin_memory=pin)] if files.teacher else []
         batch = (images, labels, *teacher)
         flat = scratch[:hi - lo] if scratch is not None else images.view(hi - lo, m.image_bytes)
+        jobs, finished = [], []
         while run < len(run_shards) and bounds[run] < hi:
             a, z = bounds[run], bounds[run + 1]
             shard = shards[run_shards[run]]
@@ -368,15 +388,14 @@ def _gather(files: ShardFiles, shards: Sequence[Shard], plan: EpochPlan, *, star
             if opened.rows is not None:
                 torch.index_select(opened.rows, 0, rows_all[a:z], out=flat[a - lo:z - lo])
             else:
-                for i, j in enumerate(samples[a:z, 1].tolist()):
-                    decoded = decode(m, shard, opened, j)
-                    if channels_first:
-                        images[a - lo + i] = decoded.view(h * w, c).t().reshape(c, h, w)
-                    else:
-                        flat[a - lo + i] = decoded
+                jobs += [_decode_job(m, shard, opened, j, images[a - lo + i], channels_first)
+                         for i, j in enumerate(samples[a:z, 1].tolist())]
             if last_run[run_shards[run]] == run:
-                files.done(shard)
+                finished.append(shard)
             run += 1
+        files.decoder.run(jobs)  # png/jpg: the batch's samples decoded in parallel
+        for shard in finished:  # after the decode: a staged shard may be evicted once done
+            files.done(shard)
         if scratch is not None:
             to_channels_first(flat, images, m.shape)
         labels.copy_(labels_all[lo:hi])

@@ -1,16 +1,19 @@
-"""What the one decode path's checks cost: torchvision's decode of a png/jpg payload alone, against
-`cacheformat.payload.decode_payload` (a PNG's full structural check, then the same decode), side by
-side in one run, one thread.
+"""What decoding a compressed cache costs, side by side in one run:
 
-    PYTHONPATH=. python scripts/bench_decode.py [--sizes 32 224] [--seconds 1]
+1. the one decode path's checks: torchvision's decode of a png/jpg payload alone, against
+   `cacheformat.payload.decode_payload` (a PNG's full structural check, then the same decode), one thread;
+2. a jpg (or png) cache read by CachedLoader with `decode_threads` 1, 2, ... (uint8 batches, no
+   normalisation: what the decode pool delivers), and each count's ratio to one thread.
+
+    PYTHONPATH=. python scripts/bench_decode.py [--sizes 32 224] [--seconds 1] [--workers 1 2] [--images 512]
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -34,9 +37,60 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[32, 224])
     parser.add_argument("--seconds", type=float, default=1.0)
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="decode_threads of the cache rows")
+    parser.add_argument("--images", type=int, default=512, help="images in the cache the decode rows read")
+    parser.add_argument("--cache-size", type=int, default=224, help="side of the cache's images")
+    parser.add_argument("--format", default="jpg", choices=["jpg", "png"], help="the cache's encoding")
+    parser.add_argument("--repeats", type=int, default=3, help="passes per row, interleaved; the best is kept")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus; torch threads 1")
+    from cachegen.doctor import machine_line
+
+    print(machine_line())
+    payload_rows(args)
+    pool_rows(args)
+
+
+def smooth_images(n: int, size: int, seed: int = 0) -> np.ndarray:
+    """n photo-like (smooth, some texture) uint8 images: JPEG's and PNG's usual case, not noise."""
+    rng = np.random.default_rng(seed)
+    coarse = torch.from_numpy(rng.random((n, 3, 8, 8), dtype=np.float32))
+    smooth = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False)
+    texture = torch.from_numpy(rng.normal(0, 0.03, (n, 3, size, size)).astype(np.float32))
+    return ((smooth + texture).clamp(0, 1) * 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def pool_rows(args) -> None:
+    """Decode img/s of a cache read with each decode_threads count in args.workers, interleaved."""
+    from cachegen.build import build
+    from cachegen.config import BuildConfig
+    from readers import CachedLoader
+
+    with tempfile.TemporaryDirectory(prefix="cachegen-decode-") as tmp:
+        source, cache = Path(tmp) / "source.npz", Path(tmp) / "cache"
+        np.savez(source, images=smooth_images(args.images, args.cache_size), labels=np.arange(args.images) % 10)
+        build(BuildConfig(source=str(source), out=cache, epochs=1, transform="none", encoding=args.format,
+                          workers=max(args.workers), quiet=True))
+        disk = sum(f.stat().st_size for f in cache.rglob("*.tar")) / args.images
+        print(f"{args.format} cache: {args.images} images {args.cache_size}x{args.cache_size}, "
+              f"{disk / 1000:.1f} KB per sample on disk; CachedLoader(batch_size=64, device='cpu', "
+              f"normalize=False), torch threads 1")
+        best = dict.fromkeys(args.workers, 0.0)
+        for _ in range(args.repeats):
+            for threads in args.workers:
+                loader = CachedLoader(cache, batch_size=64, device="cpu", normalize=False, decode_threads=threads)
+                start, n = time.perf_counter(), 0
+                for images, _ in loader:
+                    n += len(images)
+                best[threads] = max(best[threads], n / (time.perf_counter() - start))
+                loader.close()
+        one = best[args.workers[0]]
+        for threads, rate in best.items():
+            print(f"  decode_threads {threads}: {rate:8,.0f} img/s  {rate / one:4.2f}x {args.workers[0]} thread(s)")
+
+
+def payload_rows(args) -> None:
+    """Per payload, one thread: torchvision's decode alone against decode_payload (checks + decode)."""
     for size in args.sizes:
         pixels = np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8) // 16 * 16
         chw = torch.from_numpy(pixels).permute(2, 0, 1).contiguous()

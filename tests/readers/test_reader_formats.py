@@ -83,3 +83,53 @@ def test_the_periodic_npy_rows_are_the_tar_payloads_byte_for_byte(npy_cache):
         assert rows.shape == (len(payloads), m.image_bytes)
         for j, payload in enumerate(payloads):
             assert rows[j].numpy().tobytes() == payload[m.npy_header_bytes:]
+
+
+@pytest.mark.parametrize("encoding", ["png", "jpg"])
+def test_decode_threads_give_the_same_bytes_as_one(caches, encoding):
+    # A batch's payloads are decoded by a pool of threads: the same batches, in the same order,
+    # whatever the count, channels first (the CPU default) and HWC (normalize off, channels last).
+    for channels_last in (False, True):
+        got = {}
+        for threads in (1, 2, 3):
+            loader = _loader(caches[encoding], decode_threads=threads, seed=5, channels_last=channels_last)
+            images, labels = collect(loader)
+            got[threads] = (np.concatenate(images), np.concatenate(labels))
+        for threads in (2, 3):
+            assert np.array_equal(got[threads][0], got[1][0]) and np.array_equal(got[threads][1], got[1][1])
+
+
+def test_decode_threads_run_while_a_pass_reads_and_end_with_it(caches):
+    import threading
+
+    def decoding():
+        return [t for t in threading.enumerate() if t.name.startswith("readers-decode")]
+
+    loader = _loader(caches["png"], decode_threads=3)
+    batches = iter(loader)
+    next(batches)
+    assert len(decoding()) == 2  # with the reading thread: 3
+    list(batches)
+    assert decoding() == []  # the pass is over: its pool is shut down
+    batches = iter(_loader(caches["png"], decode_threads=1))
+    next(batches)
+    assert decoding() == []  # 1: decoded in the reading thread, no pool
+    batches.close()
+
+
+def test_decode_threads_name_the_first_damaged_sample_in_order(caches, tmp_path):
+    cache = shutil.copytree(caches["png"], tmp_path / "png")
+    shard = _loader(cache).manifest.epochs[0][0]
+    data = bytearray(shard.path.read_bytes())
+    for k in (5, 2):  # two damaged samples: the later one's thread may fail first; sample 2 is named
+        start = int(index_columns(shard)[0][k])
+        data[start:start + 16] = b"\0" * 16
+    shard.path.write_bytes(bytes(data))
+    with pytest.raises(ReaderError, match=rf"{shard.path}: sample 2 does not decode as png"):
+        list(_loader(cache, shuffle=False, decode_threads=4))
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2"])
+def test_decode_threads_out_of_range_is_refused(caches, bad):
+    with pytest.raises(ValueError, match="decode_threads must be an int >= 1"):
+        _loader(caches["png"], decode_threads=bad)

@@ -1,0 +1,73 @@
+"""A batch's png/jpg payloads decoded in parallel, each into its own row of the batch.
+
+Threads, not processes: torchvision's decoders (libjpeg-turbo, libpng) run in C++ and release the
+GIL, and a thread writes its pixels straight into the batch, where a process would send them back
+through a pipe. `scripts/bench_decode.py --workers 1 2` measures it side by side: on 2 cores,
+224 px JPEGs decode ~1.8-1.9x faster with 2 threads than with 1 (docs/benchmarks.md). Python's
+share of the work per sample (a PNG's structural check, a few calls) is small beside the decode.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
+
+from readers.split import default_workers
+
+
+def default_decode_threads() -> int:
+    """Threads decoding a batch by default: as many as the worker processes of a build or a live
+    loader would use (this process's share of the cores, readers.split.default_workers)."""
+    return default_workers()
+
+
+def check_decode_threads(threads: object) -> int:
+    """`threads` (None: default_decode_threads()) checked to be an int >= 1."""
+    if threads is None:
+        return default_decode_threads()
+    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
+        raise ValueError(f"decode_threads must be an int >= 1 (1: decode in the reading thread), got {threads!r}")
+    return threads
+
+
+class BatchDecoder:
+    """Runs one decode job per sample of a batch: in the calling thread and `threads - 1` pool
+    threads (started on first use, stopped by close()), each on a contiguous share of the batch.
+
+    Jobs write their own rows, so the batch is the same bytes whatever the thread count; where
+    several samples fail, the error of the first in batch order is raised, after every share has
+    finished (nothing writes into a batch once it is handed back).
+    """
+
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
+        self._pool: ThreadPoolExecutor | None = None
+
+    def run(self, jobs: Sequence[Callable[[], None]]) -> None:
+        shares = min(self.threads, len(jobs))
+        if shares <= 1:
+            for job in jobs:
+                job()
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="readers-decode")
+        step = -(-len(jobs) // shares)
+        parts = [jobs[i:i + step] for i in range(0, len(jobs), step)]
+        futures = [self._pool.submit(_run_all, part) for part in parts[1:]]
+        try:
+            _run_all(parts[0])
+        finally:
+            wait(futures)
+        for future in futures:
+            future.result()
+
+    def close(self) -> None:
+        """Stop and join the pool's threads (idle between batches); safe to call more than once."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+
+def _run_all(jobs: Sequence[Callable[[], None]]) -> None:
+    for job in jobs:
+        job()
