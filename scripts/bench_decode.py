@@ -2,7 +2,9 @@
 
 1. the one decode path's checks: torchvision's decode of a png/jpg payload alone, against
    `cacheformat.payload.decode_payload` (a PNG's full structural check, then the same decode), one thread;
-2. a jpg (or png) cache read by CachedLoader with `decode_threads` 1, 2, ... (uint8 batches, no
+2. threads against processes: the same payloads decoded by one thread, then by a pool of N
+   threads and by a pool of N processes (payloads sent, pixels sent back), N the largest --workers;
+3. a jpg (or png) cache read by CachedLoader with `decode_threads` 1, 2, ... (uint8 batches, no
    normalisation: what the decode pool delivers), and each count's ratio to one thread.
 
     PYTHONPATH=. python scripts/bench_decode.py [--sizes 32 224] [--seconds 1] [--workers 1 2] [--images 512]
@@ -11,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -48,7 +51,50 @@ def main() -> None:
 
     print(machine_line())
     payload_rows(args)
+    pool_kind_rows(args)
     pool_rows(args)
+
+
+def _decode_jpg(payload: bytes) -> np.ndarray:
+    return decode_payload(payload, "jpg", _decode_jpg.shape, where="x")
+
+
+def _process_init(shape) -> None:
+    torch.set_num_threads(1)
+    _decode_jpg.shape = shape
+
+
+def pool_kind_rows(args) -> None:
+    """The same jpg payloads decoded in one thread, by N threads, by N processes: img/s and ratios."""
+    from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+
+    n, size, workers = args.images, args.cache_size, max(args.workers)
+    shape = (size, size, 3)
+    payloads = [encode_jpeg(torch.from_numpy(image).permute(2, 0, 1).contiguous(), quality=95).numpy().tobytes()
+                for image in smooth_images(n, size, seed=1)]
+    _process_init(shape)
+    best = {"1 thread": (0.0, 0.0), f"{workers} threads": (0.0, 0.0), f"{workers} processes": (0.0, 0.0)}
+    with ThreadPoolExecutor(workers) as threads, ProcessPoolExecutor(workers, initializer=_process_init,
+                                                                      initargs=(shape,)) as processes:
+        list(processes.map(_decode_jpg, payloads[:workers * 4]))  # started and warm
+        runs = {"1 thread": lambda: [_decode_jpg(p) for p in payloads],
+                f"{workers} threads": lambda: list(threads.map(_decode_jpg, payloads)),
+                f"{workers} processes": lambda: list(processes.map(_decode_jpg, payloads, chunksize=16))}
+        for _ in range(args.repeats):
+            for name, run in runs.items():
+                best[name] = max(best[name], _timed(run, n))
+    print(f"{n} jpg payloads {size}x{size} q95 decoded through decode_payload, best of {args.repeats}:")
+    for name, (rate, cpu) in best.items():
+        print(f"  {name:<12} {rate:8,.0f} img/s  {rate / best['1 thread'][0]:4.2f}x 1 thread  CPU {cpu:4.0f} %")
+
+
+def _timed(run, n: int) -> tuple[float, float]:
+    """(img/s, CPU % of this process and its children over the wall time: 100 = one core) of run()."""
+    t0, c0 = time.perf_counter(), os.times()
+    run()
+    wall, c1 = time.perf_counter() - t0, os.times()
+    cpu = sum(c1[:4]) - sum(c0[:4])
+    return n / wall, 100 * cpu / wall
 
 
 def smooth_images(n: int, size: int, seed: int = 0) -> np.ndarray:
@@ -75,18 +121,17 @@ def pool_rows(args) -> None:
         print(f"{args.format} cache: {args.images} images {args.cache_size}x{args.cache_size}, "
               f"{disk / 1000:.1f} KB per sample on disk; CachedLoader(batch_size=64, device='cpu', "
               f"normalize=False), torch threads 1")
-        best = dict.fromkeys(args.workers, 0.0)
+        best = dict.fromkeys(args.workers, (0.0, 0.0))
         for _ in range(args.repeats):
             for threads in args.workers:
                 loader = CachedLoader(cache, batch_size=64, device="cpu", normalize=False, decode_threads=threads)
-                start, n = time.perf_counter(), 0
-                for images, _ in loader:
-                    n += len(images)
-                best[threads] = max(best[threads], n / (time.perf_counter() - start))
+                best[threads] = max(best[threads], _timed(lambda: sum(len(y) for _, y in loader), args.images))
                 loader.close()
-        one = best[args.workers[0]]
-        for threads, rate in best.items():
-            print(f"  decode_threads {threads}: {rate:8,.0f} img/s  {rate / one:4.2f}x {args.workers[0]} thread(s)")
+        one = best[args.workers[0]][0]
+        for threads, (rate, cpu) in best.items():
+            print(f"  decode_threads {threads}: {rate:8,.0f} img/s  {rate / one:4.2f}x {args.workers[0]} thread(s)  "
+                  f"CPU {cpu:4.0f} %")
+    print("(CPU %: 100 = one core busy; a row below 100 x its threads shared its cores with other jobs)")
 
 
 def payload_rows(args) -> None:
