@@ -109,10 +109,11 @@ class _Passes:
             close()
 
 
-def _timed(name: str, passes: Callable[[], Iterable], *, min_images: int, min_seconds: float, warmup: int,
+def timed(name: str, passes: Callable[[], Iterable], *, min_images: int, min_seconds: float, warmup: int,
            image_bytes: int, step: Callable | None = None, kind: str = "loader") -> Row:
-    """Warm up on `warmup` images (untimed), then consume whole batches until at least
-    `min_images` images and `min_seconds` seconds; with `step`, time how long each batch took to arrive."""
+    """One row: warm up on `warmup` images (untimed), then consume whole batches of `passes()`
+    (pass after pass) until at least `min_images` images and `min_seconds` seconds; with `step`,
+    time how long each batch took to arrive. For the benchmark scripts too."""
     batches = _Passes(name, passes)
     try:
         warmed = 0
@@ -170,7 +171,7 @@ def _model_rows(step, dev: torch.device, shape, batch_size: int) -> list[tuple[s
 
 
 @contextmanager
-def _one_thread(active: bool) -> Iterator[None]:
+def one_thread(active: bool) -> Iterator[None]:
     """torch's intra-op threads set to 1 inside, where `active`; as they were outside."""
     threads = torch.get_num_threads()
     if active:
@@ -215,7 +216,9 @@ def _hwc(batch: torch.Tensor) -> torch.Tensor:
     return batch[..., None] if batch.ndim == 3 else batch
 
 
-def _normalizer(mean, std, device):
+def normalizer(mean, std, device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """uint8 (B, C, H, W) -> float32 on `device`, (x / 255 - mean) / std: what the online and
+    webdataset rows do to their batches, as the loaders do to theirs."""
     scale = torch.tensor([1 / (255 * s) for s in std], device=device).view(1, -1, 1, 1)
     bias = torch.tensor([-m / s for m, s in zip(mean, std)], device=device).view(1, -1, 1, 1)
     return lambda x: x.to(device, non_blocking=True).float() * scale + bias
@@ -278,8 +281,8 @@ def run_bench(cache: Path | None, *, batch_size: int = 256, workers: int | None 
                       image_bytes=int(np.prod(m["output_shape"])))
         for run in runs:
             progress(f"measuring {run.said or run.name} ...")
-            with _one_thread(ONE_THREAD in run.name):
-                rows.append(_timed(run.name, run.make, step=None if run.kind == "ceiling" else step, kind=run.kind,
+            with one_thread(ONE_THREAD in run.name):
+                rows.append(timed(run.name, run.make, step=None if run.kind == "ceiling" else step, kind=run.kind,
                                    **limits))
             rows[-1].disk_bytes_per_sample = run.disk
         del runs  # the loaders (their persistent workers) end here, with the temporary caches
@@ -311,7 +314,8 @@ def _caches(cache: Path | None, tmp: Path, workers: int, trust_code: bool,
     spec, t = m["source_spec"], m["transform"]
     build(BuildConfig(source=spec["spec"], split=spec["split"], out=live_dir, epochs=m["epochs"],
                       transform=t["spec"], schedule=t["schedule"], size=t["size"], resize=t["resize"], seed=m["seed"],
-                      workers=workers, quiet=True, mode="live", shard_size=str(m["shard_size"])))
+                      workers=workers, quiet=True, mode="live", shard_size=str(m["shard_size"]),
+                      encoding=m["image"]["encoding"], quality=m["image"].get("quality")))  # stored as the cache is
     return cache, m, online_ds, live_dir
 
 
@@ -322,7 +326,7 @@ def _runs(cache: Path, m: dict, online_ds, live_dir: Path, dev: torch.device, ba
     from readers import CachedLoader, open_loader  # cachegen may use the readers; never the reverse
 
     factory = online_ds.factory  # the same factory for the live rows: imported once, on the user's word
-    normalize = _normalizer(m["mean"], m["std"], dev)
+    normalize = normalizer(m["mean"], m["std"], dev)
     entries = m["epoch_list"][0]["shards"]
     shards = [str(Path(cache) / s["path"]) for s in entries]
     cached_loader = CachedLoader(cache, batch_size=batch_size, device=dev, seed=1)

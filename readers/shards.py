@@ -205,26 +205,44 @@ class ShardFiles:
 
 
 class SampleReads:
-    """Single samples of npy shards read with pread, from at most `max_open` open files (least
+    """Single samples of shards read with pread, from at most `max_open` open files (least
     recently used closed first): for access all over a cache (a live epoch draws each batch from
-    every source shard), where mapping a whole shard to read one sample would cost far more."""
+    every source shard), where mapping a whole shard to read one sample would cost far more.
+    An npy sample's place follows from the manifest; a png/jpg one's from its shard's index file
+    (kept as ShardFiles keeps them), and it is decoded through the one decode path."""
 
     def __init__(self, manifest: Manifest, *, max_open: int | None = None) -> None:
         self.manifest = manifest
         self.max_open = max_open or default_max_open()
         self._fds: OrderedDict[str, int] = OrderedDict()
-        self._first, self._pitch = manifest.npy_rows()
+        if manifest.encoding == "npy":
+            self._first, self._pitch = manifest.npy_rows()
+        else:
+            self._indexes = ShardFiles(manifest, decode_threads=1)  # its index files only; nothing mapped
         self._header = manifest.npy_header_bytes
 
     def pixels(self, shard: Shard, j: int) -> np.ndarray:
-        """Sample `j` of `shard` as (H, W, C) uint8, its npy magic checked."""
+        """Sample `j` of `shard` as (H, W, C) uint8: an npy one's magic checked, a png/jpg one decoded."""
         m = self.manifest
+        if m.encoding != "npy":
+            return self._decoded(shard, j)
         offset = self._first - self._header + j * self._pitch
         data = os.pread(self._fd(shard), m.npy_payload_bytes, offset)
         if len(data) != m.npy_payload_bytes or not data.startswith(NPY_MAGIC):
             raise ReaderError(f"shard {shard.path}: no .npy payload at offset {offset} (sample {j}); "
                               f"the file does not match the manifest: {REBUILD}")
         return np.frombuffer(data, np.uint8, m.image_bytes, self._header).reshape(m.shape)
+
+    def _decoded(self, shard: Shard, j: int) -> np.ndarray:
+        index = self._indexes.index(shard)  # its offsets and sizes checked against the shard's size
+        offset, size = int(index.offsets[j]), int(index.sizes[j])
+        data = os.pread(self._fd(shard), size, offset)
+        if len(data) != size:
+            raise ReaderError(f"shard {shard.path} ended before sample {j}'s {size} bytes at offset {offset} "
+                              f"(truncated); {REBUILD}")
+        m = self.manifest
+        with as_error(ReaderError):
+            return decode_payload(data, m.encoding, m.shape, where=f"{shard.path}: sample {j}")
 
     def _fd(self, shard: Shard) -> int:
         fd = self._fds.get(shard.relpath)
