@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from readers.decode import check_decode_on
 from readers.loader import Loader
 from readers.options import passes_options_to
 from readers.plan import EpochPlan
@@ -49,6 +50,10 @@ class CachedLoader(Loader):
         decode_threads: threads decoding a png/jpg cache's batches (torchvision's decoders release
             the GIL, so threads scale with the cores); None: this process's share of the cores,
             as many as the workers of a build; 1: decoded in the thread assembling the batch.
+        decode_on: where a jpg cache is decoded: "cpu" (in decode_threads threads), "device" (the
+            payloads travel compressed and each batch is decoded in one call on the loader's device:
+            nvJPEG on CUDA, libjpeg-turbo on the CPU), "auto": "device" on CUDA, else "cpu".
+            "device" for a png or npy cache is refused.
         targets: "labels": batches are (images, labels); "teacher" (a cache built with `cachegen
             build --teacher`): (images, labels, teacher), teacher a float32 (B, classes) tensor on
             the device holding the stored top-K teacher probabilities, zeros elsewhere.
@@ -79,12 +84,13 @@ class CachedLoader(Loader):
 
     @passes_options_to(Loader.__init__)
     def __init__(self, cache: str | Path, *, batch_size: int, verify: bool = False, targets: str = "labels",
-                 decode_threads: int | None = None, **options) -> None:
+                 decode_threads: int | None = None, decode_on: str = "auto", **options) -> None:
         super().__init__(cache, batch_size=batch_size, **options)
         self.verify = bool(verify)
         check_targets(targets, self.manifest)
         self.targets = targets
         self._check_epochs()
+        self.decode_on = check_decode_on(decode_on, self.manifest.encoding)
         self._files = ShardFiles(self.manifest, verify=self.verify, stager=self._stager,  # mappings kept between epochs
                                  teacher=targets == "teacher", decode_threads=decode_threads)
 

@@ -1,4 +1,5 @@
-"""A batch's png/jpg payloads decoded in parallel, each into its own row of the batch.
+"""A batch's png/jpg payloads decoded in parallel, each into its own row of the batch; or jpg
+payloads kept compressed (`Payloads`) to be decoded in one batched call on the loader's device.
 
 Threads, not processes: torchvision's decoders (libjpeg-turbo, libpng) run in C++ and release the
 GIL, and a thread writes its pixels straight into the batch, where a process would send them back
@@ -12,6 +13,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 
+import torch
+
+from cacheformat import as_error
+from cacheformat.payload import decode_jpegs
+from readers.errors import ReaderError
 from readers.split import default_workers
 
 
@@ -71,3 +77,38 @@ class BatchDecoder:
 def _run_all(jobs: Sequence[Callable[[], None]]) -> None:
     for job in jobs:
         job()
+
+
+DECODE_ON = ("auto", "cpu", "device")
+
+
+def check_decode_on(decode_on: object, encoding: str) -> str:
+    """`decode_on` checked against the cache's encoding: "device" needs jpg payloads."""
+    if decode_on not in DECODE_ON:
+        raise ValueError(f"decode_on must be one of {', '.join(DECODE_ON)}, got {decode_on!r}")
+    if decode_on == "device" and encoding != "jpg":
+        raise ValueError(f"decode_on='device' decodes JPEGs (nvJPEG on CUDA), and this cache stores {encoding}: "
+                         "use decode_on='auto' or 'cpu'")
+    return decode_on
+
+
+def decodes_on_device(decode_on: str, encoding: str, device: torch.device) -> bool:
+    """Whether a pass's jpg payloads travel compressed and are decoded on the loader's device:
+    asked for ("device"), or "auto" on CUDA."""
+    return encoding == "jpg" and (decode_on == "device" or (decode_on == "auto" and device.type == "cuda"))
+
+
+class Payloads:
+    """A batch's jpg payloads, still compressed (1-D uint8 CPU tensors), on their way to the
+    device, where `decode` turns them into a (B, C, H, W) uint8 batch in one batched call
+    (cacheformat.payload.decode_jpegs: nvJPEG on CUDA, libjpeg-turbo on the CPU)."""
+
+    def __init__(self, payloads: list[torch.Tensor], shape: tuple[int, int, int], where: list[str]) -> None:
+        self.payloads, self.shape, self.where = payloads, shape, where
+
+    def __len__(self) -> int:
+        return len(self.payloads)
+
+    def decode(self, device: torch.device) -> torch.Tensor:
+        with as_error(ReaderError):
+            return decode_jpegs(self.payloads, self.shape, device=device, where=self.where)

@@ -17,7 +17,7 @@ import torch
 
 from cacheformat import as_error
 from cacheformat.payload import NPY_MAGIC, decode_payload
-from readers.decode import BatchDecoder, check_decode_threads
+from readers.decode import BatchDecoder, Payloads, check_decode_threads
 from readers.errors import ReaderError
 from readers.gather import gather_npy, to_channels_first
 from readers.manifest import Manifest, Shard, ShardIndex, load_index
@@ -327,11 +327,12 @@ def epoch_labels(files: ShardFiles, shards: Sequence[Shard], samples: np.ndarray
 
 def iter_batches(files: ShardFiles, shards: Sequence[Shard], plan: EpochPlan, *, start: int = 0,
                  new_images: Callable[[int], torch.Tensor] | None = None, pin: bool = False,
-                 channels_first: bool = False, stop: Callable[[], bool] | None = None
+                 channels_first: bool = False, stop: Callable[[], bool] | None = None, compressed: bool = False
                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """_gather's batches; a staged cache's downloads stop with the pass, also when it is left early.
     `new_images` None: each batch in a tensor of its own the gather allocates (for a consumer that
-    never gives a batch back for reuse); `stop` None: the pass is never ended early."""
+    never gives a batch back for reuse); `stop` None: the pass is never ended early; `compressed`
+    (a jpg cache): each batch's images as readers.decode.Payloads, for the device to decode."""
     # An npy cache's epoch plan: one gather per batch through a view of every mapping (readers.gather);
     # teacher targets are scattered per shard, by _gather.
     one_view = files.manifest.encoding == "npy" and isinstance(plan, EpochPlan) and not files.teacher
@@ -340,7 +341,8 @@ def iter_batches(files: ShardFiles, shards: Sequence[Shard], plan: EpochPlan, *,
                           channels_first=channels_first, stop=stop)
     return _ending(files, _gather(files, shards, plan, start=start,
                                   new_images=new_images or _empty(files.manifest, channels_first), pin=pin,
-                                  channels_first=channels_first, stop=stop or (lambda: False)))
+                                  channels_first=channels_first, stop=stop or (lambda: False),
+                                  compressed=compressed))
 
 
 def _ending(files: ShardFiles, batches: Iterator[tuple[torch.Tensor, ...]]) -> Iterator[tuple[torch.Tensor, ...]]:
@@ -358,7 +360,7 @@ def _empty(manifest: Manifest, channels_first: bool) -> Callable[[int], torch.Te
 
 def _gather(files: ShardFiles, shards: Sequence[Shard], plan: EpochPlan, *, start: int,
             new_images: Callable[[int], torch.Tensor], pin: bool, channels_first: bool,
-            stop: Callable[[], bool]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            stop: Callable[[], bool], compressed: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield the plan's batches from batch `start` on: (images uint8, labels (n,) int64), images
     (n, H, W, C), or (n, C, H, W) with `channels_first`.
 
@@ -392,10 +394,12 @@ def _gather(files: ShardFiles, shards: Sequence[Shard], plan: EpochPlan, *, star
             return
         lo, hi = b * batch_size, min((b + 1) * batch_size, plan.num_samples)
         n = hi - lo
-        images, labels = new_images(n), torch.empty(n, dtype=torch.int64, pin_memory=pin)
+        payloads: list[torch.Tensor] = []
+        images = Payloads(payloads, m.shape, []) if compressed else new_images(n)
+        labels = torch.empty(n, dtype=torch.int64, pin_memory=pin)
         teacher = [torch.empty((n, len(m.classes)), dtype=torch.float32, pin_memory=pin)] if files.teacher else []
         batch = (images, labels, *teacher)
-        flat = scratch[:hi - lo] if scratch is not None else images.view(hi - lo, m.image_bytes)
+        flat = None if compressed else scratch[:hi - lo] if scratch is not None else images.view(hi - lo, m.image_bytes)
         jobs, finished = [], []
         while run < len(run_shards) and bounds[run] < hi:
             a, z = bounds[run], bounds[run + 1]
@@ -405,6 +409,11 @@ def _gather(files: ShardFiles, shards: Sequence[Shard], plan: EpochPlan, *, star
                 scatter_targets(teacher[0][a - lo:z - lo], opened.teacher, rows_all[a:z])
             if opened.rows is not None:
                 torch.index_select(opened.rows, 0, rows_all[a:z], out=flat[a - lo:z - lo])
+            elif compressed:  # copied out of the mapping: it may be unmapped before the device decodes
+                for j in samples[a:z, 1].tolist():
+                    offset, size = int(opened.index.offsets[j]), int(opened.index.sizes[j])
+                    payloads.append(torch.from_numpy(opened.data[offset:offset + size].copy()))
+                    images.where.append(f"{shard.path}: sample {j}")
             else:
                 jobs += [_decode_job(m, shard, opened, j, images[a - lo + i], channels_first)
                          for i, j in enumerate(samples[a:z, 1].tolist())]

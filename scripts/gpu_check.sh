@@ -13,6 +13,7 @@
 #            >= 90 %) with its data wait (scripts/gpu_feed.py), after host -> device copy rates;
 #   feed 224 ResNet-50 at 224 px (batch 128), the same rows;
 #   train    scripts/train.py, a few steps with each loader (cached, live, online);
+#   jpg      a jpg cache decoded in CPU threads vs in batches with nvJPEG: img/s, and how close;
 #   tests    pytest -m cuda (every CUDA test).
 # Without CUDA every step runs on the CPU at toy sizes, so the script is known to run; those numbers
 # say nothing about a GPU. Missing packages are named in one line first (docs/gpu.md: carrying wheels).
@@ -183,6 +184,11 @@ step "feed 32 px: ResNet-18" 70 "$PYTHON" scripts/gpu_feed.py --model resnet18 -
 step "feed $CROP px: ResNet-50" 90 "$PYTHON" scripts/gpu_feed.py --model resnet50 --classes 100 "${FEED224[@]}" \
     --cached "$WORK/big-cache" --live-device "$WORK/big-live" --live-cpu "$WORK/big-live-cpu" --online "$WORK/big-cache"
 step "train.py, each loader" 80 train_each
+# --- compressed caches: a jpg cache decoded in CPU threads against in batches on the GPU (nvJPEG),
+# img/s of each and how close the two decodes are (scripts/gpu_decode.py; docs/gpu.md)
+step "jpg decode: cpu threads vs nvJPEG" 60 "$PYTHON" scripts/gpu_decode.py --source "$WORK/big.npz" \
+    --out "$WORK/big-jpg" --workers "$WORKERS"
+# ---
 step "pytest -m cuda" 120 "$PYTHON" -m pytest -q -p no:cacheprovider -m cuda --continue-on-collection-errors tests
 
 echo "== summary (GPU: $([ "$GPU" = 1 ] && echo yes || echo no), $(( $(date +%s) - began ))s)"
