@@ -283,7 +283,7 @@ def run_bench(cache: Path | None, *, batch_size: int = 256, workers: int | None 
             progress(f"measuring {run.said or run.name} ...")
             with one_thread(ONE_THREAD in run.name):
                 rows.append(timed(run.name, run.make, step=None if run.kind == "ceiling" else step, kind=run.kind,
-                                   **limits))
+                                  **limits))
             rows[-1].disk_bytes_per_sample = run.disk
         del runs  # the loaders (their persistent workers) end here, with the temporary caches
     online_rate = next(r.rate for r in rows if r.name.startswith("online"))

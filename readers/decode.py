@@ -3,9 +3,11 @@ payloads kept compressed (`Payloads`) to be decoded in one batched call on the l
 
 Threads, not processes: torchvision's decoders (libjpeg-turbo, libpng) run in C++ and release the
 GIL, and a thread writes its pixels straight into the batch, where a process would send them back
-through a pipe. `scripts/bench_decode.py --workers 1 2` measures it side by side: on 2 cores,
-224 px JPEGs decode ~1.8-1.9x faster with 2 threads than with 1 (docs/benchmarks.md). Python's
-share of the work per sample (a PNG's structural check, a few calls) is small beside the decode.
+through a pipe. `scripts/bench_decode.py` measures both side by side on the same 224 px JPEGs: on
+a 2-core machine where a second core was free at times, 2 threads decoded 1.63x as fast as one,
+while 2 processes never beat one thread (0.70-0.91x: sending payloads and pixels costs more than
+the second core gives back). Python's share of the work per sample (a PNG's structural check, a
+few calls) is small beside the decode. See docs/benchmarks.md for the runs and their load.
 """
 
 from __future__ import annotations
