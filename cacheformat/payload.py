@@ -91,7 +91,8 @@ def decode_jpegs(payloads: list, shape: tuple[int, int, int], *, device, where: 
 
     `where` names each sample. The batched call says nothing of which sample failed, so on a
     failure each payload is decoded alone through `decode_payload` (the CPU path, every check of
-    it), whose error names the first damaged one.
+    it), whose error names the first damaged one; where every one decodes there (a JPEG the
+    device's decoder does not support), the batch is the CPU's decodes, moved to `device`.
 
     Raises:
         FormatError: a payload that is not a `shape` JPEG, named, in one line.
@@ -104,10 +105,10 @@ def decode_jpegs(payloads: list, shape: tuple[int, int, int], *, device, where: 
     try:
         images = decode_jpeg(payloads, mode=modes.get(c, ImageReadMode.UNCHANGED), device=device)
     except Exception as e:  # noqa: BLE001 - the damaged payload is found and named below
-        for payload, name in zip(payloads, where):
-            decode_payload(payload.numpy(), "jpg", shape, where=name)
-        raise _damaged(where[0] if len(where) == 1 else f"{where[0]} .. {where[-1]}", "jpg",
-                       f"{type(e).__name__}: {e}") from None
+        if not payloads:
+            raise _damaged("an empty batch", "jpg", f"{type(e).__name__}: {e}") from None
+        pixels = [decode_payload(payload.numpy(), "jpg", shape, where=name) for payload, name in zip(payloads, where)]
+        return torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).contiguous().to(device)
     for image, name in zip(images, where):  # shapes are metadata: no wait on the device
         if tuple(image.shape) != (c, h, w):
             raise _damaged(name, "jpg", f"it decodes to CHW shape {list(image.shape)}, the manifest says {[c, h, w]}")
