@@ -92,3 +92,16 @@ def test_quality_sets_the_jpeg_quality_and_is_recorded(live, tmp_path):
     assert _payload_bytes(out) < _payload_bytes(live["jpg"])
     batches = epoch_batches(LiveLoader(out, batch_size=32, seed=5, device="cpu", workers=0, normalize=False), 0)
     assert sum(len(y) for _, y in batches) == 120
+
+
+def test_the_device_path_decodes_in_threads_or_in_batches_alike(live):
+    # decode_threads and decode_on, as CachedLoader's, through open_loader: the same batches.
+    from readers import open_loader
+
+    options = dict(batch_size=32, seed=6, device="cpu", augment_on="device", normalize=False)
+    reference = epoch_batches(open_loader(live["jpg"], decode_threads=1, decode_on="cpu", **options), 1)
+    for extra in (dict(decode_threads=3), dict(decode_on="device")):
+        got = epoch_batches(open_loader(live["jpg"], **extra, **options), 1)
+        assert all(torch.equal(x, a) and torch.equal(y, b) for (x, y), (a, b) in zip(got, reference))
+    with pytest.raises(ValueError, match="decode_on='device' decodes JPEGs"):
+        LiveLoader(live["png"], decode_on="device", **options)
