@@ -275,6 +275,7 @@ IMAGE = Section((  # and npy_header_bytes, an npy cache's only: checked with the
     Field("shape", _shape, "image shape {shape!r} is not [H, W, C]"),
     Field("dtype", _one_of("uint8"), _DTYPE),
     Field("layout", _one_of("HWC"), _DTYPE),
+    Field("quality", _count(1, 101), "image quality {quality!r} is not a JPEG quality (1-100)", default=SKIP),  # jpg
 ))
 TEACHER = Section((  # a reinforced cache's (cacheformat.teacher); an absent field is null
     Field("topk", _count(1, math.inf), _TEACHER_COUNTS, default=None),

@@ -85,6 +85,36 @@ def decode_payload(payload, encoding: str, shape: tuple[int, int, int], *, where
     return image.permute(1, 2, 0).numpy()
 
 
+def decode_jpegs(payloads: list, shape: tuple[int, int, int], *, device, where: list[str]):
+    """A batch of jpg payloads (1-D uint8 CPU tensors) decoded in one call of torchvision's
+    `decode_jpeg` on `device` (nvJPEG on CUDA: no host wait), as (B, C, H, W) uint8 there.
+
+    `where` names each sample. The batched call says nothing of which sample failed, so on a
+    failure each payload is decoded alone through `decode_payload` (the CPU path, every check of
+    it), whose error names the first damaged one; where every one decodes there (a JPEG the
+    device's decoder does not support), the batch is the CPU's decodes, moved to `device`.
+
+    Raises:
+        FormatError: a payload that is not a `shape` JPEG, named, in one line.
+    """
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    h, w, c = shape
+    modes = {1: ImageReadMode.GRAY, 3: ImageReadMode.RGB}
+    try:
+        images = decode_jpeg(payloads, mode=modes.get(c, ImageReadMode.UNCHANGED), device=device)
+    except Exception as e:  # noqa: BLE001 - the damaged payload is found and named below
+        if not payloads:
+            raise _damaged("an empty batch", "jpg", f"{type(e).__name__}: {e}") from None
+        pixels = [decode_payload(payload.numpy(), "jpg", shape, where=name) for payload, name in zip(payloads, where)]
+        return torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).contiguous().to(device)
+    for image, name in zip(images, where):  # shapes are metadata: no wait on the device
+        if tuple(image.shape) != (c, h, w):
+            raise _damaged(name, "jpg", f"it decodes to CHW shape {list(image.shape)}, the manifest says {[c, h, w]}")
+    return torch.stack(images) if images else torch.empty((0, c, h, w), dtype=torch.uint8, device=device)
+
+
 def _decode_image(data: bytes, shape: tuple[int, int, int], where: str, encoding: str):
     """torchvision's decode of png/jpg bytes as a CHW uint8 tensor of `shape`'s channels."""
     import torch

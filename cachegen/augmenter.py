@@ -33,6 +33,7 @@ class BuildSettings:
     seed: int
     encoding: str
     on_error: str
+    quality: int | None = None  # a jpg payload's JPEG quality; None: cachegen.shards.JPEG_QUALITY
     resize: int | None = None
     channels: int | None = None  # every source image converted to 1 (L) or 3 (RGB); None: as loaded
     shape: tuple[int, int, int] | None = None  # every output image's HWC shape

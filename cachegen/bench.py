@@ -37,6 +37,7 @@ class Row:
     image_bytes: int  # uint8 pixels per image delivered
     data_wait: float | None = None  # share of a training step spent waiting for data (--model)
     kind: str = "loader"  # "loader"; "model": the model alone; "ceiling": plain read(), no batches
+    disk_bytes_per_sample: int | None = None  # the cache the row reads, its shards' bytes a sample; None: no cache
 
     @property
     def rate(self) -> float:
@@ -53,6 +54,7 @@ class Row:
 COLUMNS = {
     "img/s": "images delivered per second of wall time (with --model: images trained on per second)",
     "MB/s": "the same in megabytes of uint8 pixels (img/s x height x width x channels / 1e6)",
+    "disk/sample": "the shards of the cache the row reads, in bytes a sample (online reads the source: -)",
     "x online": "img/s divided by the online row's img/s, measured in the same run (1.00 = online)",
     "CPU %": "CPU time of this process and its worker processes over the row's wall time, x 100: "
              "100 = one core busy all the time; the most is cores x 100",
@@ -107,10 +109,11 @@ class _Passes:
             close()
 
 
-def _timed(name: str, passes: Callable[[], Iterable], *, min_images: int, min_seconds: float, warmup: int,
+def timed(name: str, passes: Callable[[], Iterable], *, min_images: int, min_seconds: float, warmup: int,
            image_bytes: int, step: Callable | None = None, kind: str = "loader") -> Row:
-    """Warm up on `warmup` images (untimed), then consume whole batches until at least
-    `min_images` images and `min_seconds` seconds; with `step`, time how long each batch took to arrive."""
+    """One row: warm up on `warmup` images (untimed), then consume whole batches of `passes()`
+    (pass after pass) until at least `min_images` images and `min_seconds` seconds; with `step`,
+    time how long each batch took to arrive. For the benchmark scripts too."""
     batches = _Passes(name, passes)
     try:
         warmed = 0
@@ -168,7 +171,7 @@ def _model_rows(step, dev: torch.device, shape, batch_size: int) -> list[tuple[s
 
 
 @contextmanager
-def _one_thread(active: bool) -> Iterator[None]:
+def one_thread(active: bool) -> Iterator[None]:
     """torch's intra-op threads set to 1 inside, where `active`; as they were outside."""
     threads = torch.get_num_threads()
     if active:
@@ -179,6 +182,15 @@ def _one_thread(active: bool) -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+def disk_per_sample(cache: Path) -> int:
+    """What one sample of `cache` costs on disk: its shards' bytes over their samples (a live
+    cache's: its source pass). Index files and the manifest, a few bytes a sample, are left out."""
+    from cacheformat.manifest import read_manifest as read_format
+
+    shards = read_format(cache).all_shards()
+    return round(sum(s.bytes for s in shards) / max(1, sum(s.samples for s in shards)))
+
+
 def _plain_read(shards: list[str], entries: list[dict]) -> Iterator[tuple[None, range]]:
     """The ceiling: each shard's bytes read whole, as (None, its samples) per shard."""
     for path, entry in zip(shards, entries):
@@ -187,16 +199,26 @@ def _plain_read(shards: list[str], entries: list[dict]) -> Iterator[tuple[None, 
         yield None, range(entry["samples"])
 
 
-def _stock_loader(shards: list[str], encoding: str, batch_size: int, workers: int, dev: torch.device):
-    """Stock webdataset over the same shards, its workers kept and batches pinned as the online row's."""
+def _stock_loader(shards: list[str], encoding: str, channels: int, batch_size: int, workers: int,
+                  dev: torch.device):
+    """Stock webdataset over the same shards, its workers kept and batches pinned as the online row's;
+    png/jpg decoded by its own image handler (PIL) to HWC uint8, as a webdataset user writes it."""
     import webdataset as wds
 
-    stock = wds.WebDataset(shards, shardshuffle=False, empty_check=False).decode().to_tuple(encoding, "cls")
+    pixels = "l8" if channels == 1 else "rgb8"
+    stock = wds.WebDataset(shards, shardshuffle=False, empty_check=False).decode(pixels).to_tuple(encoding, "cls")
     return wds.WebLoader(stock.batched(batch_size), batch_size=None, num_workers=workers, persistent_workers=True,
                          pin_memory=dev.type == "cuda")
 
 
-def _normalizer(mean, std, device):
+def _hwc(batch: torch.Tensor) -> torch.Tensor:
+    """A batch of images as (B, H, W, C): webdataset's "l8" decodes a grey image to (H, W)."""
+    return batch[..., None] if batch.ndim == 3 else batch
+
+
+def normalizer(mean, std, device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """uint8 (B, C, H, W) -> float32 on `device`, (x / 255 - mean) / std: what the online and
+    webdataset rows do to their batches, as the loaders do to theirs."""
     scale = torch.tensor([1 / (255 * s) for s in std], device=device).view(1, -1, 1, 1)
     bias = torch.tensor([-m / s for m, s in zip(mean, std)], device=device).view(1, -1, 1, 1)
     return lambda x: x.to(device, non_blocking=True).float() * scale + bias
@@ -229,13 +251,14 @@ def _model(device: torch.device, classes: int):
 
 
 class _Run(NamedTuple):
-    """A row to time: its name, what makes a pass of its batches, its kind (Row.kind), and what the
-    progress line calls it (its name where empty)."""
+    """A row to time: its name, what makes a pass of its batches, its kind (Row.kind), what the
+    progress line calls it (its name where empty), and its cache's bytes a sample (Row's)."""
 
     name: str
     make: Callable[[], Iterable]
     kind: str = "loader"
     said: str = ""
+    disk: int | None = None
 
 
 def run_bench(cache: Path | None, *, batch_size: int = 256, workers: int | None = None, images: int = 20000,
@@ -258,9 +281,10 @@ def run_bench(cache: Path | None, *, batch_size: int = 256, workers: int | None 
                       image_bytes=int(np.prod(m["output_shape"])))
         for run in runs:
             progress(f"measuring {run.said or run.name} ...")
-            with _one_thread(ONE_THREAD in run.name):
-                rows.append(_timed(run.name, run.make, step=None if run.kind == "ceiling" else step, kind=run.kind,
-                                   **limits))
+            with one_thread(ONE_THREAD in run.name):
+                rows.append(timed(run.name, run.make, step=None if run.kind == "ceiling" else step, kind=run.kind,
+                                  **limits))
+            rows[-1].disk_bytes_per_sample = run.disk
         del runs  # the loaders (their persistent workers) end here, with the temporary caches
     online_rate = next(r.rate for r in rows if r.name.startswith("online"))
     return {"config": {"cache": str(cache), "batch_size": batch_size, "workers": loader_workers,
@@ -291,7 +315,8 @@ def _caches(cache: Path | None, tmp: Path, workers: int, trust_code: bool,
     build(BuildConfig(source=spec["spec"], split=spec["split"], image_column=spec.get("image_column"),
                       label_column=spec.get("label_column"), out=live_dir, epochs=m["epochs"],
                       transform=t["spec"], schedule=t["schedule"], size=t["size"], resize=t["resize"], seed=m["seed"],
-                      workers=workers, quiet=True, mode="live", shard_size=str(m["shard_size"])))
+                      workers=workers, quiet=True, mode="live", shard_size=str(m["shard_size"]),
+                      encoding=m["image"]["encoding"], quality=m["image"].get("quality")))  # stored as the cache is
     return cache, m, online_ds, live_dir
 
 
@@ -302,7 +327,7 @@ def _runs(cache: Path, m: dict, online_ds, live_dir: Path, dev: torch.device, ba
     from readers import CachedLoader, open_loader  # cachegen may use the readers; never the reverse
 
     factory = online_ds.factory  # the same factory for the live rows: imported once, on the user's word
-    normalize = _normalizer(m["mean"], m["std"], dev)
+    normalize = normalizer(m["mean"], m["std"], dev)
     entries = m["epoch_list"][0]["shards"]
     shards = [str(Path(cache) / s["path"]) for s in entries]
     cached_loader = CachedLoader(cache, batch_size=batch_size, device=dev, seed=1)
@@ -312,26 +337,29 @@ def _runs(cache: Path, m: dict, online_ds, live_dir: Path, dev: torch.device, ba
     device_loader = open_loader(live_dir, batch_size=batch_size, device=dev, seed=1, augment_on="device",
                                 factory=factory)
     online_loader = make_online_loader(online_ds, batch_size=batch_size, workers=workers, device=dev)
-    stock_loader = _stock_loader(shards, m["image"]["encoding"], batch_size, workers, dev)
+    stock_loader = _stock_loader(shards, m["image"]["encoding"], m["image"]["shape"][2], batch_size, workers, dev)
 
     def online():
         return ((normalize(x), y) for x, y in online_loader)
 
     def stock_webdataset():
-        return ((normalize(torch.as_tensor(x).permute(0, 3, 1, 2)), torch.as_tensor(y)) for x, y in stock_loader)
+        return ((normalize(_hwc(torch.as_tensor(x)).permute(0, 3, 1, 2)), torch.as_tensor(y)) for x, y in stock_loader)
+
+    cached_disk, live_disk = disk_per_sample(cache), disk_per_sample(live_dir)
 
     for path in shards:  # warm the page cache: every row reads from memory
         Path(path).read_bytes()
     model = _model_rows(step, dev, m["output_shape"], batch_size) if step is not None else []
     runs = [*(_Run(name, make, "model") for name, make in model),
-            *(_Run(*row) for row in _in_process_rows("cachegen CachedLoader", "", dev, lambda: cached_loader)),
-            _Run(f"cachegen LiveLoader, per sample ({workers} workers)", lambda: live_loader),
-            *(_Run(*row) for row in _in_process_rows(f"cachegen LiveLoader, batched on {dev.type}", "no workers",
-                                                     dev, lambda: device_loader)),
+            *(_Run(*row, disk=cached_disk)
+              for row in _in_process_rows("cachegen CachedLoader", "", dev, lambda: cached_loader)),
+            _Run(f"cachegen LiveLoader, per sample ({workers} workers)", lambda: live_loader, disk=live_disk),
+            *(_Run(*row, disk=live_disk) for row in _in_process_rows(f"cachegen LiveLoader, batched on {dev.type}",
+                                                                     "no workers", dev, lambda: device_loader)),
             _Run(f"online: torchvision DataLoader ({workers} workers)", online),
-            _Run(f"stock webdataset ({workers} workers)", stock_webdataset),
+            _Run(f"stock webdataset ({workers} workers)", stock_webdataset, disk=cached_disk),
             _Run("plain read() of the shards", lambda: _plain_read(shards, entries), "ceiling",
-                 said="plain read() of the shard bytes")]
+                 said="plain read() of the shard bytes", disk=cached_disk)]
     return runs, describe_loader(online_loader)
 
 
@@ -350,12 +378,15 @@ def format_table(result: dict) -> str:
     width = max(len(r["name"]) for r in result["rows"])
 
     def table(rows: list[dict], with_model: bool) -> list[str]:
-        head = f"{'':{width}s} {'img/s':>9s} {'MB/s':>8s} {'x online':>9s} {'CPU %':>7s}"
+        head = f"{'':{width}s} {'img/s':>9s} {'MB/s':>8s} {'disk/sample':>11s} {'x online':>9s} {'CPU %':>7s}"
         head += f" {'data wait':>10s}" if with_model else ""
         out = [head + f" {'images':>8s} {'s':>6s}"]
         for r in rows:
             ratio = f"{r['ratio_to_online']:9.2f}" if r["ratio_to_online"] is not None else f"{'-':>9s}"
-            line = f"{r['name']:{width}s} {r['images_per_s']:9.0f} {r['mb_per_s']:8.1f} {ratio} {r['cpu_percent']:7.0f}"
+            disk = r.get("disk_bytes_per_sample")
+            disk = f"{disk / 1000:8.1f} KB" if disk is not None else f"{'-':>11s}"
+            line = (f"{r['name']:{width}s} {r['images_per_s']:9.0f} {r['mb_per_s']:8.1f} {disk} {ratio} "
+                    f"{r['cpu_percent']:7.0f}")
             if with_model:
                 line += f" {r['data_wait'] * 100:9.0f}%" if r["data_wait"] is not None else f" {'':>10s}"
             out.append(line + f" {r['images']:8d} {r['seconds']:6.1f}")

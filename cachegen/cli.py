@@ -81,7 +81,9 @@ def main() -> None:
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--workers", default=0, show_default=True, type=int, help="Worker processes; 0 = every core.")
 @click.option("--format", "encoding", default="npy", show_default=True, type=click.Choice(ENCODINGS),
-              help="Image encoding: raw uint8 npy (fastest to read), png (lossless), jpg (smallest).")
+              help="Image encoding: raw uint8 npy (fastest to read), png (lossless), jpg (smallest). A live "
+                   "cache stores its source in it, decoded as it is read.")
+@click.option("--quality", type=int, help="JPEG quality of --format jpg [default: 95].")
 @click.option("--shard-size", default="1000", show_default=True,
               help="Samples per shard (1000) or bytes of pixels per shard (64MB).")
 @click.option("--split", default="train", show_default=True, type=click.Choice(["train", "test"]),

@@ -56,6 +56,7 @@ class BuildConfig:
     seed: int = 0
     workers: int = 0  # 0: every core
     encoding: str = "npy"
+    quality: int | None = None  # --format jpg's JPEG quality, 1-100; None: cachegen.shards.JPEG_QUALITY
     shard_size: str = "1000"
     split: str = "train"
     on_error: str = "fail"
@@ -94,6 +95,12 @@ class BuildConfig:
             raise CachegenError(f"--workers must be 0 (every core) or more, got {self.workers}")
         if self.encoding not in ENCODINGS:
             raise CachegenError(f"unknown --format {self.encoding!r}: use {', '.join(ENCODINGS)}")
+        if self.quality is not None:
+            if self.encoding != "jpg":
+                raise CachegenError(f"--quality sets a JPEG's quality, and --format is {self.encoding}: add --format jpg, "
+                                    "or drop --quality")
+            if not 1 <= self.quality <= 100:
+                raise CachegenError(f"--quality must be 1 to 100 (JPEG quality), got {self.quality}")
         if self.split not in ("train", "test"):
             raise CachegenError(f"unknown --split {self.split!r}: use train or test")
         if self.on_error not in ("fail", "skip"):

@@ -251,7 +251,7 @@ def _write_task(task: ShardTask) -> tuple[str, dict]:
 
     prefix = "src" if task.epoch is None else f"e{task.epoch:04d}"
     rows = samples() if settings.teacher is None or task.epoch is None else with_teacher(samples(), settings.teacher)
-    entry = write_shard(settings.root, task.relpath, prefix, rows, settings.encoding)
+    entry = write_shard(settings.root, task.relpath, prefix, rows, settings.encoding, settings.quality)
     return task.relpath, {**write_index(settings.root, entry), **(stats.totals() if stats else {})}
 
 
@@ -327,7 +327,8 @@ def _write_rows(task: ShardTask, indices: np.ndarray, rows: np.ndarray, totals: 
     if settings.teacher is not None:
         members = teacher if teacher is not None else teacher_members(settings.teacher, rows)
         samples = ((*sample, member) for sample, member in zip(samples, members))
-    entry = write_shard(settings.root, task.relpath, f"e{task.epoch:04d}", samples, settings.encoding)
+    entry = write_shard(settings.root, task.relpath, f"e{task.epoch:04d}", samples, settings.encoding,
+                        settings.quality)
     return task.relpath, {**write_index(settings.root, entry), **totals}
 
 

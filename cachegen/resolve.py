@@ -17,7 +17,7 @@ from cachegen.config import BuildConfig, parse_device, parse_shard_size
 from cachegen.errors import CachegenError
 from cachegen.manifest import FORMAT, FORMAT_VERSION
 from cachegen.outdir import built_epochs
-from cachegen.shards import encode, npy_header_bytes
+from cachegen.shards import JPEG_QUALITY, encode, npy_header_bytes
 from cachegen.sources import Source, open_source, printable
 from cachegen.sources.factory import FactorySource
 from cachegen.stats import stats_of_cache
@@ -51,7 +51,7 @@ def resolve(config: BuildConfig) -> ResolvedBuild:
                     label_column=config.label_column, quiet=config.quiet)
     settings = BuildSettings(source=source, root=config.out, spec=config.transform, epochs=config.epochs, size=0,
                              schedule=config.schedule, seed=config.seed, encoding=config.encoding,
-                             on_error=config.on_error, resize=config.resize)
+                             on_error=config.on_error, resize=config.resize, quality=config.quality)
     probes = _probe_images(settings)
     settings, kept_all = _transform(config, settings, probes)
     augment_on = config.augment_on
@@ -62,6 +62,7 @@ def resolve(config: BuildConfig) -> ResolvedBuild:
     borrowed = stats_of_cache(config.stats_from, settings.shape[2]) if config.stats_from else None
     mode = _choose_mode(config, settings, len(source), settings.epochs, probe_bytes)
     settings = _for_mode(config, settings, mode, augment_on)
+    _check_channels(settings.encoding, _stored_shape(settings, mode)[2])  # a live cache stores the source
     count, nbytes = parse_shard_size(config.shard_size)
     per_shard = count or max(1, nbytes // int(np.prod(_stored_shape(settings, mode))))
     return ResolvedBuild(settings, _meta(config, settings, mode, per_shard), mode, per_shard, kept_all, borrowed)
@@ -103,8 +104,7 @@ def _shapes(config: BuildConfig, settings: BuildSettings, probes: list[tuple[int
         shape, source_shape = _probe_batched(settings, probes)
         probe_bytes = float(np.prod(shape))  # raw pixels: --mode auto's estimate
     else:
-        shape, source_shape, probe_bytes = _probe(replace(settings, encoding="npy" if config.mode == "live"
-                                                          else settings.encoding), probes)
+        shape, source_shape, probe_bytes = _probe(settings, probes)
     return replace(settings, shape=shape, source_shape=source_shape), probe_bytes
 
 
@@ -112,7 +112,7 @@ def _for_mode(config: BuildConfig, settings: BuildSettings, mode: str, augment_o
     """The settings with what the mode decides: the encoding, where the augmentation runs, the teacher."""
     if mode == "live":
         _warn_relative_factory(settings.spec)
-    encoding = "npy" if mode == "live" else config.encoding
+    encoding = config.encoding  # a live cache stores its source in it too
     if config.device and mode == "live":  # --mode auto chose live
         raise CachegenError(f"--mode auto chose a live cache (a cached one would exceed --max-cache-gb), augmented "
                             f"as it is read, on the loader's device: drop --device {config.device}, or pass --mode "
@@ -147,7 +147,9 @@ def _meta(config: BuildConfig, settings: BuildSettings, mode: str, per_shard: in
         "versions": library_versions(),  # a sample's bytes depend on them too
         "seed": config.seed,
         "image": {"encoding": encoding, "shape": list(stored_shape), "dtype": "uint8", "layout": "HWC",
-                  **({"npy_header_bytes": npy_header_bytes(stored_shape)} if encoding == "npy" else {})},
+                  **({"npy_header_bytes": npy_header_bytes(stored_shape)} if encoding == "npy" else {}),
+                  # Only where given: a jpg cache built before --quality (at JPEG_QUALITY) keeps its identity.
+                  **({"quality": settings.quality} if settings.quality not in (None, JPEG_QUALITY) else {})},
         "output_shape": list(settings.shape),
         "shard_size": per_shard,
         "classes": list(source.classes),
@@ -196,11 +198,15 @@ def _probe(settings: BuildSettings, probes: list[tuple[int, Image.Image]]) -> tu
     first = augment.augment(0, index, augment.to_channels(image))
     augment = Augmenter(replace(settings, shape=first.shape))  # the others must match it
     outputs = [first] + [augment.augment(0, i, augment.to_channels(im)) for i, im in probes[1:]]
-    if settings.encoding in ("png", "jpg") and first.shape[2] not in (1, 3):
-        raise CachegenError(f"--format {settings.encoding} stores 1 or 3 channels, these images have {first.shape[2]}"
-                            f"{' (RGBA)' if first.shape[2] == 4 else ''}: pass --channels 3 (or 1), or --format npy")
-    encoded = np.mean([len(encode(out, settings.encoding)) for out in outputs])
+    _check_channels(settings.encoding, first.shape[2])
+    encoded = np.mean([len(encode(out, settings.encoding, settings.quality)) for out in outputs])
     return first.shape, to_hwc_uint8(augment.to_channels(image)).shape, float(encoded)
+
+
+def _check_channels(encoding: str, channels: int) -> None:
+    if encoding in ("png", "jpg") and channels not in (1, 3):
+        raise CachegenError(f"--format {encoding} stores 1 or 3 channels, these images have {channels}"
+                            f"{' (RGBA)' if channels == 4 else ''}: pass --channels 3 (or 1), or --format npy")
 
 
 def _probe_batched(settings: BuildSettings, probes: list[tuple[int, Image.Image]]) -> tuple[tuple, tuple]:

@@ -32,8 +32,8 @@ def _npy_header(shape: tuple[int, ...]) -> bytes:
     return out.getvalue()
 
 
-def encode(image: np.ndarray, encoding: str) -> bytes:
-    """Encode one HWC uint8 image; deterministic for every encoding."""
+def encode(image: np.ndarray, encoding: str, quality: int | None = None) -> bytes:
+    """Encode one HWC uint8 image (a jpg at `quality`, None: JPEG_QUALITY); deterministic for every encoding."""
     if encoding == "npy":  # a standard .npy file: the header numpy writes, then the raw pixels
         return _npy_header(image.shape) + image.tobytes()
     import torch  # png/jpg only: reading or verifying an npy cache needs no torch (`cachegen verify`)
@@ -42,7 +42,7 @@ def encode(image: np.ndarray, encoding: str) -> bytes:
     chw = torch.from_numpy(image.copy()).permute(2, 0, 1)  # a writable copy: torch wants one
     if encoding == "png":
         return encode_png(chw).numpy().tobytes()
-    return encode_jpeg(chw, quality=JPEG_QUALITY).numpy().tobytes()
+    return encode_jpeg(chw, quality=quality or JPEG_QUALITY).numpy().tobytes()
 
 
 def npy_header_bytes(shape: tuple[int, ...]) -> int:
@@ -92,11 +92,11 @@ def _padding(size: int) -> bytes:
     return bytes(-size % tarfile.BLOCKSIZE)
 
 
-def _payload(image: np.ndarray, encoding: str) -> tuple[bytes | memoryview, ...]:
-    """`encode(image, encoding)` as pieces to write one after the other (npy: no copy of the pixels)."""
+def _payload(image: np.ndarray, encoding: str, quality: int | None) -> tuple[bytes | memoryview, ...]:
+    """`encode(image, encoding, quality)` as pieces to write one after the other (npy: no copy of the pixels)."""
     if encoding == "npy":
         return _npy_header(image.shape), memoryview(np.ascontiguousarray(image)).cast("B")
-    return (encode(image, encoding),)
+    return (encode(image, encoding, quality),)
 
 
 GROUP_SAMPLES = 64
@@ -130,7 +130,7 @@ def _teacher_member(key: str, teacher: list[bytes]) -> tuple[bytes, ...]:
 
 
 def write_shard(root: Path, relpath: str, key_prefix: str, samples: Iterable[tuple[int, int, np.ndarray]],
-                encoding: str) -> dict:
+                encoding: str, quality: int | None = None) -> dict:
     """Write (source index, label, HWC image) samples as one shard, atomically: nothing appears at
     its path until every byte is on disk. Returns the shard's manifest entry, as `index_shard`.
     A sample may carry a fourth item, its teacher member's bytes (cacheformat.teacher.encode).
@@ -138,6 +138,7 @@ def write_shard(root: Path, relpath: str, key_prefix: str, samples: Iterable[tup
     The shard is a plain WebDataset tar, each sample a `<key>.cls` member then a `<key>.<encoding>`
     one (then `<key>.teacher.npy` in a reinforced cache), byte-identical to what webdataset's TarWriter writes for the same samples (ustar headers,
     mtime 0, mode 0444, owner cachegen); payload offsets are counted as the bytes are written.
+    A jpg payload is encoded at `quality` (None: JPEG_QUALITY).
     """
     path = root / relpath
     tmp = path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}")
@@ -149,7 +150,7 @@ def write_shard(root: Path, relpath: str, key_prefix: str, samples: Iterable[tup
                 for index, label, image, *teacher in group:
                     key = sample_key(key_prefix, index)
                     cls = str(label).encode()
-                    payload = _payload(image, encoding)
+                    payload = _payload(image, encoding, quality)
                     size = sum(map(len, payload))
                     # One buffer per sample: its .cls member, then its image member, padded to a block
                     # (then, in a reinforced cache, its teacher member).

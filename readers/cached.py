@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from readers.decode import check_decode_on
 from readers.loader import Loader
 from readers.options import passes_options_to
 from readers.plan import EpochPlan
@@ -46,6 +47,13 @@ class CachedLoader(Loader):
         shuffle_window: samples shuffled together (consecutive shards of this rank's share, at
             least one); costs no memory, but each shard a batch touches costs one gather call.
         verify: check each shard's sha256 as it is read.
+        decode_threads: threads decoding a png/jpg cache's batches (torchvision's decoders release
+            the GIL, so threads scale with the cores); None: this process's share of the cores,
+            as many as the workers of a build; 1: decoded in the thread assembling the batch.
+        decode_on: where a jpg cache is decoded: "cpu" (in decode_threads threads), "device" (the
+            payloads travel compressed and each batch is decoded in one call on the loader's device:
+            nvJPEG on CUDA, libjpeg-turbo on the CPU), "auto": "device" on CUDA, else "cpu".
+            "device" for a png or npy cache is refused.
         targets: "labels": batches are (images, labels); "teacher" (a cache built with `cachegen
             build --teacher`): (images, labels, teacher), teacher a float32 (B, classes) tensor on
             the device holding the stored top-K teacher probabilities, zeros elsewhere.
@@ -76,14 +84,15 @@ class CachedLoader(Loader):
 
     @passes_options_to(Loader.__init__)
     def __init__(self, cache: str | Path, *, batch_size: int, verify: bool = False, targets: str = "labels",
-                 **options) -> None:
+                 decode_threads: int | None = None, decode_on: str = "auto", **options) -> None:
         super().__init__(cache, batch_size=batch_size, **options)
         self.verify = bool(verify)
         check_targets(targets, self.manifest)
         self.targets = targets
         self._check_epochs()
+        self.decode_on = check_decode_on(decode_on, self.manifest.encoding)
         self._files = ShardFiles(self.manifest, verify=self.verify, stager=self._stager,  # mappings kept between epochs
-                                 teacher=targets == "teacher")
+                                 teacher=targets == "teacher", decode_threads=decode_threads)
 
     def _shard_sizes(self, cache_epoch: int) -> list[int]:
         return [s.samples for s in self.manifest.epochs[cache_epoch]]

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
+from readers.decode import Payloads
+
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -154,7 +156,9 @@ class DeviceCopier:
             images, labels, extra = self._then(self.convert(images, augment), labels, extra, then)
             return Pending(images, labels, None, extra)
         with torch.cuda.stream(self._stream):
-            images = self.convert(images.to(self.device, non_blocking=True), augment)
+            if not isinstance(images, Payloads):  # compressed payloads move as convert decodes them
+                images = images.to(self.device, non_blocking=True)
+            images = self.convert(images, augment)
             labels = labels.to(self.device, non_blocking=True)
             extra = tuple(t.to(self.device, non_blocking=True) for t in extra)
             images, labels, extra = self._then(images, labels, extra, then)
@@ -215,9 +219,15 @@ class DeviceCopier:
         """uint8 host-layout batch -> (B, C, H, W) in `dtype`, normalised, on the tensor's own device.
 
         With `augment` (float (B, C, H, W) in [0, 1] -> the same, maybe another H, W), the batch
-        is augmented there first (batched augmentation: cacheaug.batched)."""
+        is augmented there first (batched augmentation: cacheaug.batched). `images` may be the
+        batch's compressed jpg payloads (readers.decode.Payloads), decoded here in one call on the
+        bound device."""
         if self.device is None:
             self.bind()
+        if isinstance(images, Payloads):
+            images = images.decode(self.device)  # (B, C, H, W)
+            if not self.host_channels_first:
+                images = images.permute(0, 2, 3, 1)  # seen as a host batch would come: NHWC, made NCHW below
         if not self.host_channels_first:
             images = images.permute(0, 3, 1, 2)  # NHWC memory seen as NCHW: channels_last strides
         if augment is not None:

@@ -20,6 +20,7 @@ from cacheaug.transforms import CacheFactory, augment, drift, make_transform, to
 from cacheformat.layout import epoch_shard_sizes
 from readers import split
 from readers.batch_transform import ORDER_SALT, batch_order
+from readers.decode import check_decode_on
 from readers.errors import ReaderError
 from readers.loader import STAGING_OPTIONS, Loader, open_cache
 from readers.manifest import Manifest, Shard, live_shards
@@ -130,6 +131,8 @@ class LiveLoader(Loader):
             `loader.augment_on` says which path was chosen. On the device path each batch's
             samples come in a seeded order (seed, epoch, batch, rank layout), not source order,
             and an nn.Module augmentation is moved to the loader's device.
+        decode_threads, decode_on: as CachedLoader's, for a png/jpg source on the device path (the
+            per-sample path's workers decode the samples they read).
         local (and CachedLoader's download options): for a cache at a URL; a live cache's whole
             source is staged (and checked) on construction.
         trust_code: a cache whose transform is a `module:factory` is code: without trust_code=True
@@ -144,8 +147,10 @@ class LiveLoader(Loader):
     @passes_options_to(Loader.__init__)
     def __init__(self, cache: str | Path, *, batch_size: int, workers: int | None = None, verify: bool = False,
                  augment_on: str | None = None, trust_code: bool = False,
-                 factory: Callable[[int, int], object] | None = None, **options) -> None:
+                 factory: Callable[[int, int], object] | None = None, decode_threads: int | None = None,
+                 decode_on: str = "auto", **options) -> None:
         super().__init__(cache, batch_size=batch_size, **options)
+        self.decode_on = check_decode_on(decode_on, self.manifest.encoding)
         if workers is not None and (not isinstance(workers, int) or isinstance(workers, bool) or workers < 0):
             raise ValueError(f"workers must be an int >= 0 (0: augment in this process), got {workers!r}")
         self.workers = default_workers() if workers is None else workers
@@ -170,7 +175,8 @@ class LiveLoader(Loader):
             _log.info("%s: augment_on auto: augmenting on the %s (device %s)", self.manifest.root,
                       "device, batch by batch" if choice == "device" else "CPU, per sample", self.options.device)
         self.augment_on = choice  # "device": batched, on the loader's device; "cpu": per sample, in workers
-        self._files = ShardFiles(self.manifest, verify=False)  # the device path's mappings, kept between epochs
+        self._files = ShardFiles(self.manifest, verify=False,  # the device path's mappings, kept between epochs
+                                 decode_threads=decode_threads)
         self._batched: dict[tuple, object] = {}  # (cache epoch, device) -> its batched augmentation (device path)
         self._tasks = _Tasks()
         self._workers_loader: torch.utils.data.DataLoader | None = None  # per-sample path, made on its first pass

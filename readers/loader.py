@@ -19,6 +19,7 @@ from readers.options import LoaderOptions
 from readers.elastic import History, resumed_length, resumed_plan
 from readers.plan import DEFAULT_WINDOW, EpochPlan
 from readers.prefetch import Prefetcher
+from readers.decode import decodes_on_device
 from readers.shards import ShardFiles, iter_batches
 from readers.remote import Stager, is_url
 from readers.split import resolve_rank
@@ -86,6 +87,8 @@ class Loader:
     augment_on: str | None = None  # a LiveLoader's augmentation path ("cpu" or "device"); None: nothing to augment
     batch_sampler = None  # as a DataLoader without one: Lightning reads it next to `sampler` (val loaders)
     targets = "labels"  # or "teacher" (CachedLoader on a reinforced cache): batches carry the teacher's probabilities
+    decode_on = "auto"  # where a jpg cache's gathered batches are decoded (readers.decode.decodes_on_device)
+    _compressed_pass = False  # the pass now read hands its batches over as compressed Payloads
 
     def __init__(self, cache: str | Path, *, batch_size: int, device: torch.device | str | None = None,
                  shuffle: bool = True, seed: int = 0, drop_last: bool = False, normalize: bool = True,
@@ -193,10 +196,12 @@ class Loader:
         copier = self._copier
         own = copier.pin or copier.normalize or self.batch_transform is not None or self._per_batch_hooks()
         new_images = self._new_images if own else None
+        # jpg on CUDA (or asked for): payloads travel compressed, decoded in one call on the device (copier.convert)
+        compressed = self._compressed_pass = decodes_on_device(self.decode_on, self.manifest.encoding, copier.device)
 
         def produce(stopping: Callable[[], bool] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
             return iter_batches(files, shards, plan, start=start, new_images=new_images,
-                                pin=copier.pin, channels_first=channels_first, stop=stopping)
+                                pin=copier.pin, channels_first=channels_first, stop=stopping, compressed=compressed)
 
         if self.options.prefetch:
             return Prefetcher(produce, depth=self.options.prefetch, where=f"epoch {plan.epoch} of {self.manifest.root}")
@@ -214,7 +219,8 @@ class Loader:
         _gather's for reuse once the device stage has copied out of it (fresh allocations of this
         size cost page faults). Pinned batches for CUDA are reused by torch's pinned-memory cache,
         which also waits for their copies to finish."""
-        if (self._copier.pin or len(host) != self.options.batch_size or len(self._spare) > self.options.prefetch + 1
+        if (self._copier.pin or not isinstance(host, torch.Tensor) or len(host) != self.options.batch_size
+                or len(self._spare) > self.options.prefetch + 1
                 or converted.untyped_storage().data_ptr() == host.untyped_storage().data_ptr()):
             return
         self._spare.append(host)
@@ -328,10 +334,11 @@ class Loader:
         device = copier.bind()  # an index-less cuda resolved now: LOCAL_RANK's GPU, or the current one
         if self.batch_transform is not None:
             self.batch_transform.to(device)
+        self._compressed_pass = False  # until _gather says otherwise
         producer = self._host_batches(plan, start)
         try:
             if copier.on_host and self.batch_transform is None and self.targets == "labels" \
-                    and not self._per_batch_hooks():
+                    and not self._per_batch_hooks() and not self._compressed_pass:
                 if copier.normalize or copier.host_channels_first:
                     yield from self._host_pass(producer)
                     return

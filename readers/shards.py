@@ -17,6 +17,7 @@ import torch
 
 from cacheformat import as_error
 from cacheformat.payload import NPY_MAGIC, decode_payload
+from readers.decode import BatchDecoder, Payloads, check_decode_threads
 from readers.errors import ReaderError
 from readers.gather import gather_npy, to_channels_first
 from readers.manifest import Manifest, Shard, ShardIndex, load_index
@@ -71,11 +72,15 @@ class ShardFiles:
     number of shards reads under a low file-descriptor limit. `check` (once an epoch, for the
     shards about to be read) finds a shard cut, deleted or replaced since it was mapped.
     Index files are kept (small: 32 bytes a sample) for every shard read, up to `max_index_samples`.
+    A png/jpg cache's batches are decoded by `decode_threads` threads (None: readers.decode's
+    default), started by a pass's first batch and stopped when it ends (`end`).
     """
 
     def __init__(self, manifest: Manifest, *, verify: bool = False, max_open: int | None = None,
-                 max_index_samples: int = 1_000_000, stager: Stager | None = None, teacher: bool = False) -> None:
+                 max_index_samples: int = 1_000_000, stager: Stager | None = None, teacher: bool = False,
+                 decode_threads: int | None = None) -> None:
         self.manifest = manifest
+        self.decoder = BatchDecoder(check_decode_threads(decode_threads))
         self.teacher = teacher  # read each shard's teacher targets as it is mapped (readers.teacher)
         self.stager = stager  # a remote cache: files are fetched into manifest.root as they are needed
         self.verify = verify
@@ -152,8 +157,9 @@ class ShardFiles:
             self.stager.done(shard)
 
     def end(self) -> None:
-        """The pass is over or left: background downloads stop; a staged shard still mapped stays
-        pinned (no loader of the node deletes it) until it is done or unmapped."""
+        """The pass is over or left: decode threads and background downloads stop; a staged shard
+        still mapped stays pinned (no loader of the node deletes it) until it is done or unmapped."""
+        self.decoder.close()
         if self.stager is not None:
             self.stager.end(keep=self._open)
 
@@ -202,26 +208,44 @@ class ShardFiles:
 
 
 class SampleReads:
-    """Single samples of npy shards read with pread, from at most `max_open` open files (least
+    """Single samples of shards read with pread, from at most `max_open` open files (least
     recently used closed first): for access all over a cache (a live epoch draws each batch from
-    every source shard), where mapping a whole shard to read one sample would cost far more."""
+    every source shard), where mapping a whole shard to read one sample would cost far more.
+    An npy sample's place follows from the manifest; a png/jpg one's from its shard's index file
+    (kept as ShardFiles keeps them), and it is decoded through the one decode path."""
 
     def __init__(self, manifest: Manifest, *, max_open: int | None = None) -> None:
         self.manifest = manifest
         self.max_open = max_open or default_max_open()
         self._fds: OrderedDict[str, int] = OrderedDict()
-        self._first, self._pitch = manifest.npy_rows()
+        if manifest.encoding == "npy":
+            self._first, self._pitch = manifest.npy_rows()
+        else:
+            self._indexes = ShardFiles(manifest, decode_threads=1)  # its index files only; nothing mapped
         self._header = manifest.npy_header_bytes
 
     def pixels(self, shard: Shard, j: int) -> np.ndarray:
-        """Sample `j` of `shard` as (H, W, C) uint8, its npy magic checked."""
+        """Sample `j` of `shard` as (H, W, C) uint8: an npy one's magic checked, a png/jpg one decoded."""
         m = self.manifest
+        if m.encoding != "npy":
+            return self._decoded(shard, j)
         offset = self._first - self._header + j * self._pitch
         data = os.pread(self._fd(shard), m.npy_payload_bytes, offset)
         if len(data) != m.npy_payload_bytes or not data.startswith(NPY_MAGIC):
             raise ReaderError(f"shard {shard.path}: no .npy payload at offset {offset} (sample {j}); "
                               f"the file does not match the manifest: {REBUILD}")
         return np.frombuffer(data, np.uint8, m.image_bytes, self._header).reshape(m.shape)
+
+    def _decoded(self, shard: Shard, j: int) -> np.ndarray:
+        index = self._indexes.index(shard)  # its offsets and sizes checked against the shard's size
+        offset, size = int(index.offsets[j]), int(index.sizes[j])
+        data = os.pread(self._fd(shard), size, offset)
+        if len(data) != size:
+            raise ReaderError(f"shard {shard.path} ended before sample {j}'s {size} bytes at offset {offset} "
+                              f"(truncated); {REBUILD}")
+        m = self.manifest
+        with as_error(ReaderError):
+            return decode_payload(data, m.encoding, m.shape, where=f"{shard.path}: sample {j}")
 
     def _fd(self, shard: Shard) -> int:
         fd = self._fds.get(shard.relpath)
@@ -271,11 +295,25 @@ def _map_file(f, size: int, shard: Shard) -> np.ndarray:
 def decode(manifest: Manifest, shard: Shard, opened: _Open, j: int) -> torch.Tensor:
     """Sample `j` of a png/jpg shard, decoded through the one decode path (cacheformat.payload), as
     (H*W*C,) uint8."""
+    return _decode_hwc(manifest, shard, opened, j).reshape(-1)
+
+
+def _decode_hwc(manifest: Manifest, shard: Shard, opened: _Open, j: int) -> torch.Tensor:
+    """Sample `j` of a png/jpg shard as (H, W, C) uint8 (a view of the decoder's CHW output)."""
     offset, size = int(opened.index.offsets[j]), int(opened.index.sizes[j])
     with as_error(ReaderError):
         pixels = decode_payload(opened.data[offset:offset + size], manifest.encoding, manifest.shape,
                                 where=f"{shard.path}: sample {j}")
-    return torch.from_numpy(pixels).reshape(-1)
+    return torch.from_numpy(pixels)
+
+
+def _decode_job(manifest: Manifest, shard: Shard, opened: _Open, j: int, out: torch.Tensor,
+                channels_first: bool) -> Callable[[], None]:
+    """A BatchDecoder job: sample `j` decoded into `out`, (C, H, W) or (H, W, C) as `channels_first`."""
+    def job() -> None:
+        pixels = _decode_hwc(manifest, shard, opened, j)
+        out.copy_(pixels.permute(2, 0, 1) if channels_first else pixels)
+    return job
 
 
 def epoch_labels(files: ShardFiles, shards: Sequence[Shard], samples: np.ndarray, used: np.ndarray) -> torch.Tensor:
@@ -292,11 +330,12 @@ def epoch_labels(files: ShardFiles, shards: Sequence[Shard], samples: np.ndarray
 
 def iter_batches(files: ShardFiles, shards: Sequence[Shard], plan: EpochPlan, *, start: int = 0,
                  new_images: Callable[[int], torch.Tensor] | None = None, pin: bool = False,
-                 channels_first: bool = False, stop: Callable[[], bool] | None = None
+                 channels_first: bool = False, stop: Callable[[], bool] | None = None, compressed: bool = False
                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """_gather's batches; a staged cache's downloads stop with the pass, also when it is left early.
     `new_images` None: each batch in a tensor of its own the gather allocates (for a consumer that
-    never gives a batch back for reuse); `stop` None: the pass is never ended early."""
+    never gives a batch back for reuse); `stop` None: the pass is never ended early; `compressed`
+    (a jpg cache): each batch's images as readers.decode.Payloads, for the device to decode."""
     # An npy cache's epoch plan: one gather per batch through a view of every mapping (readers.gather);
     # teacher targets are scattered per shard, by _gather.
     one_view = files.manifest.encoding == "npy" and isinstance(plan, EpochPlan) and not files.teacher
@@ -305,7 +344,8 @@ def iter_batches(files: ShardFiles, shards: Sequence[Shard], plan: EpochPlan, *,
                           channels_first=channels_first, stop=stop)
     return _ending(files, _gather(files, shards, plan, start=start,
                                   new_images=new_images or _empty(files.manifest, channels_first), pin=pin,
-                                  channels_first=channels_first, stop=stop or (lambda: False)))
+                                  channels_first=channels_first, stop=stop or (lambda: False),
+                                  compressed=compressed))
 
 
 def _ending(files: ShardFiles, batches: Iterator[tuple[torch.Tensor, ...]]) -> Iterator[tuple[torch.Tensor, ...]]:
@@ -323,7 +363,7 @@ def _empty(manifest: Manifest, channels_first: bool) -> Callable[[int], torch.Te
 
 def _gather(files: ShardFiles, shards: Sequence[Shard], plan: EpochPlan, *, start: int,
             new_images: Callable[[int], torch.Tensor], pin: bool, channels_first: bool,
-            stop: Callable[[], bool]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            stop: Callable[[], bool], compressed: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield the plan's batches from batch `start` on: (images uint8, labels (n,) int64), images
     (n, H, W, C), or (n, C, H, W) with `channels_first`.
 
@@ -334,7 +374,6 @@ def _gather(files: ShardFiles, shards: Sequence[Shard], plan: EpochPlan, *, star
     shard it touches, straight from the mapping into the batch: one copy, few Python calls.
     """
     m = files.manifest
-    h, w, c = m.shape
     samples = plan.samples()
     used = np.unique(samples[:, 0])
     files.check(shards[k] for k in used.tolist())
@@ -358,10 +397,13 @@ def _gather(files: ShardFiles, shards: Sequence[Shard], plan: EpochPlan, *, star
             return
         lo, hi = b * batch_size, min((b + 1) * batch_size, plan.num_samples)
         n = hi - lo
-        images, labels = new_images(n), torch.empty(n, dtype=torch.int64, pin_memory=pin)
+        payloads: list[torch.Tensor] = []
+        images = Payloads(payloads, m.shape, []) if compressed else new_images(n)
+        labels = torch.empty(n, dtype=torch.int64, pin_memory=pin)
         teacher = [torch.empty((n, len(m.classes)), dtype=torch.float32, pin_memory=pin)] if files.teacher else []
         batch = (images, labels, *teacher)
-        flat = scratch[:hi - lo] if scratch is not None else images.view(hi - lo, m.image_bytes)
+        flat = None if compressed else scratch[:hi - lo] if scratch is not None else images.view(hi - lo, m.image_bytes)
+        jobs, finished = [], []
         while run < len(run_shards) and bounds[run] < hi:
             a, z = bounds[run], bounds[run + 1]
             shard = shards[run_shards[run]]
@@ -370,16 +412,20 @@ def _gather(files: ShardFiles, shards: Sequence[Shard], plan: EpochPlan, *, star
                 scatter_targets(teacher[0][a - lo:z - lo], opened.teacher, rows_all[a:z])
             if opened.rows is not None:
                 torch.index_select(opened.rows, 0, rows_all[a:z], out=flat[a - lo:z - lo])
+            elif compressed:  # copied out of the mapping: it may be unmapped before the device decodes
+                for j in samples[a:z, 1].tolist():
+                    offset, size = int(opened.index.offsets[j]), int(opened.index.sizes[j])
+                    payloads.append(torch.from_numpy(opened.data[offset:offset + size].copy()))
+                    images.where.append(f"{shard.path}: sample {j}")
             else:
-                for i, j in enumerate(samples[a:z, 1].tolist()):
-                    decoded = decode(m, shard, opened, j)
-                    if channels_first:
-                        images[a - lo + i] = decoded.view(h * w, c).t().reshape(c, h, w)
-                    else:
-                        flat[a - lo + i] = decoded
+                jobs += [_decode_job(m, shard, opened, j, images[a - lo + i], channels_first)
+                         for i, j in enumerate(samples[a:z, 1].tolist())]
             if last_run[run_shards[run]] == run:
-                files.done(shard)
+                finished.append(shard)
             run += 1
+        files.decoder.run(jobs)  # png/jpg: the batch's samples decoded in parallel
+        for shard in finished:  # after the decode: a staged shard may be evicted once done
+            files.done(shard)
         if scratch is not None:
             to_channels_first(flat, images, m.shape)
         labels.copy_(labels_all[lo:hi])

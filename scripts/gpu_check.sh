@@ -15,6 +15,7 @@
 #            >= 90 %) with its data wait (scripts/gpu_feed.py), after host -> device copy rates;
 #   feed224  ResNet-50 at 224 px (batch 128), the same rows;
 #   train    scripts/train.py, a few steps with each loader (cached, live, online);
+#   jpg      a jpg cache decoded in CPU threads vs in batches with nvJPEG: img/s, and how close;
 #   tests    pytest -m cuda (every CUDA test), once.
 # Without CUDA every step runs on the CPU at toy sizes, so the script is known to run; those numbers
 # say nothing about a GPU. Missing packages are named in one line first (docs/gpu.md: carrying wheels),
@@ -85,7 +86,7 @@ TESTS_S=$(( ${TESTS_S:-120} * SCALE ))  # kept for the tests (the last step) wha
 
 # ONLY: the keys to run (all when empty), with the steps each needs (NEEDS) run first.
 declare -A NEEDS=([build]="sources" [caches]="sources build" [feed32]="sources build caches"
-                  [feed224]="sources build caches" [train]="sources build caches")
+                  [feed224]="sources build caches" [train]="sources build caches" [jpg]="sources")
 declare -A WANTED=() KNOWN=()
 for key in ${ONLY:-}; do
     WANTED[$key]=1
@@ -222,6 +223,10 @@ step feed224 "feed $CROP px: ResNet-50" 75 "$PYTHON" scripts/gpu_feed.py --model
     "${FEED224[@]}" --cached "$WORK/big-cache" --live-device "$WORK/big-live" --live-cpu "$WORK/big-live-cpu" \
     --online "$WORK/big-cache"
 step train "train.py, each loader" 60 train_each
+# a jpg cache decoded in CPU threads against in batches on the GPU (nvJPEG): img/s of each and how
+# close the two decodes are (scripts/gpu_decode.py; docs/gpu.md)
+step jpg "jpg decode: cpu threads vs nvJPEG" 45 "$PYTHON" scripts/gpu_decode.py --source "$WORK/big.npz" \
+    --out "$WORK/big-jpg" --workers "$WORKERS"
 step tests "pytest -m cuda" $(( TESTS_S / SCALE )) "$PYTHON" -m pytest -q -p no:cacheprovider -m cuda -rfE --tb=short \
     --continue-on-collection-errors tests
 

@@ -161,17 +161,20 @@ def test_accelerate_example_under_torchrun_is_one_run_of_two_processes(caches, t
     assert done.stdout.count("epoch 0 ") == 1  # printed by the main process only: Accelerate saw 2 processes
 
 
-def test_bench_imagenet_measures_its_three_rows(tmp_path):
+def test_bench_imagenet_measures_every_row_beside_its_disk(tmp_path):
     pytest.importorskip("skimage", reason="the ImageNet-shaped bench draws its photos from scikit-image")
     done = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_imagenet.py"), "--images", "24",
                            "--min-images", "16", "--min-seconds", "0", "--warmup", "8", "--batch-size", "8",
                            "--workers", "1", "--device", "cpu"], capture_output=True, text=True, timeout=300,
                           cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    rows = [line for line in done.stdout.splitlines() if "img/s" in line]
-    assert [r.split(":")[0].strip() for r in rows] == ["online", "live, per sample", "live, batched on cpu",
-                                                       "live, batched on cpu"]
-    assert "1.00x online" in rows[0] and rows[3].rstrip().endswith("s)")
+    rows = [line for line in done.stdout.splitlines() if "img/s" in line and "x online" in line]
+    assert [r.split(":")[0].strip() for r in rows] == [
+        "online", "cached npy", "cached jpg", "cached jpg", "live npy, per sample", "live jpg, per sample",
+        "live npy, batched on cpu", "live jpg, batched on cpu"]
+    assert "1.00x online" in rows[0] and " KB " not in rows[0] and all(" KB " in r for r in rows[1:])
+    assert all(r.rstrip().endswith("s)") for r in rows)
+    assert "the live jpg cache takes " in done.stdout and "rows in this process: 1 torch thread" in done.stdout
     assert "online row: 1 worker, persistent, pin_memory=False" in done.stdout
     assert "\nmachine: " in done.stdout and " thread" in done.stdout
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from PIL import Image
 
@@ -90,3 +91,26 @@ def test_bench_table_on_a_missing_cache(tmp_path):
 def test_bench_refuses_a_live_cache(build):
     out = build("--epochs", "2", "--mode", "live")
     assert_one_line_error(run_cli("bench", out, expect=1), "is a live cache")
+
+
+@pytest.mark.parametrize("encoding", ["png", "jpg"])
+def test_bench_reads_a_compressed_cache_and_shows_disk_per_sample(build, encoding):
+    # Every row, the stock webdataset one included, on png/jpg payloads; each row beside what a
+    # sample costs on disk where it reads a cache: the shards' bytes over their samples.
+    out = build("--epochs", "2", "--size", "24", "--format", encoding)
+    data = json.loads(run_cli("bench", out, *FAST, "--json").stdout)
+    names = [r["name"] for r in data["rows"]]
+    assert [any(n.startswith(prefix) for n in names) for prefix in ROWS] == [True] * len(ROWS)
+    manifest = json.loads((out / "manifest.json").read_text())
+    shards = [s for e in manifest["epoch_list"] for s in e["shards"]]
+    cached = sum(s["bytes"] for s in shards) / sum(s["samples"] for s in shards)
+    disk = {r["name"]: r["disk_bytes_per_sample"] for r in data["rows"]}
+    for name, value in disk.items():
+        if name.startswith(("cachegen CachedLoader", "stock webdataset", "plain read()")):
+            assert value == round(cached)
+        elif name.startswith("cachegen LiveLoader"):
+            assert value > 0
+        else:
+            assert value is None  # online reads the source: not a cache's bytes
+    text = run_cli("bench", out, *FAST).output
+    assert "disk/sample" in text and f"{cached / 1000:.1f} KB" in text

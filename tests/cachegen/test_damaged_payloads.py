@@ -130,10 +130,17 @@ def test_the_readers_name_a_damaged_payload_whose_checksums_pass(built, tmp_path
 
 def test_bench_decode_prints_each_ratio():
     script = Path(__file__).parents[2] / "scripts" / "bench_decode.py"
-    done = subprocess.run([sys.executable, str(script), "--sizes", "8", "--seconds", "0.01"], capture_output=True,
+    done = subprocess.run([sys.executable, str(script), "--sizes", "8", "--seconds", "0.01", "--images", "24",
+                           "--cache-size", "16", "--repeats", "1"], capture_output=True,
                           text=True, timeout=300, env={**os.environ,
                                                        "PYTHONPATH": str(Path(__file__).parents[2])})
     assert done.returncode == 0, done.stderr
     lines = done.stdout.strip().splitlines()
-    assert lines[0].startswith("machine: ") and "torch threads 1" in lines[0]
-    assert [line.split(":")[0] for line in lines[1:]] == ["8x8 png", "8x8 jpg"] and all("ratio" in x for x in lines[1:])
+    assert lines[0].startswith("machine: ") and "with 1 thread," in lines[0]
+    assert [line.split(":")[0] for line in lines[1:3]] == ["8x8 png", "8x8 jpg"] and all("ratio" in x for x in lines[1:3])
+    # threads against processes on the same payloads, then the cache read with 1 and 2 decode threads
+    kinds = [line.split()[:2] for line in lines if "x 1 thread " in line]
+    assert kinds == [["1", "thread"], ["2", "threads"], ["2", "processes"]]
+    pool = [line for line in lines if line.lstrip().startswith("decode_threads")]
+    assert [line.split(":")[0].strip() for line in pool] == ["decode_threads 1", "decode_threads 2"]
+    assert "1.00x 1 thread(s)" in pool[0] and "x 1 thread(s)" in pool[1] and "KB per sample on disk" in done.stdout

@@ -61,3 +61,25 @@ def test_live_needs_one_source_shape_or_resize(tmp_path):
     m = manifest(tmp_path / "y")
     assert m["image"]["shape"] == [32, 32, 3] and m["output_shape"] == [24, 24, 3]
     assert m["transform"]["resize"] == 32
+
+
+def test_a_live_cache_stores_the_format_asked_and_refuses_what_it_cannot_store(build, tmp_path):
+    m = manifest(build("--epochs", "2", "--mode", "live", "--format", "jpg", "--quality", "80", out=tmp_path / "j"))
+    assert m["image"]["encoding"] == "jpg" and m["image"]["quality"] == 80 and "npy_header_bytes" not in m["image"]
+    assert run_cli("verify", tmp_path / "j").output.startswith("ok: 5 shards")
+    from tests.conftest import make_npz
+    rgba = make_npz(tmp_path / "rgba.npz", n=20, size=16, channels=4)[0]
+    for how in (("--augment-on", "cpu"), ("--augment-on", "device")):  # the stored source is checked either way
+        result = run_cli("build", rgba, "--out", tmp_path / "rgba", "--mode", "live", "--format", "jpg", *how,
+                         "--quiet", expect=1)
+        assert_one_line_error(result, "--format jpg stores 1 or 3 channels, these images have 4 (RGBA)")
+        assert not (tmp_path / "rgba").exists()
+
+
+def test_quality_is_refused_where_it_means_nothing(build, tmp_path):
+    for args, message in ((("--quality", "90"), "--quality sets a JPEG's quality, and --format is npy"),
+                          (("--format", "png", "--quality", "90"), "--format is png: add --format jpg"),
+                          (("--format", "jpg", "--quality", "0"), "--quality must be 1 to 100"),
+                          (("--format", "jpg", "--quality", "101"), "--quality must be 1 to 100")):
+        assert_one_line_error(build("--mode", "live", *args, expect=1, out=tmp_path / "x"), message)
+        assert not (tmp_path / "x").exists()

@@ -128,3 +128,16 @@ def spawn_ranks(worker, args: tuple, nprocs: int, timeout_s: float) -> None:
             for process in context.processes:
                 process.kill()
             pytest.fail(f"DDP workers still running after {timeout_s}s: a rank is stuck in a collective")
+
+
+def batches_without_host_waits(loader) -> int:
+    """Batches of a CUDA loader's second pass (the first binds it: its constants are copied once),
+    read under torch's sync debug mode "error", which raises on any synchronising call (an .item(),
+    a blocking copy, a read-back)."""
+    epoch_batches(loader, 0)
+    batches = iter(loader)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        return len([x for x, _ in batches])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -159,8 +159,10 @@ def test_every_loader_lists_the_shared_options_with_their_defaults():
     from readers.loader import Loader
 
     shared = {n: p.default for n, p in inspect.signature(Loader).parameters.items() if p.kind is p.KEYWORD_ONLY}
-    own = {CachedLoader: {"verify": False, "targets": "labels"},
-           LiveLoader: {"workers": None, "verify": False, "augment_on": None, "trust_code": False, "factory": None}}
+    decoding = {"decode_threads": None, "decode_on": "auto"}
+    own = {CachedLoader: {"verify": False, "targets": "labels", **decoding},
+           LiveLoader: {"workers": None, "verify": False, "augment_on": None, "trust_code": False, "factory": None,
+                        **decoding}}
     for cls, extra in own.items():
         params = inspect.signature(cls).parameters
         assert list(params)[0] == "cache" and list(params)[-1] == "staging"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import threading
 
 import numpy as np
 import pytest
@@ -83,3 +84,87 @@ def test_the_periodic_npy_rows_are_the_tar_payloads_byte_for_byte(npy_cache):
         assert rows.shape == (len(payloads), m.image_bytes)
         for j, payload in enumerate(payloads):
             assert rows[j].numpy().tobytes() == payload[m.npy_header_bytes:]
+
+
+@pytest.mark.parametrize("encoding", ["png", "jpg"])
+def test_decode_threads_give_the_same_bytes_as_one(caches, encoding):
+    # A batch's payloads are decoded by a pool of threads: the same batches, in the same order,
+    # whatever the count, channels first (the CPU default) and HWC (normalize off, channels last).
+    for channels_last in (False, True):
+        got = {}
+        for threads in (1, 2, 3):
+            loader = _loader(caches[encoding], decode_threads=threads, seed=5, channels_last=channels_last)
+            images, labels = collect(loader)
+            got[threads] = (np.concatenate(images), np.concatenate(labels))
+        for threads in (2, 3):
+            assert np.array_equal(got[threads][0], got[1][0]) and np.array_equal(got[threads][1], got[1][1])
+
+
+def test_decode_threads_run_while_a_pass_reads_and_end_with_it(caches):
+    def decoding():
+        return [t for t in threading.enumerate() if t.name.startswith("readers-decode")]
+
+    loader = _loader(caches["png"], decode_threads=3)
+    batches = iter(loader)
+    next(batches)
+    assert len(decoding()) == 2  # with the reading thread: 3
+    list(batches)
+    assert decoding() == []  # the pass is over: its pool is shut down
+    batches = iter(_loader(caches["png"], decode_threads=1))
+    next(batches)
+    assert decoding() == []  # 1: decoded in the reading thread, no pool
+    batches.close()
+
+
+def test_decode_threads_name_the_first_damaged_sample_in_order(caches, tmp_path):
+    cache = shutil.copytree(caches["png"], tmp_path / "png")
+    shard = _loader(cache).manifest.epochs[0][0]
+    data = bytearray(shard.path.read_bytes())
+    for k in (5, 2):  # two damaged samples: the later one's thread may fail first; sample 2 is named
+        start = int(index_columns(shard)[0][k])
+        data[start:start + 16] = b"\0" * 16
+    shard.path.write_bytes(bytes(data))
+    with pytest.raises(ReaderError, match=rf"{shard.path}: sample 2 does not decode as png"):
+        list(_loader(cache, shuffle=False, decode_threads=4))
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2"])
+def test_decode_threads_out_of_range_is_refused(caches, bad):
+    with pytest.raises(ValueError, match="decode_threads must be an int >= 1"):
+        _loader(caches["png"], decode_threads=bad)
+
+
+@pytest.mark.parametrize("options", [dict(normalize=False), dict(normalize=False, channels_last=True),
+                                     dict(normalize=True), dict(normalize=True, prefetch=2)])
+def test_jpg_payloads_decoded_in_batches_on_the_device_read_as_in_threads(caches, options):
+    # decode_on="device": each batch's payloads travel compressed and are decoded in one call on the
+    # loader's device (here the CPU, libjpeg-turbo, as the threads use): the same values exactly.
+    threads = [(x.clone(), y) for x, y in _loader(caches["jpg"], decode_on="cpu", seed=3, **options)]
+    batched = [(x.clone(), y) for x, y in _loader(caches["jpg"], decode_on="device", seed=3, **options)]
+    assert len(threads) == len(batched) > 1
+    batches = iter(_loader(caches["jpg"], decode_on="device", decode_threads=3, **options))
+    next(batches)
+    assert not [t for t in threading.enumerate() if t.name.startswith("readers-decode")]  # not decoded in threads
+    batches.close()
+    for (xa, ya), (xb, yb) in zip(threads, batched):
+        assert xa.dtype == xb.dtype and xa.shape == xb.shape and xa.stride() == xb.stride()
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_decode_on_is_checked_against_the_cache(caches):
+    with pytest.raises(ValueError, match="decode_on='device' decodes JPEGs .* this cache stores png"):
+        _loader(caches["png"], decode_on="device")
+    with pytest.raises(ValueError, match="decode_on must be one of auto, cpu, device, got 'gpu'"):
+        _loader(caches["jpg"], decode_on="gpu")
+    assert _loader(caches["png"], decode_on="cpu").decode_on == "cpu"
+
+
+def test_a_damaged_payload_decoded_on_the_device_is_named(caches, tmp_path):
+    cache = shutil.copytree(caches["jpg"], tmp_path / "jpg")
+    shard = _loader(cache).manifest.epochs[0][0]
+    data = bytearray(shard.path.read_bytes())
+    start = int(index_columns(shard)[0][3])
+    data[start:start + 64] = b"\0" * 64  # sample 3's JPEG header
+    shard.path.write_bytes(bytes(data))
+    with pytest.raises(ReaderError, match=rf"{shard.path}: sample 3 does not decode as jpg"):
+        list(_loader(cache, shuffle=False, decode_on="device"))
