@@ -258,7 +258,9 @@ SOURCE = Section((
 ))
 SOURCE_SPEC = Section((
     Field("split", _text, _TEXT),
-    Field("spec", _or_none(_text), _TEXT),
+    Field("spec", _or_none(_text), _TEXT),  # as the user spelt it
+    # The same made absolute, so that a tool run from another folder finds it (absent before it was recorded)
+    Field("absolute", _or_none(_text), _TEXT, default=SKIP),
 ))
 TRANSFORM = Section((
     Field("spec", _text, _TEXT),

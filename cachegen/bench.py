@@ -19,7 +19,9 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from cachegen.augmenter import MixedShapes
 from cachegen.build import build
+from cachegen.cachesource import where
 from cachegen.config import BuildConfig, default_workers, parse_device
 from cachegen.errors import CachegenError
 from cachegen.manifest import read_manifest
@@ -240,17 +242,20 @@ class _Run(NamedTuple):
 
 def run_bench(cache: Path | None, *, batch_size: int = 256, workers: int | None = None, images: int = 20000,
               min_seconds: float = 3.0, warmup: int = 1000, model: bool = False, device: str | None = None,
-              trust_code: bool = False, progress: Callable[[str], None] = print) -> dict:
+              trust_code: bool = False, progress: Callable[[str], None] = print, source: str | None = None,
+              resize: int | None = None) -> dict:
     """Measure every way of feeding batches; return {'rows': [...], 'config': {...}}.
 
     Each row: `warmup` images untimed, then passes repeated until >= `images` images and
     >= `min_seconds` seconds have been timed. The online and live rows augment with the cache's
-    transform: a `module:factory` only with `trust_code` (the sample cache built here needs none)."""
+    transform: a `module:factory` only with `trust_code` (the sample cache built here needs none).
+    `source`: where the cache's source is now, where it moved (cachegen.cachesource); `resize`: the
+    side the live rows' cache resizes the source to, where the cache has no --resize of its own."""
     workers = workers or default_workers()
     dev = parse_device(device)  # before any building: a bad --device fails at once
     loader_workers = max(1, workers)
     with tempfile.TemporaryDirectory(prefix="cachegen-bench-") as tmp:
-        cache, m, online_ds, live_dir = _caches(cache, Path(tmp), workers, trust_code, progress)
+        cache, m, online_ds, live_dir = _caches(cache, Path(tmp), workers, trust_code, progress, source, resize)
         step = _model(dev, len(m["classes"])) if model else None
         runs, online_setup = _runs(cache, m, online_ds, live_dir, dev, batch_size, loader_workers, step)
         rows = []
@@ -272,10 +277,11 @@ def run_bench(cache: Path | None, *, batch_size: int = 256, workers: int | None 
             "rows": [r.as_dict(None if model and r.kind == "ceiling" else online_rate) for r in rows]}
 
 
-def _caches(cache: Path | None, tmp: Path, workers: int, trust_code: bool,
-            progress: Callable[[str], None]) -> tuple[Path, dict, object, Path]:
+def _caches(cache: Path | None, tmp: Path, workers: int, trust_code: bool, progress: Callable[[str], None],
+            source: str | None = None, resize: int | None = None) -> tuple[Path, dict, object, Path]:
     """(cached cache, its manifest, its online dataset, a live cache of the same build in `tmp`);
-    without `cache`, a sample cache built in `tmp` first."""
+    without `cache`, a sample cache built in `tmp` first. A live cache stores the source at one
+    shape: of a source of mixed sizes built without --resize, `resize` makes it one (bench --resize)."""
     if cache is None:
         progress("building a sample cache (2 epochs) and a live cache to measure ...")
         cache = tmp / "cached"
@@ -285,12 +291,20 @@ def _caches(cache: Path | None, tmp: Path, workers: int, trust_code: bool,
     if m["mode"] != "cached":
         raise CachegenError(f"{cache} is a live cache: bench needs a cached one (build with --mode cached)")
     # Checks the source is still there and unchanged; refuses code the user did not trust.
-    online_ds = online_dataset(cache, trust_code=trust_code)
+    online_ds = online_dataset(cache, trust_code=trust_code, source=source)
     live_dir = tmp / "live"
     spec, t = m["source_spec"], m["transform"]
-    build(BuildConfig(source=spec["spec"], split=spec["split"], out=live_dir, epochs=m["epochs"],
-                      transform=t["spec"], schedule=t["schedule"], size=t["size"], resize=t["resize"], seed=m["seed"],
-                      workers=workers, quiet=True, mode="live", shard_size=str(m["shard_size"])))
+    if resize is not None and t["resize"] is not None:
+        raise CachegenError(f"{cache} was built with --resize {t['resize']}: bench reads its source at that size; "
+                            "leave out --resize")
+    try:
+        build(BuildConfig(source=where(m, source), split=spec["split"], out=live_dir, epochs=m["epochs"],
+                          transform=t["spec"], schedule=t["schedule"], size=t["size"], resize=t["resize"] or resize,
+                          seed=m["seed"], workers=workers, quiet=True, mode="live", shard_size=str(m["shard_size"])))
+    except MixedShapes:
+        raise CachegenError(f"the source images of {cache} differ in size, and bench's live rows store them at one: "
+                            f"pass `cachegen bench --resize N` (e.g. --resize {t['size']}, the cache's output side)") \
+            from None
     return cache, m, online_ds, live_dir
 
 

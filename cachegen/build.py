@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from cachegen.augmenter import Augmenter, BuildSettings
+from cachegen.cachesource import absolute_spec
 from cachegen.config import BuildConfig
 from cachegen.errors import CachegenError
 from cachegen.execute import execute, read_indices, write_index
@@ -141,7 +142,8 @@ def _manifest(config: BuildConfig, resolved: ResolvedBuild, settings: BuildSetti
     and the channel statistics (of the source images behind the statistics epoch, or --stats-from's)."""
     # How to open the source again (preview): not part of the identity, a path may be spelt two ways.
     manifest = {**resolved.meta, "epochs": settings.epochs,
-                "source_spec": {"spec": config.source, "split": config.split}}
+                "source_spec": {"spec": config.source, "split": config.split,
+                                 "absolute": absolute_spec(config.source)}}
     if resolved.mode == "live":
         manifest["source_shards"] = [indexed[t.relpath] for t in plan]
         manifest["epoch_list"] = []

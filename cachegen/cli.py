@@ -211,13 +211,16 @@ def doctor(cache: Path, as_json: bool) -> None:
               help="PNG file to write.")
 @click.option("--samples", default=6, show_default=True, type=click.IntRange(1, 64), help="Rows: samples shown.")
 @click.option("--epochs", default=8, show_default=True, type=click.IntRange(1, 64), help="Most epochs shown.")
+@click.option("--source", metavar="WHERE", help="Where the cache's source is now, if it moved since the build "
+                                             "[default: where the build recorded it].")
 @click.option("--trust-code", is_flag=True, help=TRUST_HELP)
 @_one_line_errors
-def preview(cache: Path, out: Path, samples: int, epochs: int, trust_code: bool) -> None:
+def preview(cache: Path, out: Path, samples: int, epochs: int, trust_code: bool, source: str | None) -> None:
     """Draw a grid: rows are samples, columns the original then each epoch's augmentation."""
     from cachegen.preview import preview as run_preview
 
-    rows, columns = run_preview(cache, out, samples=samples, epochs=epochs, trust_code=trust_code)
+    rows, columns = run_preview(cache, out, samples=samples, epochs=epochs, trust_code=trust_code, source=source,
+                                say=lambda msg: click.echo(msg, err=True))
     click.echo(f"wrote {click.format_filename(out)}: {rows} samples x {columns} columns")
 
 
@@ -237,9 +240,15 @@ def preview(cache: Path, out: Path, samples: int, epochs: int, trust_code: bool)
 @click.option("--device", help="cpu or cuda [default: cuda if available].")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @click.option("--plot", type=click.Path(path_type=Path), help="Also draw a bar chart to this PNG.")
+@click.option("--source", metavar="WHERE", help="Where the cache's source is now, if it moved since the build "
+                                             "[default: where the build recorded it].")
+@click.option("--resize", type=click.IntRange(1), metavar="N",
+              help="For a cache of a source of mixed sizes built without --resize: the side its live rows "
+                   "resize the source to.")
 @click.option("--trust-code", is_flag=True, help=TRUST_HELP)
 @_one_line_errors
-def bench(cache, batch_size, workers, images, min_seconds, warmup, model, device, as_json, plot, trust_code) -> None:
+def bench(cache, batch_size, workers, images, min_seconds, warmup, model, device, as_json, plot, trust_code,
+          source, resize) -> None:
     """Measure, side by side: the cache, live augmentation (per sample in workers, and batched on the device),
     online augmentation, stock webdataset, plain read().
 
@@ -262,7 +271,8 @@ def bench(cache, batch_size, workers, images, min_seconds, warmup, model, device
 
     say = (lambda msg: click.echo(msg, err=True)) if as_json else click.echo
     result = run_bench(cache, batch_size=batch_size, workers=workers or None, images=images, min_seconds=min_seconds,
-                       warmup=warmup, model=model, device=device, trust_code=trust_code, progress=say)
+                       warmup=warmup, model=model, device=device, trust_code=trust_code, progress=say,
+                       source=source, resize=resize)
     click.echo(json.dumps(result, indent=2) if as_json else format_table(result))
     if plot:
         draw(result, plot)
