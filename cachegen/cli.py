@@ -188,8 +188,8 @@ def verify(cache: str) -> None:
     for problem in problems:
         click.echo(f"BAD {problem}", err=True)
     if problems:
-        raise click.ClickException(f"{len(problems)} of {checked} shards are bad; rebuild them by deleting "
-                                   "them and re-running the build command")
+        raise click.ClickException(f"{len(problems)} of {checked} shards are bad; re-run the same `cachegen build` "
+                                   "command: it checks every shard and writes the bad ones again")
     click.echo(f"ok: {checked} shards verified")
 
 

@@ -8,9 +8,11 @@ import json
 import shutil
 
 import numpy as np
+import pytest
 from PIL import Image
 
-from tests.cachegen.conftest import assert_one_line_error, run_cli
+from readers.errors import ReaderError
+from tests.cachegen.conftest import assert_one_line_error, run_cli, shard_bytes
 
 FAST = ("--images", "64", "--min-seconds", "0", "--warmup", "0", "--batch-size", "32", "--workers", "1")
 
@@ -90,3 +92,47 @@ def test_bench_of_a_folder_of_mixed_sizes_says_which_option_and_it_works(tmp_pat
 def test_bench_resize_is_refused_for_a_cache_with_its_own(tmp_path, monkeypatch):
     cache = _folder_cache(tmp_path, monkeypatch, "--resize", "36")
     assert_one_line_error(run_cli("bench", cache, *FAST, "--resize", "32", expect=1), "leave out --resize")
+
+
+def _flip(path, at: int = 700) -> None:
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _truncate(path) -> None:
+    path.write_bytes(path.read_bytes()[:-1024])
+
+
+@pytest.mark.parametrize("damage", ["flipped shard", "truncated shard", "flipped index", "missing shard"])
+def test_the_readers_advice_to_rerun_the_build_repairs_the_cache(build, damage):
+    from readers import CachedLoader
+
+    cache = build("--epochs", "2")
+    before = shard_bytes(cache)
+    shard = sorted(cache.glob("*/*.tar"))[1]
+    {"flipped shard": lambda: _flip(shard), "truncated shard": lambda: _truncate(shard),
+     "flipped index": lambda: _flip(shard.with_suffix(".idx"), at=-8),
+     "missing shard": shard.unlink}[damage]()
+    with pytest.raises(ReaderError, match="re-run the same `cachegen build`"):
+        loader = CachedLoader(cache, batch_size=64, device="cpu", verify=True)
+        for epoch in range(2):
+            loader.set_epoch(epoch)
+            for _ in loader:
+                pass
+    result = run_cli("verify", cache, expect=1)
+    assert "re-run the same `cachegen build` command" in result.output
+    result = build("--epochs", "2")  # the advice, followed: the same command
+    run_cli("verify", cache)
+    assert shard_bytes(cache) == before
+
+
+def test_a_rerun_says_it_resumes_and_names_what_it_writes_again(build, npz_source, tmp_path):
+    cache = build("--epochs", "2")
+    _flip(sorted(cache.glob("*/*.tar"))[0])
+    result = run_cli("build", npz_source[0], "--out", cache, "--shard-size", "50", "--workers", "1", "--epochs", "2")
+    total = len(list(cache.glob("*/*.tar")))
+    assert f"resuming: {total - 1} of {total} shards already in" in result.output
+    assert "1 shard(s) failed their check and are written again" in result.output
+    result = run_cli("build", npz_source[0], "--out", cache, "--shard-size", "50", "--workers", "1", "--epochs", "2")
+    assert f"resuming: {total} of {total} shards" in result.output and "nothing to write" in result.output
