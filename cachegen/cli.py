@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from cachegen import __version__
+from cachegen.errors import CachegenError
 from cacheformat import as_error
 from cacheformat.manifest import ENCODINGS
 
@@ -196,10 +197,15 @@ def verify(cache: str) -> None:
 @main.command()
 @click.argument("cache", default="cache", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@_one_line_errors
 def doctor(cache: Path, as_json: bool) -> None:
     """What a bug report needs: versions, GPU, cores, memory and the disk at CACHE [default: ./cache],
     and how the cache's size compares with the page cache that keeps it fast."""
     from cachegen.doctor import format_report, report
+
+    if not cache.exists():
+        raise CachegenError(f"{click.format_filename(cache)} does not exist: give a cache's folder "
+                            "(`cachegen doctor CACHE`), or `.` for this machine alone")
 
     r = report(cache)
     click.echo(json.dumps(r, indent=2) if as_json else format_report(r))

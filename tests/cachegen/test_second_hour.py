@@ -5,6 +5,7 @@ advice an error gives is followed here and works."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -136,3 +137,33 @@ def test_a_rerun_says_it_resumes_and_names_what_it_writes_again(build, npz_sourc
     assert "1 shard(s) failed their check and are written again" in result.output
     result = run_cli("build", npz_source[0], "--out", cache, "--shard-size", "50", "--workers", "1", "--epochs", "2")
     assert f"resuming: {total} of {total} shards" in result.output and "nothing to write" in result.output
+
+
+def test_a_cache_being_built_is_named_so_everywhere_with_its_builders_pid(slow_source, tmp_path):
+    from readers import CachedLoader
+    from tests.cachegen.test_overwrite import SLOW_ARGS, cachegen, finish, wait_for
+
+    source, env = slow_source
+    out, gate = tmp_path / "cache", tmp_path / "gate"
+    gate.touch()  # holds the build at its first sample
+    first = cachegen("build", source, "--out", out, "--workers", "1", *SLOW_ARGS, env={**env, "SLOW_AUG_GATE": str(gate)})
+    try:
+        lock = out / ".cachegen-lock"
+        wait_for(first, lambda: lock.exists() and lock.read_text().strip() == str(first.pid))
+        said = f"a cachegen build (pid {first.pid}) is writing it now"
+        for command in (["info", out], ["verify", out], ["preview", out, "--out", tmp_path / "p.png"]):
+            assert_one_line_error(run_cli(*command, expect=1), said, "wait for that build to end")
+        with pytest.raises(ReaderError, match=re.escape(said)):
+            CachedLoader(out, batch_size=8, device="cpu")
+        assert f"is being built by a cachegen build (pid {first.pid}) now" in run_cli("doctor", out).output
+        gate.unlink()
+        rc, output = finish(first)
+    finally:
+        first.kill()
+    assert rc == 0, output
+    assert "holds no cachegen cache" not in run_cli("doctor", out).output
+    run_cli("info", out)
+
+
+def test_doctor_on_a_missing_path_exits_non_zero(tmp_path):
+    assert_one_line_error(run_cli("doctor", tmp_path / "nope", expect=1), "does not exist", "cachegen doctor CACHE")
