@@ -62,7 +62,7 @@ def main() -> None:
 @click.option("--shard-size", default="1000", show_default=True,
               help="Samples per shard (1000) or bytes of pixels per shard (64MB).")
 @click.option("--split", default="train", show_default=True, type=click.Choice(["train", "test"]),
-              help="Split of a torchvision dataset source.")
+              help="Split of a torchvision dataset or the sample (a folder or .npz has none: refused).")
 @click.option("--on-error", default="fail", show_default=True, type=click.Choice(["fail", "skip"]),
               help="On an unreadable image: stop naming it, or skip it and report how many.")
 @click.option("--mode", default="auto", show_default=True, type=click.Choice(["auto", "cached", "live"]),

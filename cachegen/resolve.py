@@ -19,6 +19,7 @@ from cachegen.manifest import FORMAT, FORMAT_VERSION
 from cachegen.outdir import built_epochs
 from cachegen.shards import encode, npy_header_bytes
 from cachegen.sources import Source, open_source, printable
+from cachegen.sources.torchvision import TORCHVISION_KINDS
 from cachegen.stats import stats_of_cache
 from cachegen.teacher import Teacher, manifest_block, probe_teacher
 from cacheaug.batched import augment_batch, batch_seed, make_batched
@@ -26,6 +27,9 @@ from cacheaug.transforms import (epoch_fingerprint, factory_sha256, fingerprint,
                                  make_transform, to_hwc_uint8)
 
 
+# The kinds of source that have splits (--split picks one); any other refuses --split test rather
+# than build the training images under a test cache's name.
+SPLIT_KINDS = frozenset({"sample", *TORCHVISION_KINDS})
 PROBES = 8  # source images probed for the channel count and --mode auto's size estimate
 TAR_BYTES_PER_SAMPLE = 1536  # two 512-byte headers and the padded label
 
@@ -46,6 +50,10 @@ def resolve(config: BuildConfig) -> ResolvedBuild:
     """Open and probe the source, then settle the transform, epochs, shapes, mode, device and teacher;
     nothing is written yet, so a config the source refuses leaves --out as it was."""
     source = open_source(config.source, split=config.split)
+    if config.split != "train" and source.kind not in SPLIT_KINDS:
+        raise CachegenError(f"--split {config.split} picks a split of a torchvision dataset or of the sample; "
+                            f"{source.description} has none: build the {config.split} images from a "
+                            f"{source.kind} of their own, without --split")
     settings = BuildSettings(source=source, root=config.out, spec=config.transform, epochs=config.epochs, size=0,
                              schedule=config.schedule, seed=config.seed, encoding=config.encoding,
                              on_error=config.on_error, resize=config.resize)

@@ -167,3 +167,18 @@ def test_a_cache_being_built_is_named_so_everywhere_with_its_builders_pid(slow_s
 
 def test_doctor_on_a_missing_path_exits_non_zero(tmp_path):
     assert_one_line_error(run_cli("doctor", tmp_path / "nope", expect=1), "does not exist", "cachegen doctor CACHE")
+
+
+def test_split_test_is_refused_for_a_source_without_splits(npz_source, tmp_path):
+    make_folder(tmp_path / "folder")
+    for source in (npz_source[0], tmp_path / "folder"):
+        result = run_cli("build", source, "--split", "test", "--out", tmp_path / "val", "--epochs", "1", expect=1)
+        assert_one_line_error(result, "--split test picks a split of a torchvision dataset or of the sample",
+                              "without --split")
+        assert not (tmp_path / "val").exists()
+
+
+def test_split_test_of_the_sample_is_its_test_images(tmp_path):
+    run_cli("build", "--split", "test", "--transform", "val", "--out", tmp_path / "val", "--workers", "1", "--quiet")
+    m = json.loads((tmp_path / "val" / "manifest.json").read_text())
+    assert m["source"]["num_samples"] == 1000 and "(test)" in m["source"]["description"]
