@@ -39,7 +39,7 @@ def main() -> None:
     """Expand an image dataset into N augmented epochs of WebDataset shards, and inspect them."""
 
 
-@main.command()
+@main.command(short_help="Write SOURCE as N augmented epochs of shards (or a live cache).")
 @click.argument("source", required=False)
 @click.option("--epochs", default=10, show_default=True, type=int, help="Augmented epochs to write.")
 @click.option("--out", default="cache", show_default=True,
@@ -134,13 +134,15 @@ def _say_built(manifest: dict, built: Path, url: str | None, out: str) -> None:
     size = sum(p.stat().st_size for p in built.rglob("*") if p.is_file())
     loader = "CachedLoader" if manifest["mode"] == "cached" else "LiveLoader"
     local = ", local='/scratch/cache'" if url else ""
+    if manifest["mode"] == "live" and ":" in manifest["transform"]["spec"]:  # its factory runs as it reads
+        local += ", trust_code=True"
     click.echo(f"cachegen: {click.format_filename(where)}: {describe(manifest)}, {image} images, "
                f"{size / 1e6:.1f} MB")
     click.echo(f"next: `cachegen info {click.format_filename(str(out))}`, or read it with "
                f"readers.{loader}({where!r}, batch_size=256{local})")
 
 
-@main.command()
+@main.command(short_help="Summarise a cache from its manifest: what it holds.")
 @click.argument("cache")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @_one_line_errors
@@ -161,8 +163,9 @@ def info(cache: str, as_json: bool) -> None:
                + (f"  augment_on={s['transform'].get('augment_on', 'cpu')}" if s["mode"] == "live" else ""))
     if ":" in s["transform"]["spec"]:
         digest = s["transform"].get("factory_sha256") or "not recorded (no source file)"
-        click.echo(f"factory    {s['transform']['spec']}  sha256 {digest}  (code: runs only with trust_code=True / "
-                   "--trust-code)")
+        runs = "runs only with trust_code=True / --trust-code" if s["mode"] == "live" else \
+            "ran at build time; reading this cache runs none (bench --trust-code runs it for its online rows)"
+        click.echo(f"factory    {s['transform']['spec']}  sha256 {digest}  (code: {runs})")
     click.echo(f"seed       {s['seed']}")
     click.echo(f"contents   {s['contents']}, {s['bytes'] / 1e6:.1f} MB")
     click.echo(f"images     {s['image']['encoding']} {'x'.join(map(str, s['image']['shape']))} uint8"
@@ -174,7 +177,7 @@ def info(cache: str, as_json: bool) -> None:
         click.echo(f"skipped    {s['skipped']} unreadable source samples")
 
 
-@main.command()
+@main.command(short_help="Recompute every checksum; exit 1 naming each bad shard.")
 @click.argument("cache")
 @_one_line_errors
 def verify(cache: str) -> None:
@@ -194,7 +197,7 @@ def verify(cache: str) -> None:
     click.echo(f"ok: {checked} shards verified")
 
 
-@main.command()
+@main.command(short_help="Versions, GPU, cores, memory, disk: for a bug report.")
 @click.argument("cache", default="cache", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @_one_line_errors
@@ -211,7 +214,7 @@ def doctor(cache: Path, as_json: bool) -> None:
     click.echo(json.dumps(r, indent=2) if as_json else format_report(r))
 
 
-@main.command()
+@main.command(short_help="Draw a PNG grid of samples through the epochs.")
 @click.argument("cache", type=click.Path(path_type=Path))
 @click.option("--out", default="preview.png", show_default=True, type=click.Path(path_type=Path),
               help="PNG file to write.")
@@ -230,7 +233,7 @@ def preview(cache: Path, out: Path, samples: int, epochs: int, trust_code: bool,
     click.echo(f"wrote {click.format_filename(out)}: {rows} samples x {columns} columns")
 
 
-@main.command()
+@main.command(short_help="Measure the cache against live and online augmentation.")
 @click.argument("cache", required=False, type=click.Path(path_type=Path))
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(1))
 @click.option("--workers", default=0, show_default=True, type=click.IntRange(0),

@@ -182,3 +182,42 @@ def test_split_test_of_the_sample_is_its_test_images(tmp_path):
     run_cli("build", "--split", "test", "--transform", "val", "--out", tmp_path / "val", "--workers", "1", "--quiet")
     m = json.loads((tmp_path / "val" / "manifest.json").read_text())
     assert m["source"]["num_samples"] == 1000 and "(test)" in m["source"]["description"]
+
+
+FACTORY = '''
+from torchvision.transforms import v2
+
+
+def make(epoch, epochs):
+    return v2.RandomHorizontalFlip()
+'''
+
+
+def test_the_next_hint_after_a_live_build_with_a_factory_works_when_followed(npz_source, tmp_path):
+    from readers import LiveLoader  # noqa: F401 - the hint's name, evaluated below
+
+    (tmp_path / "aug.py").write_text(FACTORY)
+    out = tmp_path / "live"
+    result = run_cli("build", npz_source[0], "--mode", "live", "--transform", f"{tmp_path / 'aug.py'}:make",
+                     "--out", out, "--epochs", "2", "--workers", "1")
+    hint = result.output.strip().splitlines()[-1]
+    assert hint.endswith(f"readers.LiveLoader('{out}', batch_size=256, trust_code=True)"), hint
+    loader = eval(hint.split("read it with readers.")[1].replace("batch_size=256", "batch_size=256, workers=0"))
+    images, labels = next(iter(loader))
+    assert images.shape[0] == 240 and len(labels) == 240  # 240 samples: one batch
+
+
+def test_info_on_a_cached_factory_cache_does_not_say_its_code_runs_on_reading(npz_source, tmp_path):
+    (tmp_path / "aug.py").write_text(FACTORY)
+    common = [npz_source[0], "--transform", f"{tmp_path / 'aug.py'}:make", "--epochs", "1", "--workers", "1", "--quiet"]
+    run_cli("build", *common, "--out", tmp_path / "cached", "--mode", "cached")
+    run_cli("build", *common, "--out", tmp_path / "live", "--mode", "live")
+    cached = next(line for line in run_cli("info", tmp_path / "cached").output.splitlines() if line.startswith("factory"))
+    assert "reading this cache runs none" in cached and "runs only with" not in cached
+    live = next(line for line in run_cli("info", tmp_path / "live").output.splitlines() if line.startswith("factory"))
+    assert "runs only with trust_code=True / --trust-code" in live
+
+
+def test_the_command_summaries_are_whole():
+    lines = run_cli("--help").output.split("Commands:")[1].strip().splitlines()
+    assert len(lines) == 6 and not any(line.rstrip().endswith("...") for line in lines), lines
