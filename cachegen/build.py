@@ -5,6 +5,7 @@ manifest last."""
 from __future__ import annotations
 
 import contextlib
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -52,11 +53,25 @@ def build(config: BuildConfig) -> dict:
 def _build(config: BuildConfig) -> dict:
     """The stages of a build, under the lock on --out."""
     resolved = resolve(config)
+    _check_space(config, resolved)
     final, settings, previous = _open_out(config, resolved)
     plan = _plan(resolved, settings)
     indexed = _index_finished(config, settings, plan, previous)
     execute(config, settings, plan, indexed, final)
     return _commit(config, resolved, settings, plan, indexed, final)
+
+
+def _check_space(config: BuildConfig, resolved: ResolvedBuild) -> None:
+    """Refuse, before anything is written, a build whose estimated size (less the shards already in
+    --out, for a resume) is more than the free space where it goes: not fail once the disk is full."""
+    root = config.out
+    there = sum(p.stat().st_size for p in root.glob("*/*.tar") if p.is_file()) if not config.overwrite else 0
+    needed = resolved.estimate - there
+    free = shutil.disk_usage(root).free
+    if needed > free:
+        raise CachegenError(f"this build needs ~{needed / 1e9:.3g} GB more and {printable(str(root))} has "
+                            f"{free / 1e9:.3g} GB free: free some space, choose another --out, build fewer "
+                            "--epochs, or --mode live (the source once)")
 
 
 def _open_out(config: BuildConfig, resolved: ResolvedBuild) -> tuple[Path, BuildSettings, dict | None]:

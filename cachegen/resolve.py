@@ -44,6 +44,7 @@ class ResolvedBuild:
     per_shard: int  # samples a shard
     kept_all: bool  # --out holds more epochs than asked: all kept, and said once the folder is known to hold this cache
     borrowed: tuple[list[float], list[float]] | None  # --stats-from's mean and std
+    estimate: float = 0.0  # bytes the whole cache will take, from the probed images (the free-space check)
 
 
 def resolve(config: BuildConfig) -> ResolvedBuild:
@@ -69,7 +70,10 @@ def resolve(config: BuildConfig) -> ResolvedBuild:
     settings = _for_mode(config, settings, mode, augment_on)
     count, nbytes = parse_shard_size(config.shard_size)
     per_shard = count or max(1, nbytes // int(np.prod(_stored_shape(settings, mode))))
-    return ResolvedBuild(settings, _meta(config, settings, mode, per_shard), mode, per_shard, kept_all, borrowed)
+    passes = settings.epochs if mode == "cached" else 1  # a live cache stores the source once
+    estimate = (probe_bytes + TAR_BYTES_PER_SAMPLE) * len(source) * passes
+    return ResolvedBuild(settings, _meta(config, settings, mode, per_shard), mode, per_shard, kept_all, borrowed,
+                         estimate)
 
 
 def _transform(config: BuildConfig, settings: BuildSettings,

@@ -221,3 +221,20 @@ def test_info_on_a_cached_factory_cache_does_not_say_its_code_runs_on_reading(np
 def test_the_command_summaries_are_whole():
     lines = run_cli("--help").output.split("Commands:")[1].strip().splitlines()
     assert len(lines) == 6 and not any(line.rstrip().endswith("...") for line in lines), lines
+
+
+def test_a_build_larger_than_the_free_disk_is_refused_before_writing(tmp_path):
+    import shutil as sh
+
+    from cachegen.config import MAX_EPOCHS
+    from tests.conftest import make_npz
+
+    per_epoch = 24 * (512 * 512 * 3 + 1536)  # 24 images of 512x512x3, as npy in a tar
+    epochs = 2 * sh.disk_usage(tmp_path).free // per_epoch + 1
+    if epochs > MAX_EPOCHS:
+        pytest.skip(f"this disk has more free space than {MAX_EPOCHS} epochs take")
+    source = make_npz(tmp_path / "big.npz", n=24, size=512)[0]
+    result = run_cli("build", source, "--out", tmp_path / "cache", "--epochs", epochs, "--mode", "cached",
+                     "--workers", "1", expect=1)
+    assert_one_line_error(result, "this build needs ~", "GB free", "--mode live")
+    assert not (tmp_path / "cache").exists()
