@@ -7,6 +7,7 @@ rather than timed over a few milliseconds."""
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 import time
@@ -384,30 +385,52 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+PLOT_SPAN = 560  # pixels of the bars' axis
+PLOT_BAR_H = 34
+PLOT_RIGHT = 50  # room for the last decade's value
+
+
+def plot_axis(rates: list[float]) -> tuple[float, float]:
+    """The log axis of the --plot chart: from the decade below the slowest row to the decade above
+    the fastest (at least one decade)."""
+    lo = 10 ** math.floor(math.log10(min(rates)))
+    hi = 10 ** math.ceil(math.log10(max(rates)))
+    return lo, hi if hi > lo else lo * 10
+
+
 def plot(result: dict, out: Path) -> None:
-    """A horizontal bar chart of img/s per row on a linear scale, each bar labelled with its
-    img/s and its ratio to online, drawn with Pillow (no plotting dependency). The ceiling row
-    (plain read()) is named in the title, not drawn: at its scale the others would vanish."""
+    """A horizontal bar chart of img/s per row on a log scale (rows 50x apart both stay readable),
+    each bar labelled with its img/s and its ratio to online, every row's name whole, drawn with
+    Pillow (no plotting dependency). The ceiling row (plain read()) is named in the title, not drawn."""
     from PIL import Image, ImageDraw
 
     c = result["config"]
     rows = [r for r in result["rows"] if r["kind"] != "ceiling"]
     ceiling = [r for r in result["rows"] if r["kind"] == "ceiling"]
-    width, bar_h, left, right = 900, 34, 330, 20
-    image = Image.new("RGB", (width, 70 + bar_h * len(rows) + 20), "white")
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    left = 20 + int(max(measure.textlength(r["name"]) for r in rows))  # the longest name, whole
+    bar_h, right = PLOT_BAR_H, PLOT_RIGHT
+    width = left + PLOT_SPAN + right
+    image = Image.new("RGB", (width, 70 + bar_h * len(rows) + 40), "white")
     draw = ImageDraw.Draw(image)
-    draw.text((10, 10), f"cachegen bench: images/s, linear scale (batch {c['batch_size']}, {c['device']}, "
+    draw.text((10, 10), f"cachegen bench: images/s, log scale (batch {c['batch_size']}, {c['device']}, "
                         f"{c['cpu_cores']} CPU cores" + (", with a training step)" if c["model"] else ")"), fill="black")
     if ceiling:
         draw.text((10, 28), "not drawn: " + ", ".join(f"{r['name']} {r['images_per_s']:,.0f} img/s" for r in ceiling),
                   fill=(90, 90, 90))
-    top = max(r["images_per_s"] for r in rows)
-    span = width - left - right
+    lo, hi = plot_axis([r["images_per_s"] for r in rows])
+    decades = math.log10(hi / lo)
+    bottom = 55 + bar_h * len(rows)
+    for k in range(round(decades) + 1):  # a grid line and its value at every decade
+        x = left + int(PLOT_SPAN * k / decades)
+        draw.line([x, 50, x, bottom], fill=(220, 220, 220))
+        text = f"{lo * 10 ** k:,.0f}"
+        draw.text((x - draw.textlength(text) / 2, bottom + 4), text, fill=(90, 90, 90))
     for i, r in enumerate(rows):
         y = 55 + i * bar_h
-        length = max(1, int(span * r["images_per_s"] / top))
+        length = max(1, int(PLOT_SPAN * math.log10(r["images_per_s"] / lo) / decades))
         colour = (46, 125, 50) if r["name"].startswith("cachegen") else (120, 120, 120)
-        draw.text((10, y + 8), r["name"][:48], fill="black")
+        draw.text((10, y + 8), r["name"], fill="black")
         draw.rectangle([left, y + 4, left + length, y + bar_h - 6], fill=colour)
         ratio = f"  {r['ratio_to_online']:.2f}x online" if r["ratio_to_online"] is not None else ""
         label = f"{r['images_per_s']:,.0f} img/s{ratio}"

@@ -274,7 +274,7 @@ def bench(cache, batch_size, workers, images, min_seconds, warmup, model, device
     images, s  images and wall seconds timed in the row, after the warm-up
 
     The plain read() row is the ceiling (bytes only, no batches, no model); it is shown in a table
-    of its own and named, not drawn, on the --plot chart (linear scale, ratio on each bar).
+    of its own and named, not drawn, on the --plot chart (log scale, ratio on each bar).
     """
     from cachegen.bench import format_table, plot as draw, run_bench
 
