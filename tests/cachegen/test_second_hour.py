@@ -238,3 +238,30 @@ def test_a_build_larger_than_the_free_disk_is_refused_before_writing(tmp_path):
                      "--workers", "1", expect=1)
     assert_one_line_error(result, "this build needs ~", "GB free", "--mode live")
     assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("damage", ["flipped", "truncated", "missing"])
+def test_a_live_caches_advice_to_rerun_the_build_repairs_it(build, damage):
+    from readers import open_loader
+
+    cache = build("--epochs", "2", "--mode", "live")
+    before = shard_bytes(cache)
+    shard = sorted(cache.glob("*/*.tar"))[0]
+    {"flipped": lambda: _flip(shard), "truncated": lambda: _truncate(shard), "missing": shard.unlink}[damage]()
+    with pytest.raises(ReaderError, match="re-run the same `cachegen build`"):
+        for _ in open_loader(cache, batch_size=64, device="cpu", workers=0, verify=True):
+            pass
+    build("--epochs", "2", "--mode", "live")  # the advice, followed
+    run_cli("verify", cache)
+    assert shard_bytes(cache) == before
+
+
+def test_a_damaged_manifests_advice_to_overwrite_works(build):
+    cache = build("--epochs", "2")
+    before = shard_bytes(cache)
+    (cache / "manifest.json").write_text("{not json")
+    assert_one_line_error(run_cli("info", cache, expect=1), "rebuild the cache with `cachegen build --overwrite`")
+    assert_one_line_error(build("--epochs", "2", expect=1), "--overwrite")  # a plain re-run says the same
+    build("--epochs", "2", "--overwrite")
+    run_cli("verify", cache)
+    assert shard_bytes(cache) == before
