@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import fcntl
 import os
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+BUILD_LOCK = ".cachegen-lock"  # in a cache's folder while a build writes it: flock'ed, holding the builder's pid
 
 
 def lock_file(path: str | Path, *, shared: bool = False, blocking: bool = True) -> int | None:
@@ -40,5 +43,29 @@ def locked(path: str | Path, *, shared: bool = False) -> Iterator[int]:
     fd = lock_file(path, shared=shared)
     try:
         yield fd
+    finally:
+        os.close(fd)
+
+
+def builder(root: str | Path) -> str | None:
+    """The pid (as text; "unknown" where the file does not say) of the cachegen build writing the
+    folder `root` now, or None where no build holds its lock (none runs, or one was killed: its
+    lock went with it). Creates nothing, follows no symlink, reads at most 32 bytes.
+
+    A shared lock is tried for an instant: a build starting in that instant retries its own
+    (cachegen.outdir.build_lock)."""
+    try:
+        fd = os.open(Path(root) / BUILD_LOCK, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.read(fd, 32).decode(errors="replace").strip()
+            return pid if pid.isdigit() else "unknown"
+        return None
     finally:
         os.close(fd)

@@ -19,6 +19,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from cacheformat.errors import FormatError
+from cacheformat.locks import builder
 from cacheformat.layout import index_bytes, index_path, npy_layout, shard_size_problem
 from cacheformat.schema import SKIP, Field, Section, walk
 from cacheformat.teacher import MEMBER as TEACHER_MEMBER
@@ -119,6 +120,10 @@ def read_manifest(root: str | Path) -> Manifest:
     root = Path(root)
     path = root / MANIFEST
     if not path.is_file():
+        pid = builder(root)
+        if pid is not None:
+            raise FormatError(f"no cache at {root} yet: a cachegen build (pid {pid}) is writing it now; "
+                              "wait for that build to end")
         if (root / BUILD_STATE).is_file():
             raise FormatError(f"no cache at {root} yet: a build there was interrupted before writing {MANIFEST}; "
                               "re-run the same `cachegen build` command to resume it")
@@ -258,7 +263,9 @@ SOURCE = Section((
 ))
 SOURCE_SPEC = Section((
     Field("split", _text, _TEXT),
-    Field("spec", _or_none(_text), _TEXT),
+    Field("spec", _or_none(_text), _TEXT),  # as the user spelt it
+    # The same made absolute, so that a tool run from another folder finds it (absent before it was recorded)
+    Field("absolute", _or_none(_text), _TEXT, default=SKIP),
 ))
 TRANSFORM = Section((
     Field("spec", _text, _TEXT),

@@ -115,10 +115,14 @@ class Augmenter:
     def source_pixels(self, index: int, pixels: np.ndarray) -> np.ndarray:
         """The un-augmented image (self.pixels) as a live cache stores it: HWC uint8 of one fixed shape."""
         if pixels.shape != self.settings.source_shape:
-            raise CachegenError(f"a live cache stores the source un-augmented, so its images need one shape: "
+            raise MixedShapes(f"a live cache stores the source un-augmented, so its images need one shape: "
                                 f"{self.settings.source.name(index)} is {pixels.shape}, the first is "
                                 f"{self.settings.source_shape}; pass --resize N")
         return pixels
+
+
+class MixedShapes(CachegenError):
+    """A live build's source images are not all of one shape (and no --resize makes them so)."""
 
 
 def check_one_shape(settings: BuildSettings, images: list[tuple[int, np.ndarray]]) -> None:

@@ -7,6 +7,7 @@ rather than timed over a few milliseconds."""
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 import time
@@ -19,7 +20,9 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from cachegen.augmenter import MixedShapes
 from cachegen.build import build
+from cachegen.cachesource import where
 from cachegen.config import BuildConfig, default_workers, parse_device
 from cachegen.errors import CachegenError
 from cachegen.manifest import read_manifest
@@ -263,17 +266,20 @@ class _Run(NamedTuple):
 
 def run_bench(cache: Path | None, *, batch_size: int = 256, workers: int | None = None, images: int = 20000,
               min_seconds: float = 3.0, warmup: int = 1000, model: bool = False, device: str | None = None,
-              trust_code: bool = False, progress: Callable[[str], None] = print) -> dict:
+              trust_code: bool = False, progress: Callable[[str], None] = print, source: str | None = None,
+              resize: int | None = None) -> dict:
     """Measure every way of feeding batches; return {'rows': [...], 'config': {...}}.
 
     Each row: `warmup` images untimed, then passes repeated until >= `images` images and
     >= `min_seconds` seconds have been timed. The online and live rows augment with the cache's
-    transform: a `module:factory` only with `trust_code` (the sample cache built here needs none)."""
+    transform: a `module:factory` only with `trust_code` (the sample cache built here needs none).
+    `source`: where the cache's source is now, where it moved (cachegen.cachesource); `resize`: the
+    side the live rows' cache resizes the source to, where the cache has no --resize of its own."""
     workers = workers or default_workers()
     dev = parse_device(device)  # before any building: a bad --device fails at once
     loader_workers = max(1, workers)
     with tempfile.TemporaryDirectory(prefix="cachegen-bench-") as tmp:
-        cache, m, online_ds, live_dir = _caches(cache, Path(tmp), workers, trust_code, progress)
+        cache, m, online_ds, live_dir = _caches(cache, Path(tmp), workers, trust_code, progress, source, resize)
         step = _model(dev, len(m["classes"])) if model else None
         runs, online_setup = _runs(cache, m, online_ds, live_dir, dev, batch_size, loader_workers, step)
         rows = []
@@ -296,10 +302,11 @@ def run_bench(cache: Path | None, *, batch_size: int = 256, workers: int | None 
             "rows": [r.as_dict(None if model and r.kind == "ceiling" else online_rate) for r in rows]}
 
 
-def _caches(cache: Path | None, tmp: Path, workers: int, trust_code: bool,
-            progress: Callable[[str], None]) -> tuple[Path, dict, object, Path]:
+def _caches(cache: Path | None, tmp: Path, workers: int, trust_code: bool, progress: Callable[[str], None],
+            source: str | None = None, resize: int | None = None) -> tuple[Path, dict, object, Path]:
     """(cached cache, its manifest, its online dataset, a live cache of the same build in `tmp`);
-    without `cache`, a sample cache built in `tmp` first."""
+    without `cache`, a sample cache built in `tmp` first. A live cache stores the source at one
+    shape: of a source of mixed sizes built without --resize, `resize` makes it one (bench --resize)."""
     if cache is None:
         progress("building a sample cache (2 epochs) and a live cache to measure ...")
         cache = tmp / "cached"
@@ -309,14 +316,22 @@ def _caches(cache: Path | None, tmp: Path, workers: int, trust_code: bool,
     if m["mode"] != "cached":
         raise CachegenError(f"{cache} is a live cache: bench needs a cached one (build with --mode cached)")
     # Checks the source is still there and unchanged; refuses code the user did not trust.
-    online_ds = online_dataset(cache, trust_code=trust_code)
+    online_ds = online_dataset(cache, trust_code=trust_code, source=source)
     live_dir = tmp / "live"
     spec, t = m["source_spec"], m["transform"]
-    build(BuildConfig(source=spec["spec"], split=spec["split"], image_column=spec.get("image_column"),
-                      label_column=spec.get("label_column"), out=live_dir, epochs=m["epochs"],
-                      transform=t["spec"], schedule=t["schedule"], size=t["size"], resize=t["resize"], seed=m["seed"],
-                      workers=workers, quiet=True, mode="live", shard_size=str(m["shard_size"]),
-                      encoding=m["image"]["encoding"], quality=m["image"].get("quality")))  # stored as the cache is
+    if resize is not None and t["resize"] is not None:
+        raise CachegenError(f"{cache} was built with --resize {t['resize']}: bench reads its source at that size; "
+                            "leave out --resize")
+    try:
+        build(BuildConfig(source=where(m, source), split=spec["split"], image_column=spec.get("image_column"),
+                          label_column=spec.get("label_column"), out=live_dir, epochs=m["epochs"],
+                          transform=t["spec"], schedule=t["schedule"], size=t["size"], resize=t["resize"] or resize,
+                          seed=m["seed"], workers=workers, quiet=True, mode="live", shard_size=str(m["shard_size"]),
+                          encoding=m["image"]["encoding"], quality=m["image"].get("quality")))  # stored as the cache is
+    except MixedShapes:
+        raise CachegenError(f"the source images of {cache} differ in size, and bench's live rows store them at one: "
+                            f"pass `cachegen bench --resize N` (e.g. --resize {t['size']}, the cache's output side)") \
+            from None
     return cache, m, online_ds, live_dir
 
 
@@ -402,30 +417,52 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+PLOT_SPAN = 560  # pixels of the bars' axis
+PLOT_BAR_H = 34
+PLOT_RIGHT = 50  # room for the last decade's value
+
+
+def plot_axis(rates: list[float]) -> tuple[float, float]:
+    """The log axis of the --plot chart: from the decade below the slowest row to the decade above
+    the fastest (at least one decade)."""
+    lo = 10 ** math.floor(math.log10(min(rates)))
+    hi = 10 ** math.ceil(math.log10(max(rates)))
+    return lo, hi if hi > lo else lo * 10
+
+
 def plot(result: dict, out: Path) -> None:
-    """A horizontal bar chart of img/s per row on a linear scale, each bar labelled with its
-    img/s and its ratio to online, drawn with Pillow (no plotting dependency). The ceiling row
-    (plain read()) is named in the title, not drawn: at its scale the others would vanish."""
+    """A horizontal bar chart of img/s per row on a log scale (rows 50x apart both stay readable),
+    each bar labelled with its img/s and its ratio to online, every row's name whole, drawn with
+    Pillow (no plotting dependency). The ceiling row (plain read()) is named in the title, not drawn."""
     from PIL import Image, ImageDraw
 
     c = result["config"]
     rows = [r for r in result["rows"] if r["kind"] != "ceiling"]
     ceiling = [r for r in result["rows"] if r["kind"] == "ceiling"]
-    width, bar_h, left, right = 900, 34, 330, 20
-    image = Image.new("RGB", (width, 70 + bar_h * len(rows) + 20), "white")
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    left = 20 + int(max(measure.textlength(r["name"]) for r in rows))  # the longest name, whole
+    bar_h, right = PLOT_BAR_H, PLOT_RIGHT
+    width = left + PLOT_SPAN + right
+    image = Image.new("RGB", (width, 70 + bar_h * len(rows) + 40), "white")
     draw = ImageDraw.Draw(image)
-    draw.text((10, 10), f"cachegen bench: images/s, linear scale (batch {c['batch_size']}, {c['device']}, "
+    draw.text((10, 10), f"cachegen bench: images/s, log scale (batch {c['batch_size']}, {c['device']}, "
                         f"{c['cpu_cores']} CPU cores" + (", with a training step)" if c["model"] else ")"), fill="black")
     if ceiling:
         draw.text((10, 28), "not drawn: " + ", ".join(f"{r['name']} {r['images_per_s']:,.0f} img/s" for r in ceiling),
                   fill=(90, 90, 90))
-    top = max(r["images_per_s"] for r in rows)
-    span = width - left - right
+    lo, hi = plot_axis([r["images_per_s"] for r in rows])
+    decades = math.log10(hi / lo)
+    bottom = 55 + bar_h * len(rows)
+    for k in range(round(decades) + 1):  # a grid line and its value at every decade
+        x = left + int(PLOT_SPAN * k / decades)
+        draw.line([x, 50, x, bottom], fill=(220, 220, 220))
+        text = f"{lo * 10 ** k:,.0f}"
+        draw.text((x - draw.textlength(text) / 2, bottom + 4), text, fill=(90, 90, 90))
     for i, r in enumerate(rows):
         y = 55 + i * bar_h
-        length = max(1, int(span * r["images_per_s"] / top))
+        length = max(1, int(PLOT_SPAN * math.log10(r["images_per_s"] / lo) / decades))
         colour = (46, 125, 50) if r["name"].startswith("cachegen") else (120, 120, 120)
-        draw.text((10, y + 8), r["name"][:48], fill="black")
+        draw.text((10, y + 8), r["name"], fill="black")
         draw.rectangle([left, y + 4, left + length, y + bar_h - 6], fill=colour)
         ratio = f"  {r['ratio_to_online']:.2f}x online" if r["ratio_to_online"] is not None else ""
         label = f"{r['images_per_s']:,.0f} img/s{ratio}"

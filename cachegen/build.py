@@ -5,12 +5,14 @@ manifest last."""
 from __future__ import annotations
 
 import contextlib
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from cachegen.augmenter import Augmenter, BuildSettings
+from cachegen.cachesource import absolute_spec
 from cachegen.config import BuildConfig
 from cachegen.errors import CachegenError
 from cachegen.execute import execute, read_indices, write_index
@@ -20,7 +22,7 @@ from cachegen.outdir import (build_lock, check_writable, finish_swap, holds_cach
                              replace_cache, staging_folder, swapped_path)
 from cachegen.plan import ShardTask, plan_shards
 from cachegen.resolve import ResolvedBuild, resolve, source_options
-from cachegen.shards import index_shard
+from cachegen.shards import check_shard, index_shard
 from cachegen.sources import printable
 from cachegen.stats import STATS_EPOCH, PixelStats, channel_stats
 from cacheaug.transforms import borrowed_rng
@@ -51,11 +53,25 @@ def build(config: BuildConfig) -> dict:
 def _build(config: BuildConfig) -> dict:
     """The stages of a build, under the lock on --out."""
     resolved = resolve(config)
+    _check_space(config, resolved)
     final, settings, previous = _open_out(config, resolved)
     plan = _plan(resolved, settings)
-    indexed = _index_finished(settings, plan, previous)
+    indexed = _index_finished(config, settings, plan, previous)
     execute(config, settings, plan, indexed, final)
     return _commit(config, resolved, settings, plan, indexed, final)
+
+
+def _check_space(config: BuildConfig, resolved: ResolvedBuild) -> None:
+    """Refuse, before anything is written, a build whose estimated size (less the shards already in
+    --out, for a resume) is more than the free space where it goes: not fail once the disk is full."""
+    root = config.out
+    there = sum(p.stat().st_size for p in root.glob("*/*.tar") if p.is_file()) if not config.overwrite else 0
+    needed = resolved.estimate - there
+    free = shutil.disk_usage(root).free
+    if needed > free:
+        raise CachegenError(f"this build needs ~{needed / 1e9:.3g} GB more and {printable(str(root))} has "
+                            f"{free / 1e9:.3g} GB free: free some space, choose another --out, build fewer "
+                            "--epochs, or --mode live (the source once)")
 
 
 def _open_out(config: BuildConfig, resolved: ResolvedBuild) -> tuple[Path, BuildSettings, dict | None]:
@@ -86,29 +102,56 @@ def _plan(resolved: ResolvedBuild, settings: BuildSettings) -> list[ShardTask]:
     return plan
 
 
-def _index_finished(settings: BuildSettings, plan: list[ShardTask], previous: dict | None) -> dict:
+def _index_finished(config: BuildConfig, settings: BuildSettings, plan: list[ShardTask], previous: dict | None) -> dict:
     """The manifest entries of the shards an earlier build finished, by path: before any is written,
-    so that a resumed build writes only the others (and --on-error skip reads every shard's index)."""
+    so that a resumed build writes only the others (and --on-error skip reads every shard's index).
+    Each is checked as `verify` checks it (size and sha256 of the shard and its index; a shard no
+    manifest lists yet, decoded whole); one that fails is deleted here and written again."""
     known = {s["path"]: s for entry in (previous or {}).get("epoch_list", []) for s in entry["shards"]}
     known.update({s["path"]: s for s in (previous or {}).get("source_shards", [])})
-    return {t.relpath: _finished_entry(settings, t, known.get(t.relpath))
-            for t in plan if (settings.root / t.relpath).exists()}
+    there = [t for t in plan if (settings.root / t.relpath).exists()]
+    entries = {t.relpath: _finished_entry(settings, t, known.get(t.relpath)) for t in there}
+    damaged = [path for path, entry in entries.items() if entry is None]
+    kept = len(there) - len(damaged)
+    if kept and not config.quiet:
+        rest = f"writing the other {len(plan) - kept}" if kept < len(plan) else "nothing to write"
+        print(f"cachegen: resuming: {kept} of {len(plan)} shards already in {printable(str(config.out))} "
+              f"(each checked); {rest}")
+    if damaged and not config.quiet:
+        shown = ", ".join(damaged[:3]) + (f" and {len(damaged) - 3} more" if len(damaged) > 3 else "")
+        print(f"cachegen: {len(damaged)} shard(s) failed their check and are written again: {shown}")
+    return {path: entry for path, entry in entries.items() if entry is not None}
 
 
-def _finished_entry(settings: BuildSettings, task: ShardTask, known: dict | None) -> dict:
+def _finished_entry(settings: BuildSettings, task: ShardTask, known: dict | None) -> dict | None:
     """The manifest entry of a shard an earlier (interrupted, or shorter) build finished: the earlier
-    manifest's, where the index it names is there, else indexed again from the shard itself."""
+    manifest's, where the shard and the index it names match it, else indexed again from the shard
+    itself (checked against the earlier manifest's size and sha256 where it has them); None where
+    the shard is damaged, truncated or not this cache's: then it and its index are deleted, to be
+    written again (the build is deterministic: the same bytes)."""
     root = settings.root
     stored = settings.source_shape if task.epoch is None else settings.shape
     index_file = root / index_path(task.relpath)
-    if known is None or "index" not in known or not index_file.is_file() \
-            or index_file.stat().st_size != known["index"]["bytes"]:
+    if known is not None and check_shard(root / task.relpath, known["bytes"], known["sha256"]):
+        return _discard(root, task.relpath)
+    if known is None or "index" not in known \
+            or check_shard(index_file, known["index"]["bytes"], known["index"]["sha256"]):
         recorded = (known["bytes"], known["sha256"]) if known else None  # checked before anything is decoded
         teacher = settings.teacher.stored if settings.teacher else None
-        known = write_index(root, index_shard(root, task.relpath, settings.encoding, stored, recorded, teacher))
+        try:
+            entry = index_shard(root, task.relpath, settings.encoding, stored, recorded, teacher)
+        except CachegenError:  # the shard is not one this build wrote whole
+            return _discard(root, task.relpath)
+        known = write_index(root, entry)
     if task.stats and "pixel_count" not in known:
         known = {**known, **_source_stats(settings, read_indices(root, task.relpath).tolist())}
     return known
+
+
+def _discard(root: Path, relpath: str) -> None:
+    """Delete a damaged shard and its index, so that the build writes them again."""
+    (root / relpath).unlink(missing_ok=True)
+    (root / index_path(relpath)).unlink(missing_ok=True)
 
 
 def _source_stats(settings: BuildSettings, indices: list[int]) -> dict:
@@ -141,7 +184,8 @@ def _manifest(config: BuildConfig, resolved: ResolvedBuild, settings: BuildSetti
     and the channel statistics (of the source images behind the statistics epoch, or --stats-from's)."""
     # How to open the source again (preview): not part of the identity, a path may be spelt two ways.
     manifest = {**resolved.meta, "epochs": settings.epochs,
-                "source_spec": {"spec": config.source, "split": config.split, **source_options(config)}}
+                "source_spec": {"spec": config.source, "split": config.split, **source_options(config),
+                                "absolute": absolute_spec(config.source)}}
     if resolved.mode == "live":
         manifest["source_shards"] = [indexed[t.relpath] for t in plan]
         manifest["epoch_list"] = []

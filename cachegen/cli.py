@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from cachegen import __version__
+from cachegen.errors import CachegenError
 from cacheformat import as_error
 from cacheformat.manifest import ENCODINGS
 
@@ -62,7 +63,7 @@ def main() -> None:
     """Expand an image dataset into N augmented epochs of WebDataset shards, and inspect them."""
 
 
-@main.command()
+@main.command(short_help="Write SOURCE as N augmented epochs of shards (or a live cache).")
 @click.argument("source", required=False)
 @click.option("--epochs", default=10, show_default=True, type=int, help="Augmented epochs to write.")
 @click.option("--out", default="cache", show_default=True,
@@ -87,7 +88,8 @@ def main() -> None:
 @click.option("--shard-size", default="1000", show_default=True,
               help="Samples per shard (1000) or bytes of pixels per shard (64MB).")
 @click.option("--split", default="train", show_default=True, type=click.Choice(["train", "test"]),
-              help="Split of a torchvision dataset source.")
+              help="Split of a torchvision dataset, the sample or a Hugging Face dataset (a folder, .npz, list or "
+              "shards have none: refused).")
 @click.option("--source-factory", metavar="FILE.py:make", help="Build from your own map-style Dataset: make() "
               "returns it, its items (PIL image | uint8 tensor CHW | uint8 array HWC, int label), its `classes` "
               "named where it has them. Runs your code, at build time only.")
@@ -167,13 +169,15 @@ def _say_built(manifest: dict, built: Path, url: str | None, out: str) -> None:
     size = sum(p.stat().st_size for p in built.rglob("*") if p.is_file())
     loader = "CachedLoader" if manifest["mode"] == "cached" else "LiveLoader"
     local = ", local='/scratch/cache'" if url else ""
+    if manifest["mode"] == "live" and ":" in manifest["transform"]["spec"]:  # its factory runs as it reads
+        local += ", trust_code=True"
     click.echo(f"cachegen: {click.format_filename(where)}: {describe(manifest)}, {image} images, "
                f"{size / 1e6:.1f} MB")
     click.echo(f"next: `cachegen info {click.format_filename(str(out))}`, or read it with "
                f"readers.{loader}({where!r}, batch_size=256{local})")
 
 
-@main.command()
+@main.command(short_help="Summarise a cache from its manifest: what it holds.")
 @click.argument("cache")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @_one_line_errors
@@ -194,8 +198,9 @@ def info(cache: str, as_json: bool) -> None:
                + (f"  augment_on={s['transform'].get('augment_on', 'cpu')}" if s["mode"] == "live" else ""))
     if ":" in s["transform"]["spec"]:
         digest = s["transform"].get("factory_sha256") or "not recorded (no source file)"
-        click.echo(f"factory    {s['transform']['spec']}  sha256 {digest}  (code: runs only with trust_code=True / "
-                   "--trust-code)")
+        runs = "runs only with trust_code=True / --trust-code" if s["mode"] == "live" else \
+            "ran at build time; reading this cache runs none (bench --trust-code runs it for its online rows)"
+        click.echo(f"factory    {s['transform']['spec']}  sha256 {digest}  (code: {runs})")
     click.echo(f"seed       {s['seed']}")
     click.echo(f"contents   {s['contents']}, {s['bytes'] / 1e6:.1f} MB")
     click.echo(f"images     {s['image']['encoding']} {'x'.join(map(str, s['image']['shape']))} uint8"
@@ -207,7 +212,7 @@ def info(cache: str, as_json: bool) -> None:
         click.echo(f"skipped    {s['skipped']} unreadable source samples")
 
 
-@main.command()
+@main.command(short_help="Recompute every checksum; exit 1 naming each bad shard.")
 @click.argument("cache")
 @_one_line_errors
 def verify(cache: str) -> None:
@@ -222,40 +227,48 @@ def verify(cache: str) -> None:
     for problem in problems:
         click.echo(f"BAD {problem}", err=True)
     if problems:
-        raise click.ClickException(f"{len(problems)} of {checked} shards are bad; rebuild them by deleting "
-                                   "them and re-running the build command")
+        raise click.ClickException(f"{len(problems)} of {checked} shards are bad; re-run the same `cachegen build` "
+                                   "command: it checks every shard and writes the bad ones again")
     click.echo(f"ok: {checked} shards verified")
 
 
-@main.command()
+@main.command(short_help="Versions, GPU, cores, memory, disk: for a bug report.")
 @click.argument("cache", default="cache", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@_one_line_errors
 def doctor(cache: Path, as_json: bool) -> None:
     """What a bug report needs: versions, GPU, cores, memory and the disk at CACHE [default: ./cache],
     and how the cache's size compares with the page cache that keeps it fast."""
     from cachegen.doctor import format_report, report
 
+    if not cache.exists():
+        raise CachegenError(f"{click.format_filename(cache)} does not exist: give a cache's folder "
+                            "(`cachegen doctor CACHE`), or `.` for this machine alone")
+
     r = report(cache)
     click.echo(json.dumps(r, indent=2) if as_json else format_report(r))
 
 
-@main.command()
+@main.command(short_help="Draw a PNG grid of samples through the epochs.")
 @click.argument("cache", type=click.Path(path_type=Path))
 @click.option("--out", default="preview.png", show_default=True, type=click.Path(path_type=Path),
               help="PNG file to write.")
 @click.option("--samples", default=6, show_default=True, type=click.IntRange(1, 64), help="Rows: samples shown.")
 @click.option("--epochs", default=8, show_default=True, type=click.IntRange(1, 64), help="Most epochs shown.")
+@click.option("--source", metavar="WHERE", help="Where the cache's source is now, if it moved since the build "
+                                             "[default: where the build recorded it].")
 @click.option("--trust-code", is_flag=True, help=TRUST_HELP)
 @_one_line_errors
-def preview(cache: Path, out: Path, samples: int, epochs: int, trust_code: bool) -> None:
+def preview(cache: Path, out: Path, samples: int, epochs: int, trust_code: bool, source: str | None) -> None:
     """Draw a grid: rows are samples, columns the original then each epoch's augmentation."""
     from cachegen.preview import preview as run_preview
 
-    rows, columns = run_preview(cache, out, samples=samples, epochs=epochs, trust_code=trust_code)
+    rows, columns = run_preview(cache, out, samples=samples, epochs=epochs, trust_code=trust_code, source=source,
+                                say=lambda msg: click.echo(msg, err=True))
     click.echo(f"wrote {click.format_filename(out)}: {rows} samples x {columns} columns")
 
 
-@main.command()
+@main.command(short_help="Measure the cache against live and online augmentation.")
 @click.argument("cache", required=False, type=click.Path(path_type=Path))
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(1))
 @click.option("--workers", default=0, show_default=True, type=click.IntRange(0),
@@ -271,9 +284,15 @@ def preview(cache: Path, out: Path, samples: int, epochs: int, trust_code: bool)
 @click.option("--device", help="cpu or cuda [default: cuda if available].")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @click.option("--plot", type=click.Path(path_type=Path), help="Also draw a bar chart to this PNG.")
+@click.option("--source", metavar="WHERE", help="Where the cache's source is now, if it moved since the build "
+                                             "[default: where the build recorded it].")
+@click.option("--resize", type=click.IntRange(1), metavar="N",
+              help="For a cache of a source of mixed sizes built without --resize: the side its live rows "
+                   "resize the source to.")
 @click.option("--trust-code", is_flag=True, help=TRUST_HELP)
 @_one_line_errors
-def bench(cache, batch_size, workers, images, min_seconds, warmup, model, device, as_json, plot, trust_code) -> None:
+def bench(cache, batch_size, workers, images, min_seconds, warmup, model, device, as_json, plot, trust_code,
+          source, resize) -> None:
     """Measure, side by side: the cache, live augmentation (per sample in workers, and batched on the device),
     online augmentation, stock webdataset, plain read().
 
@@ -290,13 +309,14 @@ def bench(cache, batch_size, workers, images, min_seconds, warmup, model, device
     images, s  images and wall seconds timed in the row, after the warm-up
 
     The plain read() row is the ceiling (bytes only, no batches, no model); it is shown in a table
-    of its own and named, not drawn, on the --plot chart (linear scale, ratio on each bar).
+    of its own and named, not drawn, on the --plot chart (log scale, ratio on each bar).
     """
     from cachegen.bench import format_table, plot as draw, run_bench
 
     say = (lambda msg: click.echo(msg, err=True)) if as_json else click.echo
     result = run_bench(cache, batch_size=batch_size, workers=workers or None, images=images, min_seconds=min_seconds,
-                       warmup=warmup, model=model, device=device, trust_code=trust_code, progress=say)
+                       warmup=warmup, model=model, device=device, trust_code=trust_code, progress=say,
+                       source=source, resize=resize)
     click.echo(json.dumps(result, indent=2) if as_json else format_table(result))
     if plot:
         draw(result, plot)

@@ -13,6 +13,7 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
+from cacheformat.locks import builder
 from cacheformat.manifest import MANIFEST
 from cachegen import __version__
 
@@ -115,7 +116,7 @@ def report(cache: Path) -> dict:
             "packages": package_versions(), "cores": cores(),
             "memory": {"total": mem.get("MemTotal"), "available": mem.get("MemAvailable"),
                        "page_cache": mem.get("Cached")},
-            "cache": {"path": str(cache), "is_cache": (cache / MANIFEST).is_file(),
+            "cache": {"path": str(cache), "is_cache": (cache / MANIFEST).is_file(), "builder_pid": builder(cache),
                       "bytes": folder_bytes(cache), "disk": disk_at(cache)},
             "torch": gpus()}
 
@@ -150,6 +151,9 @@ def _cache_line(r: dict) -> str:
     """How the cache compares with the memory that keeps it hot: a cache larger than the page cache
     can hold is read from disk every epoch."""
     mem, cache = r["memory"], r["cache"]
+    if cache.get("builder_pid") is not None:
+        state = "is being grown" if cache["is_cache"] else "is being built"
+        return f"cache      {cache['path']} {state} by a cachegen build (pid {cache['builder_pid']}) now"
     if not cache["is_cache"]:
         return f"cache      {cache['path']} holds no cachegen cache (give its folder: `cachegen doctor CACHE`)"
     size = cache["bytes"]

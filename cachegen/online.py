@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from torchvision import transforms as T
 
-from cachegen.errors import CachegenError
 from cachegen.manifest import read_manifest
-from cachegen.sources import Source, reopen
+from cachegen.cachesource import source_of
+from cachegen.sources import Source
 from cachegen.trust import trusted_factory
 from cacheaug.transforms import CacheFactory, make_transform
 
@@ -66,17 +66,13 @@ class OnlineDataset(torch.utils.data.Dataset):
         return out, int(self.source.labels[index])
 
 
-def online_dataset(cache: Path, *, trust_code: bool = False) -> OnlineDataset:
-    """The online equivalent of a cache: its source, its transform (`dataset.factory`: its
-    `module:factory`, imported only with `trust_code`)."""
+def online_dataset(cache: Path, *, trust_code: bool = False, source: str | None = None) -> OnlineDataset:
+    """The online equivalent of a cache: its source (where the build recorded it, or `source`:
+    cachegen.cachesource), its transform (`dataset.factory`: its `module:factory`, imported only
+    with `trust_code`)."""
     m = read_manifest(cache)
     factory = trusted_factory(cache, m, trust_code)
-    spec = m["source_spec"]
-    source = reopen(spec)
-    if source.fingerprint() != m["source"]["fingerprint"]:
-        raise CachegenError(f"the source of {cache} ({m['source']['description']}) has changed since the "
-                            "build: online augmentation needs the same source")
-    return OnlineDataset(m, source, factory)
+    return OnlineDataset(m, source_of(cache, m, source), factory)
 
 
 def online_loader(dataset: OnlineDataset, *, batch_size: int, workers: int, device: torch.device,

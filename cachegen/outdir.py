@@ -10,17 +10,19 @@ import glob
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 from cachegen import faults
 from cachegen.errors import CachegenError
-from cacheformat.locks import lock_file
+from cacheformat.locks import BUILD_LOCK, builder, lock_file
 from cachegen.manifest import (BUILD_STATE, MANIFEST, describe_difference, fsync_folder, identity, read_json,
                                read_manifest)
 from cachegen.shards import TMP_MARK
 
 
-LOCK = ".cachegen-lock"  # in --out while a build runs: flock'ed, holding the builder's pid
+LOCK = BUILD_LOCK  # in --out while a build runs: flock'ed, holding the builder's pid
+LOCK_TRIES = 5  # a reader asking who builds a cache holds a shared lock for an instant: try again
 REPLACED = ".cachegen-replaced"  # in a cache an --overwrite is swapping out: what is left of it is deleted
 
 
@@ -34,10 +36,14 @@ def build_lock(root: Path):
     holder, and the next build takes it over."""
     global _LOCK_FD
     path = root / LOCK
-    try:
-        fd = lock_file(path, blocking=False)
-    except OSError as e:
-        raise CachegenError(f"cannot write to --out {root}: {e.strerror or e}; choose a writable folder") from None
+    for attempt in range(LOCK_TRIES):
+        try:
+            fd = lock_file(path, blocking=False)
+        except OSError as e:
+            raise CachegenError(f"cannot write to --out {root}: {e.strerror or e}; choose a writable folder") from None
+        if fd is not None or builder(root) is not None:  # taken, or taken by a build (not a passing reader)
+            break
+        time.sleep(0.02 * (attempt + 1))
     if fd is None:
         try:
             holder = path.read_text(errors="replace").strip() or "unknown"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from cacheformat import FormatError
 from cacheformat.index import read_index
 from cachegen.manifest import Manifest, load_manifest
 from cachegen.shards import read_image
-from cachegen.sources import reopen
+from cachegen.cachesource import source_of
 from cachegen.trust import trusted_factory
 
 MIN_TILE = 96  # pixels: smaller images are scaled up by a whole factor to at least this
@@ -72,20 +73,28 @@ class _StoredSourcePass:
         return f"sample {index}"
 
 
-def _original(m: dict, indices: list[int]) -> list[np.ndarray] | None:
-    """The un-augmented source images (resized as the build did), or None where the source is gone."""
+def _original(root: Path, m: dict, indices: list[int], source_spec: str | None,
+              say: Callable[[str], None]) -> list[np.ndarray] | None:
+    """The un-augmented source images (resized as the build did); None, said, where the source is
+    not where the build recorded it (or is no longer what it was), unless `source_spec` (--source)
+    says where it is: then that must be the source."""
     try:
-        source = reopen(m["source_spec"])
-    except CachegenError:
-        return None
-    if source.fingerprint() != m["source"]["fingerprint"]:
+        source = source_of(root, m, source_spec)
+    except CachegenError as e:
+        if source_spec is not None:
+            raise
+        say(f"cachegen preview: no 'original' column: {e}")
         return None
     augmenter = Augmenter(_build_settings(m, source))  # loads and resizes only: no transform is made
     return [to_hwc_uint8(augmenter.load(i)) for i in indices]
 
 
-def preview(root: Path, out: Path, *, samples: int = 6, epochs: int = 8, trust_code: bool = False) -> tuple[int, int]:
+def preview(root: Path, out: Path, *, samples: int = 6, epochs: int = 8, trust_code: bool = False,
+            source: str | None = None, say: Callable[[str], None] = print) -> tuple[int, int]:
     """Write a PNG grid to `out`: one row per sample, the original then each epoch. Returns (rows, columns).
+
+    A cached cache's originals come from its source (`source`: where it is now, where it moved);
+    without it, the grid has no original column, and `say` tells why.
 
     A live cache whose transform is a `module:factory` is previewed only with `trust_code` (its
     code runs; cacheaug.transforms.cache_factory); a cached one runs no code."""
@@ -107,7 +116,7 @@ def preview(root: Path, out: Path, *, samples: int = 6, epochs: int = 8, trust_c
             with borrowed_rng():  # the caller's generators, given back once
                 columns = _per_sample(checked, stored, indices, shown, factory)
     else:
-        originals = _original(m, indices)
+        originals = _original(root, m, indices, source, say)
         by_epoch = [_shard_positions(indexed[e], set(indices)) for e in range(shown)]
         columns = [[read_image(root, *by_epoch[e][i], m["image"]) for e in range(shown)] for i in indices]
     h, w, c = m["output_shape"]

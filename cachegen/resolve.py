@@ -20,6 +20,7 @@ from cachegen.outdir import built_epochs
 from cachegen.shards import JPEG_QUALITY, encode, npy_header_bytes
 from cachegen.sources import Source, open_source, printable
 from cachegen.sources.factory import FactorySource
+from cachegen.sources.torchvision import TORCHVISION_KINDS
 from cachegen.stats import stats_of_cache
 from cachegen.teacher import Teacher, manifest_block, probe_teacher
 from cacheaug.batched import augment_batch, batch_seed, make_batched
@@ -27,6 +28,9 @@ from cacheaug.transforms import (epoch_fingerprint, factory_sha256, fingerprint,
                                  make_transform, to_hwc_uint8)
 
 
+# The kinds of source that have splits (--split picks one); any other refuses --split test rather
+# than build the training images under a test cache's name.
+SPLIT_KINDS = frozenset({"sample", "hf", *TORCHVISION_KINDS})
 PROBES = 8  # source images probed for the channel count and --mode auto's size estimate
 TAR_BYTES_PER_SAMPLE = 1536  # two 512-byte headers and the padded label
 
@@ -41,6 +45,7 @@ class ResolvedBuild:
     per_shard: int  # samples a shard
     kept_all: bool  # --out holds more epochs than asked: all kept, and said once the folder is known to hold this cache
     borrowed: tuple[list[float], list[float]] | None  # --stats-from's mean and std
+    estimate: float = 0.0  # bytes the whole cache will take, from the probed images (the free-space check)
 
 
 def resolve(config: BuildConfig) -> ResolvedBuild:
@@ -49,6 +54,10 @@ def resolve(config: BuildConfig) -> ResolvedBuild:
     source = FactorySource(config.source_factory, quiet=config.quiet) if config.source_factory else \
         open_source(config.source, split=config.split, image_column=config.image_column,
                     label_column=config.label_column, quiet=config.quiet)
+    if config.split != "train" and source.kind not in SPLIT_KINDS:
+        raise CachegenError(f"--split {config.split} picks a split of a torchvision dataset, the sample or a Hugging "
+                            f"Face dataset; {source.description} has none: build the {config.split} images from a "
+                            f"{source.kind} of their own, without --split")
     settings = BuildSettings(source=source, root=config.out, spec=config.transform, epochs=config.epochs, size=0,
                              schedule=config.schedule, seed=config.seed, encoding=config.encoding,
                              on_error=config.on_error, resize=config.resize, quality=config.quality)
@@ -65,7 +74,10 @@ def resolve(config: BuildConfig) -> ResolvedBuild:
     _check_channels(settings.encoding, _stored_shape(settings, mode)[2])  # a live cache stores the source
     count, nbytes = parse_shard_size(config.shard_size)
     per_shard = count or max(1, nbytes // int(np.prod(_stored_shape(settings, mode))))
-    return ResolvedBuild(settings, _meta(config, settings, mode, per_shard), mode, per_shard, kept_all, borrowed)
+    passes = settings.epochs if mode == "cached" else 1  # a live cache stores the source once
+    estimate = (probe_bytes + TAR_BYTES_PER_SAMPLE) * len(source) * passes
+    return ResolvedBuild(settings, _meta(config, settings, mode, per_shard), mode, per_shard, kept_all, borrowed,
+                         estimate)
 
 
 def source_options(config: BuildConfig) -> dict:

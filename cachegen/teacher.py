@@ -54,7 +54,7 @@ def load_teacher(spec: str, device: torch.device = torch.device("cpu"), weights:
         try:
             module = factory()
         except Exception as e:
-            raise CachegenError(f"teacher factory {spec} failed: {type(e).__name__}: {e}") from None
+            raise CachegenError(f"teacher factory {spec} failed: {type(e).__name__}: {_shortened(e)}") from None
         if not isinstance(module, torch.nn.Module):
             raise CachegenError(f"teacher factory {spec} returned {type(module).__name__}, not a torch.nn.Module; "
                                 f"define it as {USAGE}")
@@ -63,6 +63,18 @@ def load_teacher(spec: str, device: torch.device = torch.device("cpu"), weights:
                                 "probed it (random initialisation?): make it load the same weights every time")
         _LOADED[key] = module.to(device).eval()  # eval: no dropout, batch-norm running statistics
     return _LOADED[key]
+
+
+MAX_ERROR_CHARS = 300  # of a teacher factory's exception: a wrong checkpoint's lists every key (kilobytes)
+
+
+def _shortened(e: Exception) -> str:
+    """`e`'s message on one line, at most MAX_ERROR_CHARS of it (and how long it was where cut)."""
+    text = " ".join(str(e).split())
+    if len(text) <= MAX_ERROR_CHARS:
+        return text
+    return (f"{text[:MAX_ERROR_CHARS]}... ({len(text)} characters; call the factory yourself to read it whole: "
+            "does the checkpoint match the model it builds?)")
 
 
 def weights_sha256(module: torch.nn.Module) -> str:

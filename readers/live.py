@@ -18,6 +18,7 @@ import torch
 from cacheaug.batched import AUGMENT_ON, augment_batch, make_batched, place
 from cacheaug.transforms import CacheFactory, augment, drift, make_transform, to_pil
 from cacheformat.layout import epoch_shard_sizes
+from cacheformat.manifest import REBUILD
 from readers import split
 from readers.batch_transform import ORDER_SALT, batch_order
 from readers.decode import check_decode_on
@@ -344,14 +345,14 @@ def _check_shard(shard: Shard, verify: bool) -> None:
     try:
         size = shard.path.stat().st_size
     except OSError:
-        raise ReaderError(f"{shard.path} is missing; rebuild the cache with `cachegen build`") from None
+        raise ReaderError(f"{shard.path} is missing (the manifest lists it); {REBUILD}") from None
     if size != shard.bytes:
         raise ReaderError(f"{shard.path} is {size} bytes, the manifest says {shard.bytes} (truncated or replaced); "
-                          "rebuild it")
+                          f"{REBUILD}")
     if verify:
         digest = hashlib.sha256(shard.path.read_bytes()).hexdigest()
         if digest != shard.sha256:
-            raise ReaderError(f"{shard.path} fails its sha256 check (corrupted); rebuild it")
+            raise ReaderError(f"{shard.path} fails its sha256 check (corrupted); {REBUILD}")
 
 
 def open_loader(cache: str | Path, *, workers: int | None = None, verify: bool = False,

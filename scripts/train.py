@@ -37,6 +37,7 @@ from cacheformat import FormatError
 from cachegen.online import online_dataset, online_loader
 from readers import CachedLoader, ReaderError, load_manifest, open_loader
 from readers.device import resolve_device
+from readers.trust import OPT_IN as READER_OPT_IN
 from readers.split import default_workers, local_world_size
 
 
@@ -147,8 +148,22 @@ def one_cycle(opt: torch.optim.Optimizer, max_lr: float, steps: int):
     return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=max_lr, total_steps=steps, pct_start=max(0.2, 1.5 / steps))
 
 
+# How this script's user lets a cache's code run (the readers' own advice names their keyword).
+OPT_IN = "pass --trust-code if you trust whoever made this cache"
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'s' * (n != 1)}"
+
+
+def _names(classes, shown: int = 4) -> str:
+    return ", ".join(classes[:shown]) + (", ..." if len(classes) > shown else "")
+
+
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    summary, _, details = __doc__.partition("\n\n")
+    p = argparse.ArgumentParser(description=" ".join(summary.split()), epilog=details,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cache", default="cache")
     p.add_argument("--val", default="cache-val", help="a cache built with --transform val")
     p.add_argument("--loader", choices=["cached", "live", "online"], default="cached")
@@ -238,14 +253,22 @@ def main() -> None:
                                  channels_last=cuda, batch_transform=mix, trust_code=args.trust_code)
         val = CachedLoader(args.val, batch_size=256, shuffle=False, device=device, channels_last=cuda, rank=0,
                            world_size=1)
+        classes = len(manifest.classes)  # the training cache's: the val cache must be of the same classes
+        if val.manifest.classes != manifest.classes:
+            raise ReaderError(f"--val {args.val} holds other classes ({len(val.manifest.classes)}: "
+                              f"{_names(val.manifest.classes)}) than --cache {args.cache} ({classes}: "
+                              f"{_names(manifest.classes)}): build the val cache from the same dataset's test images")
     except FormatError as e:  # ReaderError, and the online loader's CachegenError and TransformError
-        sys.exit(f"train.py: error: {e}")
-    classes = len(val.manifest.classes)
+        sys.exit(f"train.py: error: {str(e).replace(READER_OPT_IN, OPT_IN)}")
+    if args.distill and rank == 0:
+        t = manifest.teacher
+        print(f"distilling: soft targets from the teacher's stored top-{t.topk} of {t.classes} classes "
+              f"(label weight {args.label_weight:g}, temperature {args.temperature:g})")
     if mix is not None and rank == 0:
         names = [f"{name}(alpha={alpha:g})" for name, alpha in (("MixUp", args.mixup), ("CutMix", args.cutmix)) if alpha]
         print(f"mixing every batch: {'RandomChoice of ' if len(names) > 1 else ''}{', '.join(names)}")
 
-    model = small_resnet(classes, channels=val.manifest.shape[2], width=args.width)
+    model = small_resnet(classes, channels=manifest.output_shape[2], width=args.width)
     model = model.to(device, memory_format=torch.channels_last if cuda else torch.contiguous_format)
     if distributed:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
@@ -293,8 +316,8 @@ def main() -> None:
     if args.save and rank == 0:
         torch.save((model.module if distributed else model).state_dict(), args.save)
     if rank == 0:
-        print(f"val accuracy {accuracy * 100:.2f} %  ({args.loader}, {args.epochs} epochs, {step} steps, seed {args.seed}, "
-              f"{device})")
+        print(f"val accuracy {accuracy * 100:.2f} %  ({args.loader}, {_count(args.epochs, 'epoch')}, "
+              f"{_count(step, 'step')}, seed {args.seed}, {device})")
         if args.json:
             with open(args.json, "a") as f:
                 f.write(json.dumps({"tag": args.tag, "loader": args.loader, "epochs": args.epochs, "seed": args.seed,

@@ -50,6 +50,7 @@ def test_distill_trains_on_the_teacher_targets(caches):
                  "--json", results, "--tag", "kd")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "val accuracy" in done.stdout
+    assert "distilling: soft targets from the teacher's stored top-3 of 3 classes (label weight 0.5" in done.stdout
     result = json.loads(results.read_text())
     assert result["distill"] is True and result["label_weight"] == 0.5 and 0.0 <= result["accuracy"] <= 1.0
 
@@ -59,7 +60,7 @@ def test_distill_with_mixup_under_torchrun_on_two_gloo_processes(caches):
     done = train(caches, "--cache", caches / "reinforced", "--distill", "--mixup", "0.2", "--epochs", "1",
                  launcher=("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"))
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "(cached, 1 epochs, 4 steps, seed 0, cpu)" in done.stdout
+    assert "(cached, 1 epoch, 4 steps, seed 0, cpu)" in done.stdout
 
 
 @pytest.mark.parametrize(("args", "message"), [

@@ -126,3 +126,21 @@ def test_gitignore_covers_what_the_examples_write():
     assert {"cache", "cache-val", "preview.png"} <= outputs
     assert not [p for p in sorted(outputs) if not ignored(p, patterns)]
     assert not ignored("docs/bench.png", patterns) and not ignored("cachegen/cli.py", patterns)
+
+
+def test_the_teacher_in_reinforced_md_runs_as_written(tmp_path, monkeypatch):
+    """docs/reinforced.md's teacher.py, copied as a user copies it, with a checkpoint of its model."""
+    import runpy
+
+    import torch
+    import torchvision
+
+    text = (ROOT / "docs" / "reinforced.md").read_text()
+    block = re.search(r"```python\n(\s*# teacher\.py\n.*?)```", text, re.S).group(1)
+    code = "\n".join(line[3:] if line.startswith("   ") else line for line in block.splitlines())
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "teacher.py").write_text(code)
+    torch.save(torchvision.models.resnet50(num_classes=100).state_dict(), tmp_path / "teacher.pt")
+    teacher = runpy.run_path(str(tmp_path / "teacher.py"))["make"]().eval()
+    with torch.no_grad():
+        assert teacher(torch.rand(2, 3, 32, 32)).shape == (2, 100)

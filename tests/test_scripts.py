@@ -111,7 +111,7 @@ def test_train_under_torchrun_splits_the_epoch_over_gloo(caches, tmp_path):
     done = _train(caches, "--cache", caches / "cached", "--epochs", "1", "--device", "cpu", cwd=tmp_path,
                   launcher=("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"))
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "(cached, 1 epochs, 4 steps, seed 0, cpu)" in done.stdout
+    assert "(cached, 1 epoch, 4 steps, seed 0, cpu)" in done.stdout
     single = _train(caches, "--cache", caches / "cached", "--epochs", "2", "--max-steps", "9", cwd=tmp_path)
     assert single.returncode == 0 and "(cached, 2 epochs, 9 steps, seed 0, cpu)" in single.stdout, single.stderr
 

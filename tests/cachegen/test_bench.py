@@ -1,9 +1,10 @@
 """`cachegen bench`: every row warmed up and timed past both minimums, JSON for machines, every
-column explained, the read() ceiling kept apart, a linear chart; no timing is asserted."""
+column explained, the read() ceiling kept apart, a log-scale chart; no timing is asserted."""
 
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -46,22 +47,28 @@ def test_bench_json_has_every_row_and_field(build, tmp_path):
         else:  # every ratio is against the online row's measured rate, whichever row it is
             rate = row["images"] / row["seconds"]
             assert row["ratio_to_online"] == round(rate / (online["images"] / online["seconds"]), 2)
-    _check_linear_chart(png, [r for r in data["rows"] if r["kind"] != "ceiling"])
+    _check_log_chart(png, [r for r in data["rows"] if r["kind"] != "ceiling"])
 
 
-def _check_linear_chart(png, rows) -> None:
-    """Each bar's length (its rightmost bar-coloured pixel) is proportional to its img/s."""
+def _check_log_chart(png, rows) -> None:
+    """Each bar's length (from the axis to its rightmost bar-coloured pixel) follows log10 of its
+    img/s on the chart's axis, and every row's name fits left of the bars."""
+    from PIL import ImageDraw
+
+    from cachegen.bench import PLOT_BAR_H, PLOT_RIGHT, PLOT_SPAN, plot_axis
+
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    left = 20 + int(max(measure.textlength(r["name"]) for r in rows))
+    lo, hi = plot_axis([r["images_per_s"] for r in rows])
     with Image.open(png) as chart:
-        assert chart.size[0] == 900 and chart.size[1] > 70 + 34 * len(rows)
+        assert chart.size[0] == left + PLOT_SPAN + PLOT_RIGHT and chart.size[1] > 70 + PLOT_BAR_H * len(rows)
         pixels = chart.convert("RGB").load()
-        lengths = []
-        for i in range(len(rows)):
-            y = 55 + i * 34 + 17
-            xs = [x for x in range(330, 900) if pixels[x, y] in (GREEN, GREY)]
-            lengths.append(max(xs) - 330)
-    top = max(r["images_per_s"] for r in rows)
-    for length, row in zip(lengths, rows):
-        assert abs(length - 550 * row["images_per_s"] / top) <= 2, (length, row)
+        for i, row in enumerate(rows):
+            y = 55 + i * PLOT_BAR_H + 17
+            xs = [x for x in range(left, chart.size[0]) if pixels[x, y] in (GREEN, GREY)]
+            assert min(xs) == left  # nothing of the name under the bar
+            expected = PLOT_SPAN * math.log10(row["images_per_s"] / lo) / math.log10(hi / lo)
+            assert abs(max(xs) - left - max(1, expected)) <= 2, (max(xs) - left, expected, row)
 
 
 def test_bench_table_explains_itself_and_keeps_the_ceiling_apart(build):

@@ -89,8 +89,8 @@ def assert_verify_ending(result) -> None:
     else:
         assert result.exit_code == 1 and "Traceback" not in result.output, result.output
         assert all(line.startswith("BAD ") for line in lines[:-1]), result.output
-        assert lines[-1] == (f"Error: {len(lines) - 1} of {lines[-1].split()[3]} shards are bad; rebuild them by "
-                             "deleting them and re-running the build command"), result.output
+        assert lines[-1] == (f"Error: {len(lines) - 1} of {lines[-1].split()[3]} shards are bad; re-run the same "
+                             "`cachegen build` command: it checks every shard and writes the bad ones again"), result.output
 
 
 def assert_verifies(out: Path) -> dict:

@@ -48,6 +48,12 @@ class Broken(nn.Module):
 
 def broken():
     return Broken()
+
+
+def wrong_checkpoint():  # a checkpoint of another model: torch's error lists every key it missed
+    model = make()
+    model.load_state_dict({f"backbone.layer{i}.weight": torch.zeros(1) for i in range(300)})
+    return model
 '''
 
 
@@ -144,6 +150,12 @@ def test_webdataset_reads_the_teacher_member(build, teachers):
 def test_a_bad_teacher_is_one_line_naming_its_factory(build, teachers, factory, fragments):
     result = build("--epochs", "1", "--teacher", teachers(factory), expect=1)
     assert_one_line_error(result, teachers(factory), *fragments)
+
+
+def test_a_teacher_with_a_wrong_checkpoint_is_a_short_line(build, teachers):
+    result = build("--epochs", "1", "--teacher", teachers("wrong_checkpoint"), expect=1)
+    assert_one_line_error(result, "RuntimeError: Error(s) in loading state_dict", "does the checkpoint match")
+    assert len(result.output) < 800, len(result.output)
 
 
 def test_a_module_that_is_not_there_and_a_live_cache_are_one_line(build, teachers):

@@ -25,8 +25,8 @@ def test_verify_names_every_bad_shard(build):
     assert f"{flipped}: sha256 mismatch" in result.output
     assert f"{truncated}: " in result.output and "truncated" in result.output
     assert f"{deleted}: missing" in result.output
-    assert result.output.strip().splitlines()[-1] == "Error: 3 of 10 shards are bad; rebuild them by deleting " \
-                                                     "them and re-running the build command"
+    assert result.output.strip().splitlines()[-1] == "Error: 3 of 10 shards are bad; re-run the same " \
+                                                     "`cachegen build` command: it checks every shard and writes the bad ones again"
 
 
 def test_deleting_a_bad_shard_and_rebuilding_repairs_the_cache(build):
