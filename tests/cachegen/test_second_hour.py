@@ -173,7 +173,7 @@ def test_split_test_is_refused_for_a_source_without_splits(npz_source, tmp_path)
     make_folder(tmp_path / "folder")
     for source in (npz_source[0], tmp_path / "folder"):
         result = run_cli("build", source, "--split", "test", "--out", tmp_path / "val", "--epochs", "1", expect=1)
-        assert_one_line_error(result, "--split test picks a split of a torchvision dataset or of the sample",
+        assert_one_line_error(result, "--split test picks a split of a torchvision dataset, the sample or a Hugging Face dataset",
                               "without --split")
         assert not (tmp_path / "val").exists()
 

@@ -93,7 +93,7 @@ def test_items_are_stored_as_they_are_with_the_datasets_classes(kind, factory, t
     build(factory, out, "--transform", "none")
     m = manifest(out)
     assert m["classes"] == ["a", "b", "c"] and m["source"]["kind"] == "factory"
-    assert m["source_spec"] == {"spec": None, "split": "train", "source_factory": factory}
+    assert m["source_spec"] == {"spec": None, "split": "train", "source_factory": factory, "absolute": None}
     source = FactorySource(factory)
     assert source.labels.tolist() == labels
     assert all(np.array_equal(np.asarray(source.load(i)), pixels[i]) for i in range(len(pixels)))
