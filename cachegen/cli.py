@@ -48,7 +48,9 @@ def _one_line_errors(fn):
             with _sigterm_as_interrupt(), as_error(click.ClickException):
                 return fn(*args, **kwargs)
         except KeyboardInterrupt as e:
-            click.echo("\ncachegen: interrupted; re-run the same command to resume", err=True)
+            # Only a build leaves work behind to resume; info, verify, bench... just stopped.
+            advice = "; re-run the same command to resume" if fn.__name__ == "build" else ""
+            click.echo(f"\ncachegen: interrupted{advice}", err=True)
             raise SystemExit(128 + (signal.SIGTERM if isinstance(e, _Terminated) else signal.SIGINT)) from None
     return wrapper
 

@@ -102,3 +102,17 @@ def test_doctor_without_a_cache_says_so(tmp_path):
     text = run_cli("doctor", tmp_path).output
     assert "holds no cachegen cache" in text.splitlines()[-1]
     assert "free of" in text
+
+
+@pytest.mark.parametrize("command, advice", [("build", True), ("info", False), ("bench", False)])
+def test_only_an_interrupted_build_is_told_to_resume(command, advice, capsys):
+    from cachegen.cli import _one_line_errors
+
+    def interrupted():
+        raise KeyboardInterrupt
+    interrupted.__name__ = command  # as the Click command of that name
+    with pytest.raises(SystemExit) as ended:
+        _one_line_errors(interrupted)()
+    said = capsys.readouterr().err.strip()
+    assert ended.value.code == 130 and said.startswith("cachegen: interrupted")
+    assert ("resume" in said) is advice, said
