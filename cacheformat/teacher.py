@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import io
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -88,3 +89,13 @@ def decode_records(raw: np.ndarray, spec: TeacherSpec, where: str) -> tuple[np.n
         raise ValueError(f"{where}: teacher probabilities outside [0, 1]")
     return classes, probs
 
+
+def canonical_spec(spec: str) -> str:
+    """The --teacher spec as the manifest records it: a factory in a file by the file's absolute
+    path (`./teachers.py:make` from one folder and the same file from another are one teacher, one
+    cache); module:factory as given (found on sys.path wherever the build runs). A manifest that
+    recorded a relative file reads it relative to the folder the build runs in now, as it did then."""
+    where, _, attr = spec.rpartition(":")
+    if where.endswith(".py") or "/" in where or os.sep in where:  # as load_callable tells a file from a module
+        return f"{os.path.abspath(where)}:{attr}"
+    return spec

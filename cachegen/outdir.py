@@ -16,6 +16,7 @@ from pathlib import Path
 from cachegen import faults
 from cachegen.errors import CachegenError
 from cacheformat.locks import BUILD_LOCK, builder, lock_file
+from cacheformat.teacher import canonical_spec
 from cachegen.manifest import (BUILD_STATE, MANIFEST, describe_difference, fsync_folder, identity, read_json,
                                read_manifest)
 from cachegen.shards import TMP_MARK
@@ -93,6 +94,10 @@ def prepare_out(root: Path, meta: dict) -> dict | None:
         existing = read_json(state_path)
     elif root.is_dir() and any(child.name != LOCK for child in root.iterdir()):
         raise CachegenError(f"--out {root} is not empty and holds no cachegen cache; choose an empty or new folder")
+    teacher = (existing or {}).get("teacher")
+    if isinstance(teacher, dict) and isinstance(teacher.get("spec"), str):
+        # Recorded before teacher files were named by absolute path: compared as this build names it.
+        teacher["spec"] = canonical_spec(teacher["spec"])
     if existing is not None and identity(existing) != identity(meta):
         raise CachegenError(f"{root} holds a different cache (differs in: "
                             f"{describe_difference(existing, meta)}); use --overwrite to replace it, "

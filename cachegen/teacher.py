@@ -5,7 +5,6 @@ encoded as each sample's teacher member (cacheformat.teacher)."""
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -14,7 +13,7 @@ import torch
 
 from cacheformat import as_error
 from cacheformat.payload import decode_payload
-from cacheformat.teacher import MEMBER, RECORD, TeacherSpec, encode, payload_bytes
+from cacheformat.teacher import MEMBER, RECORD, TeacherSpec, canonical_spec, encode, payload_bytes
 from cachegen.errors import CachegenError
 from cacheaug.batched import full_float32
 from cacheaug.transforms import load_callable, source_sha256
@@ -199,16 +198,6 @@ def probe_teacher(spec: str, topk: int, classes: int, shape: tuple[int, int, int
                       weights=weights_sha256(module))
     teacher_members(teacher, np.zeros((2, *shape), np.uint8), device)
     return teacher
-
-
-def canonical_spec(spec: str) -> str:
-    """The --teacher spec as the manifest records it: a factory in a file by the file's absolute
-    path (`./teachers.py:make` from one folder and the same file from another are one teacher, one
-    cache); module:factory as given (found on sys.path wherever the build runs)."""
-    where, _, attr = spec.rpartition(":")
-    if where.endswith(".py") or "/" in where or os.sep in where:  # as load_callable tells a file from a module
-        return f"{os.path.abspath(where)}:{attr}"
-    return spec
 
 
 def manifest_block(teacher: Teacher, device: torch.device | None) -> dict:

@@ -205,6 +205,20 @@ def test_a_teacher_file_named_from_another_folder_is_the_same_cache(build, teach
     assert m["epochs"] == 2 and m["teacher"]["spec"] == teachers("make")
 
 
+def test_a_cache_recorded_with_a_relative_teacher_file_grows_from_its_folder(build, teachers, tmp_path, monkeypatch):
+    """A manifest written before teacher files were recorded by absolute path names `./teachers.py:make`:
+    the same command, from the same folder, still grows that cache."""
+    monkeypatch.chdir(tmp_path)
+    cache = build("--epochs", "1", "--transform", "cifar", "--teacher", "./teachers.py:make")
+    for name in ("manifest.json", ".cachegen-build.json"):
+        if (cache / name).exists():
+            m = json.loads((cache / name).read_text())
+            m["teacher"]["spec"] = "./teachers.py:make"  # as the build recorded it then
+            (cache / name).write_text(json.dumps(m))
+    build("--epochs", "2", "--transform", "cifar", "--teacher", "./teachers.py:make")
+    assert json.loads((cache / "manifest.json").read_text())["epochs"] == 2
+
+
 def test_a_factory_giving_other_weights_in_another_process_is_refused(teachers):
     """A spawned or Dask worker loads the teacher afresh: with other weights (an unseeded random
     initialisation) it refuses to write targets that would differ between processes."""
