@@ -105,7 +105,8 @@ def _finished_entry(settings: BuildSettings, task: ShardTask, known: dict | None
             or index_file.stat().st_size != known["index"]["bytes"]:
         recorded = (known["bytes"], known["sha256"]) if known else None  # checked before anything is decoded
         teacher = settings.teacher.stored if settings.teacher else None
-        known = write_index(root, index_shard(root, task.relpath, settings.encoding, stored, recorded, teacher))
+        known = write_index(root, index_shard(root, task.relpath, settings.encoding, stored, recorded, teacher,
+                                              settings.mask))
     if task.stats and "pixel_count" not in known:
         known = {**known, **_source_stats(settings, read_indices(root, task.relpath).tolist())}
     return known
@@ -141,7 +142,7 @@ def _manifest(config: BuildConfig, resolved: ResolvedBuild, settings: BuildSetti
     and the channel statistics (of the source images behind the statistics epoch, or --stats-from's)."""
     # How to open the source again (preview): not part of the identity, a path may be spelt two ways.
     manifest = {**resolved.meta, "epochs": settings.epochs,
-                "source_spec": {"spec": config.source, "split": config.split}}
+                "source_spec": {"spec": config.source, "split": config.split, **_mask_spec(config)}}
     if resolved.mode == "live":
         manifest["source_shards"] = [indexed[t.relpath] for t in plan]
         manifest["epoch_list"] = []
@@ -162,6 +163,14 @@ def _manifest(config: BuildConfig, resolved: ResolvedBuild, settings: BuildSetti
         manifest["mean"], manifest["std"] = resolved.borrowed
         manifest["stats_from"] = str(config.stats_from)
     return manifest
+
+
+def _mask_spec(config: BuildConfig) -> dict:
+    """How the source's masks were asked for (the source_spec's "masks": the folder, or true for the
+    sample; "mask_classes": --mask-classes), where they were."""
+    if config.masks is not None:
+        return {"masks": str(config.masks), "mask_classes": config.mask_classes}
+    return {"masks": True} if config.sample_masks else {}
 
 
 def _list_skipped(config: BuildConfig, settings: BuildSettings, skipped: list[int], final: Path) -> None:

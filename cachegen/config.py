@@ -13,7 +13,8 @@ from PIL import Image
 
 from cachegen.errors import CachegenError
 from cacheformat.manifest import ENCODINGS
-from cacheaug.names import PRESETS, SCHEDULES
+from cacheaug.names import MASK_PRESETS, PRESETS, SCHEDULES
+from cacheformat.mask import MAX_CLASSES as MAX_MASK_CLASSES
 from cacheformat.manifest import AUGMENT_ON
 from cacheformat.teacher import DEFAULT_TOPK
 from readers import split
@@ -71,6 +72,9 @@ class BuildConfig:
     device: str | None = None  # where a cached --augment-on device build augments (this process); None: cuda or workers
     teacher: str | None = None  # FILE.py:factory or module:factory: store its top-K targets per sample
     teacher_topk: int = DEFAULT_TOPK
+    masks: Path | None = None  # a folder of PNG masks beside a folder source's images (same relative path, stem)
+    mask_classes: str | None = None  # --masks' classes: their number (21) or their names (background,road,car)
+    sample_masks: bool = False  # the built-in sample with its shapes' masks
 
     def __post_init__(self) -> None:
         if not 1 <= self.epochs <= MAX_EPOCHS:
@@ -108,6 +112,7 @@ class BuildConfig:
                 raise CachegenError("a live cache is augmented as it is read, on the loader's device: drop --device "
                                     "(or build --mode cached)")
         self._check_teacher()
+        self._check_masks()
         if not self.max_cache_gb > 0:
             raise CachegenError(f"--max-cache-gb must be positive, got {self.max_cache_gb}")
         if self.resize is not None and not 1 <= self.resize <= MAX_SIDE:
@@ -116,6 +121,8 @@ class BuildConfig:
             raise CachegenError(f"--channels must be 1 (grayscale) or 3 (RGB), got {self.channels}")
         parse_shard_size(self.shard_size)
         object.__setattr__(self, "out", Path(self.out))
+        if self.masks is not None:
+            object.__setattr__(self, "masks", Path(self.masks))
         if self.stats_from is not None:
             object.__setattr__(self, "stats_from", Path(self.stats_from))
         if self.workers == 0:
@@ -132,6 +139,52 @@ class BuildConfig:
         if self.mode == "live":
             raise CachegenError("a live cache augments as it is read, so its teacher would run at read time: "
                                 "drop --teacher, or build --mode cached")
+
+
+    @property
+    def with_masks(self) -> bool:
+        """Whether the options ask for masks (a .npz source may hold them without any)."""
+        return self.masks is not None or self.sample_masks
+
+    def mask_class_names(self) -> tuple[str, ...] | None:
+        """--mask-classes as names: '21' -> ('0', ..., '20'); 'background,road' -> those."""
+        if self.mask_classes is None:
+            return None
+        text = self.mask_classes.strip()
+        if text.isdigit():
+            return tuple(str(k) for k in range(int(text)))
+        return tuple(name.strip() for name in text.split(","))
+
+    def _check_masks(self) -> None:
+        if self.masks is not None and self.sample_masks:
+            raise CachegenError("--masks DIR is a folder source's masks, --sample-masks the sample's: pass one")
+        if self.mask_classes is not None:
+            if self.masks is None:
+                raise CachegenError("--mask-classes names the values of --masks DIR: pass --masks too (a .npz names "
+                                    "its own in a 'mask_classes' array; the sample's are fixed)")
+            names = self.mask_class_names()
+            if not 1 <= len(names) <= MAX_MASK_CLASSES or not all(names):
+                raise CachegenError(f"bad --mask-classes {self.mask_classes!r}: give a count (1 to {MAX_MASK_CLASSES}) "
+                                    "or comma-separated names")
+        if self.with_masks:
+            check_mask_options(self)
+
+
+def check_mask_options(config: BuildConfig) -> None:
+    """CachegenError for an option a build with masks does not support (a .npz source's masks are
+    found when it is opened: resolve calls this again then)."""
+    if config.teacher is not None:
+        raise CachegenError("--teacher stores a classifier's targets; a build with masks stores masks: a cache holds "
+                            "one kind of target, drop --teacher or the masks")
+    if config.mode == "live":
+        raise CachegenError("a live cache with masks is not supported yet: build --mode cached")
+    if config.augment_on == "device":
+        raise CachegenError("--augment-on device with masks is not supported yet: augment per sample "
+                            "(--augment-on cpu, the default for a cached build)")
+    if config.transform not in ("auto", *MASK_PRESETS) and ":" not in config.transform:
+        raise CachegenError(f"--transform {config.transform} augments an image alone; with masks use "
+                            f"{', '.join(MASK_PRESETS)} or a module:factory returning a torchvision.transforms.v2 "
+                            "transform (called with the image and a tv_tensors.Mask)")
 
 
 def _did_you_mean(name: str) -> str:

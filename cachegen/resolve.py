@@ -13,7 +13,8 @@ from PIL import Image
 
 from cachegen import __version__
 from cachegen.augmenter import Augmenter, BuildSettings, check_one_shape
-from cachegen.config import BuildConfig, parse_device, parse_shard_size
+from cacheformat.mask import MaskSpec, mask_dtype
+from cachegen.config import BuildConfig, check_mask_options, parse_device, parse_shard_size
 from cachegen.errors import CachegenError
 from cachegen.manifest import FORMAT, FORMAT_VERSION
 from cachegen.outdir import built_epochs
@@ -45,7 +46,11 @@ class ResolvedBuild:
 def resolve(config: BuildConfig) -> ResolvedBuild:
     """Open and probe the source, then settle the transform, epochs, shapes, mode, device and teacher;
     nothing is written yet, so a config the source refuses leaves --out as it was."""
-    source = open_source(config.source, split=config.split)
+    source = open_source(config.source, split=config.split,
+                         masks=config.masks if config.masks is not None else (True if config.sample_masks else None),
+                         mask_classes=config.mask_class_names())
+    if source.mask_classes is not None:
+        check_mask_options(config)  # a .npz's masks are known once it is open
     settings = BuildSettings(source=source, root=config.out, spec=config.transform, epochs=config.epochs, size=0,
                              schedule=config.schedule, seed=config.seed, encoding=config.encoding,
                              on_error=config.on_error, resize=config.resize)
@@ -59,6 +64,12 @@ def resolve(config: BuildConfig) -> ResolvedBuild:
     borrowed = stats_of_cache(config.stats_from, settings.shape[2]) if config.stats_from else None
     mode = _choose_mode(config, settings, len(source), settings.epochs, probe_bytes)
     settings = _for_mode(config, settings, mode, augment_on)
+    if source.mask_classes is not None:
+        if mode == "live":  # --mode auto chose it
+            raise CachegenError("--mode auto chose a live cache (a cached one would exceed --max-cache-gb); a live cache "
+                                "with masks is not supported yet: pass --mode cached")
+        settings = replace(settings, mask=MaskSpec(shape=tuple(settings.shape[:2]), classes=source.mask_classes,
+                                                   dtype=mask_dtype(len(source.mask_classes))))
     count, nbytes = parse_shard_size(config.shard_size)
     per_shard = count or max(1, nbytes // int(np.prod(_stored_shape(settings, mode))))
     return ResolvedBuild(settings, _meta(config, settings, mode, per_shard), mode, per_shard, kept_all, borrowed)
@@ -142,6 +153,7 @@ def _meta(config: BuildConfig, settings: BuildSettings, mode: str, per_shard: in
         "classes": list(source.classes),
         **({"teacher": manifest_block(settings.teacher, device and torch.device(device))} if settings.teacher
            else {}),
+        **({"mask": settings.mask.block()} if settings.mask else {}),
         "epoch_fingerprints": [epoch_fingerprint(make_transform(spec, epoch=e, epochs=epochs, size=size,
                                                                 schedule=config.schedule))
                                for e in range(epochs)],
@@ -152,6 +164,8 @@ def _resolve_spec(spec: str, source: Source, side: int) -> str:
     """`auto`: the mnist preset for (Fashion-)MNIST, cifar for images of at most 64 px, else imagenet."""
     if spec != "auto":
         return spec
+    if source.mask_classes is not None:
+        return "seg"
     if source.kind in ("mnist", "fashionmnist"):
         return "mnist"
     return "cifar" if side <= 64 else "imagenet"

@@ -15,11 +15,24 @@ from cachegen.sources.sample import open_sample
 from cachegen.sources.torchvision import TORCHVISION_KINDS, detect, open_torchvision
 
 
-def open_source(spec: str | None, *, split: str = "train") -> Source:
+def open_source(spec: str | None, *, split: str = "train", masks: str | bool | None = None,
+                mask_classes: tuple[str, ...] | None = None) -> Source:
     """Open a source from its spec: None/'sample', 'cifar10:ROOT' (and cifar100, mnist,
-    fashionmnist), a .npz file, or a folder (torchvision layout detected, else ImageFolder)."""
+    fashionmnist), a .npz file, or a folder (torchvision layout detected, else ImageFolder).
+
+    `masks`: True for the sample with its shapes' masks; a folder of PNG masks for a folder of
+    images (`mask_classes` naming their values). A .npz has masks where it holds a 'masks' array."""
     if spec in (None, "", "sample"):
-        return open_sample(split)
+        if masks not in (None, True, False):
+            raise CachegenError("--masks DIR is for a folder of images: the sample's masks are --sample-masks")
+        return open_sample(split, masks=bool(masks))
+    if masks is True:
+        raise CachegenError(f"--sample-masks is for the built-in sample, not {spec}: a folder's masks are --masks DIR, "
+                            "a .npz's its 'masks' array")
+    if masks is not None and not (Path(spec).is_dir() and not detect(Path(spec))):
+        raise CachegenError(f"--masks DIR is for a folder of images, not {spec} (a .npz holds its own 'masks' array)")
+    if masks is not None:
+        return FolderSource(Path(spec), masks=Path(masks), mask_classes=mask_classes)
     kind, sep, rest = spec.partition(":")
     if sep and kind.lower() in TORCHVISION_KINDS:
         return open_torchvision(kind.lower(), Path(rest), split)
