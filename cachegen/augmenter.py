@@ -146,7 +146,8 @@ class Augmenter:
         except FormatError:
             raise
         except Exception as e:
-            raise CachegenError(f"transform failed on {settings.source.name(index)} and its mask: "
+            raise CachegenError(f"transform failed on {settings.source.name(index)} and its mask (called as "
+                                f"transform(image, mask), as torchvision.transforms.v2 takes them): "
                                 f"{type(e).__name__}: {e}") from None
         if settings.shape is not None and out.shape != settings.shape:
             raise CachegenError(f"transform output shape varies: {settings.source.name(index)} gave {out.shape}, "
