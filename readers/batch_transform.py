@@ -66,6 +66,24 @@ def _name(transform: Callable) -> str:
     return getattr(transform, "__qualname__", None) or type(transform).__name__
 
 
+def with_masks(transform: BatchTransform | None) -> BatchTransform | None:
+    """`transform` for batches whose targets are masks (B, H, W): called with the masks as a
+    tv_tensors.Mask, so a torchvision v2 transform moves them with the images (geometric steps,
+    nearest-neighbour) and leaves them to photometric ones; the masks it returns as plain tensors."""
+    if transform is None:
+        return None
+    from torchvision import tv_tensors
+
+    inner = transform.transform
+
+    def masked(images: torch.Tensor, masks: torch.Tensor) -> tuple:
+        out = inner(images, tv_tensors.Mask(masks))
+        if isinstance(out, (tuple, list)) and len(out) == 2 and isinstance(out[1], torch.Tensor):
+            out = (out[0].as_subclass(torch.Tensor), out[1].as_subclass(torch.Tensor))
+        return out
+    return BatchTransform(masked, name=transform.name)
+
+
 class BatchTransformError(ReaderError):
     """A batch_transform failed or returned something a batch cannot be: one line naming it."""
 

@@ -132,20 +132,25 @@ class DeviceCopier:
     def start(self, images: torch.Tensor, labels: torch.Tensor,
               augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
               then: Callable[..., tuple[torch.Tensor, ...]] | None = None,
-              extra: tuple[torch.Tensor, ...] = ()) -> Pending:
+              extra: tuple[torch.Tensor, ...] = (),
+              labels_to: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Pending:
         """Begin moving and converting one batch; returns at once on CUDA. `augment`, where
         given, runs on the device between the move and the normalisation (see convert); `then`
         (images, labels) -> (images, targets) after it (a batch transform), on the same stream.
         `extra` tensors (host, pinned on CUDA: teacher targets) are moved alongside, unconverted,
-        and given to `then` as `also=` (mixed as the labels are)."""
+        and given to `then` as `also=` (mixed as the labels are). `labels_to`, where given, converts
+        the labels once moved, before `then` (a segmentation batch's raw mask rows widened to int64
+        (B, H, W): readers.masks)."""
         if self.device is None:
             self.bind()
         if self._stream is None:
+            labels = labels_to(labels) if labels_to is not None else labels
             images, labels, extra = self._then(self.convert(images, augment), labels, extra, then)
             return Pending(images, labels, None, extra)
         with torch.cuda.stream(self._stream):
             images = self.convert(images.to(self.device, non_blocking=True), augment)
             labels = labels.to(self.device, non_blocking=True)
+            labels = labels_to(labels) if labels_to is not None else labels
             extra = tuple(t.to(self.device, non_blocking=True) for t in extra)
             images, labels, extra = self._then(images, labels, extra, then)
             ready = torch.cuda.Event()

@@ -17,6 +17,7 @@ from cacheformat import FormatError
 from cacheformat.manifest import read_manifest
 from cachegen.sources.sample import CLASSES, MASK_CLASSES, open_sample
 from tests.cachegen.conftest import assert_one_line_error, run_cli, shard_bytes
+from tests.conftest import make_seg_npz
 
 # Geometric moves without resampling (a padded crop, a flip): an image whose first channel is
 # 20 * its mask must stay so, pixel for pixel, when the mask moves with it.
@@ -40,20 +41,6 @@ def fills(epoch, epochs):
 def one(epoch, epochs):
     return lambda image: image
 '''
-
-
-def make_seg_npz(path: Path, n: int = 40, size: int = 16, classes: int = 5, seed: int = 0,
-                 mask_classes: list[str] | None = None, **extra) -> tuple[Path, np.ndarray, np.ndarray]:
-    """A .npz of images whose first channel is 20 * their mask (the other two random); (path, images, masks)."""
-    rng = np.random.default_rng(seed)
-    masks = rng.integers(0, classes, (n, size, size)).astype(np.uint8)
-    images = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
-    images[..., 0] = masks * 20
-    arrays = {"images": images, "labels": rng.integers(0, 3, n), "masks": masks, **extra}
-    if mask_classes is not None:
-        arrays["mask_classes"] = np.array(mask_classes)
-    np.savez(path, **arrays)
-    return path, images, masks
 
 
 def read_cache(root: Path, epoch: int = 0) -> dict[int, tuple[np.ndarray, np.ndarray]]:
