@@ -176,11 +176,9 @@ def check_mask_options(config: BuildConfig) -> None:
     if config.teacher is not None:
         raise CachegenError("--teacher stores a classifier's targets; a build with masks stores masks: a cache holds "
                             "one kind of target, drop --teacher or the masks")
-    if config.mode == "live":
-        raise CachegenError("a live cache with masks is not supported yet: build --mode cached")
     if config.augment_on == "device":
         raise CachegenError("--augment-on device with masks is not supported yet: augment per sample "
-                            "(--augment-on cpu, the default for a cached build)")
+                            "(--augment-on cpu; a cached build's default, and a live one's with masks)")
     if config.transform not in ("auto", *MASK_PRESETS) and ":" not in config.transform:
         raise CachegenError(f"--transform {config.transform} augments an image alone; with masks use "
                             f"{', '.join(MASK_PRESETS)} or a module:factory returning a torchvision.transforms.v2 "

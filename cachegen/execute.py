@@ -233,6 +233,16 @@ def _write_task(task: ShardTask) -> tuple[str, dict]:
 
     def samples():
         for index in task.indices.tolist():
+            if task.epoch is None and settings.mask is not None:  # a live cache's source pass, with masks
+                pair = augment.load_pair(index)
+                if pair is None:
+                    continue
+                pixels = to_hwc_uint8(pair[0])
+                if stats is not None:
+                    stats.add(pixels)
+                yield (index, int(settings.source.labels[index]), augment.source_pixels(index, pixels),
+                       settings.mask.encode(pair[1]))
+                continue
             if task.epoch is None:  # a live cache's source pass
                 pixels = augment.pixels(index)
                 if pixels is None:

@@ -57,18 +57,16 @@ def resolve(config: BuildConfig) -> ResolvedBuild:
     probes = _probe_images(settings)
     settings, kept_all = _transform(config, settings, probes)
     augment_on = config.augment_on
-    if augment_on == "auto" and ":" in settings.spec:  # a factory's transform: per sample unless the user says
-        augment_on = "cpu"
+    if augment_on == "auto" and (":" in settings.spec or source.mask_classes is not None):
+        augment_on = "cpu"  # a factory's transform, or masks: per sample unless the user says
     settings, probe_bytes = _shapes(config, settings, probes, augment_on)
     # --stats-from is read here: a cache it cannot lend its statistics refuses the build before any work
     borrowed = stats_of_cache(config.stats_from, settings.shape[2]) if config.stats_from else None
     mode = _choose_mode(config, settings, len(source), settings.epochs, probe_bytes)
     settings = _for_mode(config, settings, mode, augment_on)
-    if source.mask_classes is not None:
-        if mode == "live":  # --mode auto chose it
-            raise CachegenError("--mode auto chose a live cache (a cached one would exceed --max-cache-gb); a live cache "
-                                "with masks is not supported yet: pass --mode cached")
-        settings = replace(settings, mask=MaskSpec(shape=tuple(settings.shape[:2]), classes=source.mask_classes,
+    if source.mask_classes is not None:  # stored as the images are: augmented (cached), or the source's (live)
+        settings = replace(settings, mask=MaskSpec(shape=tuple(_stored_shape(settings, mode)[:2]),
+                                                   classes=source.mask_classes,
                                                    dtype=mask_dtype(len(source.mask_classes))))
     count, nbytes = parse_shard_size(config.shard_size)
     per_shard = count or max(1, nbytes // int(np.prod(_stored_shape(settings, mode))))

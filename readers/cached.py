@@ -88,7 +88,7 @@ class CachedLoader(Loader):
         check_targets(targets, self.manifest)
         self.targets = targets
         if targets == "mask":
-            self._labels_to = widen(self.manifest.mask)
+            self._labels_to = widen(self.manifest.mask.dtype, self.manifest.mask.shape)
             self.batch_transform = with_masks(self.batch_transform)
         self._check_epochs()
         self._files = ShardFiles(self.manifest, verify=self.verify, stager=self._stager,  # mappings kept between epochs

@@ -14,12 +14,16 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from cacheformat.mask import MaskSpec
 from cacheformat.teacher import member_starts
 from readers.errors import ReaderError
 from readers.manifest import Manifest, Shard, ShardIndex
 
 REBUILD = "re-run the same `cachegen build` to rebuild it"
+
+
+def stored_rows(masks: np.ndarray, dtype: str) -> np.ndarray:
+    """Int masks (n, H, W) as the raw rows widen() takes: (n, H * W * itemsize) uint8, little-endian."""
+    return np.ascontiguousarray(masks, dtype=np.dtype(dtype).newbyteorder("<")).view(np.uint8).reshape(len(masks), -1)
 
 
 def read_masks(manifest: Manifest, shard: Shard, data: np.ndarray, index: ShardIndex) -> torch.Tensor:
@@ -56,12 +60,13 @@ def read_masks(manifest: Manifest, shard: Shard, data: np.ndarray, index: ShardI
         return torch.from_numpy(rows)
 
 
-def widen(spec: MaskSpec) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Raw mask rows (B, data_bytes) uint8 -> int64 (B, H, W), on the rows' device."""
-    h, w = spec.shape
+def widen(dtype: str, shape: tuple[int, int]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Raw mask rows (B, H * W * itemsize) uint8 of masks in `dtype` (a MaskSpec's) -> int64 (B, H, W),
+    on the rows' device."""
+    h, w = shape
 
     def apply(raw: torch.Tensor) -> torch.Tensor:
-        if spec.dtype == "uint8":
+        if dtype == "uint8":
             return raw.view(-1, h, w).to(torch.int64)
         # little-endian uint16, read as int16 (torch's uint16 has few kernels) and unsigned again
         return raw.view(torch.int16).view(-1, h, w).to(torch.int64).bitwise_and_(0xFFFF)

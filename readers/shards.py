@@ -225,6 +225,21 @@ class SampleReads:
                               f"the file does not match the manifest: {REBUILD}")
         return np.frombuffer(data, np.uint8, m.image_bytes, self._header).reshape(m.shape)
 
+    def mask(self, shard: Shard, j: int) -> np.ndarray:
+        """Sample `j`'s mask (H, W) int64 in a live cache with masks, its header and values checked."""
+        spec = self.manifest.mask
+        first, pitch = self.manifest.mask_rows()
+        offset = first - spec.header_bytes + j * pitch
+        data = os.pread(self._fd(shard), spec.payload_bytes, offset)
+        if len(data) != spec.payload_bytes or not data.startswith(spec.header):
+            raise ReaderError(f"shard {shard.path}: no mask member at offset {offset} (sample {j}); "
+                              f"the file does not match the manifest: {REBUILD}")
+        try:
+            return spec.decode(np.frombuffer(data, np.uint8, spec.data_bytes, spec.header_bytes).reshape(1, -1),
+                               f"shard {shard.path}: sample {j}")[0]
+        except ValueError as e:
+            raise ReaderError(f"{e}: the shard is damaged; {REBUILD}") from None
+
     def _fd(self, shard: Shard) -> int:
         fd = self._fds.get(shard.relpath)
         if fd is not None:

@@ -207,7 +207,7 @@ def test_a_bad_folder_mask_is_named_or_skipped(tmp_path, damage, named):
 
 @pytest.mark.parametrize("args, named", [
     (("--sample-masks", "--teacher", "t.py:make"), "one kind of target"),
-    (("--sample-masks", "--mode", "live"), "--mode cached"),
+    (("--sample-masks", "--mode", "live", "--augment-on", "device"), "--augment-on cpu"),
     (("--sample-masks", "--transform", "cifar"), "seg, seg-val, none"),
     (("--sample-masks", "--augment-on", "device"), "--augment-on cpu"),
     (("--mask-classes", "3"), "pass --masks too"),
@@ -237,3 +237,18 @@ def test_a_mask_block_that_disagrees_is_refused(tmp_path):
         (tmp_path / "c" / "manifest.json").write_text(json.dumps(m))
         with pytest.raises(FormatError, match=named):
             read_manifest(tmp_path / "c")
+
+
+def test_a_live_cache_stores_the_source_masks(tmp_path):
+    path, images, masks = make_seg_npz(tmp_path / "seg.npz")
+    build(path, tmp_path / "c", "--mode", "live", "--transform", "seg")
+    m = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    assert m["mode"] == "live" and m["transform"]["augment_on"] == "cpu" and m["mask"]["shape"] == [16, 16]
+    stored = {}
+    for shard in sorted((tmp_path / "c" / "source").glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            for member in tar.getmembers():
+                if member.name.endswith(".mask.npy"):
+                    stored[int(member.name[4:12])] = np.load(io.BytesIO(tar.extractfile(member).read()))
+    assert sorted(stored) == list(range(len(masks))) and all(np.array_equal(stored[i], masks[i]) for i in stored)
+    run_cli("verify", tmp_path / "c")

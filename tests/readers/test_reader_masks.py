@@ -162,3 +162,39 @@ def test_two_gloo_ranks_split_the_masks(seg, tmp_path):
     assert [r["batches"] for r in results] == [r["len"] for r in results] == [6, 6]
     assert not set(results[0]["seen"]) & set(results[1]["seen"])
     assert Counter(results[0]["seen"] + results[1]["seen"]) == Counter(_digest(torch.from_numpy(m)) for m in seg["masks"])
+
+
+@pytest.fixture(scope="module")
+def live_and_cached(tmp_path_factory) -> tuple[Path, Path]:
+    """The same seg build of a 24 px .npz to 16 px, as a live cache and as a cached one (2 epochs)."""
+    root = tmp_path_factory.mktemp("live")
+    path, _, _ = make_seg_npz(root / "seg.npz", n=48, size=24)
+    args = ("--transform", "seg", "--size", "16", "--epochs", "2")
+    return _build(path, root / "live", "--mode", "live", *args), _build(path, root / "cached", *args)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_live_cache_gives_the_cached_builds_images_and_masks(live_and_cached, workers):
+    from readers import LiveLoader, open_loader
+
+    live, cached = live_and_cached
+    options = dict(batch_size=16, targets="mask", device="cpu", normalize=False, seed=4)
+    loader = open_loader(live, workers=workers, **options)
+    assert isinstance(loader, LiveLoader) and loader.augment_on == "cpu"
+    for epoch in (0, 1):
+        expected = CachedLoader(cached, **options)
+        expected.set_epoch(epoch)
+        loader.set_epoch(epoch)
+        got, want = list(loader), list(expected)
+        assert len(got) == len(want) == 3
+        for (images, masks), (cimages, cmasks) in zip(got, want):
+            assert masks.dtype == torch.int64 and masks.shape == (16, 16, 16)
+            assert torch.equal(images, cimages) and torch.equal(masks, cmasks)
+    loader.close()
+
+
+def test_a_live_cache_with_masks_refuses_the_device_path(live_and_cached):
+    from readers import LiveLoader
+
+    with pytest.raises(ReaderError, match="augment_on='cpu'"):
+        LiveLoader(live_and_cached[0], batch_size=8, targets="mask", augment_on="device", device="cpu")
