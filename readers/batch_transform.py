@@ -40,7 +40,10 @@ def batch_order(seed: int, n: int) -> torch.Tensor:
 def reordered(augment: Callable[[torch.Tensor], torch.Tensor] | None, order: torch.Tensor
               ) -> Callable[[torch.Tensor], torch.Tensor]:
     """A device augmentation (DeviceCopier.convert's `augment`) that takes its batch in `order`
-    first: one index_select on the batch's device; then `augment`, where given."""
+    first: one index_select on the batch's device; then `augment`, where given (one that moves the
+    batch's targets too, readers.masks.MaskedAugment, takes the order itself: its targets come in it)."""
+    if getattr(augment, "moves_targets", False):
+        return augment.ordered(order)
     def apply(images: torch.Tensor) -> torch.Tensor:
         images = images.index_select(0, order.to(images.device, non_blocking=True))
         return images if augment is None else augment(images)

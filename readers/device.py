@@ -145,17 +145,28 @@ class DeviceCopier:
             self.bind()
         if self._stream is None:
             labels = labels_to(labels) if labels_to is not None else labels
-            images, labels, extra = self._then(self.convert(images, augment), labels, extra, then)
+            images, labels = self._convert_with(images, labels, augment)
+            images, labels, extra = self._then(images, labels, extra, then)
             return Pending(images, labels, None, extra)
         with torch.cuda.stream(self._stream):
-            images = self.convert(images.to(self.device, non_blocking=True), augment)
+            images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
             labels = labels_to(labels) if labels_to is not None else labels
+            images, labels = self._convert_with(images, labels, augment)
             extra = tuple(t.to(self.device, non_blocking=True) for t in extra)
             images, labels, extra = self._then(images, labels, extra, then)
             ready = torch.cuda.Event()
             ready.record(self._stream)
         return Pending(images, labels, ready, extra)
+
+    def _convert_with(self, images: torch.Tensor, labels: torch.Tensor,
+                      augment: Callable[[torch.Tensor], torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """convert(images, augment), and the labels as an augmentation that moves them with the
+        images (readers.masks.MaskedAugment: a batch's masks) leaves them."""
+        if not getattr(augment, "moves_targets", False):
+            return self.convert(images, augment), labels
+        augment = augment.bind(labels)
+        return self.convert(images, augment), augment.targets
 
     @staticmethod
     def _then(images: torch.Tensor, labels: torch.Tensor, extra: tuple[torch.Tensor, ...],

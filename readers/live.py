@@ -15,12 +15,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cacheaug.batched import AUGMENT_ON, augment_batch, make_batched, place
+from cacheaug.batched import AUGMENT_ON, augment_batch, augment_batch_pair, make_batched, make_batched_pair, place
 from cacheaug.transforms import CacheFactory, augment, augment_pair, drift, make_transform, to_pil
 from cacheformat.layout import epoch_shard_sizes
 from readers import split
 from readers.batch_transform import ORDER_SALT, batch_order, with_masks
-from readers.masks import stored_rows, widen
+from readers.masks import MaskedAugment, stored_rows, widen
 from readers.teacher import check_targets
 from readers.errors import ReaderError
 from readers.loader import STAGING_OPTIONS, Loader, open_cache
@@ -203,14 +203,12 @@ class LiveLoader(Loader):
             _log.info("%s: augment_on auto: augmenting on the %s (device %s)", self.manifest.root,
                       "device, batch by batch" if choice == "device" else "CPU, per sample", self.options.device)
         self.augment_on = choice  # "device": batched, on the loader's device; "cpu": per sample, in workers
-        if targets == "mask":
-            if choice == "device":
-                raise ReaderError(f"{cache}: augmenting masks in batches on the device is not supported yet: "
-                                  "pass augment_on='cpu' (per sample, in worker processes)")
-            h, w, _ = self.manifest.output_shape
-            self._labels_to = widen(self.manifest.mask.dtype, (h, w))
+        if targets == "mask":  # per sample: masks come augmented (output shape); on the device: stored (source shape)
+            shape = self.manifest.output_shape[:2] if choice == "cpu" else self.manifest.mask.shape
+            self._labels_to = widen(self.manifest.mask.dtype, tuple(shape))
             self.batch_transform = with_masks(self.batch_transform)
-        self._files = ShardFiles(self.manifest, verify=False)  # the device path's mappings, kept between epochs
+        self._files = ShardFiles(self.manifest, verify=False,  # the device path's mappings, kept between epochs
+                                 mask=targets == "mask")
         self._batched: dict[tuple, object] = {}  # (cache epoch, device) -> its batched augmentation (device path)
         self._tasks = _Tasks()
         self._workers_loader: torch.utils.data.DataLoader | None = None  # per-sample path, made on its first pass
@@ -223,16 +221,20 @@ class LiveLoader(Loader):
         m = self.manifest
         t = m.raw["transform"]
         key = (plan.cache_epoch, self._copier.device)  # on the device this pass is bound to, as a build places it
+        make = make_batched_pair if self.targets == "mask" else make_batched
         if key not in self._batched:
-            self._batched = {key: place(make_batched(t["spec"], epoch=plan.cache_epoch, epochs=m.num_epochs,
-                                                     size=t["size"], channels=m.output_shape[2],
-                                                     schedule=t["schedule"], factory=self._factory),
-                                         self._copier.device)}
+            self._batched = {key: place(make(t["spec"], epoch=plan.cache_epoch, epochs=m.num_epochs,
+                                             size=t["size"], channels=m.output_shape[2],
+                                             schedule=t["schedule"], factory=self._factory),
+                                        self._copier.device)}
         augmentation = self._batched[key]
         # A batch's randomness: the cache's seed, the training epoch, the batch, and what decides
         # which samples it holds (the loader's order seed and the rank layout).
         seed = self._batch_seed(plan.epoch, batch)
         h, w, c = m.output_shape
+        if self.targets == "mask":  # the masks move with the images (Kornia's data key "mask")
+            return MaskedAugment(functools.partial(augment_batch_pair, augmentation, seed=seed, name=t["spec"],
+                                                   shape=(c, h, w)))
         return functools.partial(augment_batch, augmentation, seed=seed, name=t["spec"], shape=(c, h, w))
 
     def _order(self, plan: EpochPlan, batch: int, n: int) -> torch.Tensor | None:

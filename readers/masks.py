@@ -71,3 +71,28 @@ def widen(dtype: str, shape: tuple[int, int]) -> Callable[[torch.Tensor], torch.
         # little-endian uint16, read as int16 (torch's uint16 has few kernels) and unsigned again
         return raw.view(torch.int16).view(-1, h, w).to(torch.int64).bitwise_and_(0xFFFF)
     return apply
+
+
+class MaskedAugment:
+    """A device augmentation (DeviceCopier.convert's `augment`) that moves a batch's masks with its
+    images: `pair` (images float (B, C, H, W), masks int64 (B, H, W)) -> both augmented
+    (cacheaug.batched.augment_batch_pair, seeded). DeviceCopier binds the batch's masks (already
+    widened and on the device) before the call and takes them back after it; `order`, where set,
+    is the batch's seeded order, applied to the images first (the masks come in it already)."""
+
+    moves_targets = True
+
+    def __init__(self, pair: Callable, order: torch.Tensor | None = None, targets: torch.Tensor | None = None) -> None:
+        self.pair, self.order, self.targets = pair, order, targets
+
+    def ordered(self, order: torch.Tensor) -> MaskedAugment:
+        return MaskedAugment(self.pair, order, self.targets)
+
+    def bind(self, targets: torch.Tensor) -> MaskedAugment:
+        return MaskedAugment(self.pair, self.order, targets)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if self.order is not None:
+            images = images.index_select(0, self.order.to(images.device, non_blocking=True))
+        images, self.targets = self.pair(images, self.targets)
+        return images

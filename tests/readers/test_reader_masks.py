@@ -193,8 +193,33 @@ def test_a_live_cache_gives_the_cached_builds_images_and_masks(live_and_cached, 
     loader.close()
 
 
-def test_a_live_cache_with_masks_refuses_the_device_path(live_and_cached):
+def _correlation(images: torch.Tensor, masks: torch.Tensor) -> float:
+    """How closely the first channel follows 20 * mask over a batch (1.0: a monotone map of it)."""
+    return float(torch.corrcoef(torch.stack([images[:, 0].flatten().float(), masks.flatten().float()]))[0, 1])
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_the_device_path_moves_masks_with_their_images(live_and_cached, tmp_path, channels_last):
+    """Kornia with the masks as a data key: the `none` preset keeps every pixel (so any mix-up of
+    rows between a batch's images and masks, in its seeded order, shows); `seg` crops, flips and
+    jitters, and the first channel still follows the mask."""
     from readers import LiveLoader
 
-    with pytest.raises(ReaderError, match="augment_on='cpu'"):
-        LiveLoader(live_and_cached[0], batch_size=8, targets="mask", augment_on="device", device="cpu")
+    path, _, masks = make_seg_npz(tmp_path / "seg.npz", n=48, size=16)
+    plain = _build(path, tmp_path / "none", "--mode", "live")
+    options = dict(batch_size=16, targets="mask", device="cpu", normalize=False, augment_on="device",
+                   channels_last=channels_last)
+    loader = LiveLoader(plain, **options)
+    seen = Counter()
+    for images, batch_masks in loader:
+        _check_aligned(images, batch_masks)
+        seen.update(_digest(m) for m in batch_masks)
+    assert seen == Counter(_digest(torch.from_numpy(m)) for m in masks)
+    seg = list(LiveLoader(live_and_cached[0], seed=3, **options))
+    for images, batch_masks in seg:
+        assert batch_masks.shape == (len(images), 16, 16) and batch_masks.dtype == torch.int64
+        assert 0 <= int(batch_masks.min()) and int(batch_masks.max()) < 5
+        assert _correlation(images, batch_masks) > 0.5  # a mask of another sample, or unmoved: about 0
+    again = list(LiveLoader(live_and_cached[0], seed=3, **options))
+    assert len(again) == len(seg) == 3  # seeded per batch: the same batches again
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(again, seg))
