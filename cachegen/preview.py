@@ -12,12 +12,13 @@ from torchvision.utils import make_grid
 
 from cachegen.augmenter import Augmenter, BuildSettings
 from cacheaug.batched import augment_batch, batch_seed, make_batched
-from cacheaug.transforms import CacheFactory, augment, borrowed_rng, make_transform, to_hwc_uint8, to_pil
+from cacheaug.transforms import (CacheFactory, augment, augment_pair, borrowed_rng, make_transform, to_hwc_uint8,
+                                 to_pil)
 from cachegen.errors import CachegenError
 from cacheformat import FormatError
 from cacheformat.index import read_index
 from cachegen.manifest import Manifest, load_manifest
-from cachegen.shards import read_image
+from cachegen.shards import read_image, read_mask
 from cachegen.sources import open_source
 from cachegen.trust import trusted_factory
 
@@ -58,10 +59,13 @@ def _build_settings(m: dict, source) -> BuildSettings:
 
 
 class _StoredSourcePass:
-    """A live cache's source pass, as a Source: the images the transform starts from."""
+    """A live cache's source pass, as a Source: the images (and masks) the transform starts from."""
 
-    def __init__(self, root: Path, m: dict, positions: dict) -> None:
-        self.root, self.m, self.positions = root, m, positions
+    def __init__(self, root: Path, m: dict, positions: dict, mask=None) -> None:
+        self.root, self.m, self.positions, self.mask = root, m, positions, mask
+
+    def load_mask(self, index: int) -> np.ndarray:
+        return read_mask(self.root, *self.positions[index], self.mask)
 
     def load(self, index: int) -> Image.Image:
         shard, j = self.positions[index]
@@ -73,15 +77,43 @@ class _StoredSourcePass:
 
 
 def _original(m: dict, indices: list[int]) -> list[np.ndarray] | None:
-    """The un-augmented source images (resized as the build did), or None where the source is gone."""
+    """The un-augmented source images (resized as the build did; with their masks drawn over them
+    in a cache with masks), or None where the source is gone."""
+    spec = m["source_spec"]
     try:
-        source = open_source(m["source_spec"]["spec"], split=m["source_spec"]["split"])
+        source = open_source(spec["spec"], split=spec["split"], masks=spec.get("masks"),
+                             mask_classes=_mask_class_names(spec.get("mask_classes")))
     except CachegenError:
         return None
     if source.fingerprint() != m["source"]["fingerprint"]:
         return None
     augmenter = Augmenter(_build_settings(m, source))  # loads and resizes only: no transform is made
+    if "mask" in m:
+        pairs = [augmenter.load_pair(i) for i in indices]
+        return [overlay(to_hwc_uint8(image), mask) for image, mask in pairs]
     return [to_hwc_uint8(augmenter.load(i)) for i in indices]
+
+
+def _mask_class_names(text: str | None) -> tuple[str, ...] | None:
+    """--mask-classes as the build was given it (a count or names), as open_source takes it."""
+    if text is None:
+        return None
+    return tuple(str(k) for k in range(int(text))) if text.strip().isdigit() else tuple(text.split(","))
+
+
+# Mask classes drawn over images: class k > 0 in PALETTE[(k - 1) % len], half opaque; 0 (the
+# background, by convention) left as it is.
+PALETTE = np.array([(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+                    (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (170, 110, 40)],
+                   np.uint16)
+
+
+def overlay(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """An HWC uint8 image with its (H, W) mask drawn over it: each class > 0 in its colour, half opaque."""
+    rgb = np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image[:, :, :3]
+    colour = PALETTE[(np.maximum(mask, 1) - 1) % len(PALETTE)]
+    blended = ((rgb.astype(np.uint16) + colour) // 2).astype(np.uint8)
+    return np.where((mask > 0)[..., None], blended, rgb)
 
 
 def preview(root: Path, out: Path, *, samples: int = 6, epochs: int = 8, trust_code: bool = False) -> tuple[int, int]:
@@ -99,8 +131,10 @@ def preview(root: Path, out: Path, *, samples: int = 6, epochs: int = 8, trust_c
     indices = [i for s in indexed[0] for i in s["indices"]][:samples]
     shown = min(epochs, m["epochs"])
     if live:
-        stored = _StoredSourcePass(root, m, _shard_positions(indexed[0], set(indices)))
+        stored = _StoredSourcePass(root, m, _shard_positions(indexed[0], set(indices)), checked.mask)
         originals = [read_image(root, *stored.positions[i], m["image"]) for i in indices]
+        if checked.mask is not None:
+            originals = [overlay(image, stored.load_mask(i)) for image, i in zip(originals, indices)]
         if checked.augment_on == "device":  # the shown samples as one batch per epoch, as a device loader would
             columns = list(zip(*(_batched(checked, e, originals, factory) for e in range(shown))))
         else:
@@ -110,7 +144,11 @@ def preview(root: Path, out: Path, *, samples: int = 6, epochs: int = 8, trust_c
         originals = _original(m, indices)
         by_epoch = [_shard_positions(indexed[e], set(indices)) for e in range(shown)]
         columns = [[read_image(root, *by_epoch[e][i], m["image"]) for e in range(shown)] for i in indices]
+        if checked.mask is not None:  # each stored image with its stored mask drawn over it
+            columns = [[overlay(image, read_mask(root, *by_epoch[e][i], checked.mask)) for e, image in enumerate(row)]
+                       for i, row in zip(indices, columns)]
     h, w, c = m["output_shape"]
+    c = 3 if checked.mask is not None else c  # masks are drawn in colour
     tiles = []
     for row, index in enumerate(indices):
         if originals is not None:
@@ -132,12 +170,16 @@ def _per_sample(m: Manifest, stored: _StoredSourcePass, indices: list[int], show
         transform = make_transform(t["spec"], epoch=e, epochs=m.num_epochs, size=t["size"], schedule=t["schedule"],
                                    factory=factory)
         try:
-            column = [augment(transform, stored.load(i), seed=m.seed, epoch=e, index=i) for i in indices]
+            if m.mask is not None:  # each sample with its mask, moved together and drawn over it
+                column = [overlay(*augment_pair(transform, stored.load(i), stored.load_mask(i), seed=m.seed, epoch=e,
+                                                index=i)) for i in indices]
+            else:
+                column = [augment(transform, stored.load(i), seed=m.seed, epoch=e, index=i) for i in indices]
         except FormatError:  # ours, already one line (the output is not an image)
             raise
         except Exception as err:
             raise CachegenError(f"transform {t['spec']} failed in preview: {type(err).__name__}: {err}") from None
-        if any(out.shape != m.output_shape for out in column):
+        if any(out.shape[:2] != m.output_shape[:2] for out in column):
             raise CachegenError(f"transform {t['spec']} gave images of another shape than the cache's "
                                 f"{m.output_shape} in epoch {e}: it is not the transform the cache was built with")
         columns.append(column)

@@ -19,6 +19,7 @@ from cacheformat.payload import CodecMessages, decode_payload
 from cacheformat.mask import MEMBER as MASK_MEMBER
 from cacheformat.mask import MaskSpec
 from cacheformat.teacher import MEMBER as TEACHER_MEMBER
+from cacheformat.teacher import member_starts
 from cacheformat.teacher import TeacherSpec, decode_records
 from cacheformat.teacher import header as teacher_header
 from cachegen import faults
@@ -203,6 +204,25 @@ def read_image(root: Path, shard: dict, j: int, image: dict) -> np.ndarray:
     shape = tuple(image["shape"])
     header = _npy_header(shape) if image["encoding"] == "npy" else b""
     return _decoded(data, image["encoding"], shape, where=f"{path}: sample {j}", npy_header=header)
+
+
+def read_mask(root: Path, shard: dict, j: int, mask: MaskSpec) -> np.ndarray:
+    """Sample `j`'s mask (H, W) int64 of a manifest shard entry (as read_image's) in a cache with masks."""
+    path = root / shard["path"]
+    start = int(member_starts(np.array([shard["offsets"][j]]), np.array([shard["sizes"][j]]))[0])
+    try:
+        with open(path, "rb") as f:
+            f.seek(start)
+            data = f.read(mask.payload_bytes)
+    except OSError as e:
+        raise CachegenError(f"cannot read the mask of sample {j} of {path} ({type(e).__name__}: {e}); "
+                            "run `cachegen verify` on the cache") from None
+    if len(data) != mask.payload_bytes or not data.startswith(mask.header):
+        raise CachegenError(f"{path}: sample {j} has no mask member after its image; run `cachegen verify` on the cache")
+    try:
+        return mask.decode(np.frombuffer(data, np.uint8, offset=mask.header_bytes).reshape(1, -1), f"{path}: sample {j}")[0]
+    except ValueError as e:
+        raise CachegenError(f"{e}; run `cachegen verify` on the cache") from None
 
 
 def _decoded(data, encoding: str, shape: tuple, **how) -> np.ndarray:

@@ -252,3 +252,24 @@ def test_a_live_cache_stores_the_source_masks(tmp_path):
                     stored[int(member.name[4:12])] = np.load(io.BytesIO(tar.extractfile(member).read()))
     assert sorted(stored) == list(range(len(masks))) and all(np.array_equal(stored[i], masks[i]) for i in stored)
     run_cli("verify", tmp_path / "c")
+
+
+def test_overlay_draws_each_class_over_the_image():
+    from cachegen.preview import PALETTE, overlay
+
+    image = np.full((2, 3, 3), 100, np.uint8)
+    mask = np.array([[0, 1, 2], [0, 0, 13]])
+    out = overlay(image, mask)
+    assert (out[mask == 0] == 100).all()
+    assert tuple(out[0, 1]) == tuple((100 + PALETTE[0]) // 2) and tuple(out[0, 2]) == tuple((100 + PALETTE[1]) // 2)
+    assert tuple(out[1, 2]) == tuple((100 + PALETTE[0]) // 2)  # 13 wraps around the palette
+    assert overlay(image[:, :, :1], mask).shape == (2, 3, 3)
+
+
+@pytest.mark.parametrize("mode", ["cached", "live"])
+def test_preview_draws_masks(tmp_path, mode):
+    path, _, _ = make_seg_npz(tmp_path / "seg.npz")
+    build(path, tmp_path / "c", "--mode", mode, "--transform", "seg", "--epochs", "2")
+    out = tmp_path / "p.png"
+    assert "3 columns" in run_cli("preview", tmp_path / "c", "--out", out, "--samples", "3", "--epochs", "2").output
+    assert np.asarray(Image.open(out)).shape[2] == 3  # masks drawn in colour (overlay, above)
