@@ -147,13 +147,7 @@ class BuildConfig:
         return self.masks is not None or self.sample_masks
 
     def mask_class_names(self) -> tuple[str, ...] | None:
-        """--mask-classes as names: '21' -> ('0', ..., '20'); 'background,road' -> those."""
-        if self.mask_classes is None:
-            return None
-        text = self.mask_classes.strip()
-        if text.isdigit():
-            return tuple(str(k) for k in range(int(text)))
-        return tuple(name.strip() for name in text.split(","))
+        return mask_class_names(self.mask_classes)
 
     def _check_masks(self) -> None:
         if self.masks is not None and self.sample_masks:
@@ -168,6 +162,24 @@ class BuildConfig:
                                     "or comma-separated names")
         if self.with_masks:
             check_mask_options(self)
+
+
+def mask_class_names(text: str | None) -> tuple[str, ...] | None:
+    """--mask-classes as names: '21' -> ('0', ..., '20'); 'background,road' -> those."""
+    if text is None:
+        return None
+    text = text.strip()
+    if text.isdigit():
+        return tuple(str(k) for k in range(int(text)))
+    return tuple(name.strip() for name in text.split(","))
+
+
+def recorded_source(spec: dict):
+    """The source a manifest's `source_spec` names, opened again as the build opened it (its masks too)."""
+    from cachegen.sources import open_source
+
+    return open_source(spec["spec"], split=spec["split"], masks=spec.get("masks"),
+                       mask_classes=mask_class_names(spec.get("mask_classes")))
 
 
 def check_mask_options(config: BuildConfig) -> None:

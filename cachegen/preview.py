@@ -19,7 +19,7 @@ from cacheformat import FormatError
 from cacheformat.index import read_index
 from cachegen.manifest import Manifest, load_manifest
 from cachegen.shards import read_image, read_mask
-from cachegen.sources import open_source
+from cachegen.config import recorded_source
 from cachegen.trust import trusted_factory
 
 MIN_TILE = 96  # pixels: smaller images are scaled up by a whole factor to at least this
@@ -79,10 +79,8 @@ class _StoredSourcePass:
 def _original(m: dict, indices: list[int]) -> list[np.ndarray] | None:
     """The un-augmented source images (resized as the build did; with their masks drawn over them
     in a cache with masks), or None where the source is gone."""
-    spec = m["source_spec"]
     try:
-        source = open_source(spec["spec"], split=spec["split"], masks=spec.get("masks"),
-                             mask_classes=_mask_class_names(spec.get("mask_classes")))
+        source = recorded_source(m["source_spec"])
     except CachegenError:
         return None
     if source.fingerprint() != m["source"]["fingerprint"]:
@@ -92,13 +90,6 @@ def _original(m: dict, indices: list[int]) -> list[np.ndarray] | None:
         pairs = [augmenter.load_pair(i) for i in indices]
         return [overlay(to_hwc_uint8(image), mask) for image, mask in pairs]
     return [to_hwc_uint8(augmenter.load(i)) for i in indices]
-
-
-def _mask_class_names(text: str | None) -> tuple[str, ...] | None:
-    """--mask-classes as the build was given it (a count or names), as open_source takes it."""
-    if text is None:
-        return None
-    return tuple(str(k) for k in range(int(text))) if text.strip().isdigit() else tuple(text.split(","))
 
 
 # Mask classes drawn over images: class k > 0 in PALETTE[(k - 1) % len], half opaque; 0 (the
