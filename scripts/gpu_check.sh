@@ -13,7 +13,8 @@
 #            >= 90 %) with its data wait (scripts/gpu_feed.py), after host -> device copy rates;
 #   feed 224 ResNet-50 at 224 px (batch 128), the same rows;
 #   train    scripts/train.py, a few steps with each loader (cached, live, online);
-#   tests    pytest -m cuda (every CUDA test).
+#   tests    pytest -m cuda (every CUDA test);
+#   seg      scripts/bench_seg.py: cached vs online batches of images with masks (its own block, last).
 # Without CUDA every step runs on the CPU at toy sizes, so the script is known to run; those numbers
 # say nothing about a GPU. Missing packages are named in one line first (docs/gpu.md: carrying wheels).
 set -uo pipefail
@@ -184,6 +185,17 @@ step "feed $CROP px: ResNet-50" 90 "$PYTHON" scripts/gpu_feed.py --model resnet5
     --cached "$WORK/big-cache" --live-device "$WORK/big-live" --live-cpu "$WORK/big-live-cpu" --online "$WORK/big-cache"
 step "train.py, each loader" 80 train_each
 step "pytest -m cuda" 120 "$PYTHON" -m pytest -q -p no:cacheprovider -m cuda --continue-on-collection-errors tests
+
+# Segmentation (its own block): a cache of the sample with masks, then cached vs online batches of
+# (images, masks) on this machine's device (scripts/bench_seg.py prints the ratio).
+seg_check() {
+    "$PYTHON" -m cachegen build --sample-masks --epochs 1 --out "$WORK/seg" --workers "$WORKERS" --quiet &&
+    "$PYTHON" scripts/bench_seg.py --cache "$WORK/seg" --device "$([ "$GPU" = 1 ] && echo cuda || echo cpu)" \
+        --batches 10 --repeats 2 --workers 2
+}
+export GPU
+export -f seg_check
+step "segmentation: cached vs online masks" 60 seg_check
 
 echo "== summary (GPU: $([ "$GPU" = 1 ] && echo yes || echo no), $(( $(date +%s) - began ))s)"
 printf '  %s\n' "${SUMMARY[@]}"

@@ -128,3 +128,12 @@ def spawn_ranks(worker, args: tuple, nprocs: int, timeout_s: float) -> None:
             for process in context.processes:
                 process.kill()
             pytest.fail(f"DDP workers still running after {timeout_s}s: a rank is stuck in a collective")
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now: a torch.distributed rendezvous for spawned ranks."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -7,19 +7,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
 from collections import Counter
 from datetime import timedelta
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 from click.testing import CliRunner
 from torchvision.transforms import v2
 
-from loader_checks import spawn_ranks
+from loader_checks import free_port, spawn_ranks
 from readers import CachedLoader, ReaderError
 from tests.conftest import make_seg_npz
 
@@ -154,10 +152,7 @@ def _ddp_worker(rank: int, cache: str, port: int, out: str) -> None:
 
 
 def test_two_gloo_ranks_split_the_masks(seg, tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    spawn_ranks(_ddp_worker, (str(seg["npy"]), port, str(tmp_path)), WORLD_SIZE, TIMEOUT_S)
+    spawn_ranks(_ddp_worker, (str(seg["npy"]), free_port(), str(tmp_path)), WORLD_SIZE, TIMEOUT_S)
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD_SIZE)]
     assert [r["batches"] for r in results] == [r["len"] for r in results] == [6, 6]
     assert not set(results[0]["seen"]) & set(results[1]["seen"])
