@@ -273,3 +273,9 @@ def test_preview_draws_masks(tmp_path, mode):
     out = tmp_path / "p.png"
     assert "3 columns" in run_cli("preview", tmp_path / "c", "--out", out, "--samples", "3", "--epochs", "2").output
     assert np.asarray(Image.open(out)).shape[2] == 3  # masks drawn in colour (overlay, above)
+
+
+def test_bench_points_a_cache_with_masks_to_bench_seg(tmp_path):
+    path, _, _ = make_seg_npz(tmp_path / "seg.npz")
+    build(path, tmp_path / "c", "--transform", "none")
+    assert_one_line_error(run_cli("bench", tmp_path / "c", expect=1), "holds masks", "scripts/bench_seg.py")

@@ -218,3 +218,17 @@ def test_the_device_path_moves_masks_with_their_images(live_and_cached, tmp_path
     again = list(LiveLoader(live_and_cached[0], seed=3, **options))
     assert len(again) == len(seg) == 3  # seeded per batch: the same batches again
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(again, seg))
+
+
+def test_a_cache_with_masks_staged_from_s3_reads_as_the_local_one(seg, s3_server, tmp_path):
+    import uuid
+
+    from s3server import s3fs_filesystem, upload
+
+    url = f"s3://caches/{uuid.uuid4().hex[:8]}"
+    upload(s3fs_filesystem(), seg["npy"], url)
+    options = dict(batch_size=16, targets="mask", device="cpu", normalize=False, seed=6, prefetch=0)
+    staged = list(CachedLoader(url, local=tmp_path / "scratch", download_retries=2, download_backoff=0.05, **options))
+    local = list(CachedLoader(seg["npy"], **options))
+    assert len(staged) == len(local) == 6
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(staged, local))
