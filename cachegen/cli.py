@@ -46,8 +46,9 @@ def main() -> None:
 @click.option("--stage", type=click.Path(path_type=Path), help="With --out URL: the local folder to build in "
               "before uploading [default: one in the system's temporary folder, named by the URL].")
 @click.option("--transform", default="auto", show_default=True,
-              help="Preset (cifar, imagenet, mnist, val, none: store as is) or module:factory called as "
-                   "factory(epoch, epochs). It returns a torchvision transform of one PIL image, or, with "
+              help="Preset (cifar, imagenet, mnist, val, none: store as is; with masks seg, seg-val) or "
+                   "module:factory called as factory(epoch, epochs). It returns a torchvision transform of one PIL "
+                   "image (with masks: a v2 transform of the image and a tv_tensors.Mask), or, with "
                    "--augment-on device, any nn.Module/callable over float (B, C, H, W) batches in [0, 1] "
                    "(e.g. a Kornia AugmentationSequential).")
 @click.option("--schedule", default="constant", show_default=True, type=click.Choice(["constant", "linear"]),
