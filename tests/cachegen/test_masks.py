@@ -279,3 +279,22 @@ def test_bench_points_a_cache_with_masks_to_bench_seg(tmp_path):
     path, _, _ = make_seg_npz(tmp_path / "seg.npz")
     build(path, tmp_path / "c", "--transform", "none")
     assert_one_line_error(run_cli("bench", tmp_path / "c", expect=1), "holds masks", "scripts/bench_seg.py")
+
+
+def test_a_resumed_build_indexes_a_finished_shard_with_masks_again(tmp_path):
+    """A shard whose index file is gone is indexed from the shard itself (its mask members
+    checked), and the cache ends as it was; a damaged mask member is named there."""
+    path, _, _ = make_seg_npz(tmp_path / "seg.npz")
+    build(path, tmp_path / "c", "--transform", "seg", "--epochs", "2")
+    before = shard_bytes(tmp_path / "c")
+    manifest = (tmp_path / "c" / "manifest.json").read_bytes()
+    (tmp_path / "c" / "epoch-0001" / "shard-000001.idx").unlink()  # the same build indexes the shard again
+    build(path, tmp_path / "c", "--transform", "seg", "--epochs", "2")
+    assert shard_bytes(tmp_path / "c") == before and (tmp_path / "c" / "manifest.json").read_bytes() == manifest
+    shard = tmp_path / "c" / "epoch-0000" / "shard-000000.tar"
+    data = bytearray(shard.read_bytes())
+    at = data.index(b".mask.npy")
+    data[at - at % 512 + 512 + 1] ^= 0xFF  # the member's npy header
+    shard.write_bytes(bytes(data))
+    shard.with_suffix(".idx").unlink()
+    assert_one_line_error(build(path, tmp_path / "c", "--transform", "seg", "--epochs", "2", expect=1), str(shard))
