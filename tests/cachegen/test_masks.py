@@ -298,3 +298,14 @@ def test_a_resumed_build_indexes_a_finished_shard_with_masks_again(tmp_path):
     shard.write_bytes(bytes(data))
     shard.with_suffix(".idx").unlink()
     assert_one_line_error(build(path, tmp_path / "c", "--transform", "seg", "--epochs", "2", expect=1), str(shard))
+
+
+def test_resize_takes_the_mask_nearest_neighbour(tmp_path):
+    import torch
+    from torchvision.transforms.v2 import functional as F
+
+    path, _, masks = make_seg_npz(tmp_path / "seg.npz", n=6, size=24)
+    build(path, tmp_path / "c", "--transform", "none", "--resize", "10")
+    for i, (image, mask) in read_cache(tmp_path / "c").items():
+        want = F.center_crop(F.resize(torch.from_numpy(masks[i])[None], [10], F.InterpolationMode.NEAREST), [10])[0]
+        assert image.shape == (10, 10, 3) and np.array_equal(mask, want.numpy())
