@@ -188,9 +188,9 @@ def check_mask_options(config: BuildConfig) -> None:
     if config.teacher is not None:
         raise CachegenError("--teacher stores a classifier's targets; a build with masks stores masks: a cache holds "
                             "one kind of target, drop --teacher or the masks")
-    if config.augment_on == "device":
-        raise CachegenError("--augment-on device with masks is not supported yet: augment per sample "
-                            "(--augment-on cpu; a cached build's default, and a live one's with masks)")
+    if config.augment_on == "device" and config.mode != "live":
+        raise CachegenError("--augment-on device with masks is for a live cache (--mode live: Kornia on the loader's "
+                            "device, the masks a data key); a cached build augments masks per sample (--augment-on cpu)")
     if config.transform not in ("auto", *MASK_PRESETS) and ":" not in config.transform:
         raise CachegenError(f"--transform {config.transform} augments an image alone; with masks use "
                             f"{', '.join(MASK_PRESETS)} or a module:factory returning a torchvision.transforms.v2 "

@@ -11,7 +11,7 @@ from torchvision.transforms import functional as F
 from torchvision.utils import make_grid
 
 from cachegen.augmenter import Augmenter, BuildSettings
-from cacheaug.batched import augment_batch, batch_seed, make_batched
+from cacheaug.batched import augment_batch, augment_batch_pair, batch_seed, make_batched, make_batched_pair
 from cacheaug.transforms import (CacheFactory, augment, augment_pair, borrowed_rng, make_transform, to_hwc_uint8,
                                  to_pil)
 from cachegen.errors import CachegenError
@@ -124,13 +124,14 @@ def preview(root: Path, out: Path, *, samples: int = 6, epochs: int = 8, trust_c
     if live:
         stored = _StoredSourcePass(root, m, _shard_positions(indexed[0], set(indices)), checked.mask)
         originals = [read_image(root, *stored.positions[i], m["image"]) for i in indices]
-        if checked.mask is not None:
-            originals = [overlay(image, stored.load_mask(i)) for image, i in zip(originals, indices)]
+        masks = [stored.load_mask(i) for i in indices] if checked.mask is not None else None
         if checked.augment_on == "device":  # the shown samples as one batch per epoch, as a device loader would
-            columns = list(zip(*(_batched(checked, e, originals, factory) for e in range(shown))))
+            columns = list(zip(*(_batched(checked, e, originals, factory, masks) for e in range(shown))))
         else:
             with borrowed_rng():  # the caller's generators, given back once
                 columns = _per_sample(checked, stored, indices, shown, factory)
+        if masks is not None:
+            originals = [overlay(image, mask) for image, mask in zip(originals, masks)]
     else:
         originals = _original(m, indices)
         by_epoch = [_shard_positions(indexed[e], set(indices)) for e in range(shown)]
@@ -208,9 +209,20 @@ def _save(image: Image.Image, out: Path) -> None:
         raise CachegenError(f"cannot write {out}: {e}; give a writable path ending in .png") from None
 
 
-def _batched(m: Manifest, epoch: int, images: list[np.ndarray], factory: CacheFactory | None) -> list[np.ndarray]:
-    """`images` (HWC uint8) augmented as one batch with the cache's batched augmentation of `epoch`."""
+def _batched(m: Manifest, epoch: int, images: list[np.ndarray], factory: CacheFactory | None,
+             masks: list[np.ndarray] | None = None) -> list[np.ndarray]:
+    """`images` (HWC uint8) augmented as one batch with the cache's batched augmentation of `epoch`
+    (with `masks`, moved with them and drawn over them)."""
     t = m.raw["transform"]
+    if masks is not None:
+        pair = make_batched_pair(t["spec"], epoch=epoch, epochs=m.num_epochs, size=t["size"], channels=m.shape[2],
+                                 schedule=t["schedule"], factory=factory)
+        batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div_(255.0)
+        h, w, c = m.output_shape
+        out, out_masks = augment_batch_pair(pair, batch, torch.from_numpy(np.stack(masks)),
+                                            seed=batch_seed(m.seed, epoch, 0), name=t["spec"], shape=(c, h, w))
+        pixels = out.mul(255.0).round_().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        return [overlay(p, mask) for p, mask in zip(pixels, out_masks.numpy())]
     batched = make_batched(t["spec"], epoch=epoch, epochs=m.num_epochs, size=t["size"], channels=m.shape[2],
                            schedule=t["schedule"], factory=factory)
     batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div_(255.0)

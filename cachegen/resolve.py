@@ -97,7 +97,7 @@ def _shapes(config: BuildConfig, settings: BuildSettings, probes: list[tuple[int
             augment_on: str) -> tuple[BuildSettings, float]:
     """The settings with the output and source shapes, from the probe images augmented as this build
     will augment them; the bytes an image takes (--mode auto's estimate)."""
-    if augment_on == "device":  # the batched augmentation gives the output shape
+    if augment_on == "device" and settings.source.mask_classes is None:  # the batched augmentation gives the output shape
         shape, source_shape = _probe_batched(settings, probes)
         probe_bytes = float(np.prod(shape))  # raw pixels: --mode auto's estimate
     else:

@@ -207,7 +207,6 @@ def test_a_bad_folder_mask_is_named_or_skipped(tmp_path, damage, named):
 
 @pytest.mark.parametrize("args, named", [
     (("--sample-masks", "--teacher", "t.py:make"), "one kind of target"),
-    (("--sample-masks", "--mode", "live", "--augment-on", "device"), "--augment-on cpu"),
     (("--sample-masks", "--transform", "cifar"), "seg, seg-val, none"),
     (("--sample-masks", "--augment-on", "device"), "--augment-on cpu"),
     (("--mask-classes", "3"), "pass --masks too"),
@@ -309,3 +308,21 @@ def test_resize_takes_the_mask_nearest_neighbour(tmp_path):
     for i, (image, mask) in read_cache(tmp_path / "c").items():
         want = F.center_crop(F.resize(torch.from_numpy(masks[i])[None], [10], F.InterpolationMode.NEAREST), [10])[0]
         assert image.shape == (10, 10, 3) and np.array_equal(mask, want.numpy())
+
+
+def test_a_live_cache_augmented_on_the_device_with_masks(tmp_path):
+    """--mode live --augment-on device: recorded, read in batches with Kornia by default, previewed so."""
+    import torch
+
+    from readers import open_loader
+
+    path, _, _ = make_seg_npz(tmp_path / "seg.npz", n=32, size=24)
+    build(path, tmp_path / "c", "--mode", "live", "--augment-on", "device", "--transform", "seg", "--size", "16")
+    m = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    assert m["transform"]["augment_on"] == "device" and m["mask"]["shape"] == [24, 24]
+    loader = open_loader(tmp_path / "c", batch_size=16, targets="mask", device="cpu", normalize=False)
+    assert loader.augment_on == "device"
+    for images, masks in loader:
+        assert images.shape == (16, 3, 16, 16) and masks.shape == (16, 16, 16) and masks.dtype == torch.int64
+    assert "3 columns" in run_cli("preview", tmp_path / "c", "--out", tmp_path / "p.png", "--samples", "2",
+                                  "--epochs", "2").output
