@@ -11,6 +11,7 @@ from collections import Counter
 from datetime import timedelta
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -232,3 +233,23 @@ def test_a_cache_with_masks_staged_from_s3_reads_as_the_local_one(seg, s3_server
     local = list(CachedLoader(seg["npy"], **options))
     assert len(staged) == len(local) == 6
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(staged, local))
+
+
+@pytest.mark.parametrize("encoding", ["npy", "png"])
+def test_uint16_masks_read_back_whole(tmp_path, encoding):
+    """300 mask classes: stored as little-endian uint16, widened on the device to their values (> 255 too)."""
+    rng = np.random.default_rng(9)
+    masks = rng.integers(0, 300, (24, 8, 8)).astype(np.uint16)
+    images = rng.integers(0, 256, (24, 8, 8, 3), dtype=np.uint8)
+    np.savez(tmp_path / "seg.npz", images=images, labels=np.zeros(24, int), masks=masks,
+             mask_classes=np.array([f"c{k}" for k in range(300)]))
+    cache = _build(tmp_path / "seg.npz", tmp_path / "c", "--format", encoding)
+    seen = Counter()
+    for _, batch in CachedLoader(cache, batch_size=8, targets="mask", device="cpu"):
+        assert batch.dtype == torch.int64
+        seen.update(_digest16(m) for m in batch)
+    assert seen == Counter(_digest16(torch.from_numpy(m.astype(np.int64))) for m in masks)
+
+
+def _digest16(mask: torch.Tensor) -> str:
+    return hashlib.sha256(mask.to(torch.int32).numpy().tobytes()).hexdigest()
