@@ -73,6 +73,66 @@ def make_batched(spec: str, *, epoch: int, epochs: int, size: int, channels: int
     return make_transform(spec, epoch=epoch, epochs=epochs, size=size, schedule=schedule)  # raises: unknown
 
 
+MASK_KEYS = ["input", "mask"]  # Kornia's data keys of a batch and its masks (geometric steps move both)
+
+
+def make_batched_pair(spec: str, *, epoch: int, epochs: int, size: int, channels: int, schedule: str = "constant",
+                      factory: Callable | None = None) -> Callable:
+    """The batched augmentation of `epoch` for batches with masks: called as (images float (B, C, H,
+    W) in [0, 1], masks float (B, 1, H, W)) -> (images, masks). A segmentation preset's Kornia
+    equivalent (an AugmentationSequential over data_keys input and mask: geometric steps move both,
+    the masks nearest-neighbour, ColorJitter the images only), or what a user's `module:factory`
+    returns (e.g. such an AugmentationSequential)."""
+    if ":" in spec:
+        return make_transform(spec, epoch=epoch, epochs=epochs, size=size, schedule=schedule, factory=factory)
+    if spec == "none":
+        return _identity_pair
+    import kornia.augmentation as K
+
+    make_transform("val", epoch=epoch, epochs=epochs, size=size, schedule=schedule)  # checks the schedule
+    s = strength(epoch, epochs, schedule)
+    if spec == "seg":
+        jitter = 0.2 * s
+        return K.AugmentationSequential(
+            K.RandomResizedCrop((size, size), scale=(1.0 - 0.7 * s, 1.0)),
+            K.RandomHorizontalFlip(),
+            K.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter if channels == 3 else 0.0, p=1.0),
+            data_keys=MASK_KEYS)
+    if spec == "seg-val":
+        return K.AugmentationSequential(K.Resize(size, side="short"), K.CenterCrop(size), data_keys=MASK_KEYS)
+    raise TransformError(f"transform {spec} augments images alone: batches with masks take seg, seg-val, none or "
+                         "a module:factory returning a callable of (images, masks)")
+
+
+def _identity_pair(images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return images, masks
+
+
+def augment_batch_pair(augmentation: Callable, images: torch.Tensor, masks: torch.Tensor, *, seed: int, name: str,
+                       shape: tuple[int, int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """augment_batch for a batch and its masks (int64 (B, H, W)): (images float (B, C, H, W) in [0,
+    1], masks int64 (B, H, W)), one call moving both, seeded as augment_batch seeds."""
+    with seeded(seed, images.device), full_float32(images.device):
+        try:
+            out = augmentation(images, masks[:, None].to(images.dtype))
+        except TransformError:
+            raise
+        except Exception as e:
+            raise TransformError(f"transform {name} failed on a batch of shape {tuple(images.shape)} and its masks: "
+                                 f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]) from None
+    if not (isinstance(out, (tuple, list)) and len(out) == 2 and all(isinstance(t, torch.Tensor) for t in out)):
+        raise TransformError(f"transform {name} returned {type(out).__name__} for a batch and its masks: it must "
+                             "return (images, masks)")
+    out_images, out_masks = out
+    out_images = _checked(out_images, images, name, shape)
+    if out_masks.ndim == 4 and out_masks.shape[1] == 1:
+        out_masks = out_masks[:, 0]
+    if tuple(out_masks.shape) != (len(images), *out_images.shape[2:]):
+        raise TransformError(f"transform {name} returned masks of shape {tuple(out_masks.shape)} for images of "
+                             f"{tuple(out_images.shape)}: it must move the masks with the images")
+    return out_images, out_masks.round().to(torch.int64)
+
+
 def place(augmentation: Callable[[torch.Tensor], torch.Tensor], device: torch.device
           ) -> Callable[[torch.Tensor], torch.Tensor]:
     """`augmentation` on `device`: a module's (a preset's, or a factory's) parameters and buffers are
@@ -179,6 +239,11 @@ def augment_batch(augmentation: Callable, images: torch.Tensor, *, seed: int, na
         except Exception as e:
             raise TransformError(f"transform {name} failed on a batch of shape {tuple(images.shape)}: "
                                  f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]) from None
+    return _checked(out, images, name, shape)
+
+
+def _checked(out: object, images: torch.Tensor, name: str, shape: tuple[int, int, int] | None) -> torch.Tensor:
+    """`out`, an augmentation's output for `images`, checked (TransformError naming `name`) and clamped to [0, 1]."""
     want = f"a float (B, C, H, W) tensor with B = {len(images)}" + (f" and (C, H, W) = {shape}" if shape else "")
     if not isinstance(out, torch.Tensor):
         raise TransformError(f"transform {name} returned {type(out).__name__} for a batch: it must return {want}")

@@ -29,7 +29,7 @@ from torchvision import transforms as T
 from cacheformat import FormatError
 from cacheformat.manifest import transform_fingerprint as fingerprint  # noqa: F401 - re-exported
 from cacheformat.seeding import sample_seed
-from cacheaug.names import DETERMINISTIC, PRESETS, SCHEDULES  # noqa: F401 - re-exported
+from cacheaug.names import DETERMINISTIC, MASK_PRESETS, PRESETS, SCHEDULES  # noqa: F401 - re-exported
 
 
 
@@ -137,10 +137,10 @@ def strength(epoch: int, epochs: int, schedule: str) -> float:
 
 
 class Identity:
-    """The `none` preset: every image as the source holds it (its own size; nothing random)."""
+    """The `none` preset: every image (and mask) as the source holds it (its own size; nothing random)."""
 
-    def __call__(self, image):
-        return image
+    def __call__(self, *inputs):
+        return inputs[0] if len(inputs) == 1 else inputs
 
     def __repr__(self) -> str:
         return "Identity()"
@@ -167,7 +167,45 @@ def _preset(name: str, epoch: int, epochs: int, size: int, schedule: str) -> Cal
         return T.Compose([T.Resize(size), T.CenterCrop(size)])
     if name == "none":
         return Identity()
+    if name in ("seg", "seg-val"):
+        return _segmentation(name, s, size)
     raise TransformError(f"unknown transform preset {name!r}: use one of {', '.join(PRESETS)} or module:factory")
+
+
+def _segmentation(name: str, s: float, size: int) -> Callable:
+    """The segmentation presets, torchvision v2: called with (image, tv_tensors.Mask), geometric
+    steps move both (the mask resampled nearest-neighbour), ColorJitter the image only."""
+    from torchvision.transforms import v2
+
+    if name == "seg-val":
+        return v2.Compose([v2.Resize(size), v2.CenterCrop(size)])
+    jitter = 0.2 * s
+    return v2.Compose([
+        v2.RandomResizedCrop(size, scale=(1.0 - 0.7 * s, 1.0)),
+        v2.RandomHorizontalFlip(),
+        v2.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter),
+    ])
+
+
+def augment_pair(transform: Callable, image: Image.Image, mask: np.ndarray, *, seed: int, epoch: int,
+                 index: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sample `index` of epoch `epoch` and its mask, augmented together as `augment` augments an
+    image alone: the transform is called with the image and the mask as a tv_tensors.Mask, so a
+    torchvision v2 transform moves both. (HWC uint8 image, (H, W) int64 mask)."""
+    from torchvision import tv_tensors
+
+    with nullcontext() if get_worker_info() is not None else borrowed_rng():
+        seed_sample(seed, epoch, index)
+        out = transform(image, tv_tensors.Mask(torch.from_numpy(np.asarray(mask, dtype=np.int64))))
+    if not (isinstance(out, (tuple, list)) and len(out) == 2):
+        raise TransformError(f"the transform returned {type(out).__name__} for (image, mask): a build with masks "
+                             "needs a transform of both, a torchvision.transforms.v2 one (the seg, seg-val and "
+                             "none presets are)")
+    image_out, mask_out = out
+    mask_out = torch.as_tensor(mask_out)
+    if mask_out.ndim == 3 and mask_out.shape[0] == 1:
+        mask_out = mask_out[0]
+    return to_hwc_uint8(image_out), mask_out.to(torch.int64).numpy()
 
 
 def load_factory(spec: str, *, search_cwd: bool = True) -> Callable[[int, int], Any]:

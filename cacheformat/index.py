@@ -71,12 +71,13 @@ def read_index(manifest: Manifest, shard: ShardEntry) -> ShardIndex:
 
 
 def sample_ends(manifest: Manifest, offsets: np.ndarray, sizes: np.ndarray) -> np.ndarray:
-    """Where each sample's last byte ends: its image payload's, or in a reinforced cache its
-    teacher member's (which follows the image, cacheformat.teacher)."""
-    teacher = manifest.teacher
-    if teacher is None:
+    """Where each sample's last byte ends: its image payload's, or that of the target member that
+    follows the image (a segmentation cache's mask, cacheformat.mask; a reinforced cache's teacher
+    targets, cacheformat.teacher)."""
+    target = manifest.mask or manifest.teacher
+    if target is None:
         return offsets + sizes
-    return member_starts(offsets, sizes) + teacher.payload_bytes
+    return member_starts(offsets, sizes) + target.payload_bytes
 
 
 def check_index(manifest: Manifest, shard: ShardEntry, data: bytes) -> ShardIndex:

@@ -20,8 +20,11 @@ from typing import Any
 
 from cacheformat.errors import FormatError
 from cacheformat.locks import builder
-from cacheformat.layout import index_bytes, index_path, npy_layout, shard_size_problem
+from cacheformat.layout import BLOCK, index_bytes, index_path, npy_layout, padded, shard_size_problem
 from cacheformat.schema import SKIP, Field, Section, walk
+from cacheformat.mask import DTYPES as MASK_DTYPES
+from cacheformat.mask import MEMBER as MASK_MEMBER
+from cacheformat.mask import MaskSpec, mask_dtype
 from cacheformat.teacher import MEMBER as TEACHER_MEMBER
 from cacheformat.teacher import TeacherSpec, payload_bytes
 
@@ -42,7 +45,10 @@ AUGMENT_DEVICES = ("cpu", "cuda")
 # What makes two builds the same cache; epochs may grow, these may not change.
 # ("teacher": absent, so None, in a cache built without one, before or since the field was.)
 IDENTITY_KEYS = ("source", "transform", "seed", "image", "output_shape", "shard_size", "mode", "versions",
-                 "teacher")
+                 "teacher", "mask")
+# Identity keys added after caches were read by resume states: left out of identity() where absent,
+# so a cache without them keeps the identity (and a reader's state its digest) it always had.
+LATER_IDENTITY_KEYS = ("mask",)
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 # The largest manifest read (~250 bytes a shard: over a million shards); a bigger file is not one.
 MAX_MANIFEST_BYTES = 256 << 20
@@ -86,6 +92,7 @@ class Manifest:
     raw: dict[str, Any]
     augment_on: str = "cpu"  # one of AUGMENT_ON: where a live cache's transform runs
     teacher: TeacherSpec | None = None  # a reinforced cache's teacher targets (cacheformat.teacher); else None
+    mask: MaskSpec | None = None  # a segmentation cache's per-sample masks (cacheformat.mask); else None
 
     @property
     def image_bytes(self) -> int:
@@ -98,8 +105,19 @@ class Manifest:
 
     def npy_rows(self) -> tuple[int, int]:
         """(byte offset of sample 0's pixels, distance between samples) in every npy shard."""
-        first, pitch = npy_layout(self.npy_payload_bytes, self.teacher.member_bytes if self.teacher else 0)
+        first, pitch = npy_layout(self.npy_payload_bytes, self.target_bytes)
         return first + self.npy_header_bytes, pitch
+
+    @property
+    def target_bytes(self) -> int:
+        """What the target members after the image (mask, teacher) add to every sample."""
+        return target_bytes(self.mask, self.teacher)
+
+    def mask_rows(self) -> tuple[int, int]:
+        """(byte offset of sample 0's mask values, distance between samples) in every npy shard of a
+        cache with masks: the mask member follows the image's padded payload."""
+        first, pitch = npy_layout(self.npy_payload_bytes, self.target_bytes)
+        return first + padded(self.npy_payload_bytes) + BLOCK + self.mask.header_bytes, pitch
 
     def epoch_samples(self, epoch: int) -> int:
         """Samples in cached epoch `epoch` (not wrapped)."""
@@ -234,6 +252,11 @@ def _teacher_member(block: Mapping) -> str:
             f"{TEACHER_MEMBER} of {payload_bytes(block['topk'])} bytes")
 
 
+def _mask_member(block: Mapping) -> str:
+    return (f"mask member {block.get('member')!r} of {block.get('payload_bytes')!r} bytes is not {MASK_MEMBER} "
+            f"of {block['dtype']} {block['shape']!r}")
+
+
 _COUNTS = ("num_samples {manifest[source][num_samples]!r}, shard_size {manifest[shard_size]!r}, "
            "epochs {manifest[epochs]!r} or seed {manifest[seed]!r} is not a count")
 _TEXT = "a text field is not text"
@@ -266,6 +289,9 @@ SOURCE_SPEC = Section((
     Field("spec", _or_none(_text), _TEXT),  # as the user spelt it
     # The same made absolute, so that a tool run from another folder finds it (absent before it was recorded)
     Field("absolute", _or_none(_text), _TEXT, default=SKIP),
+    # how the source's masks were asked for: a folder's --masks DIR, true for the sample; its --mask-classes
+    Field("masks", lambda x: x is True or _text(x), "source_spec masks {masks!r} is not a folder or true", default=SKIP),
+    Field("mask_classes", _or_none(_text), _TEXT, default=SKIP),
 ))
 TRANSFORM = Section((
     Field("spec", _text, _TEXT),
@@ -290,6 +316,13 @@ TEACHER = Section((  # a reinforced cache's (cacheformat.teacher); an absent fie
     Field("member", _one_of(TEACHER_MEMBER), _teacher_member, default=None),
     Field("spec", _text, _TEACHER_TEXT, default=None),
     Field("device", _text, _TEACHER_TEXT, default=None),
+))
+MASK = Section((  # a segmentation cache's (cacheformat.mask): what its mask members hold
+    Field("shape", lambda x: isinstance(x, list) and len(x) == 2 and _ints(x, 1), "mask shape {shape!r} is not [H, W]"),
+    Field("classes", lambda x: _texts(x) and bool(x), "mask classes {classes!s:.60} is not a list of class names"),
+    Field("dtype", _one_of(*MASK_DTYPES), f"mask dtype {{dtype!r}} is not one of {', '.join(MASK_DTYPES)}"),
+    Field("member", _one_of(MASK_MEMBER), _mask_member),
+    Field("payload_bytes", _count(1), _mask_member),
 ))
 SHARD = Section((  # one shard file of an epoch or of the source pass, and its index file
     Field("path", _tar_path, "shard path {path!r} is not a .tar path inside the cache folder"),
@@ -324,6 +357,7 @@ TOP = Section((
     Field("classes", lambda x: _texts(x) and bool(x), "classes {classes!s:.60} is not a list of class names"),
     Field("teacher", _or_none(lambda x: isinstance(x, dict)), "teacher is not an object", default=SKIP,
           inner=TEACHER),
+    Field("mask", lambda x: isinstance(x, dict), "mask is not an object", default=SKIP, inner=MASK),
     Field("mean", _numbers, _per_channel("mean")),  # one per channel, in [0, 1] units: by _check_stats
     Field("std", _numbers, _per_channel("std")),
     Field("stats_from", _text, "stats_from {stats_from!r} is not the path of the cache mean/std came from",
@@ -360,8 +394,9 @@ def _consistent(raw: dict, root: Path, fail: Callable[[str], FormatError]) -> Ma
     mode, image = raw["mode"], raw["image"]
     augment_on, header = _check_settings(raw, fail)
     teacher = _check_teacher(raw, fail)
+    mask = _check_mask(raw, fail)
     _check_stats(raw, fail)
-    epochs, source_shards = _check_shards(raw, root.absolute(), header, teacher, fail)
+    epochs, source_shards = _check_shards(raw, root.absolute(), header, target_bytes(mask, teacher), fail)
     for s in _stats_shards(raw, mode):
         walk(PIXEL_STATS, s, fail, raw)
         if len(s["pixel_sum"]) != len(s["pixel_sqsum"]):
@@ -371,7 +406,8 @@ def _consistent(raw: dict, root: Path, fail: Callable[[str], FormatError]) -> Ma
                     mean=tuple(float(m) for m in raw["mean"]), std=tuple(float(s) for s in raw["std"]),
                     classes=tuple(raw["classes"]), seed=raw["seed"], num_samples=raw["source"]["num_samples"],
                     shard_size=raw["shard_size"], skipped=tuple(raw["skipped"]), num_epochs=raw["epochs"],
-                    epochs=epochs, source_shards=source_shards, raw=raw, augment_on=augment_on, teacher=teacher)
+                    epochs=epochs, source_shards=source_shards, raw=raw, augment_on=augment_on, teacher=teacher,
+                    mask=mask)
 
 
 def _check_settings(raw: dict, fail) -> tuple[str, int]:
@@ -407,6 +443,28 @@ def _check_teacher(raw: dict, fail) -> TeacherSpec | None:
     return TeacherSpec(topk=block["topk"], classes=block["classes"])
 
 
+def _check_mask(raw: dict, fail) -> MaskSpec | None:
+    """A segmentation cache's mask block against itself and the stored images; None where none."""
+    block = raw.get("mask")
+    if block is None:
+        return None
+    if block["shape"] != raw["image"]["shape"][:2]:
+        raise fail(f"mask shape {block['shape']!r} is not the stored images' {raw['image']['shape'][:2]!r}")
+    if block["dtype"] != mask_dtype(len(block["classes"])):
+        raise fail(f"mask dtype {block['dtype']!r} is not the smallest that holds {len(block['classes'])} classes")
+    spec = MaskSpec(shape=tuple(block["shape"]), dtype=block["dtype"], classes=tuple(block["classes"]))
+    if block["payload_bytes"] != spec.payload_bytes:
+        raise fail(_mask_member(block))
+    if raw.get("teacher") is not None:
+        raise fail("a cache holds masks and teacher targets (a cache holds one kind of target)")
+    return spec
+
+
+def target_bytes(mask: MaskSpec | None, teacher: TeacherSpec | None) -> int:
+    """What the target members after a sample's image add to it in the tar (mask, then teacher)."""
+    return (mask.member_bytes if mask is not None else 0) + (teacher.member_bytes if teacher is not None else 0)
+
+
 def _check_stats(raw: dict, fail) -> None:
     """mean/std one per channel, in range; skipped within the source; one fingerprint an epoch."""
     for name, low in (("mean", 0), ("std", 1e-9)):  # [0, 1] units; a reader divides by std
@@ -421,7 +479,7 @@ def _check_stats(raw: dict, fail) -> None:
         raise fail(_FINGERPRINTS.format_map(raw))
 
 
-def _check_shards(raw: dict, base: Path, header: int, teacher: TeacherSpec | None, fail
+def _check_shards(raw: dict, base: Path, header: int, extra: int, fail
                   ) -> tuple[tuple[tuple[ShardEntry, ...], ...], tuple[ShardEntry, ...]]:
     """(the shards of each cached epoch, of the source pass): listed once, each of a size its samples
     can have, each pass every sample of the source once. `base`: absolute, so a shard's path stays
@@ -432,7 +490,6 @@ def _check_shards(raw: dict, base: Path, header: int, teacher: TeacherSpec | Non
     if mode == "live" and (epoch_list or not isinstance(raw["source_shards"], list)):
         raise fail(_live_lists(raw))
     payload = header + math.prod(raw["image"]["shape"]) if header else None  # an npy shard's size is exact
-    extra = teacher.member_bytes if teacher is not None else 0  # a reinforced sample's teacher member
     shard = functools.partial(_shard, base, fail, set(), payload, extra)
     epochs = []
     for e, entry in enumerate(epoch_list):
@@ -509,7 +566,7 @@ def transform_fingerprint(spec: str, *, size: int, schedule: str) -> str:
 
 def identity(meta: dict) -> dict:
     """What makes two builds the same cache."""
-    return {k: meta.get(k) for k in IDENTITY_KEYS}
+    return {k: meta.get(k) for k in IDENTITY_KEYS if k in meta or k not in LATER_IDENTITY_KEYS}
 
 
 def describe_difference(old: dict, new: dict) -> str:

@@ -315,6 +315,9 @@ def _caches(cache: Path | None, tmp: Path, workers: int, trust_code: bool, progr
     m = read_manifest(cache)
     if m["mode"] != "cached":
         raise CachegenError(f"{cache} is a live cache: bench needs a cached one (build with --mode cached)")
+    if "mask" in m:
+        raise CachegenError(f"{cache} holds masks: bench measures (image, label) batches; for (image, mask) batches "
+                            "run `python scripts/bench_seg.py --cache CACHE`")
     # Checks the source is still there and unchanged; refuses code the user did not trust.
     online_ds = online_dataset(cache, trust_code=trust_code, source=source)
     live_dir = tmp / "live"

@@ -5,6 +5,7 @@ manifest last."""
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -139,7 +140,7 @@ def _finished_entry(settings: BuildSettings, task: ShardTask, known: dict | None
         recorded = (known["bytes"], known["sha256"]) if known else None  # checked before anything is decoded
         teacher = settings.teacher.stored if settings.teacher else None
         try:
-            entry = index_shard(root, task.relpath, settings.encoding, stored, recorded, teacher)
+            entry = index_shard(root, task.relpath, settings.encoding, stored, recorded, teacher, settings.mask)
         except CachegenError:  # the shard is not one this build wrote whole
             return _discard(root, task.relpath)
         known = write_index(root, entry)
@@ -185,7 +186,7 @@ def _manifest(config: BuildConfig, resolved: ResolvedBuild, settings: BuildSetti
     # How to open the source again (preview): not part of the identity, a path may be spelt two ways.
     manifest = {**resolved.meta, "epochs": settings.epochs,
                 "source_spec": {"spec": config.source, "split": config.split, **source_options(config),
-                                "absolute": absolute_spec(config.source)}}
+                                **_mask_spec(config), "absolute": absolute_spec(config.source)}}
     if resolved.mode == "live":
         manifest["source_shards"] = [indexed[t.relpath] for t in plan]
         manifest["epoch_list"] = []
@@ -206,6 +207,14 @@ def _manifest(config: BuildConfig, resolved: ResolvedBuild, settings: BuildSetti
         manifest["mean"], manifest["std"] = resolved.borrowed
         manifest["stats_from"] = str(config.stats_from)
     return manifest
+
+
+def _mask_spec(config: BuildConfig) -> dict:
+    """How the source's masks were asked for (the source_spec's "masks": the folder, or true for the
+    sample; "mask_classes": --mask-classes), where they were."""
+    if config.masks is not None:
+        return {"masks": os.path.abspath(config.masks), "mask_classes": config.mask_classes}  # found from any folder
+    return {"masks": True} if config.sample_masks else {}
 
 
 def _list_skipped(config: BuildConfig, settings: BuildSettings, skipped: list[int], final: Path) -> None:

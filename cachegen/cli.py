@@ -73,8 +73,9 @@ def main() -> None:
 @click.option("--stage", type=click.Path(path_type=Path), help="With --out URL: the local folder to build in "
               "before uploading [default: one in the system's temporary folder, named by the URL].")
 @click.option("--transform", default="auto", show_default=True,
-              help="Preset (cifar, imagenet, mnist, val, none: store as is) or module:factory called as "
-                   "factory(epoch, epochs). It returns a torchvision transform of one PIL image, or, with "
+              help="Preset (cifar, imagenet, mnist, val, none: store as is; with masks seg, seg-val) or "
+                   "module:factory called as factory(epoch, epochs). It returns a torchvision transform of one PIL "
+                   "image (with masks: a v2 transform of the image and a tv_tensors.Mask), or, with "
                    "--augment-on device, any nn.Module/callable over float (B, C, H, W) batches in [0, 1] "
                    "(e.g. a Kornia AugmentationSequential).")
 @click.option("--schedule", default="constant", show_default=True, type=click.Choice(["constant", "linear"]),
@@ -117,6 +118,13 @@ def main() -> None:
               "stored pixels / 255), run once here in eval mode; read them with targets='teacher'. Runs your code.")
 @click.option("--teacher-topk", default=10, show_default=True, type=int,
               help="Teacher probabilities stored per sample (the K largest; at most the classes).")
+@click.option("--masks", type=click.Path(path_type=Path), metavar="DIR",
+              help="Segmentation: a folder of PNG class-index masks, one per image of the SOURCE folder at the same "
+                   "relative path and stem (no class folders needed); augmented with their images, stored beside them.")
+@click.option("--mask-classes", metavar="K|NAMES", help="With --masks: the number of mask classes (21) or their "
+              "names (background,road,car); a mask value outside them is an error (or skipped: --on-error skip).")
+@click.option("--sample-masks", is_flag=True, help="The built-in sample with masks: 0 background, k+1 the shape of "
+              "class k (a .npz source has masks where it holds a 'masks' array (N, H, W)).")
 @click.option("--max-cache-gb", default=64.0, show_default=True, type=float,
               help="Largest cache --mode auto writes before it falls back to live.")
 @click.option("--resize", type=int, help="Resize+center-crop every source image to NxN first (deterministic).")
@@ -208,6 +216,11 @@ def info(cache: str, as_json: bool) -> None:
     click.echo(f"images     {s['image']['encoding']} {'x'.join(map(str, s['image']['shape']))} uint8"
                + (f", {'x'.join(map(str, s['output_shape']))} after augmentation" if s["mode"] == "live" else ""))
     click.echo(f"classes    {len(s['classes'])}: {', '.join(s['classes'][:10])}{' ...' if len(s['classes']) > 10 else ''}")
+    if "mask" in s:
+        mask = s["mask"]
+        click.echo(f"masks      {mask['member']} {mask['dtype']} {'x'.join(map(str, mask['shape']))}, "
+                   f"{len(mask['classes'])} classes: {', '.join(mask['classes'][:10])}"
+                   f"{' ...' if len(mask['classes']) > 10 else ''}")
     click.echo(f"mean/std   {[round(m, 4) for m in s['mean']]} / {[round(x, 4) for x in s['std']]}"
                + (f"  (from {s['stats_from']})" if s.get("stats_from") else ""))
     if s["skipped"]:

@@ -13,7 +13,8 @@ from PIL import Image
 
 from cachegen.errors import CachegenError
 from cacheformat.manifest import ENCODINGS
-from cacheaug.names import PRESETS, SCHEDULES
+from cacheaug.names import MASK_PRESETS, PRESETS, SCHEDULES
+from cacheformat.mask import MAX_CLASSES as MAX_MASK_CLASSES, mask_class_names
 from cacheformat.manifest import AUGMENT_ON
 from cacheformat.teacher import DEFAULT_TOPK
 from readers import split
@@ -75,6 +76,9 @@ class BuildConfig:
     image_column: str | None = None  # a list's or a Hugging Face dataset's image column; None: found by name
     label_column: str | None = None
     source_factory: str | None = None  # FILE.py:make or module:make returning the Dataset to build from
+    masks: Path | None = None  # a folder of PNG masks beside a folder source's images (same relative path, stem)
+    mask_classes: str | None = None  # --masks' classes: their number (21) or their names (background,road,car)
+    sample_masks: bool = False  # the built-in sample with its shapes' masks
 
     def __post_init__(self) -> None:
         if not 1 <= self.epochs <= MAX_EPOCHS:
@@ -119,6 +123,7 @@ class BuildConfig:
                                     "(or build --mode cached)")
         self._check_teacher()
         self._check_source_factory()
+        self._check_masks()
         if not self.max_cache_gb > 0:
             raise CachegenError(f"--max-cache-gb must be positive, got {self.max_cache_gb}")
         if self.resize is not None and not 1 <= self.resize <= MAX_SIDE:
@@ -127,6 +132,8 @@ class BuildConfig:
             raise CachegenError(f"--channels must be 1 (grayscale) or 3 (RGB), got {self.channels}")
         parse_shard_size(self.shard_size)
         object.__setattr__(self, "out", Path(self.out))
+        if self.masks is not None:
+            object.__setattr__(self, "masks", Path(self.masks))
         if self.stats_from is not None:
             object.__setattr__(self, "stats_from", Path(self.stats_from))
         if self.workers == 0:
@@ -160,6 +167,43 @@ class BuildConfig:
         if refused:
             raise CachegenError(f"{refused[0]} does not apply to a --source-factory Dataset (it is what make() "
                                 "returns): drop it")
+
+    @property
+    def with_masks(self) -> bool:
+        """Whether the options ask for masks (a .npz source may hold them without any)."""
+        return self.masks is not None or self.sample_masks
+
+    def mask_class_names(self) -> tuple[str, ...] | None:
+        return mask_class_names(self.mask_classes)
+
+    def _check_masks(self) -> None:
+        if self.masks is not None and self.sample_masks:
+            raise CachegenError("--masks DIR is a folder source's masks, --sample-masks the sample's: pass one")
+        if self.mask_classes is not None:
+            if self.masks is None:
+                raise CachegenError("--mask-classes names the values of --masks DIR: pass --masks too (a .npz names "
+                                    "its own in a 'mask_classes' array; the sample's are fixed)")
+            names = self.mask_class_names()
+            if not 1 <= len(names) <= MAX_MASK_CLASSES or not all(names):
+                raise CachegenError(f"bad --mask-classes {self.mask_classes!r}: give a count (1 to {MAX_MASK_CLASSES}) "
+                                    "or comma-separated names")
+        if self.with_masks:
+            check_mask_options(self)
+
+
+def check_mask_options(config: BuildConfig) -> None:
+    """CachegenError for an option a build with masks does not support (a .npz source's masks are
+    found when it is opened: resolve calls this again then)."""
+    if config.teacher is not None:
+        raise CachegenError("--teacher stores a classifier's targets; a build with masks stores masks: a cache holds "
+                            "one kind of target, drop --teacher or the masks")
+    if config.augment_on == "device" and config.mode != "live":
+        raise CachegenError("--augment-on device with masks is for a live cache (--mode live: Kornia on the loader's "
+                            "device, the masks a data key); a cached build augments masks per sample (--augment-on cpu)")
+    if config.transform not in ("auto", *MASK_PRESETS) and ":" not in config.transform:
+        raise CachegenError(f"--transform {config.transform} augments an image alone; with masks use "
+                            f"{', '.join(MASK_PRESETS)} or a module:factory returning a torchvision.transforms.v2 "
+                            "transform (called with the image and a tv_tensors.Mask)")
 
 
 def _did_you_mean(name: str) -> str:

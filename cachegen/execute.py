@@ -25,6 +25,7 @@ from cachegen.config import BuildConfig
 from cachegen.errors import CachegenError
 from cacheformat.index import encode_index, index_record
 from cacheformat.layout import index_path
+from cacheformat.mask import MEMBER as MASK_MEMBER
 from cachegen.manifest import write_atomic
 from cachegen.outdir import close_inherited_lock, remove_temporaries
 from cachegen.plan import ShardTask
@@ -234,6 +235,16 @@ def _write_task(task: ShardTask) -> tuple[str, dict]:
 
     def samples():
         for index in task.indices.tolist():
+            if task.epoch is None and settings.mask is not None:  # a live cache's source pass, with masks
+                pair = augment.load_pair(index)
+                if pair is None:
+                    continue
+                pixels = to_hwc_uint8(pair[0])
+                if stats is not None:
+                    stats.add(pixels)
+                yield (index, int(settings.source.labels[index]), augment.source_pixels(index, pixels),
+                       settings.mask.encode(pair[1]))
+                continue
             if task.epoch is None:  # a live cache's source pass
                 pixels = augment.pixels(index)
                 if pixels is None:
@@ -241,6 +252,14 @@ def _write_task(task: ShardTask) -> tuple[str, dict]:
                 if stats is not None:
                     stats.add(pixels)
                 yield index, int(settings.source.labels[index]), augment.source_pixels(index, pixels)
+                continue
+            if settings.mask is not None:  # a segmentation build: the image and its mask, augmented together
+                pair = augment.load_pair(index)
+                if pair is None:
+                    continue
+                if stats is not None:
+                    stats.add(to_hwc_uint8(pair[0]))
+                yield index, int(settings.source.labels[index]), *augment.augment_pair(task.epoch, index, *pair)
                 continue
             image = augment.load(index)
             if image is None:
@@ -251,7 +270,8 @@ def _write_task(task: ShardTask) -> tuple[str, dict]:
 
     prefix = "src" if task.epoch is None else f"e{task.epoch:04d}"
     rows = samples() if settings.teacher is None or task.epoch is None else with_teacher(samples(), settings.teacher)
-    entry = write_shard(settings.root, task.relpath, prefix, rows, settings.encoding, settings.quality)
+    entry = write_shard(settings.root, task.relpath, prefix, rows, settings.encoding, settings.quality,
+                        **({"target": MASK_MEMBER} if settings.mask is not None else {}))
     return task.relpath, {**write_index(settings.root, entry), **(stats.totals() if stats else {})}
 
 

@@ -39,6 +39,8 @@ def describe(manifest: dict) -> str:
         f"{epochs} {_plural(epochs, 'epoch')}, augmented live ({where[manifest['transform'].get('augment_on', 'cpu')]})"
     teacher = manifest.get("teacher")
     reinforced = f", reinforced: teacher {teacher['spec']} top-{teacher['topk']}" if teacher else ""
+    mask = manifest.get("mask")
+    reinforced += f", with {len(mask['classes'])}-class masks" if mask else ""
     return (f"{kind}, {shards} {_plural(shards, 'shard')}, "
             f"{samples_per_epoch(manifest)} samples per epoch{reinforced}")
 
@@ -49,7 +51,7 @@ def summary(root: Path) -> dict:
     shards = all_shards(m)
     keep = ("mode", "format_version", "created_by", "source", "transform", "seed", "epochs", "image",
             "output_shape", "classes", "mean", "std")
-    return {**{k: m[k] for k in keep}, **({"teacher": m["teacher"]} if "teacher" in m else {}),
+    return {**{k: m[k] for k in keep}, **({k: m[k] for k in ("teacher", "mask") if k in m}),
             "contents": describe(m), "samples_per_epoch": samples_per_epoch(m),
             "shards": len(shards), "bytes": sum(s["bytes"] + s["index"]["bytes"] for s in shards),
             "skipped": len(m["skipped"]), **({"stats_from": m["stats_from"]} if "stats_from" in m else {})}
@@ -141,7 +143,7 @@ def _shard_problem(m: Manifest, shard) -> str | None:
     if problem:
         return f"{shard.path}: {_tar_problem(shard.path) or problem}"
     try:
-        got = index_shard(m.root, shard.relpath, m.encoding, m.shape, teacher=m.teacher)
+        got = index_shard(m.root, shard.relpath, m.encoding, m.shape, teacher=m.teacher, mask=m.mask)
     except CachegenError as e:
         return str(e)
     wrong = [k for k, column in (("offsets", index.offsets), ("sizes", index.sizes), ("labels", index.labels),

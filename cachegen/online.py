@@ -23,7 +23,9 @@ from cacheaug.transforms import CacheFactory, make_transform
 
 
 class OnlineDataset(torch.utils.data.Dataset):
-    """(CHW uint8 image, label) pairs of a cache's source, augmented with the cache's transform.
+    """(CHW uint8 image, label) pairs of a cache's source, augmented with the cache's transform; for
+    a cache with masks (image, mask int64 (H, W)), the transform called with the image and a
+    tv_tensors.Mask, as a torchvision v2 pipeline does.
 
     Use `set_epoch` to follow the transform's schedule, from the main process before a pass: the
     epoch is in shared memory, so DataLoader workers kept from pass to pass (persistent_workers)
@@ -35,6 +37,7 @@ class OnlineDataset(torch.utils.data.Dataset):
         t = manifest["transform"]
         self.spec, self.size, self.schedule, self.epochs = t["spec"], t["size"], t["schedule"], manifest["epochs"]
         self.resize = T.Compose([T.Resize(t["resize"]), T.CenterCrop(t["resize"])]) if t["resize"] else None
+        self.masks = "mask" in manifest and source.mask_classes is not None
         self._epoch = mp.RawValue("q", 0)  # shared with the workers (inherited when they start)
         self._made_for = None  # the epoch self.transform was made for, in this process
         self.transform = self._transform()
@@ -53,17 +56,35 @@ class OnlineDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int | torch.Tensor]:
+        if self.masks:
+            return self._with_mask(index)
         image = self.source.load(index)
         if self.resize:
             image = self.resize(image)
-        out = self._transform()(image)
-        if not isinstance(out, torch.Tensor):
-            array = np.array(out)
-            out = torch.from_numpy(array[:, :, None] if array.ndim == 2 else array).permute(2, 0, 1)
-        elif out.is_floating_point():
-            out = (out * 255).round().clamp(0, 255).to(torch.uint8)
-        return out, int(self.source.labels[index])
+        return _chw_uint8(self._transform()(image)), int(self.source.labels[index])
+
+    def _with_mask(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        from torchvision import tv_tensors
+        from torchvision.transforms import v2
+
+        image, mask = self.source.load(index), tv_tensors.Mask(torch.from_numpy(
+            np.asarray(self.source.load_mask(index), dtype=np.int64)))
+        if self.resize:  # as the build resized both: the mask nearest-neighbour
+            side = self.resize.transforms[0].size
+            image, mask = v2.Compose([v2.Resize(side), v2.CenterCrop(side)])(image, mask)
+        out, mask = self._transform()(image, mask)
+        return _chw_uint8(out), mask.as_subclass(torch.Tensor).reshape(mask.shape[-2:])
+
+
+def _chw_uint8(out) -> torch.Tensor:
+    """A transform's output (PIL image or tensor) as a CHW uint8 tensor."""
+    if not isinstance(out, torch.Tensor):
+        array = np.array(out)
+        return torch.from_numpy(array[:, :, None] if array.ndim == 2 else array).permute(2, 0, 1)
+    if out.is_floating_point():
+        return (out * 255).round().clamp(0, 255).to(torch.uint8)
+    return out
 
 
 def online_dataset(cache: Path, *, trust_code: bool = False, source: str | None = None) -> OnlineDataset:

@@ -12,13 +12,14 @@ from torchvision.transforms import functional as F
 from torchvision.utils import make_grid
 
 from cachegen.augmenter import Augmenter, BuildSettings
-from cacheaug.batched import augment_batch, batch_seed, make_batched
-from cacheaug.transforms import CacheFactory, augment, borrowed_rng, make_transform, to_hwc_uint8, to_pil
+from cacheaug.batched import augment_batch, augment_batch_pair, batch_seed, make_batched, make_batched_pair
+from cacheaug.transforms import (CacheFactory, augment, augment_pair, borrowed_rng, make_transform, to_hwc_uint8,
+                                 to_pil)
 from cachegen.errors import CachegenError
 from cacheformat import FormatError
 from cacheformat.index import read_index
 from cachegen.manifest import Manifest, load_manifest
-from cachegen.shards import read_image
+from cachegen.shards import read_image, read_mask
 from cachegen.cachesource import source_of
 from cachegen.trust import trusted_factory
 
@@ -59,10 +60,13 @@ def _build_settings(m: dict, source) -> BuildSettings:
 
 
 class _StoredSourcePass:
-    """A live cache's source pass, as a Source: the images the transform starts from."""
+    """A live cache's source pass, as a Source: the images (and masks) the transform starts from."""
 
-    def __init__(self, root: Path, m: dict, positions: dict) -> None:
-        self.root, self.m, self.positions = root, m, positions
+    def __init__(self, root: Path, m: dict, positions: dict, mask=None) -> None:
+        self.root, self.m, self.positions, self.mask = root, m, positions, mask
+
+    def load_mask(self, index: int) -> np.ndarray:
+        return read_mask(self.root, *self.positions[index], self.mask)
 
     def load(self, index: int) -> Image.Image:
         shard, j = self.positions[index]
@@ -75,9 +79,10 @@ class _StoredSourcePass:
 
 def _original(root: Path, m: dict, indices: list[int], source_spec: str | None,
               say: Callable[[str], None]) -> list[np.ndarray] | None:
-    """The un-augmented source images (resized as the build did); None, said, where the source is
-    not where the build recorded it (or is no longer what it was), unless `source_spec` (--source)
-    says where it is: then that must be the source."""
+    """The un-augmented source images (resized as the build did; with their masks drawn over them
+    in a cache with masks); None, said, where the source is not where the build recorded it (or is
+    no longer what it was), unless `source_spec` (--source) says where it is: then that must be the
+    source."""
     try:
         source = source_of(root, m, source_spec)
     except CachegenError as e:
@@ -86,7 +91,25 @@ def _original(root: Path, m: dict, indices: list[int], source_spec: str | None,
         say(f"cachegen preview: no 'original' column: {e}")
         return None
     augmenter = Augmenter(_build_settings(m, source))  # loads and resizes only: no transform is made
+    if "mask" in m:
+        pairs = [augmenter.load_pair(i) for i in indices]
+        return [overlay(to_hwc_uint8(image), mask) for image, mask in pairs]
     return [to_hwc_uint8(augmenter.load(i)) for i in indices]
+
+
+# Mask classes drawn over images: class k > 0 in PALETTE[(k - 1) % len], half opaque; 0 (the
+# background, by convention) left as it is.
+PALETTE = np.array([(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+                    (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (170, 110, 40)],
+                   np.uint16)
+
+
+def overlay(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """An HWC uint8 image with its (H, W) mask drawn over it: each class > 0 in its colour, half opaque."""
+    rgb = np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image[:, :, :3]
+    colour = PALETTE[(np.maximum(mask, 1) - 1) % len(PALETTE)]
+    blended = ((rgb.astype(np.uint16) + colour) // 2).astype(np.uint8)
+    return np.where((mask > 0)[..., None], blended, rgb)
 
 
 def preview(root: Path, out: Path, *, samples: int = 6, epochs: int = 8, trust_code: bool = False,
@@ -108,18 +131,25 @@ def preview(root: Path, out: Path, *, samples: int = 6, epochs: int = 8, trust_c
     indices = [i for s in indexed[0] for i in s["indices"]][:samples]
     shown = min(epochs, m["epochs"])
     if live:
-        stored = _StoredSourcePass(root, m, _shard_positions(indexed[0], set(indices)))
+        stored = _StoredSourcePass(root, m, _shard_positions(indexed[0], set(indices)), checked.mask)
         originals = [read_image(root, *stored.positions[i], m["image"]) for i in indices]
+        masks = [stored.load_mask(i) for i in indices] if checked.mask is not None else None
         if checked.augment_on == "device":  # the shown samples as one batch per epoch, as a device loader would
-            columns = list(zip(*(_batched(checked, e, originals, factory) for e in range(shown))))
+            columns = list(zip(*(_batched(checked, e, originals, factory, masks) for e in range(shown))))
         else:
             with borrowed_rng():  # the caller's generators, given back once
                 columns = _per_sample(checked, stored, indices, shown, factory)
+        if masks is not None:
+            originals = [overlay(image, mask) for image, mask in zip(originals, masks)]
     else:
         originals = _original(root, m, indices, source, say)
         by_epoch = [_shard_positions(indexed[e], set(indices)) for e in range(shown)]
         columns = [[read_image(root, *by_epoch[e][i], m["image"]) for e in range(shown)] for i in indices]
+        if checked.mask is not None:  # each stored image with its stored mask drawn over it
+            columns = [[overlay(image, read_mask(root, *by_epoch[e][i], checked.mask)) for e, image in enumerate(row)]
+                       for i, row in zip(indices, columns)]
     h, w, c = m["output_shape"]
+    c = 3 if checked.mask is not None else c  # masks are drawn in colour
     tiles = []
     for row, index in enumerate(indices):
         if originals is not None:
@@ -141,12 +171,16 @@ def _per_sample(m: Manifest, stored: _StoredSourcePass, indices: list[int], show
         transform = make_transform(t["spec"], epoch=e, epochs=m.num_epochs, size=t["size"], schedule=t["schedule"],
                                    factory=factory)
         try:
-            column = [augment(transform, stored.load(i), seed=m.seed, epoch=e, index=i) for i in indices]
+            if m.mask is not None:  # each sample with its mask, moved together and drawn over it
+                column = [overlay(*augment_pair(transform, stored.load(i), stored.load_mask(i), seed=m.seed, epoch=e,
+                                                index=i)) for i in indices]
+            else:
+                column = [augment(transform, stored.load(i), seed=m.seed, epoch=e, index=i) for i in indices]
         except FormatError:  # ours, already one line (the output is not an image)
             raise
         except Exception as err:
             raise CachegenError(f"transform {t['spec']} failed in preview: {type(err).__name__}: {err}") from None
-        if any(out.shape != m.output_shape for out in column):
+        if any(out.shape[:2] != m.output_shape[:2] for out in column):
             raise CachegenError(f"transform {t['spec']} gave images of another shape than the cache's "
                                 f"{m.output_shape} in epoch {e}: it is not the transform the cache was built with")
         columns.append(column)
@@ -184,9 +218,20 @@ def _save(image: Image.Image, out: Path) -> None:
         raise CachegenError(f"cannot write {out}: {e}; give a writable path ending in .png") from None
 
 
-def _batched(m: Manifest, epoch: int, images: list[np.ndarray], factory: CacheFactory | None) -> list[np.ndarray]:
-    """`images` (HWC uint8) augmented as one batch with the cache's batched augmentation of `epoch`."""
+def _batched(m: Manifest, epoch: int, images: list[np.ndarray], factory: CacheFactory | None,
+             masks: list[np.ndarray] | None = None) -> list[np.ndarray]:
+    """`images` (HWC uint8) augmented as one batch with the cache's batched augmentation of `epoch`
+    (with `masks`, moved with them and drawn over them)."""
     t = m.raw["transform"]
+    if masks is not None:
+        pair = make_batched_pair(t["spec"], epoch=epoch, epochs=m.num_epochs, size=t["size"], channels=m.shape[2],
+                                 schedule=t["schedule"], factory=factory)
+        batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div_(255.0)
+        h, w, c = m.output_shape
+        out, out_masks = augment_batch_pair(pair, batch, torch.from_numpy(np.stack(masks)),
+                                            seed=batch_seed(m.seed, epoch, 0), name=t["spec"], shape=(c, h, w))
+        pixels = out.mul(255.0).round_().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        return [overlay(p, mask) for p, mask in zip(pixels, out_masks.numpy())]
     batched = make_batched(t["spec"], epoch=epoch, epochs=m.num_epochs, size=t["size"], channels=m.shape[2],
                            schedule=t["schedule"], factory=factory)
     batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div_(255.0)

@@ -13,7 +13,8 @@ from PIL import Image
 
 from cachegen import __version__
 from cachegen.augmenter import Augmenter, BuildSettings, check_one_shape
-from cachegen.config import BuildConfig, parse_device, parse_shard_size
+from cacheformat.mask import MaskSpec, mask_dtype
+from cachegen.config import BuildConfig, check_mask_options, parse_device, parse_shard_size
 from cachegen.errors import CachegenError
 from cachegen.manifest import FORMAT, FORMAT_VERSION
 from cachegen.outdir import built_epochs
@@ -53,25 +54,33 @@ def resolve(config: BuildConfig) -> ResolvedBuild:
     nothing is written yet, so a config the source refuses leaves --out as it was."""
     source = FactorySource(config.source_factory, quiet=config.quiet) if config.source_factory else \
         open_source(config.source, split=config.split, image_column=config.image_column,
-                    label_column=config.label_column, quiet=config.quiet)
+                    label_column=config.label_column, quiet=config.quiet,
+                    masks=config.masks if config.masks is not None else (True if config.sample_masks else None),
+                    mask_classes=config.mask_class_names())
     if config.split != "train" and source.kind not in SPLIT_KINDS:
         raise CachegenError(f"--split {config.split} picks a split of a torchvision dataset, the sample or a Hugging "
                             f"Face dataset; {source.description} has none: build the {config.split} images from a "
                             f"{source.kind} of their own, without --split")
+    if source.mask_classes is not None:
+        check_mask_options(config)  # a .npz's masks are known once it is open
     settings = BuildSettings(source=source, root=config.out, spec=config.transform, epochs=config.epochs, size=0,
                              schedule=config.schedule, seed=config.seed, encoding=config.encoding,
                              on_error=config.on_error, resize=config.resize, quality=config.quality)
     probes = _probe_images(settings)
     settings, kept_all = _transform(config, settings, probes)
     augment_on = config.augment_on
-    if augment_on == "auto" and ":" in settings.spec:  # a factory's transform: per sample unless the user says
-        augment_on = "cpu"
+    if augment_on == "auto" and (":" in settings.spec or source.mask_classes is not None):
+        augment_on = "cpu"  # a factory's transform, or masks: per sample unless the user says
     settings, probe_bytes = _shapes(config, settings, probes, augment_on)
     # --stats-from is read here: a cache it cannot lend its statistics refuses the build before any work
     borrowed = stats_of_cache(config.stats_from, settings.shape[2]) if config.stats_from else None
     mode = _choose_mode(config, settings, len(source), settings.epochs, probe_bytes)
     settings = _for_mode(config, settings, mode, augment_on)
     _check_channels(settings.encoding, _stored_shape(settings, mode)[2])  # a live cache stores the source
+    if source.mask_classes is not None:  # stored as the images are: augmented (cached), or the source's (live)
+        settings = replace(settings, mask=MaskSpec(shape=tuple(_stored_shape(settings, mode)[:2]),
+                                                   classes=source.mask_classes,
+                                                   dtype=mask_dtype(len(source.mask_classes))))
     count, nbytes = parse_shard_size(config.shard_size)
     per_shard = count or max(1, nbytes // int(np.prod(_stored_shape(settings, mode))))
     passes = settings.epochs if mode == "cached" else 1  # a live cache stores the source once
@@ -112,7 +121,7 @@ def _shapes(config: BuildConfig, settings: BuildSettings, probes: list[tuple[int
             augment_on: str) -> tuple[BuildSettings, float]:
     """The settings with the output and source shapes, from the probe images augmented as this build
     will augment them; the bytes an image takes (--mode auto's estimate)."""
-    if augment_on == "device":  # the batched augmentation gives the output shape
+    if augment_on == "device" and settings.source.mask_classes is None:  # the batched augmentation gives the output shape
         shape, source_shape = _probe_batched(settings, probes)
         probe_bytes = float(np.prod(shape))  # raw pixels: --mode auto's estimate
     else:
@@ -167,6 +176,7 @@ def _meta(config: BuildConfig, settings: BuildSettings, mode: str, per_shard: in
         "classes": list(source.classes),
         **({"teacher": manifest_block(settings.teacher, device and torch.device(device))} if settings.teacher
            else {}),
+        **({"mask": settings.mask.block()} if settings.mask else {}),
         "epoch_fingerprints": [epoch_fingerprint(make_transform(spec, epoch=e, epochs=epochs, size=size,
                                                                 schedule=config.schedule))
                                for e in range(epochs)],
@@ -177,6 +187,8 @@ def _resolve_spec(spec: str, source: Source, side: int) -> str:
     """`auto`: the mnist preset for (Fashion-)MNIST, cifar for images of at most 64 px, else imagenet."""
     if spec != "auto":
         return spec
+    if source.mask_classes is not None:
+        return "seg"
     if source.kind in ("mnist", "fashionmnist"):
         return "mnist"
     return "cifar" if side <= 64 else "imagenet"

@@ -16,7 +16,10 @@ import numpy as np
 from cacheformat import as_error
 from cacheformat.layout import TMP_MARK, sample_key, tar_bytes
 from cacheformat.payload import CodecMessages, decode_payload
+from cacheformat.mask import MEMBER as MASK_MEMBER
+from cacheformat.mask import MaskSpec
 from cacheformat.teacher import MEMBER as TEACHER_MEMBER
+from cacheformat.teacher import member_starts
 from cacheformat.teacher import TeacherSpec, decode_records
 from cacheformat.teacher import header as teacher_header
 from cachegen import faults
@@ -121,19 +124,21 @@ def _groups(samples: Iterable[tuple[int, int, np.ndarray]]) -> Iterator[list[tup
         yield group
 
 
-def _teacher_member(key: str, teacher: list[bytes]) -> tuple[bytes, ...]:
-    """A sample's `<key>.teacher.npy` member (header, data, padding), where it has one."""
-    if not teacher:
+def _target_member(key: str, target: str, data: list[bytes]) -> tuple[bytes, ...]:
+    """A sample's `<key>.<target>` member (header, data, padding), where it has one."""
+    if not data:
         return ()
-    data = teacher[0]
-    return _member_header(f"{key}.{TEACHER_MEMBER}", len(data)), data, _padding(len(data))
+    data = data[0]
+    return _member_header(f"{key}.{target}", len(data)), data, _padding(len(data))
 
 
 def write_shard(root: Path, relpath: str, key_prefix: str, samples: Iterable[tuple[int, int, np.ndarray]],
-                encoding: str, quality: int | None = None) -> dict:
+                encoding: str, quality: int | None = None, target: str = TEACHER_MEMBER) -> dict:
     """Write (source index, label, HWC image) samples as one shard, atomically: nothing appears at
     its path until every byte is on disk. Returns the shard's manifest entry, as `index_shard`.
-    A sample may carry a fourth item, its teacher member's bytes (cacheformat.teacher.encode).
+    A sample may carry a fourth item, its target member's bytes, written as `<key>.<target>`
+    (cacheformat.teacher.encode's, or a segmentation cache's cacheformat.mask.MaskSpec.encode's
+    with `target` cacheformat.mask.MEMBER).
 
     The shard is a plain WebDataset tar, each sample a `<key>.cls` member then a `<key>.<encoding>`
     one (then `<key>.teacher.npy` in a reinforced cache), byte-identical to what webdataset's TarWriter writes for the same samples (ustar headers,
@@ -147,16 +152,16 @@ def write_shard(root: Path, relpath: str, key_prefix: str, samples: Iterable[tup
     try:
         with open(tmp, "wb", buffering=1 << 20) as f:
             for group in _groups(samples):
-                for index, label, image, *teacher in group:
+                for index, label, image, *member in group:
                     key = sample_key(key_prefix, index)
                     cls = str(label).encode()
                     payload = _payload(image, encoding, quality)
                     size = sum(map(len, payload))
                     # One buffer per sample: its .cls member, then its image member, padded to a block
-                    # (then, in a reinforced cache, its teacher member).
+                    # (then, in a reinforced or a segmentation cache, its target member).
                     head = b"".join((_member_header(f"{key}.cls", len(cls)), cls, _padding(len(cls)),
                                      _member_header(f"{key}.{encoding}", size)))
-                    chunk = b"".join((head, *payload, _padding(size), *_teacher_member(key, teacher)))
+                    chunk = b"".join((head, *payload, _padding(size), *_target_member(key, target, member)))
                     sha.update(chunk)
                     faults.before_write(tmp)
                     f.write(chunk)
@@ -202,6 +207,25 @@ def read_image(root: Path, shard: dict, j: int, image: dict) -> np.ndarray:
     return _decoded(data, image["encoding"], shape, where=f"{path}: sample {j}", npy_header=header)
 
 
+def read_mask(root: Path, shard: dict, j: int, mask: MaskSpec) -> np.ndarray:
+    """Sample `j`'s mask (H, W) int64 of a manifest shard entry (as read_image's) in a cache with masks."""
+    path = root / shard["path"]
+    start = int(member_starts(np.array([shard["offsets"][j]]), np.array([shard["sizes"][j]]))[0])
+    try:
+        with open(path, "rb") as f:
+            f.seek(start)
+            data = f.read(mask.payload_bytes)
+    except OSError as e:
+        raise CachegenError(f"cannot read the mask of sample {j} of {path} ({type(e).__name__}: {e}); "
+                            "run `cachegen verify` on the cache") from None
+    if len(data) != mask.payload_bytes or not data.startswith(mask.header):
+        raise CachegenError(f"{path}: sample {j} has no mask member after its image; run `cachegen verify` on the cache")
+    try:
+        return mask.decode(np.frombuffer(data, np.uint8, offset=mask.header_bytes).reshape(1, -1), f"{path}: sample {j}")[0]
+    except ValueError as e:
+        raise CachegenError(f"{e}; run `cachegen verify` on the cache") from None
+
+
 def _decoded(data, encoding: str, shape: tuple, **how) -> np.ndarray:
     """cacheformat's one decode path, its error a CachegenError."""
     with as_error(CachegenError):
@@ -242,13 +266,29 @@ def _check_teacher_member(path: Path, key: str, data: bytes, member: tarfile.Tar
         raise CachegenError(f"{path}: {e}") from None
 
 
+def _check_mask_member(path: Path, key: str, data: bytes, member: tarfile.TarInfo, mask: MaskSpec) -> None:
+    """CachegenError unless `member` is sample `key`'s mask member, of the cache's shape and dtype, its
+    values mask classes."""
+    payload = data[member.offset_data:member.offset_data + member.size]
+    if member.name != f"{key}.{MASK_MEMBER}" or member.size != mask.payload_bytes \
+            or payload[:mask.header_bytes] != mask.header:
+        raise CachegenError(f"{path}: sample {key} has no {mask.payload_bytes}-byte {MASK_MEMBER} member "
+                            f"({mask.dtype} {mask.shape[0]}x{mask.shape[1]}) after its image")
+    try:
+        mask.decode(np.frombuffer(payload, np.uint8, offset=mask.header_bytes).reshape(1, -1), f"sample {key}")
+    except ValueError as e:
+        raise CachegenError(f"{path}: {e}") from None
+
+
 def index_shard(root: Path, relpath: str, encoding: str, shape: tuple[int, ...],
-                expect: tuple[int, str] | None = None, teacher: TeacherSpec | None = None) -> dict:
+                expect: tuple[int, str] | None = None, teacher: TeacherSpec | None = None,
+                mask: MaskSpec | None = None) -> dict:
     """Describe a finished shard as `write_shard` did: size, sha256, and for each sample its
     payload offset and size, label and source index. With `expect` (the size and sha256 a
     manifest records), those are checked first, before anything is decoded; then every image is
     decoded (cacheformat.payload: one line, never a crash), so a damaged payload is found here.
-    `teacher`: a reinforced cache's (each sample has a third member, its teacher targets, checked too).
+    `teacher`: a reinforced cache's (each sample has a third member, its teacher targets, checked too);
+    `mask`: a segmentation cache's (a third member, its mask, checked too).
 
     Raises CachegenError when the shard is not what a shard of this cache must be.
     """
@@ -256,7 +296,7 @@ def index_shard(root: Path, relpath: str, encoding: str, shape: tuple[int, ...],
     if expect is not None and (problem := check_shard(path, *expect)):
         raise CachegenError(f"{path}: {problem}; delete it and re-run the same command to rewrite it")
     data = path.read_bytes()
-    per_sample = 3 if teacher else 2
+    per_sample = 3 if teacher or mask else 2
     members = _members(path, data, per_sample)
     header = _npy_header(tuple(shape)) if encoding == "npy" else b""
     offsets, sizes, labels, indices = [], [], [], []
@@ -268,6 +308,8 @@ def index_shard(root: Path, relpath: str, encoding: str, shape: tuple[int, ...],
                 raise CachegenError(f"{path}: unexpected members {cls.name}, {img.name}")
             if teacher:
                 _check_teacher_member(path, key, data, group[2], teacher)
+            if mask:
+                _check_mask_member(path, key, data, group[2], mask)
             try:
                 labels.append(int(data[cls.offset_data:cls.offset_data + cls.size]))
                 indices.append(int(key.rpartition("_")[2]))
@@ -293,5 +335,5 @@ def _members(path: Path, data: bytes, per_sample: int = 2) -> list[tarfile.TarIn
         raise CachegenError(f"{path} is not a readable tar ({e})") from None
     if len(members) % per_sample:
         raise CachegenError(f"{path} has {len(members)} members, not {per_sample} per sample "
-                            f"(cls, image{', teacher' if per_sample == 3 else ''})")
+                            f"(cls, image{', target' if per_sample == 3 else ''})")
     return members

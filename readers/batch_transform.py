@@ -40,7 +40,10 @@ def batch_order(seed: int, n: int) -> torch.Tensor:
 def reordered(augment: Callable[[torch.Tensor], torch.Tensor] | None, order: torch.Tensor
               ) -> Callable[[torch.Tensor], torch.Tensor]:
     """A device augmentation (DeviceCopier.convert's `augment`) that takes its batch in `order`
-    first: one index_select on the batch's device; then `augment`, where given."""
+    first: one index_select on the batch's device; then `augment`, where given (one that moves the
+    batch's targets too, readers.masks.MaskedAugment, takes the order itself: its targets come in it)."""
+    if getattr(augment, "moves_targets", False):
+        return augment.ordered(order)
     def apply(images: torch.Tensor) -> torch.Tensor:
         images = images.index_select(0, order.to(images.device, non_blocking=True))
         return images if augment is None else augment(images)
@@ -64,6 +67,24 @@ def _name(transform: Callable) -> str:
     if "\n" not in text and len(text) <= 80 and not text.startswith("<"):
         return text
     return getattr(transform, "__qualname__", None) or type(transform).__name__
+
+
+def with_masks(transform: BatchTransform | None) -> BatchTransform | None:
+    """`transform` for batches whose targets are masks (B, H, W): called with the masks as a
+    tv_tensors.Mask, so a torchvision v2 transform moves them with the images (geometric steps,
+    nearest-neighbour) and leaves them to photometric ones; the masks it returns as plain tensors."""
+    if transform is None:
+        return None
+    from torchvision import tv_tensors
+
+    inner = transform.transform
+
+    def masked(images: torch.Tensor, masks: torch.Tensor) -> tuple:
+        out = inner(images, tv_tensors.Mask(masks))
+        if isinstance(out, (tuple, list)) and len(out) == 2 and isinstance(out[1], torch.Tensor):
+            out = (out[0].as_subclass(torch.Tensor), out[1].as_subclass(torch.Tensor))
+        return out
+    return BatchTransform(masked, name=transform.name)
 
 
 class BatchTransformError(ReaderError):

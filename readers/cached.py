@@ -12,6 +12,8 @@ from readers.loader import Loader
 from readers.options import passes_options_to
 from readers.plan import EpochPlan
 from readers.shards import ShardFiles
+from readers.batch_transform import with_masks
+from readers.masks import widen
 from readers.teacher import check_targets
 
 
@@ -56,7 +58,11 @@ class CachedLoader(Loader):
             "device" for a png or npy cache is refused.
         targets: "labels": batches are (images, labels); "teacher" (a cache built with `cachegen
             build --teacher`): (images, labels, teacher), teacher a float32 (B, classes) tensor on
-            the device holding the stored top-K teacher probabilities, zeros elsewhere.
+            the device holding the stored top-K teacher probabilities, zeros elsewhere; "mask" (a
+            cache built from a source with masks): (images, masks), masks int64 (B, H, W) class
+            indices on the device, aligned pixel for pixel with the images; a batch_transform is
+            then called with (images, tv_tensors.Mask(masks)) and returns (images, masks): a
+            torchvision v2 transform moves both.
         batch_transform: a callable (images, labels) -> (images, targets) run on every batch on
             the device after normalisation (torchvision's v2.MixUp, v2.CutMix, v2.RandomChoice of
             them, timm's Mixup, your own), under torch's, numpy's and `random`'s generators seeded
@@ -89,10 +95,13 @@ class CachedLoader(Loader):
         self.verify = bool(verify)
         check_targets(targets, self.manifest)
         self.targets = targets
+        if targets == "mask":
+            self._labels_to = widen(self.manifest.mask.dtype, self.manifest.mask.shape)
+            self.batch_transform = with_masks(self.batch_transform)
         self._check_epochs()
         self.decode_on = check_decode_on(decode_on, self.manifest.encoding)
         self._files = ShardFiles(self.manifest, verify=self.verify, stager=self._stager,  # mappings kept between epochs
-                                 teacher=targets == "teacher", decode_threads=decode_threads)
+                                 teacher=targets == "teacher", mask=targets == "mask", decode_threads=decode_threads)
 
     def _shard_sizes(self, cache_epoch: int) -> list[int]:
         return [s.samples for s in self.manifest.epochs[cache_epoch]]

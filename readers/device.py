@@ -144,27 +144,42 @@ class DeviceCopier:
     def start(self, images: torch.Tensor, labels: torch.Tensor,
               augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
               then: Callable[..., tuple[torch.Tensor, ...]] | None = None,
-              extra: tuple[torch.Tensor, ...] = ()) -> Pending:
+              extra: tuple[torch.Tensor, ...] = (),
+              labels_to: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Pending:
         """Begin moving and converting one batch; returns at once on CUDA. `augment`, where
         given, runs on the device between the move and the normalisation (see convert); `then`
         (images, labels) -> (images, targets) after it (a batch transform), on the same stream.
         `extra` tensors (host, pinned on CUDA: teacher targets) are moved alongside, unconverted,
-        and given to `then` as `also=` (mixed as the labels are)."""
+        and given to `then` as `also=` (mixed as the labels are). `labels_to`, where given, converts
+        the labels once moved, before `then` (a segmentation batch's raw mask rows widened to int64
+        (B, H, W): readers.masks)."""
         if self.device is None:
             self.bind()
         if self._stream is None:
-            images, labels, extra = self._then(self.convert(images, augment), labels, extra, then)
+            labels = labels_to(labels) if labels_to is not None else labels
+            images, labels = self._convert_with(images, labels, augment)
+            images, labels, extra = self._then(images, labels, extra, then)
             return Pending(images, labels, None, extra)
         with torch.cuda.stream(self._stream):
             if not isinstance(images, Payloads):  # compressed payloads move as convert decodes them
                 images = images.to(self.device, non_blocking=True)
-            images = self.convert(images, augment)
             labels = labels.to(self.device, non_blocking=True)
+            labels = labels_to(labels) if labels_to is not None else labels
+            images, labels = self._convert_with(images, labels, augment)
             extra = tuple(t.to(self.device, non_blocking=True) for t in extra)
             images, labels, extra = self._then(images, labels, extra, then)
             ready = torch.cuda.Event()
             ready.record(self._stream)
         return Pending(images, labels, ready, extra)
+
+    def _convert_with(self, images: torch.Tensor, labels: torch.Tensor,
+                      augment: Callable[[torch.Tensor], torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """convert(images, augment), and the labels as an augmentation that moves them with the
+        images (readers.masks.MaskedAugment: a batch's masks) leaves them."""
+        if not getattr(augment, "moves_targets", False):
+            return self.convert(images, augment), labels
+        augment = augment.bind(labels)
+        return self.convert(images, augment), augment.targets
 
     @staticmethod
     def _then(images: torch.Tensor, labels: torch.Tensor, extra: tuple[torch.Tensor, ...],

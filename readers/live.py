@@ -15,13 +15,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cacheaug.batched import AUGMENT_ON, augment_batch, make_batched, place
-from cacheaug.transforms import CacheFactory, augment, drift, make_transform, to_pil
+from cacheaug.batched import AUGMENT_ON, augment_batch, augment_batch_pair, make_batched, make_batched_pair, place
+from cacheaug.transforms import CacheFactory, augment, augment_pair, drift, make_transform, to_pil
 from cacheformat.layout import epoch_shard_sizes
 from cacheformat.manifest import REBUILD
 from readers import split
-from readers.batch_transform import ORDER_SALT, batch_order
+from readers.batch_transform import ORDER_SALT, batch_order, with_masks
 from readers.decode import check_decode_on
+from readers.masks import MaskedAugment, stored_rows, widen
+from readers.teacher import check_targets
 from readers.errors import ReaderError
 from readers.loader import STAGING_OPTIONS, Loader, open_cache
 from readers.manifest import Manifest, Shard, live_shards
@@ -44,8 +46,9 @@ class _LiveBatches(torch.utils.data.Dataset):
     """
 
     def __init__(self, manifest: Manifest, channels_first: bool, where: np.ndarray, labels: np.ndarray,
-                 factory: CacheFactory | None) -> None:
+                 factory: CacheFactory | None, masks: bool = False) -> None:
         self.manifest, self.channels_first, self.factory = manifest, channels_first, factory
+        self.masks = masks  # augment each sample with its mask; batches then carry the masks' raw rows, third
         self.shards = live_shards(manifest)
         self.where, self.labels = where, labels
         self._reads: SampleReads | None = None
@@ -75,10 +78,35 @@ class _LiveBatches(torch.utils.data.Dataset):
         images = torch.empty((len(indices), c, h, w) if self.channels_first else (len(indices), h, w, c),
                              dtype=torch.uint8)
         rows = images.numpy()  # filled in place, through numpy: augmented outputs may be read-only
+        if self.masks:
+            return self._with_masks(transform, cache_epoch, indices, images)
         for j, index in enumerate(indices.tolist()):
             out = augment(transform, to_pil(self._pixels(index)), seed=raw["seed"], epoch=cache_epoch, index=index)
             rows[j] = out.transpose(2, 0, 1) if self.channels_first else out
         return images, torch.from_numpy(self.labels[indices])
+
+    def _with_masks(self, transform: Callable, cache_epoch: int, indices: np.ndarray, images: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """__getitem__ for a cache with masks: each sample augmented with its mask (as a cached build
+        does), the masks as raw rows of their stored dtype (readers.masks.widen makes them int64)."""
+        raw, spec = self.manifest.raw, self.manifest.mask
+        h, w, _ = raw["output_shape"]
+        rows, masks = images.numpy(), np.empty((len(indices), h, w), np.int64)
+        for j, index in enumerate(indices.tolist()):
+            pixels = self._pixels(index)  # opens the sample reads (in the worker process)
+            k, at = self.where[index]
+            mask = self._reads.mask(self.shards[k], int(at))
+            out, out_mask = augment_pair(transform, to_pil(pixels), mask, seed=raw["seed"], epoch=cache_epoch,
+                                         index=index)
+            if out.shape != (h, w, rows.shape[1 if self.channels_first else 3]) or out_mask.shape != (h, w):
+                raise ReaderError(f"the transform gave sample {index} a {out.shape} image and a {out_mask.shape} mask, "
+                                  f"not the cache's {h}x{w}")
+            rows[j] = out.transpose(2, 0, 1) if self.channels_first else out
+            masks[j] = out_mask
+        if masks.max(initial=0) >= len(spec.classes) or masks.min(initial=0) < 0:
+            raise ReaderError(f"the transform filled a mask of {self.manifest.root} with a value outside its "
+                              f"{len(spec.classes)} mask classes")
+        return images, torch.from_numpy(self.labels[indices]), torch.from_numpy(stored_rows(masks, spec.dtype))
 
 
 class _Tasks(torch.utils.data.Sampler):
@@ -149,9 +177,14 @@ class LiveLoader(Loader):
     def __init__(self, cache: str | Path, *, batch_size: int, workers: int | None = None, verify: bool = False,
                  augment_on: str | None = None, trust_code: bool = False,
                  factory: Callable[[int, int], object] | None = None, decode_threads: int | None = None,
-                 decode_on: str = "auto", **options) -> None:
+                 decode_on: str = "auto", targets: str = "labels", **options) -> None:
         super().__init__(cache, batch_size=batch_size, **options)
         self.decode_on = check_decode_on(decode_on, self.manifest.encoding)
+        check_targets(targets, self.manifest)
+        if targets == "teacher":
+            raise ReaderError(f"{cache} is a live cache: it has no teacher targets (only a cached build stores "
+                              "them); read it with targets='labels'")
+        self.targets = targets
         if workers is not None and (not isinstance(workers, int) or isinstance(workers, bool) or workers < 0):
             raise ValueError(f"workers must be an int >= 0 (0: augment in this process), got {workers!r}")
         self.workers = default_workers() if workers is None else workers
@@ -176,8 +209,12 @@ class LiveLoader(Loader):
             _log.info("%s: augment_on auto: augmenting on the %s (device %s)", self.manifest.root,
                       "device, batch by batch" if choice == "device" else "CPU, per sample", self.options.device)
         self.augment_on = choice  # "device": batched, on the loader's device; "cpu": per sample, in workers
+        if targets == "mask":  # per sample: masks come augmented (output shape); on the device: stored (source shape)
+            shape = self.manifest.output_shape[:2] if choice == "cpu" else self.manifest.mask.shape
+            self._labels_to = widen(self.manifest.mask.dtype, tuple(shape))
+            self.batch_transform = with_masks(self.batch_transform)
         self._files = ShardFiles(self.manifest, verify=False,  # the device path's mappings, kept between epochs
-                                 decode_threads=decode_threads)
+                                 decode_threads=decode_threads, mask=targets == "mask")
         self._batched: dict[tuple, object] = {}  # (cache epoch, device) -> its batched augmentation (device path)
         self._tasks = _Tasks()
         self._workers_loader: torch.utils.data.DataLoader | None = None  # per-sample path, made on its first pass
@@ -190,17 +227,21 @@ class LiveLoader(Loader):
         m = self.manifest
         t = m.raw["transform"]
         key = (plan.cache_epoch, self._copier.device)  # on the device this pass is bound to, as a build places it
+        make = make_batched_pair if self.targets == "mask" else make_batched
         if key not in self._batched:
             with self._copier.on_stream():  # its buffers' copies queued before the batches that read them
-                self._batched = {key: place(make_batched(t["spec"], epoch=plan.cache_epoch, epochs=m.num_epochs,
-                                                         size=t["size"], channels=m.output_shape[2],
-                                                         schedule=t["schedule"], factory=self._factory),
-                                             self._copier.device)}
+                self._batched = {key: place(make(t["spec"], epoch=plan.cache_epoch, epochs=m.num_epochs,
+                                                 size=t["size"], channels=m.output_shape[2],
+                                                 schedule=t["schedule"], factory=self._factory),
+                                            self._copier.device)}
         augmentation = self._batched[key]
         # A batch's randomness: the cache's seed, the training epoch, the batch, and what decides
         # which samples it holds (the loader's order seed and the rank layout).
         seed = self._batch_seed(plan.epoch, batch)
         h, w, c = m.output_shape
+        if self.targets == "mask":  # the masks move with the images (Kornia's data key "mask")
+            return MaskedAugment(functools.partial(augment_batch_pair, augmentation, seed=seed, name=t["spec"],
+                                                   shape=(c, h, w)))
         return functools.partial(augment_batch, augmentation, seed=seed, name=t["spec"], shape=(c, h, w))
 
     def _order(self, plan: EpochPlan, batch: int, n: int) -> torch.Tensor | None:
@@ -259,7 +300,8 @@ class LiveLoader(Loader):
         started on the first, kept across epochs (`persistent_workers=True`: a pass then costs no
         process start-up, and each worker keeps its open source shards and its epoch's transform)."""
         if self._workers_loader is None:
-            dataset = _LiveBatches(self.manifest, self._copier.host_channels_first, *self._located, self._factory)
+            dataset = _LiveBatches(self.manifest, self._copier.host_channels_first, *self._located, self._factory,
+                                   masks=self.targets == "mask")
             extra = ({"prefetch_factor": self._prefetch_factor(), "worker_init_fn": _init_worker,
                       "persistent_workers": True} if self.workers else {})
             # A generator of its own: the DataLoader draws a base seed from it on every iter(), which
@@ -367,9 +409,6 @@ def open_loader(cache: str | Path, *, workers: int | None = None, verify: bool =
 
     staging = {k: v for k, v in options.items() if k == "local" or k in STAGING_OPTIONS}
     if open_cache(cache, **staging)[0].mode == "live":
-        if options.get("targets", "labels") != "labels":
-            raise ReaderError(f"{cache} is a live cache: it has no teacher targets (only a cached build stores "
-                              "them); read it with targets='labels'")
         return LiveLoader(cache, workers=workers, verify=verify, augment_on=augment_on, trust_code=trust_code,
                           factory=factory, **options)
     return CachedLoader(cache, verify=verify, **options)

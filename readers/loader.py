@@ -349,7 +349,9 @@ class Loader:
             pending, error, taken = None, None, 0
             while True:
                 try:
-                    images, labels, *extra = next(producer)  # extra: the teacher targets, where asked for
+                    images, labels, *extra = next(producer)  # extra: the teacher targets or masks, where asked for
+                    if self.targets == "mask":  # the masks take the labels' place: (images, masks)
+                        labels, extra = extra[-1], extra[:-1]
                 except StopIteration:
                     break
                 except Exception as e:  # a bad shard: deliver the batch before it first
@@ -361,7 +363,8 @@ class Loader:
                 if order is not None:  # labels reordered here on the host, images on the device
                     labels, augment = labels[order], reordered(augment, order)
                     extra = [t[order] for t in extra]
-                started = copier.start(images, labels, augment, self._batch_stage(plan, b), tuple(extra))
+                started = copier.start(images, labels, augment, self._batch_stage(plan, b), tuple(extra),
+                                       labels_to=self._labels_to)
                 taken += 1
                 self._recycle(images, started.images)
                 if pending is not None:
@@ -389,6 +392,8 @@ class Loader:
                 self._recycle(images, converted)
             self._delivered += 1
             yield converted, labels
+
+    _labels_to: Callable[[torch.Tensor], torch.Tensor] | None = None  # the labels' conversion on the device
 
     def _per_batch_hooks(self) -> bool:
         """Whether batches get a per-batch device augmentation or order (_device_augment, _order)."""

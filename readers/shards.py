@@ -23,6 +23,7 @@ from readers.gather import gather_npy, to_channels_first
 from readers.manifest import Manifest, Shard, ShardIndex, load_index
 from readers.plan import EpochPlan
 from readers.remote import Stager
+from readers.masks import read_masks
 from readers.teacher import ShardTargets, read_targets, scatter_targets
 
 REBUILD = "re-run the same `cachegen build` to rebuild it"
@@ -62,6 +63,7 @@ class _Open:
     index: ShardIndex
     stat: tuple[int, int]  # (inode, size) when mapped
     teacher: ShardTargets | None = None  # a reinforced cache's teacher targets, where the reader asked for them
+    masks: torch.Tensor | None = None  # a segmentation cache's raw mask rows (readers.masks), where asked for
     address: int = 0  # where `data` starts in the address space (readers.gather's view rows start from it)
 
 
@@ -78,10 +80,11 @@ class ShardFiles:
 
     def __init__(self, manifest: Manifest, *, verify: bool = False, max_open: int | None = None,
                  max_index_samples: int = 1_000_000, stager: Stager | None = None, teacher: bool = False,
-                 decode_threads: int | None = None) -> None:
+                 decode_threads: int | None = None, mask: bool = False) -> None:
         self.manifest = manifest
         self.decoder = BatchDecoder(check_decode_threads(decode_threads))
         self.teacher = teacher  # read each shard's teacher targets as it is mapped (readers.teacher)
+        self.mask = mask  # find each shard's masks as it is mapped (readers.masks)
         self.stager = stager  # a remote cache: files are fetched into manifest.root as they are needed
         self.verify = verify
         self.max_open = max_open or default_max_open()
@@ -203,8 +206,9 @@ class ShardFiles:
                 warnings.simplefilter("ignore", UserWarning)
                 rows = torch.from_numpy(view)
         teacher = read_targets(m, shard, data, index) if self.teacher else None
+        masks = read_masks(m, shard, data, index) if self.mask else None
         return _Open(data=data, rows=rows, index=index, stat=(st.st_ino, st.st_size), teacher=teacher,
-                     address=data.__array_interface__["data"][0])
+                     masks=masks, address=data.__array_interface__["data"][0])
 
 
 class SampleReads:
@@ -246,6 +250,21 @@ class SampleReads:
         m = self.manifest
         with as_error(ReaderError):
             return decode_payload(data, m.encoding, m.shape, where=f"{shard.path}: sample {j}")
+
+    def mask(self, shard: Shard, j: int) -> np.ndarray:
+        """Sample `j`'s mask (H, W) int64 in a live cache with masks, its header and values checked."""
+        spec = self.manifest.mask
+        first, pitch = self.manifest.mask_rows()
+        offset = first - spec.header_bytes + j * pitch
+        data = os.pread(self._fd(shard), spec.payload_bytes, offset)
+        if len(data) != spec.payload_bytes or not data.startswith(spec.header):
+            raise ReaderError(f"shard {shard.path}: no mask member at offset {offset} (sample {j}); "
+                              f"the file does not match the manifest: {REBUILD}")
+        try:
+            return spec.decode(np.frombuffer(data, np.uint8, spec.data_bytes, spec.header_bytes).reshape(1, -1),
+                               f"shard {shard.path}: sample {j}")[0]
+        except ValueError as e:
+            raise ReaderError(f"{e}: the shard is damaged; {REBUILD}") from None
 
     def _fd(self, shard: Shard) -> int:
         fd = self._fds.get(shard.relpath)
@@ -337,8 +356,9 @@ def iter_batches(files: ShardFiles, shards: Sequence[Shard], plan: EpochPlan, *,
     never gives a batch back for reuse); `stop` None: the pass is never ended early; `compressed`
     (a jpg cache): each batch's images as readers.decode.Payloads, for the device to decode."""
     # An npy cache's epoch plan: one gather per batch through a view of every mapping (readers.gather);
-    # teacher targets are scattered per shard, by _gather.
-    one_view = files.manifest.encoding == "npy" and isinstance(plan, EpochPlan) and not files.teacher
+    # teacher targets and masks are gathered per shard, by _gather.
+    one_view = files.manifest.encoding == "npy" and isinstance(plan, EpochPlan) and not files.teacher \
+        and not files.mask
     if one_view:  # ends the pass itself, as _ending does
         return gather_npy(files, shards, plan, start=start, new_images=new_images, pin=pin,
                           channels_first=channels_first, stop=stop)
@@ -369,7 +389,8 @@ def _gather(files: ShardFiles, shards: Sequence[Shard], plan: EpochPlan, *, star
 
     `new_images(n)` gives an empty images tensor of that shape (pinned when batches go to a GPU,
     `pin`; the labels too), and where the batches carry teacher targets, a third, (n, classes)
-    float32 (then yielded third). Each batch
+    float32 (then yielded third), where they carry masks, their raw rows (n, data_bytes) uint8
+    (readers.masks; yielded last). Each batch
     is sorted by shard (the plan does it), so its pixels are gathered with one index_select per
     shard it touches, straight from the mapping into the batch: one copy, few Python calls.
     """
@@ -401,7 +422,8 @@ def _gather(files: ShardFiles, shards: Sequence[Shard], plan: EpochPlan, *, star
         images = Payloads(payloads, m.shape, []) if compressed else new_images(n)
         labels = torch.empty(n, dtype=torch.int64, pin_memory=pin)
         teacher = [torch.empty((n, len(m.classes)), dtype=torch.float32, pin_memory=pin)] if files.teacher else []
-        batch = (images, labels, *teacher)
+        masks = [torch.empty((n, m.mask.data_bytes), dtype=torch.uint8, pin_memory=pin)] if files.mask else []
+        batch = (images, labels, *teacher, *masks)
         flat = None if compressed else scratch[:hi - lo] if scratch is not None else images.view(hi - lo, m.image_bytes)
         jobs, finished = [], []
         while run < len(run_shards) and bounds[run] < hi:
@@ -410,6 +432,8 @@ def _gather(files: ShardFiles, shards: Sequence[Shard], plan: EpochPlan, *, star
             opened = files.get(shard)
             if teacher:
                 scatter_targets(teacher[0][a - lo:z - lo], opened.teacher, rows_all[a:z])
+            if masks:  # one index_select a shard, as the npy pixels
+                torch.index_select(opened.masks, 0, rows_all[a:z], out=masks[0][a - lo:z - lo])
             if opened.rows is not None:
                 torch.index_select(opened.rows, 0, rows_all[a:z], out=flat[a - lo:z - lo])
             elif compressed:  # copied out of the mapping: it may be unmapped before the device decodes

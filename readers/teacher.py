@@ -16,7 +16,7 @@ from cacheformat.teacher import decode_records, header, member_starts
 from readers.errors import ReaderError
 from readers.manifest import Manifest, Shard, ShardIndex
 
-TARGETS = ("labels", "teacher")
+TARGETS = ("labels", "teacher", "mask")
 REBUILD = "re-run the same `cachegen build` to rebuild it"
 
 
@@ -32,6 +32,9 @@ def check_targets(targets: str, manifest: Manifest) -> None:
     """ValueError for an unknown `targets`; ReaderError where the cache has no teacher targets to give."""
     if targets not in TARGETS:
         raise ValueError(f"targets must be one of {', '.join(map(repr, TARGETS))}, got {targets!r}")
+    if targets == "mask" and manifest.mask is None:
+        raise ReaderError(f"{manifest.root} has no masks: build it from a source with masks (a .npz with 'masks', "
+                          "a folder with --masks DIR, --sample-masks), or read it with targets='labels'")
     if targets == "teacher" and manifest.teacher is None:
         raise ReaderError(f"{manifest.root} has no teacher targets: build it with `cachegen build --teacher "
                           "FILE.py:factory` (a reinforced cache), or read it with targets='labels'")

@@ -16,6 +16,7 @@
 #   feed224  ResNet-50 at 224 px (batch 128), the same rows;
 #   train    scripts/train.py, a few steps with each loader (cached, live, online);
 #   jpg      a jpg cache decoded in CPU threads vs in batches with nvJPEG: img/s, and how close;
+#   seg      scripts/bench_seg.py: cached vs online batches of images with masks;
 #   tests    pytest -m cuda (every CUDA test), once.
 # Without CUDA every step runs on the CPU at toy sizes, so the script is known to run; those numbers
 # say nothing about a GPU. Missing packages are named in one line first (docs/gpu.md: carrying wheels),
@@ -213,6 +214,16 @@ train_each() {  # scripts/train.py a few steps with each loader, on the default 
 
 export PYTHON WORK SAMPLES EPOCHS BIG SIDE CROP WORKERS TRAIN
 export -f sources build_rates live_caches train_each
+# Segmentation: a cache of the sample with masks, then cached vs online batches of (images, masks) on
+# this machine's device (scripts/bench_seg.py prints the ratio).
+seg_check() {
+    "$PYTHON" -m cachegen build --sample-masks --epochs 1 --out "$WORK/seg" --workers "$WORKERS" --quiet &&
+    "$PYTHON" scripts/bench_seg.py --cache "$WORK/seg" --device "$([ "$GPU" = 1 ] && echo cuda || echo cpu)" \
+        --batches 10 --repeats 2 --workers 2
+}
+export GPU
+export -f seg_check
+
 # The table: one row per step, in order (KEY NAME LIMIT_S COMMAND...).
 step sources "sources" 30 sources
 step build "build rates" 100 build_rates
@@ -227,6 +238,7 @@ step train "train.py, each loader" 60 train_each
 # close the two decodes are (scripts/gpu_decode.py; docs/gpu.md)
 step jpg "jpg decode: cpu threads vs nvJPEG" 45 "$PYTHON" scripts/gpu_decode.py --source "$WORK/big.npz" \
     --out "$WORK/big-jpg" --workers "$WORKERS"
+step seg "segmentation: cached vs online masks" 45 seg_check
 step tests "pytest -m cuda" $(( TESTS_S / SCALE )) "$PYTHON" -m pytest -q -p no:cacheprovider -m cuda -rfE --tb=short \
     --continue-on-collection-errors tests
 

@@ -48,6 +48,20 @@ def make_npz(path, n: int = 240, size: int = 32, channels: int = 3, classes: int
     return path, images, labels
 
 
+def make_seg_npz(path, n: int = 40, size: int = 16, classes: int = 5, seed: int = 0,
+                 mask_classes: list[str] | None = None) -> tuple:
+    """A segmentation .npz: images whose first channel is 20 * their mask (the other two random); (path, images, masks)."""
+    rng = np.random.default_rng(seed)
+    masks = rng.integers(0, classes, (n, size, size)).astype(np.uint8)
+    images = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+    images[..., 0] = masks * 20
+    arrays = {"images": images, "labels": rng.integers(0, 3, n), "masks": masks}
+    if mask_classes is not None:
+        arrays["mask_classes"] = np.array(mask_classes)
+    np.savez(path, **arrays)
+    return path, images, masks
+
+
 @pytest.fixture
 def npz_source(tmp_path):
     return make_npz(tmp_path / "data.npz")

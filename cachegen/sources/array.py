@@ -15,9 +15,12 @@ class ArraySource(Source):
     """Images held in memory as one uint8 array (N, H, W) or (N, H, W, C)."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, classes: tuple[str, ...], *,
-                 kind: str, description: str) -> None:
+                 kind: str, description: str, masks: np.ndarray | None = None,
+                 mask_classes: tuple[str, ...] | None = None) -> None:
         self.images, self.labels = images, labels
         self.classes, self.kind, self.description = tuple(classes), kind, description
+        self.masks = masks  # (N, H, W) integer class indices, or None
+        self.mask_classes = tuple(mask_classes) if masks is not None else None
         self._fingerprint: str | None = None
 
     def load(self, index: int) -> Image.Image:
@@ -28,11 +31,23 @@ class ArraySource(Source):
         image = self.images[index]
         return image[:, :, None] if image.ndim == 2 else image
 
+    def load_mask(self, index: int) -> np.ndarray:
+        if self.masks is None:
+            return super().load_mask(index)
+        return self.masks[index]
+
+    def mask_name(self, index: int) -> str:
+        return f"mask {index} of {self.description}"
+
     def fingerprint(self) -> str:
         if self._fingerprint is None:
             h = hashlib.sha256(f"{self.images.shape}|{self.classes}".encode())
             h.update(np.ascontiguousarray(self.images).data)
             h.update(self.labels.astype("<i8").tobytes())
+            if self.masks is not None:  # a source without masks keeps the fingerprint it always had
+                h.update(f"|masks {self.masks.shape} {self.mask_classes}".encode())
+                h.update(f"{self.masks.dtype.str}".encode())
+                h.update(np.ascontiguousarray(self.masks).data)
             self._fingerprint = h.hexdigest()
         return self._fingerprint
 

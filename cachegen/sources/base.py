@@ -15,6 +15,9 @@ class Source:
     description: str
     classes: tuple[str, ...]
     labels: np.ndarray  # (N,) int64, known without loading any image
+    # A source with segmentation masks: mask value k is mask_classes[k]. None: the source has no
+    # masks (every kind's default; a kind that has them sets it and implements load_mask).
+    mask_classes: tuple[str, ...] | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -26,6 +29,15 @@ class Source:
         """The image as HWC uint8 without making a PIL image, where the source holds arrays (the
         same bytes as load's); None: use load."""
         return None
+
+    def load_mask(self, index: int) -> np.ndarray:
+        """Sample `index`'s mask: (H, W) integer class indices, H and W its image's (checked by the
+        builder, which names mask_name(index) where they are not). Raises where it cannot be read."""
+        raise NotImplementedError(f"{self.description} has no masks")
+
+    def mask_name(self, index: int) -> str:
+        """How to point a user at one sample's mask in an error message."""
+        return f"the mask of {self.name(index)}"
 
     def fingerprint(self) -> str:
         raise NotImplementedError
@@ -44,3 +56,4 @@ def printable(name: str) -> str:
     """A file name as text: bytes that are not UTF-8 become U+FFFD (os.fsdecode leaves surrogates,
     which a strict terminal cannot print and a UTF-8 JSON reader may refuse)."""
     return os.fsencode(name).decode("utf-8", "replace")
+

@@ -16,14 +16,24 @@ from cachegen.sources.base import Source, printable
 
 # Image modes a folder image is grayscale in (loaded as L; any other as RGB, alpha dropped).
 GRAY_MODES = ("1", "L", "LA", "La", "I", "F")
+# Image modes a mask is read in: one channel of class indices (P: a palette's indices, as VOC stores them).
+MASK_MODES = ("1", "L", "P", "I", "I;16", "I;16L", "I;16B")
 
 
 class FolderSource(Source):
-    """An ImageFolder tree: one sub-folder per class; images are decoded lazily, in the workers."""
+    """An ImageFolder tree: one sub-folder per class; images are decoded lazily, in the workers.
 
-    def __init__(self, root: Path) -> None:
+    With `masks` (a folder of PNG class-index masks, `mask_classes` naming their values): every
+    image under `root`, in any sub-folders (one class, named after `root`: no class folders
+    needed), each with its mask at the same relative path and stem under `masks`, `.png`."""
+
+    def __init__(self, root: Path, *, masks: Path | None = None, mask_classes: tuple[str, ...] | None = None) -> None:
         from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
 
+        self.masks = masks
+        if masks is not None:
+            self._with_masks(root, masks, mask_classes, IMG_EXTENSIONS)
+            return
         try:
             classes, _ = find_classes(root)
         except OSError as e:
@@ -42,25 +52,54 @@ class FolderSource(Source):
         self.classes = tuple(printable(c) for c in classes)
         self.kind, self.description = "folder", printable(f"ImageFolder {root}")
 
+    def _with_masks(self, root: Path, masks: Path, mask_classes: tuple[str, ...] | None,
+                    extensions: tuple[str, ...]) -> None:
+        if not masks.is_dir():
+            raise CachegenError(f"--masks {masks} is not a folder: give the folder of PNG masks, one per image at "
+                                "the same relative path and stem")
+        if not mask_classes:
+            raise CachegenError("--masks needs --mask-classes: the number of mask classes (21), or their names "
+                                "(background,road,car), so a value outside them is found")
+        paths = image_files(root, extensions)
+        if not paths:
+            raise CachegenError(f"no images in {root}: expected {', '.join(extensions)} files (in any sub-folders)")
+        self.root, self.paths = root, paths
+        self.labels = np.zeros(len(paths), dtype=np.int64)
+        self.classes = (printable(root.resolve().name or str(root)),)
+        self.mask_classes = tuple(mask_classes)
+        self.kind, self.description = "folder", printable(f"folder {root} with masks {masks}")
+
     def name(self, index: int) -> str:
         return self.paths[index]
 
+    def mask_name(self, index: int) -> str:
+        return str(self._mask_path(index))
+
+    def _mask_path(self, index: int) -> Path:
+        relative = Path(os.path.relpath(self.paths[index], self.root))
+        return self.masks / relative.with_suffix(".png")
+
     def load(self, index: int) -> Image.Image:
-        path = self.paths[index]
-        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block open() forever
-            raise OSError(f"{path} is not a regular file")
-        with warnings.catch_warnings():
-            # Over Image.MAX_IMAGE_PIXELS: unreadable (a one-line error, or skipped), not decoded
-            # after a warning; twice that is PIL's DecompressionBombError anyway.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                if image.mode.startswith("I;16"):  # 16-bit grayscale: keep the high byte, not clip at 255
-                    return Image.fromarray((np.asarray(image) >> 8).astype(np.uint8))
-                return image.convert("L" if image.mode in GRAY_MODES else "RGB")
+        with _opened(self.paths[index]) as image:
+            if image.mode.startswith("I;16"):  # 16-bit grayscale: keep the high byte, not clip at 255
+                return Image.fromarray((np.asarray(image) >> 8).astype(np.uint8))
+            return image.convert("L" if image.mode in GRAY_MODES else "RGB")
+
+    def load_mask(self, index: int) -> np.ndarray:
+        if self.masks is None:
+            return super().load_mask(index)
+        path = self._mask_path(index)
+        if not path.exists():
+            raise FileNotFoundError(f"no mask {path} for image {self.paths[index]}")
+        with _opened(str(path)) as mask:
+            if mask.mode not in MASK_MODES:
+                raise ValueError(f"mask {path} is a {mask.mode} image: a mask is a single-channel PNG of class "
+                                 "indices (mode L, P or I;16)")
+            return np.asarray(mask)
 
     def fingerprint(self) -> str:
         h = hashlib.sha256()
-        for path in self.paths:
+        for path in self.paths + ([str(self._mask_path(i)) for i in range(len(self.paths))] if self.masks else []):
             try:
                 st = os.stat(path)
                 about = f"|{st.st_size}|{st.st_mtime_ns}\n"
@@ -69,6 +108,17 @@ class FolderSource(Source):
             # fsencode: a name that is not UTF-8 hashes as its bytes (str.encode would raise).
             h.update(os.fsencode(os.path.relpath(path, self.root)) + about.encode())
         return h.hexdigest()
+
+
+def _opened(path: str):
+    """PIL's Image.open of a regular file (a FIFO would block open() forever); over
+    Image.MAX_IMAGE_PIXELS unreadable (a one-line error, or skipped), not decoded after a warning
+    (twice that is PIL's DecompressionBombError anyway)."""
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise OSError(f"{path} is not a regular file")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        return Image.open(path)
 
 
 def image_files(folder: Path, extensions: tuple[str, ...]) -> list[str]:

@@ -1,4 +1,5 @@
-"""A .npz of 'images' (N,H,W[,C] uint8), 'labels' and optional 'classes', read without pickle."""
+"""A .npz of 'images' (N,H,W[,C] uint8), 'labels' and optional 'classes' (and, for segmentation,
+'masks' (N,H,W) class indices with optional 'mask_classes'), read without pickle."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cacheformat.mask import MAX_CLASSES as MAX_MASK_CLASSES
 from cachegen.errors import CachegenError
 from cachegen.sources.array import ArraySource
 from cachegen.sources.base import printable
@@ -27,6 +29,8 @@ def open_npz(path: Path) -> ArraySource:
                                     "(N,H,W[,C] uint8) and 'labels'")
             images, labels = data["images"], data["labels"]
             names = [str(c) for c in data["classes"]] if "classes" in data.files else None
+            masks = data["masks"] if "masks" in data.files else None
+            mask_names = [str(c) for c in data["mask_classes"]] if "mask_classes" in data.files else None
     except CachegenError:
         raise
     except Exception as e:
@@ -47,4 +51,24 @@ def open_npz(path: Path) -> ArraySource:
         raise CachegenError(f"{path}: labels must lie in 0..{num_classes - 1} (one per class name); "
                             f"found {labels.min()}..{labels.max()}")
     classes = tuple(names) if names is not None else tuple(str(i) for i in range(num_classes))
-    return ArraySource(images, labels.astype(np.int64), classes, kind="npz", description=printable(f"npz {path}"))
+    mask_classes = _mask_classes(path, images, masks, mask_names) if masks is not None else None
+    return ArraySource(images, labels.astype(np.int64), classes, kind="npz", description=printable(f"npz {path}"),
+                       masks=masks, mask_classes=mask_classes)
+
+
+def _mask_classes(path: Path, images: np.ndarray, masks: np.ndarray, names: list[str] | None) -> tuple[str, ...]:
+    """The mask classes of a .npz with 'masks' (N, H, W) class indices beside its images: named by
+    'mask_classes', or 0..max where it has none. A mask whose values leave them is found per
+    sample, by the builder (one line naming it, or skipped under --on-error skip)."""
+    if masks.shape != images.shape[:3] or not (np.issubdtype(masks.dtype, np.integer) or masks.dtype == bool):
+        raise CachegenError(f"{path}: 'masks' must be integers (N,H,W), one class-index mask per image, "
+                            f"{images.shape[:3]}; got {masks.dtype} {masks.shape}")
+    if names is not None:
+        if not 1 <= len(names) <= MAX_MASK_CLASSES:
+            raise CachegenError(f"{path}: 'mask_classes' names {len(names)} classes; a mask holds 1 to {MAX_MASK_CLASSES}")
+        return tuple(names)
+    top = int(masks.max()) if masks.size else 0
+    if top >= MAX_MASK_CLASSES:
+        raise CachegenError(f"{path}: mask values run up to {top}; a mask holds at most {MAX_MASK_CLASSES} classes, "
+                            "numbered 0..K-1")
+    return tuple(str(k) for k in range(top + 1))

@@ -44,6 +44,23 @@ def make_sample(n: int = SAMPLE_SIZE, size: int = IMAGE_SIZE, seed: int = SAMPLE
 
     Deterministic: the same arguments give the same bytes on every machine.
     """
+    images, labels, _ = _generate(n, size, seed)
+    return images, labels, CLASSES
+
+
+def make_sample_masks(n: int = SAMPLE_SIZE, size: int = IMAGE_SIZE, seed: int = SAMPLE_SEED
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """make_sample's images and labels, and each image's mask (n, size, size) uint8: 0 on the
+    background, k + 1 on the shape of class k (MASK_CLASSES)."""
+    images, labels, shape_mask = _generate(n, size, seed)
+    return images, labels, np.where(shape_mask, (labels + 1).astype(np.uint8)[:, None, None], np.uint8(0))
+
+
+MASK_CLASSES = ("background", *CLASSES)
+
+
+def _generate(n: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(images, labels, where each image's shape is (n, size, size) bool)."""
     rng = np.random.default_rng(seed)
     labels = np.arange(n, dtype=np.int64) % len(CLASSES)
     rng.shuffle(labels)
@@ -63,11 +80,17 @@ def make_sample(n: int = SAMPLE_SIZE, size: int = IMAGE_SIZE, seed: int = SAMPLE
     # Foreground: far from the background colour on every channel, with its own finer grain.
     fg = (bg + 128 + rng.integers(-40, 41, (n, 1, 1, 3), dtype=np.int16)) % 256
     images = np.where(shape_mask[..., None], fg + grain // 2, bg + coarse + grain)
-    return np.clip(images, 0, 255).astype(np.uint8), labels, CLASSES
+    return np.clip(images, 0, 255).astype(np.uint8), labels, shape_mask
 
 
-def open_sample(split: str = "train") -> ArraySource:
-    """The sample as a source: SAMPLE_SIZE training images, or SAMPLE_TEST_SIZE others for any other split."""
+def open_sample(split: str = "train", *, masks: bool = False) -> ArraySource:
+    """The sample as a source: SAMPLE_SIZE training images, or SAMPLE_TEST_SIZE others for any other
+    split; `masks`: with each image's mask of its shape (0 background, k + 1 the shape of class k)."""
     n, seed = (SAMPLE_SIZE, SAMPLE_SEED) if split == "train" else (SAMPLE_TEST_SIZE, SAMPLE_SEED + 1)
+    description = f"built-in sample ({split}): {n} 32x32 shapes"
+    if masks:
+        images, labels, shape_masks = make_sample_masks(n, seed=seed)
+        return ArraySource(images, labels, CLASSES, kind="sample", description=f"{description} with masks",
+                           masks=shape_masks, mask_classes=MASK_CLASSES)
     images, labels, classes = make_sample(n, seed=seed)
-    return ArraySource(images, labels, classes, kind="sample", description=f"built-in sample ({split}): {n} 32x32 shapes")
+    return ArraySource(images, labels, classes, kind="sample", description=description)

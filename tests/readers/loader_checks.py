@@ -141,3 +141,12 @@ def batches_without_host_waits(loader) -> int:
         return len([x for x, _ in batches])
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now: a torch.distributed rendezvous for spawned ranks."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
