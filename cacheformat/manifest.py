@@ -46,6 +46,11 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 # The largest manifest read (~250 bytes a shard: over a million shards); a bigger file is not one.
 MAX_MANIFEST_BYTES = 256 << 20
 REBUILD = "re-run the same `cachegen build` to rebuild it"
+# No side a reader (or preview, or bench) makes from the stored images is more than MAX_SCALE times
+# their longest side: transform.size, transform.resize, output_shape. In a live cache nothing else
+# bounds these (no file holds the output); 8 lets 32 px images be upsampled to 224.
+MAX_SCALE = 8
+MAX_CHANNELS = 4  # grey, grey+alpha, RGB, RGBA
 
 
 @dataclass(frozen=True, eq=False)
@@ -375,12 +380,30 @@ def _check_settings(raw: dict, fail) -> tuple[str, int]:
     # A cached device build's: its bytes are one device type's.
     if transform.get("augment_device") is not None and (augment_on != "device" or mode != "cached"):
         raise fail(_AUGMENT_DEVICE.format_map(transform))
+    problem = scale_problem(raw)
+    if problem:
+        raise fail(problem)
     header = image["npy_header_bytes"] if image["encoding"] == "npy" else 0
     if image["encoding"] == "npy" and not (_is_int(header) and header > 0):
         raise fail(f"npy_header_bytes {header!r} is not a byte count")
     if mode == "cached" and raw["output_shape"] != image["shape"]:
         raise fail(f"output_shape {raw['output_shape']!r} differs from the stored image shape {image['shape']!r}")
     return augment_on, header
+
+
+def scale_problem(raw: Mapping) -> str | None:
+    """Why the sides a manifest (typed by the walk) asks a reader to make are not bounded by its
+    stored images (MAX_SCALE, MAX_CHANNELS), or None; the builder asks the same before it writes."""
+    longest, (h, w, c) = max(raw["image"]["shape"][:2]), raw["output_shape"]
+    transform = raw["transform"]
+    for name, side in (("transform size", transform["size"]), ("transform resize", transform["resize"]),
+                       ("output_shape height", h), ("output_shape width", w)):
+        if side is not None and side > MAX_SCALE * longest:
+            return (f"{name} {side} is more than {MAX_SCALE}x the stored images' longest side {longest}, "
+                    "the most a reader makes of them")
+    if c > MAX_CHANNELS:
+        return f"output_shape has {c} channels, more than {MAX_CHANNELS}"
+    return None
 
 
 def _check_teacher(raw: dict, fail) -> TeacherSpec | None:

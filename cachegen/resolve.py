@@ -15,6 +15,7 @@ from cachegen import __version__
 from cachegen.augmenter import Augmenter, BuildSettings, check_one_shape
 from cachegen.config import BuildConfig, parse_device, parse_shard_size
 from cachegen.errors import CachegenError
+from cacheformat.manifest import scale_problem
 from cachegen.manifest import FORMAT, FORMAT_VERSION
 from cachegen.outdir import built_epochs
 from cachegen.shards import encode, npy_header_bytes
@@ -61,7 +62,11 @@ def resolve(config: BuildConfig) -> ResolvedBuild:
     settings = _for_mode(config, settings, mode, augment_on)
     count, nbytes = parse_shard_size(config.shard_size)
     per_shard = count or max(1, nbytes // int(np.prod(_stored_shape(settings, mode))))
-    return ResolvedBuild(settings, _meta(config, settings, mode, per_shard), mode, per_shard, kept_all, borrowed)
+    meta = _meta(config, settings, mode, per_shard)
+    problem = scale_problem(meta)  # what the readers would refuse, refused before anything is written
+    if problem:
+        raise CachegenError(f"{problem}: pass a smaller --size or --resize (or --resize to store larger images)")
+    return ResolvedBuild(settings, meta, mode, per_shard, kept_all, borrowed)
 
 
 def _transform(config: BuildConfig, settings: BuildSettings,
