@@ -472,24 +472,30 @@ def _check_shards(raw: dict, base: Path, header: int, teacher: TeacherSpec | Non
     return tuple(epochs), source_shards
 
 
-def check_files(manifest: Manifest) -> None:
-    """Every listed shard and index file that is there is the size the manifest says: O(shards)
+def check_files(manifest: Manifest, sizes: Mapping[str, int] | None = None) -> None:
+    """Every listed shard and index file is there and the size the manifest says: O(shards)
     stats, which bound every count in the manifest by real file sizes before a reader allocates
-    anything per sample. A missing file (a cache staged as it is read, a shard deleted) is named
-    when it is read.
+    anything per sample. `sizes`: for a cache elsewhere (staged as it is read), the size of each
+    file by its path relative to the cache folder, from a listing of where it lies.
 
     Raises:
-        FormatError: the first file whose size differs, named with both sizes.
+        FormatError: the first file missing or of another size, named (with both sizes).
     """
     for shard in manifest.all_shards():
-        for what, path, size, cut in (("shard", shard.path, shard.bytes, "truncated"),
-                                      ("index", shard.index_path, shard.index_bytes, "cut")):
-            try:
-                actual = os.stat(path).st_size
-            except FileNotFoundError:
-                continue
-            except OSError as e:
-                raise FormatError(f"cannot read {what} {path}: {e.strerror or e}") from None
+        for what, path, rel, size, cut in (("shard", shard.path, shard.relpath, shard.bytes, "truncated"),
+                                           ("index", shard.index_path, index_path(shard.relpath),
+                                            shard.index_bytes, "cut")):
+            if sizes is not None:
+                actual = sizes.get(rel)
+            else:
+                try:
+                    actual = os.stat(path).st_size
+                except FileNotFoundError:
+                    actual = None
+                except OSError as e:
+                    raise FormatError(f"cannot read {what} {path}: {e.strerror or e}") from None
+            if actual is None:
+                raise FormatError(f"{what} {path} is missing (the manifest lists it); {REBUILD}")
             if actual != size:
                 raise FormatError(f"{what} {path} is {actual} bytes, the manifest says {size} "
                                   f"({cut} or replaced); {REBUILD}")

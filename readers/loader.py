@@ -47,7 +47,10 @@ def open_cache(cache: str | Path, local: str | Path | None = None, **staging: An
     if unknown:
         raise TypeError(f"unexpected keyword argument {unknown[0]!r}")
     stager = Stager(cache, local, **{STAGING_OPTIONS[k]: v for k, v in staging.items()})
-    manifest = load_manifest(stager.root)
+    try:  # every file there, of its size, before anything is planned or downloaded
+        manifest = load_manifest(stager.root, stager.sizes())
+    except ReaderError as e:  # named by its URL, not the staged copy's path
+        raise ReaderError(str(e).replace(str(stager.root), stager.url)) from None
     if manifest.mode == "live":  # a live epoch reads from all over the source: all of it, now
         stager.stage_all(manifest.source_shards)
     return manifest, stager

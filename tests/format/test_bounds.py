@@ -191,3 +191,15 @@ def test_jpeg_headers_are_walked_bounded(forged, says):
     assert jpeg_problem(jpg, (16, 16, 3)) is None and "says 16x16, the manifest 8x16" in jpeg_problem(jpg, (16, 8, 3))
     problem = jpeg_problem(forged(jpg), (16, 16, 3))
     assert problem is None if says is None else says in problem, problem
+
+
+def test_missing_shards_claiming_30m_samples_fail_the_open_before_any_plan(copy):
+    """A missing file bounds nothing: it fails the open (a stat each), before an epoch of the
+    claimed 30 M samples is planned (the plan of one shard's 6 M alone takes 48 MB)."""
+    cache = copy("npy")
+    inflate(cache, sizes=True)
+    for path in [*cache.glob("epoch-*/*.tar"), *cache.glob("epoch-*/*.idx")]:
+        path.unlink()
+    raised, peak = peak_of(lambda: next(iter(CachedLoader(cache, batch_size=8, device="cpu"))))
+    one_line(raised, ReaderError, f"shard {cache / 'epoch-0000/shard-000000.tar'} is missing (the manifest lists it)")
+    assert peak < PEAK, peak
