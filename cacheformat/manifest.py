@@ -22,7 +22,7 @@ from cacheformat.errors import FormatError
 from cacheformat.layout import index_bytes, index_path, npy_layout, shard_size_problem
 from cacheformat.schema import SKIP, Field, Section, walk
 from cacheformat.teacher import MEMBER as TEACHER_MEMBER
-from cacheformat.teacher import TeacherSpec, payload_bytes
+from cacheformat.teacher import TeacherSpec, classes_problem, payload_bytes
 
 MANIFEST = "manifest.json"
 BUILD_STATE = ".cachegen-build.json"  # a build's identity, written first; a cache in progress
@@ -415,6 +415,9 @@ def _check_teacher(raw: dict, fail) -> TeacherSpec | None:
         raise fail(_TEACHER_COUNTS.format_map(block))
     if block["classes"] != len(raw["classes"]):
         raise fail(f"teacher classes {block['classes']} is not the cache's {len(raw['classes'])} classes")
+    problem = classes_problem(block["topk"], block["classes"])
+    if problem:
+        raise fail(f"teacher: {problem}")
     if block.get("payload_bytes") != payload_bytes(block["topk"]):
         raise fail(_teacher_member(block))
     if raw["mode"] != "cached":
