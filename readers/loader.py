@@ -16,7 +16,7 @@ from readers.device import DeviceCopier, Pending, resolve_device
 from readers.errors import ReaderError
 from readers.manifest import Manifest, Shard, cache_digest, load_manifest
 from readers.options import LoaderOptions
-from readers.elastic import History, resumed_length, resumed_plan
+from readers.elastic import History, history_problem, resumed_length, resumed_plan
 from readers.plan import DEFAULT_WINDOW, EpochPlan
 from readers.prefetch import Prefetcher
 from readers.shards import ShardFiles, iter_batches
@@ -491,5 +491,10 @@ def _history(steps: Any) -> History:
         and all(isinstance(v, int) and not isinstance(v, bool) for v in step) and step[0] >= 1 and step[1] >= 0
         for step in steps)
     if not ok:
-        raise ValueError(f"state resumed_from {steps!r} is not a list of [world_size, batches_done] pairs")
-    return tuple((int(w), int(d)) for w, d in steps)
+        raise ValueError(f"state resumed_from {str(steps)[:80]} is not a list of [world_size, batches_done] pairs")
+    history = tuple((int(w), int(d)) for w, d in steps)
+    problem = history_problem(history)
+    if problem:
+        raise ValueError(f"state resumed_from has {problem}: not a state a loader saves; resume from a state "
+                         "saved by state_dict()")
+    return history
