@@ -13,12 +13,14 @@ import json
 import math
 import os
 import re
+import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from cacheformat.errors import FormatError
+from cacheformat.files import open_regular
 from cacheformat.layout import index_bytes, index_path, npy_layout, shard_size_problem
 from cacheformat.schema import SKIP, Field, Section, walk
 from cacheformat.teacher import MEMBER as TEACHER_MEMBER
@@ -134,7 +136,7 @@ def read_manifest(root: str | Path) -> Manifest:
 def read_json(path: Path) -> dict:
     """A JSON object from `path`; FormatError where it is unreadable or not an object."""
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             size = os.fstat(f.fileno()).st_size
             if size > MAX_MANIFEST_BYTES:
                 raise FormatError(f"{path} is {size} bytes, more than any manifest ({MAX_MANIFEST_BYTES}): not a "
@@ -492,11 +494,15 @@ def check_files(manifest: Manifest, sizes: Mapping[str, int] | None = None) -> N
                 actual = sizes.get(rel)
             else:
                 try:
-                    actual = os.stat(path).st_size
+                    st = os.stat(path)
                 except FileNotFoundError:
-                    actual = None
+                    st = None
                 except OSError as e:
                     raise FormatError(f"cannot read {what} {path}: {e.strerror or e}") from None
+                if st is not None and not stat.S_ISREG(st.st_mode):
+                    raise FormatError(f"{what} {path} is not a regular file (a folder, FIFO or device file is in "
+                                      f"its place); {REBUILD}")
+                actual = None if st is None else st.st_size
             if actual is None:
                 raise FormatError(f"{what} {path} is missing (the manifest lists it); {REBUILD}")
             if actual != size:
