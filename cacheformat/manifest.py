@@ -16,7 +16,7 @@ import re
 import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from cacheformat.errors import FormatError
@@ -59,14 +59,24 @@ MAX_CHANNELS = 4  # grey, grey+alpha, RGB, RGBA
 class ShardEntry:
     """One shard as the manifest lists it, and its index file."""
 
-    path: Path  # absolute
+    root: Path  # the cache folder, absolute
     relpath: str  # relative to the cache folder, as the manifest spells it
     samples: int
     bytes: int
     sha256: str
-    index_path: Path  # absolute
     index_bytes: int
     index_sha256: str
+
+    # Made when first asked for: a manifest of a million shards is opened without two million Paths.
+    @functools.cached_property
+    def path(self) -> Path:
+        """The shard file, absolute."""
+        return self.root / self.relpath
+
+    @functools.cached_property
+    def index_path(self) -> Path:
+        """Its index file, absolute."""
+        return self.root / index_path(self.relpath)
 
 
 @dataclass(frozen=True, eq=False)
@@ -216,11 +226,10 @@ def _numbers(x: Any) -> bool:
 
 
 def _tar_path(rel: Any) -> bool:
-    """A .tar file's path inside the cache folder, relative to it."""
-    if not isinstance(rel, str):
-        return False
-    path = PurePosixPath(rel)
-    return bool(path.parts) and not path.is_absolute() and ".." not in path.parts and rel.endswith(".tar")
+    """A .tar file's path inside the cache folder, relative to it (string tests, not a PurePosixPath
+    each: a million shards are checked on open); no NUL, which no file name holds."""
+    return (isinstance(rel, str) and rel.endswith(".tar") and not rel.startswith("/") and "\0" not in rel
+            and ".." not in rel.split("/"))
 
 
 def _per_channel(name: str) -> Callable[[Mapping], str]:
@@ -486,10 +495,11 @@ def check_files(manifest: Manifest, sizes: Mapping[str, int] | None = None) -> N
     Raises:
         FormatError: the first file missing or of another size, named (with both sizes).
     """
+    root = str(manifest.root.absolute())
     for shard in manifest.all_shards():
-        for what, path, rel, size, cut in (("shard", shard.path, shard.relpath, shard.bytes, "truncated"),
-                                           ("index", shard.index_path, index_path(shard.relpath),
-                                            shard.index_bytes, "cut")):
+        for what, rel, size, cut in (("shard", shard.relpath, shard.bytes, "truncated"),
+                                     ("index", index_path(shard.relpath), shard.index_bytes, "cut")):
+            path = f"{root}/{rel}"  # a string: a Path each (or os.path.join) costs more than the stat
             if sizes is not None:
                 actual = sizes.get(rel)
             else:
@@ -527,8 +537,8 @@ def _shard(root: Path, fail, seen: set, npy_payload: int | None, extra: int, ent
         raise fail(f"shard {rel}: {problem}")
     if index["bytes"] != index_bytes(n):
         raise fail(f"shard {rel}: the index of {n} samples is {index_bytes(n)} bytes, not {index['bytes']}")
-    return ShardEntry(path=root / rel, relpath=rel, samples=n, bytes=size, sha256=entry["sha256"],
-                      index_path=root / index_path(rel), index_bytes=index["bytes"], index_sha256=index["sha256"])
+    return ShardEntry(root=root, relpath=rel, samples=n, bytes=size, sha256=entry["sha256"],
+                      index_bytes=index["bytes"], index_sha256=index["sha256"])
 
 
 def transform_fingerprint(spec: str, *, size: int, schedule: str) -> str:
