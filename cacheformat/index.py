@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cacheformat.errors import FormatError
+from cacheformat.files import open_regular
 from cacheformat.manifest import Manifest, ShardEntry
 from cacheformat.teacher import member_starts
 
@@ -55,7 +56,7 @@ def read_index(manifest: Manifest, shard: ShardEntry) -> ShardIndex:
     path = shard.index_path
     rebuild = "re-run the same `cachegen build` to rebuild it"
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:  # a FIFO in its place would block open()
             size = os.fstat(f.fileno()).st_size  # the file's size, not the manifest's number, bounds the read
             data = f.read(min(size, shard.index_bytes) + 1)
     except FileNotFoundError:

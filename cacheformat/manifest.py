@@ -13,12 +13,14 @@ import json
 import math
 import os
 import re
+import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from cacheformat.errors import FormatError
+from cacheformat.files import open_regular
 from cacheformat.locks import builder
 from cacheformat.layout import BLOCK, index_bytes, index_path, npy_layout, padded, shard_size_problem
 from cacheformat.schema import SKIP, Field, Section, walk
@@ -26,7 +28,7 @@ from cacheformat.mask import DTYPES as MASK_DTYPES
 from cacheformat.mask import MEMBER as MASK_MEMBER
 from cacheformat.mask import MaskSpec, mask_dtype
 from cacheformat.teacher import MEMBER as TEACHER_MEMBER
-from cacheformat.teacher import TeacherSpec, payload_bytes
+from cacheformat.teacher import TeacherSpec, classes_problem, payload_bytes
 
 MANIFEST = "manifest.json"
 BUILD_STATE = ".cachegen-build.json"  # a build's identity, written first; a cache in progress
@@ -53,20 +55,35 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 # The largest manifest read (~250 bytes a shard: over a million shards); a bigger file is not one.
 MAX_MANIFEST_BYTES = 256 << 20
 REBUILD = "re-run the same `cachegen build` to rebuild it"
+# No side a reader (or preview, or bench) makes from the stored images is more than MAX_SCALE times
+# their longest side: transform.size, transform.resize, output_shape. In a live cache nothing else
+# bounds these (no file holds the output); 8 lets 32 px images be upsampled to 224.
+MAX_SCALE = 8
+MAX_CHANNELS = 4  # grey, grey+alpha, RGB, RGBA
 
 
 @dataclass(frozen=True, eq=False)
 class ShardEntry:
     """One shard as the manifest lists it, and its index file."""
 
-    path: Path  # absolute
+    root: Path  # the cache folder, absolute
     relpath: str  # relative to the cache folder, as the manifest spells it
     samples: int
     bytes: int
     sha256: str
-    index_path: Path  # absolute
     index_bytes: int
     index_sha256: str
+
+    # Made when first asked for: a manifest of a million shards is opened without two million Paths.
+    @functools.cached_property
+    def path(self) -> Path:
+        """The shard file, absolute."""
+        return self.root / self.relpath
+
+    @functools.cached_property
+    def index_path(self) -> Path:
+        """Its index file, absolute."""
+        return self.root / index_path(self.relpath)
 
 
 @dataclass(frozen=True, eq=False)
@@ -152,7 +169,7 @@ def read_manifest(root: str | Path) -> Manifest:
 def read_json(path: Path) -> dict:
     """A JSON object from `path`; FormatError where it is unreadable or not an object."""
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             size = os.fstat(f.fileno()).st_size
             if size > MAX_MANIFEST_BYTES:
                 raise FormatError(f"{path} is {size} bytes, more than any manifest ({MAX_MANIFEST_BYTES}): not a "
@@ -232,11 +249,10 @@ def _numbers(x: Any) -> bool:
 
 
 def _tar_path(rel: Any) -> bool:
-    """A .tar file's path inside the cache folder, relative to it."""
-    if not isinstance(rel, str):
-        return False
-    path = PurePosixPath(rel)
-    return bool(path.parts) and not path.is_absolute() and ".." not in path.parts and rel.endswith(".tar")
+    """A .tar file's path inside the cache folder, relative to it (string tests, not a PurePosixPath
+    each: a million shards are checked on open); no NUL, which no file name holds."""
+    return (isinstance(rel, str) and rel.endswith(".tar") and not rel.startswith("/") and "\0" not in rel
+            and ".." not in rel.split("/"))
 
 
 def _per_channel(name: str) -> Callable[[Mapping], str]:
@@ -419,12 +435,30 @@ def _check_settings(raw: dict, fail) -> tuple[str, int]:
     # A cached device build's: its bytes are one device type's.
     if transform.get("augment_device") is not None and (augment_on != "device" or mode != "cached"):
         raise fail(_AUGMENT_DEVICE.format_map(transform))
+    problem = scale_problem(raw)
+    if problem:
+        raise fail(problem)
     header = image["npy_header_bytes"] if image["encoding"] == "npy" else 0
     if image["encoding"] == "npy" and not (_is_int(header) and header > 0):
         raise fail(f"npy_header_bytes {header!r} is not a byte count")
     if mode == "cached" and raw["output_shape"] != image["shape"]:
         raise fail(f"output_shape {raw['output_shape']!r} differs from the stored image shape {image['shape']!r}")
     return augment_on, header
+
+
+def scale_problem(raw: Mapping) -> str | None:
+    """Why the sides a manifest (typed by the walk) asks a reader to make are not bounded by its
+    stored images (MAX_SCALE, MAX_CHANNELS), or None; the builder asks the same before it writes."""
+    longest, (h, w, c) = max(raw["image"]["shape"][:2]), raw["output_shape"]
+    transform = raw["transform"]
+    for name, side in (("transform size", transform["size"]), ("transform resize", transform["resize"]),
+                       ("output_shape height", h), ("output_shape width", w)):
+        if side is not None and side > MAX_SCALE * longest:
+            return (f"{name} {side} is more than {MAX_SCALE}x the stored images' longest side {longest}, "
+                    "the most a reader makes of them")
+    if c > MAX_CHANNELS:
+        return f"output_shape has {c} channels, more than {MAX_CHANNELS}"
+    return None
 
 
 def _check_teacher(raw: dict, fail) -> TeacherSpec | None:
@@ -436,6 +470,9 @@ def _check_teacher(raw: dict, fail) -> TeacherSpec | None:
         raise fail(_TEACHER_COUNTS.format_map(block))
     if block["classes"] != len(raw["classes"]):
         raise fail(f"teacher classes {block['classes']} is not the cache's {len(raw['classes'])} classes")
+    problem = classes_problem(block["topk"], block["classes"])
+    if problem:
+        raise fail(f"teacher: {problem}")
     if block.get("payload_bytes") != payload_bytes(block["topk"]):
         raise fail(_teacher_member(block))
     if raw["mode"] != "cached":
@@ -514,24 +551,35 @@ def _check_shards(raw: dict, base: Path, header: int, extra: int, fail
     return tuple(epochs), source_shards
 
 
-def check_files(manifest: Manifest) -> None:
-    """Every listed shard and index file that is there is the size the manifest says: O(shards)
+def check_files(manifest: Manifest, sizes: Mapping[str, int] | None = None) -> None:
+    """Every listed shard and index file is there and the size the manifest says: O(shards)
     stats, which bound every count in the manifest by real file sizes before a reader allocates
-    anything per sample. A missing file (a cache staged as it is read, a shard deleted) is named
-    when it is read.
+    anything per sample. `sizes`: for a cache elsewhere (staged as it is read), the size of each
+    file by its path relative to the cache folder, from a listing of where it lies.
 
     Raises:
-        FormatError: the first file whose size differs, named with both sizes.
+        FormatError: the first file missing or of another size, named (with both sizes).
     """
+    root = str(manifest.root.absolute())
     for shard in manifest.all_shards():
-        for what, path, size, cut in (("shard", shard.path, shard.bytes, "truncated"),
-                                      ("index", shard.index_path, shard.index_bytes, "cut")):
-            try:
-                actual = os.stat(path).st_size
-            except FileNotFoundError:
-                continue
-            except OSError as e:
-                raise FormatError(f"cannot read {what} {path}: {e.strerror or e}") from None
+        for what, rel, size, cut in (("shard", shard.relpath, shard.bytes, "truncated"),
+                                     ("index", index_path(shard.relpath), shard.index_bytes, "cut")):
+            path = f"{root}/{rel}"  # a string: a Path each (or os.path.join) costs more than the stat
+            if sizes is not None:
+                actual = sizes.get(rel)
+            else:
+                try:
+                    st = os.stat(path)
+                except FileNotFoundError:
+                    st = None
+                except OSError as e:
+                    raise FormatError(f"cannot read {what} {path}: {e.strerror or e}") from None
+                if st is not None and not stat.S_ISREG(st.st_mode):
+                    raise FormatError(f"{what} {path} is not a regular file (a folder, FIFO or device file is in "
+                                      f"its place); {REBUILD}")
+                actual = None if st is None else st.st_size
+            if actual is None:
+                raise FormatError(f"{what} {path} is missing (the manifest lists it); {REBUILD}")
             if actual != size:
                 raise FormatError(f"{what} {path} is {actual} bytes, the manifest says {size} "
                                   f"({cut} or replaced); {REBUILD}")
@@ -554,8 +602,8 @@ def _shard(root: Path, fail, seen: set, npy_payload: int | None, extra: int, ent
         raise fail(f"shard {rel}: {problem}")
     if index["bytes"] != index_bytes(n):
         raise fail(f"shard {rel}: the index of {n} samples is {index_bytes(n)} bytes, not {index['bytes']}")
-    return ShardEntry(path=root / rel, relpath=rel, samples=n, bytes=size, sha256=entry["sha256"],
-                      index_path=root / index_path(rel), index_bytes=index["bytes"], index_sha256=index["sha256"])
+    return ShardEntry(root=root, relpath=rel, samples=n, bytes=size, sha256=entry["sha256"],
+                      index_bytes=index["bytes"], index_sha256=index["sha256"])
 
 
 def transform_fingerprint(spec: str, *, size: int, schedule: str) -> str:

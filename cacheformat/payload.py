@@ -10,7 +10,9 @@ not when this module is, so `cacheformat` stays importable without them.
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import struct
 import sys
 import tempfile
@@ -24,6 +26,15 @@ NPY_MAGIC = b"\x93NUMPY"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNG_COLOR_TYPE = {1: 0, 3: 2, 4: 6}  # channels -> PNG colour type: grey, RGB, RGBA (8 bits each)
 PNG_FILTERS = 5  # a row's first byte: none, sub, up, average, paeth
+# The most pixel bytes a payload may decode to per byte it holds. zlib expands at most ~1032x (a
+# PNG's pixels, checked exactly by png_problem); a baseline JPEG as libjpeg writes it (standard
+# Huffman tables, 4:2:0) at most ~200x. Above this the manifest's shape is not one its payloads
+# can hold: the decode is refused before anything of the shape's size is allocated.
+MAX_EXPANSION = 2048
+JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # frame headers (DHT, JPG, DAC are not)
+JPEG_STANDALONE = frozenset(range(0xD0, 0xD8)) | {0x01}  # RSTn, TEM: markers without a length
+JPEG_MAX_SEGMENTS = 64  # before the image data; the builder (libjpeg) writes under 10
+_JPEG_FILL = re.compile(rb"\xff+")  # a marker's 0xFF and any fill bytes before its code
 
 
 class CodecMessages:
@@ -72,7 +83,7 @@ def decode_payload(payload, encoding: str, shape: tuple[int, int, int], *, where
         if data[:len(npy_header)] != npy_header or len(data) != len(npy_header) + int(np.prod(shape)):
             raise _damaged(where, encoding, "not a .npy payload of this cache's header and size")
         return np.frombuffer(data, np.uint8, offset=len(npy_header)).reshape(shape)
-    problem = png_problem(data, shape) if encoding == "png" else None
+    problem = expansion_problem(len(data), shape) or (png_problem if encoding == "png" else jpeg_problem)(data, shape)
     if problem:
         raise _damaged(where, encoding, problem)
     image = _decode_image(data, shape, where, encoding)
@@ -132,6 +143,62 @@ def _decode_image(data: bytes, shape: tuple[int, int, int], where: str, encoding
 def _damaged(where: str, encoding: str, what: str) -> FormatError:
     return FormatError(f"{where} does not decode as {encoding} ({what[:160]}); the shard is damaged: "
                        "delete it and re-run the same `cachegen build` to rewrite it")
+
+
+def expansion_problem(payload_bytes: int, shape: tuple[int, int, int]) -> str | None:
+    """Why a payload of `payload_bytes` cannot hold a `shape` image (more than MAX_EXPANSION times
+    its size in pixels), or None: what bounds a png/jpg decode's memory by the shard file's size."""
+    pixels = math.prod(shape)
+    if pixels > MAX_EXPANSION * payload_bytes:
+        return (f"{payload_bytes} bytes cannot hold a {shape[1]}x{shape[0]} {shape[2]}-channel image "
+                f"({pixels} bytes, more than {MAX_EXPANSION}x)")
+    return None
+
+
+def jpeg_problem(jpg: bytes, shape: tuple[int, int, int]) -> str | None:
+    """What keeps `jpg` from being a JPEG of `shape`'s height and width, from its headers, or None.
+
+    libjpeg allocates for the frame header's (SOF) dimensions before it reads a pixel, whatever the
+    payload's size; torchvision.io has no header-only reader (decode_image reads the header and
+    decodes in one call), so the markers are walked here: from SOI, each marker segment by its
+    length, up to the first scan (SOS), at most JPEG_MAX_SEGMENTS of them; exactly one frame
+    header, of `shape`'s height and width. Cheap: a few segments, no pixel touched.
+    """
+    if not jpg.startswith(b"\xff\xd8"):
+        return "no JPEG start-of-image marker"
+    pos, frames = 2, []
+    for _ in range(JPEG_MAX_SEGMENTS):
+        if jpg[pos:pos + 1] != b"\xff":
+            return "a marker is missing or truncated before its image data"
+        pos += 1
+        if jpg[pos:pos + 1] == b"\xff":  # fill bytes: rare, skipped in one regex match
+            pos = _JPEG_FILL.match(jpg, pos).end()
+        if pos >= len(jpg):
+            return "a marker is missing or truncated before its image data"
+        marker = jpg[pos]
+        pos += 1
+        if marker == 0xDA:  # start of scan: the frame header comes before it
+            break
+        if marker == 0xD9:
+            return "it ends before its image data"
+        if marker in JPEG_STANDALONE:
+            continue
+        length = int.from_bytes(jpg[pos:pos + 2], "big")
+        if length < 2 or pos + length > len(jpg):
+            return f"marker 0x{marker:02X}'s segment runs past the end"
+        if marker in JPEG_SOF:
+            if length < 8:
+                return "its frame header is cut"
+            frames.append(struct.unpack(">HH", jpg[pos + 3:pos + 7]))
+        pos += length
+    else:
+        return f"more than {JPEG_MAX_SEGMENTS} segments before its image data"
+    if len(frames) != 1:
+        return f"{len(frames)} frame headers (SOF), not one"
+    h, w = shape[:2]
+    if frames[0] != (h, w):
+        return f"its frame header says {frames[0][1]}x{frames[0][0]}, the manifest {w}x{h}"
+    return None
 
 
 def png_problem(png: bytes, shape: tuple[int, int, int]) -> str | None:

@@ -21,6 +21,19 @@ from cacheformat.layout import BLOCK, padded
 MEMBER = "teacher.npy"  # the member's extension: `<key>.teacher.npy`
 RECORD = np.dtype([("class", "<i4"), ("prob", "<f2")])
 DEFAULT_TOPK = 10
+# A reader scatters each sample's top-K into a dense row of `classes` float32 (targets="teacher"):
+# at most this many per stored record, so the (batch, classes) it allocates per batch is at most
+# this multiple of the batch's stored top-K, which the shard files bound. ImageNet-21k (21841
+# classes) at the default top-10 needs 2185.
+MAX_CLASSES_PER_RECORD = 4096
+
+
+def classes_problem(topk: int, classes: int) -> str | None:
+    """Why `classes` is too many for a top-`topk` teacher (MAX_CLASSES_PER_RECORD), or None."""
+    if classes > MAX_CLASSES_PER_RECORD * topk:
+        return (f"{classes} classes are more than {MAX_CLASSES_PER_RECORD}x the teacher's top-{topk} "
+                f"(a reader's dense targets would be); store a top-{-(-classes // MAX_CLASSES_PER_RECORD)} or more")
+    return None
 
 
 @functools.lru_cache(maxsize=16)

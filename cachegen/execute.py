@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import multiprocessing as mp
+from multiprocessing import resource_tracker
 import os
 import signal
 import socket
@@ -33,6 +34,7 @@ from cachegen.pool import WorkerDied, WorkerPool
 from cachegen.shards import write_shard
 from cachegen.sources import printable
 from cachegen.stats import PixelStats
+from readers.trust import no_cwd_in_children
 from cachegen.teacher import Teacher, queue_members, stored_as_made, teacher_members, with_teacher
 from cacheaug.batched import augment_batch, batch_seed
 from cacheaug.transforms import own_rng, to_hwc_uint8
@@ -59,6 +61,11 @@ def _write_shards(config: BuildConfig, settings: BuildSettings, tasks: list[Shar
                   final: Path) -> None:
     """Write `tasks`' shards (a progress bar on the console), their entries into `indexed`; on any
     failure, no temporary is left and an --overwrite says the old cache is untouched."""
+    if mp.get_start_method(allow_none=True) not in (None, "fork"):
+        # The bar's lock starts multiprocessing's resource tracker, a `python -c` process too: started
+        # here, as the workers are, importing nothing from the working directory.
+        with no_cwd_in_children():
+            resource_tracker.ensure_running()
     with _Progress(total=sum(len(t.indices) for t in tasks), unit="img", disable=config.quiet or not tasks,
                    desc="cachegen build", dynamic_ncols=True, smoothing=0.1) as bar:
         try:
@@ -119,8 +126,9 @@ def _run(settings: BuildSettings, tasks: list[ShardTask], workers: int, dask: st
     # fork where there is one (the workers start at once, sharing the source), unless the program
     # chose a start method itself (multiprocessing.set_start_method): any works.
     method = mp.get_start_method(allow_none=True) or ("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    pool = WorkerPool(min(workers, len(tasks)), mp_context=mp.get_context(method),
-                      initializer=_init_worker, initargs=(settings,))
+    with no_cwd_in_children():  # a spawned worker imports nothing from the working directory
+        pool = WorkerPool(min(workers, len(tasks)), mp_context=mp.get_context(method),
+                          initializer=_init_worker, initargs=(settings,))
     try:
         yield from _stream(settings, tasks, pool.submit, ahead=2 * workers)
     except WorkerDied as e:

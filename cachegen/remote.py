@@ -32,7 +32,7 @@ def local_view(cache: str | Path, *, files: bool = False) -> Iterator[Path]:
         # A damaged manifest or shard: named by its URL, not the download's path.
         with as_error(None, lambda text: named(text, stager.root, cache)):
             if files:
-                for shard in load_manifest(stager.root).all_shards():
+                for shard in load_manifest(stager.root, stager.sizes()).all_shards():  # all there, first
                     for rel in (shard.relpath, index_path(shard.relpath)):
                         stager.copy(rel)
             yield stager.root

@@ -16,6 +16,7 @@ from cachegen.augmenter import Augmenter, BuildSettings, check_one_shape
 from cacheformat.mask import MaskSpec, mask_dtype
 from cachegen.config import BuildConfig, check_mask_options, parse_device, parse_shard_size
 from cachegen.errors import CachegenError
+from cacheformat.manifest import scale_problem
 from cachegen.manifest import FORMAT, FORMAT_VERSION
 from cachegen.outdir import built_epochs
 from cachegen.shards import JPEG_QUALITY, encode, npy_header_bytes
@@ -83,10 +84,13 @@ def resolve(config: BuildConfig) -> ResolvedBuild:
                                                    dtype=mask_dtype(len(source.mask_classes))))
     count, nbytes = parse_shard_size(config.shard_size)
     per_shard = count or max(1, nbytes // int(np.prod(_stored_shape(settings, mode))))
+    meta = _meta(config, settings, mode, per_shard)
+    problem = scale_problem(meta)  # what the readers would refuse, refused before anything is written
+    if problem:
+        raise CachegenError(f"{problem}: pass a smaller --size or --resize (or --resize to store larger images)")
     passes = settings.epochs if mode == "cached" else 1  # a live cache stores the source once
     estimate = (probe_bytes + TAR_BYTES_PER_SAMPLE) * len(source) * passes
-    return ResolvedBuild(settings, _meta(config, settings, mode, per_shard), mode, per_shard, kept_all, borrowed,
-                         estimate)
+    return ResolvedBuild(settings, meta, mode, per_shard, kept_all, borrowed, estimate)
 
 
 def source_options(config: BuildConfig) -> dict:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from cacheformat import as_error
+from cacheformat.files import open_regular
 from cacheformat.layout import TMP_MARK, sample_key, tar_bytes
 from cacheformat.payload import CodecMessages, decode_payload
 from cacheformat.mask import MEMBER as MASK_MEMBER
@@ -196,7 +197,7 @@ def read_image(root: Path, shard: dict, j: int, image: dict) -> np.ndarray:
     """Sample `j` of a manifest shard entry as HWC uint8 (`image` is the manifest's image block)."""
     path = root / shard["path"]
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             f.seek(shard["offsets"][j])
             data = f.read(shard["sizes"][j])
     except OSError as e:  # missing, or not readable
@@ -236,7 +237,7 @@ def check_shard(path: Path, size: int, sha256: str) -> str | None:
     """What keeps the file at `path` from being `size` bytes with `sha256` (missing, cut, damaged),
     or None: checked before anything in it is decoded. Reads it in 1 MB blocks."""
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             actual = os.fstat(f.fileno()).st_size
             if actual != size:
                 return f"{actual} bytes, manifest says {size} (truncated or replaced)"

@@ -13,7 +13,7 @@ import torch
 
 from cacheformat import as_error
 from cacheformat.payload import decode_payload
-from cacheformat.teacher import MEMBER, RECORD, TeacherSpec, canonical_spec, encode, payload_bytes
+from cacheformat.teacher import MEMBER, RECORD, TeacherSpec, canonical_spec, classes_problem, encode, payload_bytes
 from cachegen.errors import CachegenError
 from cacheaug.batched import full_float32
 from cacheaug.transforms import load_callable, source_sha256
@@ -191,6 +191,9 @@ def probe_teacher(spec: str, topk: int, classes: int, shape: tuple[int, int, int
                   device: torch.device = torch.device("cpu")) -> Teacher:
     """Load the teacher and run it once on a blank batch of the cache's image shape (HWC): the
     errors a build would meet in its workers, met now; the Teacher every worker runs."""
+    problem = classes_problem(min(topk, classes), classes)  # what the readers would refuse, before loading it
+    if problem:
+        raise CachegenError(f"--teacher {spec}: {problem} (--teacher-topk)")
     _LOADED.clear()  # loaded afresh for each build (a retrained teacher, the same spec)
     spec = canonical_spec(spec)
     module = load_teacher(spec, device)

@@ -31,7 +31,7 @@ from readers.options import passes_options_to
 from readers.plan import EpochPlan, sort_batches
 from readers.shards import SampleReads, ShardFiles
 from readers.source import SourceMap, epoch_source_indices, source_map
-from readers.trust import reader_factory
+from readers.trust import no_cwd_in_children, reader_factory
 
 _log = logging.getLogger(__name__)
 
@@ -291,7 +291,8 @@ class LiveLoader(Loader):
                              for k in range(start * size, plan.num_batches * size, size)]
         token = self._pass = object()
         # The DataLoader's pin-memory thread pins on the GPU current when its iterator is made: this pass's.
-        with torch.cuda.device(self._copier.device) if self._copier.pin else contextlib.nullcontext():
+        with torch.cuda.device(self._copier.device) if self._copier.pin else contextlib.nullcontext(), \
+                no_cwd_in_children():  # the workers start here (once: they persist)
             self._worker_batches = iter(self._augmenting())
         return self._per_sample(token)
 

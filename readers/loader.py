@@ -16,7 +16,7 @@ from readers.device import DeviceCopier, Pending, resolve_device
 from readers.errors import ReaderError
 from readers.manifest import Manifest, Shard, cache_digest, load_manifest
 from readers.options import LoaderOptions
-from readers.elastic import History, resumed_length, resumed_plan
+from readers.elastic import History, history_problem, resumed_length, resumed_plan
 from readers.plan import DEFAULT_WINDOW, EpochPlan
 from readers.prefetch import Prefetcher
 from readers.decode import decodes_on_device
@@ -48,7 +48,10 @@ def open_cache(cache: str | Path, local: str | Path | None = None, **staging: An
     if unknown:
         raise TypeError(f"unexpected keyword argument {unknown[0]!r}")
     stager = Stager(cache, local, **{STAGING_OPTIONS[k]: v for k, v in staging.items()})
-    manifest = load_manifest(stager.root)
+    try:  # every file there, of its size, before anything is planned or downloaded
+        manifest = load_manifest(stager.root, stager.sizes())
+    except ReaderError as e:  # named by its URL, not the staged copy's path
+        raise ReaderError(str(e).replace(str(stager.root), stager.url)) from None
     if manifest.mode == "live":  # a live epoch reads from all over the source: all of it, now
         stager.stage_all(manifest.source_shards)
     return manifest, stager
@@ -500,5 +503,10 @@ def _history(steps: Any) -> History:
         and all(isinstance(v, int) and not isinstance(v, bool) for v in step) and step[0] >= 1 and step[1] >= 0
         for step in steps)
     if not ok:
-        raise ValueError(f"state resumed_from {steps!r} is not a list of [world_size, batches_done] pairs")
-    return tuple((int(w), int(d)) for w, d in steps)
+        raise ValueError(f"state resumed_from {str(steps)[:80]} is not a list of [world_size, batches_done] pairs")
+    history = tuple((int(w), int(d)) for w, d in steps)
+    problem = history_problem(history)
+    if problem:
+        raise ValueError(f"state resumed_from has {problem}: not a state a loader saves; resume from a state "
+                         "saved by state_dict()")
+    return history

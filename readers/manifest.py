@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 from cacheformat import as_error
@@ -16,11 +17,12 @@ Shard = ShardEntry  # a shard as the manifest lists it
 __all__ = ["Manifest", "Shard", "ShardIndex", "cache_digest", "load_manifest", "load_index", "live_shards"]
 
 
-def load_manifest(root: str | Path) -> Manifest:
+def load_manifest(root: str | Path, sizes: Mapping[str, int] | None = None) -> Manifest:
     """Read `root/manifest.json` and check it against the format (docs/FORMAT.md).
 
-    Then every shard and index file that is there must be the size the manifest says (a stat
-    each): the manifest's numbers are bounded by real files before a loader plans an epoch.
+    Then every shard and index file must be there and the size the manifest says (a stat each,
+    or for a remote cache staged in `root`, its listing's `sizes`: relative path -> bytes): the
+    manifest's numbers are bounded by real files before a loader plans an epoch.
 
     Raises:
         ReaderError: no manifest, unreadable JSON, a cache of another format version, a field
@@ -28,7 +30,7 @@ def load_manifest(root: str | Path) -> Manifest:
     """
     with as_error(ReaderError):
         manifest = read_manifest(root)
-        check_files(manifest)  # O(shards) stats, before anything costs O(samples)
+        check_files(manifest, sizes)  # O(shards) stats, before anything costs O(samples)
     return manifest
 
 

@@ -313,6 +313,22 @@ class Stager:
             if self.fs.exists(self._remote(rel)):
                 raise
 
+    def sizes(self) -> dict[str, int]:
+        """Every object of the remote cache by its path relative to it, and its size: one listing
+        (a page per thousand objects on S3), which bounds the manifest's counts by the objects
+        before anything is planned or downloaded."""
+        def listing() -> dict[str, int]:
+            # What is there now; and no listing kept after, whose stale entries (a rebuilt cache's
+            # sizes and etags) a later open of the same URL would read its objects by.
+            self.fs.invalidate_cache()  # all of it: a path's own leaves its subfolders' listings
+            try:
+                found = self.fs.find(self._base, detail=True)
+            finally:
+                self.fs.invalidate_cache()
+            return {path[len(self._base) + 1:]: int(info.get("size") or 0) for path, info in found.items()
+                    if path.startswith(self._base + "/")}
+        return self._retrying("", listing, self._stop)
+
     def _fetch_bytes(self, rel: str) -> bytes:
         """The manifest's bytes, refused unread where the object is bigger than any manifest."""
         def read() -> bytes:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from cacheformat import as_error
+from cacheformat.files import open_regular
 from cacheformat.payload import NPY_MAGIC, decode_payload
 from readers.decode import BatchDecoder, Payloads, check_decode_threads
 from readers.errors import ReaderError
@@ -178,7 +179,7 @@ class ShardFiles:
         m = self.manifest
         index = self.index(shard)
         try:
-            f = open(shard.path, "rb", buffering=0)
+            f = open_regular(shard.path, buffering=0)
         except OSError as e:
             raise _open_error(shard, e) from None
         with f:
@@ -272,14 +273,16 @@ class SampleReads:
             self._fds.move_to_end(shard.relpath)
             return fd
         try:
-            fd = os.open(shard.path, os.O_RDONLY)
+            fd = os.open(shard.path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO in its place: no wait
         except OSError as e:
             raise _open_error(shard, e) from None
         st = os.fstat(fd)
-        if stat.S_ISDIR(st.st_mode) or st.st_size != shard.bytes:
+        if not stat.S_ISREG(st.st_mode) or st.st_size != shard.bytes:
             os.close(fd)
             if stat.S_ISDIR(st.st_mode):  # os.open opens a folder; reading it would fail later
                 raise _open_error(shard, IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR)))
+            if not stat.S_ISREG(st.st_mode):
+                raise _open_error(shard, OSError(errno.EINVAL, "not a regular file (a FIFO or device file)"))
             raise _size_error(shard, st.st_size)
         self._fds[shard.relpath] = fd
         while len(self._fds) > self.max_open:

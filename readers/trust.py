@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import os
+import threading
+from collections.abc import Callable, Iterator
 
 from cacheaug.transforms import CacheFactory, TransformError, cache_factory
 from readers.errors import ReaderError
@@ -31,3 +34,29 @@ def reader_factory(manifest: Manifest, *, trust_code: bool, factory: Callable | 
                              where=str(manifest.root), opt_in=OPT_IN)
     except TransformError as e:
         raise ReaderError(str(e)) from None
+
+
+_SAFE_PATH_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def no_cwd_in_children() -> Iterator[None]:
+    """While worker processes start: PYTHONSAFEPATH=1 in the environment they inherit.
+
+    A spawn or forkserver child is a fresh interpreter started as `python -c ...`, which puts the
+    working directory first on sys.path, and the first thing it imports is `multiprocessing`: run in
+    a cache folder, a `multiprocessing.py` there would run in every worker, before any of our code.
+    PYTHONSAFEPATH (Python 3.11+, `-P`) leaves it off; the child's sys.path is then the parent's,
+    as multiprocessing sets it. (Python 3.10 has no such switch.) A forked child is a copy of the
+    parent and imports nothing anew. Other threads starting processes meanwhile inherit it too.
+    """
+    with _SAFE_PATH_LOCK:
+        before = os.environ.get("PYTHONSAFEPATH")
+        os.environ["PYTHONSAFEPATH"] = "1"
+        try:
+            yield
+        finally:
+            if before is None:
+                os.environ.pop("PYTHONSAFEPATH", None)
+            else:
+                os.environ["PYTHONSAFEPATH"] = before

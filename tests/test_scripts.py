@@ -225,3 +225,14 @@ def test_bench_batch_transform_prints_each_row_as_a_ratio_of_the_plain_loader(tm
         "v2.MixUp in the training loop (unseeded)"]
     assert " 1.00x " in rows[0] and all(r.endswith(" us/batch") for r in rows)
     assert "200 samples npy" in table and "wall img/s: best" in table
+
+
+def test_bench_open_opens_a_generated_cache_of_many_shards(tmp_path):
+    """scripts/bench_open.py's generated cache is one the readers accept (every size checked) and
+    info reads; each row printed."""
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_open.py"), "--shards", "300"],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert lines[0].startswith("machine: ") and lines[1] == "300 shards, manifest 0 MB"
+    assert [line.split(":")[0] for line in lines[2:]] == ["info", "reader"]

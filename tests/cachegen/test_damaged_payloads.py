@@ -63,6 +63,9 @@ def damage(root: Path, encoding: str, where: str, checksums: str) -> None:
     offset, size = payload(root, 3)
     if where == "middle":
         data[offset + size // 2] ^= 0x10
+    elif where == "bomb":  # SOF0: FF C0, length (2), precision (1), height (2), width (2): 20000x20000
+        sof = offset + bytes(data[offset:offset + size]).index(b"\xff\xc0")
+        data[sof + 5:sof + 9] = (20000).to_bytes(2, "big") * 2
     else:  # SOF0: FF C0, length (2), precision (1), height (2)
         sof = bytes(data[offset:offset + size]).index(b"\xff\xc0")
         data[offset + sof + 6] ^= 0x01
@@ -125,6 +128,29 @@ def test_the_readers_name_a_damaged_payload_whose_checksums_pass(built, tmp_path
     assert done.returncode == 3, (done.returncode, done.stderr)  # the error, not a segfault
     lines = done.stdout.strip().splitlines()
     assert len(lines) == 1 and f"{root / SHARD}: sample 3 does not decode as {encoding}" in lines[0], lines
+
+
+BOMB_RUNS = {  # how each side reads the cache: argv, and the exit code its one-line error gives
+    "verify": (["-m", "cachegen", "verify"], 1),
+    "preview": (["-m", "cachegen", "preview"], 1),
+    "reader": (["-c", "import sys\nfrom readers import CachedLoader, ReaderError\ntry:\n    list(CachedLoader("
+                "sys.argv[1], batch_size=8, shuffle=False))\nexcept ReaderError as e:\n    print(e, file=sys.stderr)\n"
+                "    sys.exit(1)\n"], 1),
+}
+
+
+@pytest.mark.parametrize("side", sorted(BOMB_RUNS))
+def test_a_jpeg_whose_header_claims_a_huge_image_is_refused_before_decoding(built, tmp_path, side):
+    """A payload whose frame header says 20000x20000 (libjpeg would allocate 1.2 GB for it, from a
+    few hundred bytes), checksums rewritten: each side names its header against the manifest's shape."""
+    root = copy_damaged(built, tmp_path, "jpg", "bomb", "rewritten")
+    argv, code = BOMB_RUNS[side]
+    extra = ["--out", str(tmp_path / "p.png"), "--samples", "30"] if side == "preview" else []  # reaches shard 1
+    done = subprocess.run([sys.executable, *argv, str(root), *extra], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path)
+    assert done.returncode == code, (done.returncode, done.stderr)
+    assert "its frame header says 20000x20000, the manifest 16x16" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def test_bench_decode_prints_each_ratio():

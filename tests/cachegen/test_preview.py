@@ -93,3 +93,44 @@ def test_preview_labels_its_columns_and_keeps_large_images_at_their_size(build, 
     inked = [(strip[:, PAD + c * width:(c + 1) * width] < 128).sum() for c in range(3)]
     assert all(n > 20 for n in inked), inked  # "original", "epoch 0", "epoch 1": text in each column
     assert len(set(inked)) == 3  # three different words
+
+
+def test_a_resize_the_stored_images_do_not_justify_is_refused_in_one_line(build, tmp_path):
+    """A cached cache whose transform.resize was edited far past its 32 px images: preview would
+    resize every original to it (16000: 6 GB); it is refused before anything is loaded."""
+    import json
+
+    out = build("--epochs", "2")
+    m = json.loads((out / "manifest.json").read_text())
+    m["transform"]["resize"] = 2000
+    (out / "manifest.json").write_text(json.dumps(m))
+    result = run_cli("preview", out, "--out", tmp_path / "grid.png", expect=1)
+    assert_one_line_error(result, "transform resize 2000 is more than 8x the stored images' longest side 32")
+    assert not (tmp_path / "grid.png").exists()
+
+
+def test_a_build_the_readers_would_refuse_for_its_sides_is_refused_before_writing(build, tmp_path):
+    result = build("--epochs", "1", "--transform", "imagenet", "--resize", "512", "--size", "32", expect=1)
+    assert_one_line_error(result, "transform resize 512 is more than 8x the stored images' longest side 32",
+                          "pass a smaller --size or --resize")
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+
+
+@pytest.mark.parametrize("what", ["epoch-0000/shard-000000.idx", "epoch-0000/shard-000000.tar"])
+def test_a_fifo_in_place_of_an_index_or_shard_is_one_line_not_a_wait(build, tmp_path, what):
+    """open() of a FIFO waits for a writer for ever: preview, verify and the reader answer at once."""
+    import os
+    import subprocess
+    import sys
+
+    out = build("--epochs", "1")
+    (out / what).unlink()
+    os.mkfifo(out / what)
+    reader = ("import sys\nfrom readers import CachedLoader, ReaderError\ntry:\n    list(CachedLoader(sys.argv[1], "
+              "batch_size=8, device='cpu'))\nexcept ReaderError as e:\n    sys.exit(f'Error: {e}')\n")
+    for argv in (["-m", "cachegen", "preview", out, "--out", tmp_path / "grid.png"], ["-c", reader, out]):
+        done = subprocess.run([sys.executable, *map(str, argv)], capture_output=True, text=True, timeout=120)
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 1 and len(lines) == 1 and lines[0].startswith("Error: "), (done.returncode, lines)
+        assert str(out / what) in lines[0] and "not a regular file" in lines[0], lines[0]
+    assert not (tmp_path / "grid.png").exists()

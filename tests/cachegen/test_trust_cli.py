@@ -64,8 +64,11 @@ def test_info_shows_the_factory_and_its_hash(evil):
 
 @pytest.mark.parametrize("command", [["preview", "."], ["bench", ".", *FAST]])
 def test_a_real_cachegen_in_the_cache_folder_refuses_in_one_line(evil, command):
-    """`python -m cachegen` puts the current folder on sys.path itself: evil.py is importable, and
-    still not imported."""
+    """The factory the manifest names is not imported, though `python -m` makes it importable.
+
+    This is no claim that `python -m cachegen` is safe in a folder you do not trust: Python puts
+    the working directory first on sys.path for `-m` (and `-c`), so a `click.py` or `torch.py`
+    there would run before cachegen does (see the test below). Run the `cachegen` command instead."""
     cache = evil.live if command[0] == "preview" else evil.cached
     done = subprocess.run([sys.executable, "-m", "cachegen", *command], cwd=cache, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
@@ -74,3 +77,51 @@ def test_a_real_cachegen_in_the_cache_folder_refuses_in_one_line(evil, command):
     assert len(lines) == 1 and lines[0].startswith("Error: ") and "factory 'evil:make'" in lines[0], done.stderr
     assert "--trust-code" in lines[0] and "Traceback" not in done.stderr
     assert evil.ran() == []
+
+
+def test_python_m_cachegen_runs_a_module_the_cache_folder_holds_the_cachegen_command_does_not(evil, tmp_path):
+    """Python's own behaviour, shown rather than hidden: `python -m cachegen` in a folder holding a
+    `click.py` imports it (the working directory is first on sys.path); the `cachegen` command's
+    sys.path starts with its own folder, and never imports it."""
+    import shutil
+
+    folder = tmp_path / "downloaded"
+    shutil.copytree(evil.cached, folder)
+    marker = tmp_path / "marker"
+    (folder / "click.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\nraise SystemExit(9)\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-m", "cachegen", "info", "."], cwd=folder, capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert marker.exists() and done.returncode == 9  # the shadow ran: Python's doing, not cachegen's
+    marker.unlink()
+    command = [sys.executable, "-c", "import sys; sys.path.remove(''); from cachegen.cli import main; main()",
+               "info", "."]  # as the console script starts: its folder first, not the working directory
+    done = subprocess.run(command, cwd=folder, capture_output=True, text=True, env=env, timeout=120)
+    assert not marker.exists() and done.returncode == 0, done.stderr
+
+
+_SPAWN_BUILD = """
+import multiprocessing, sys
+from cachegen.cli import main
+if __name__ == "__main__":
+    multiprocessing.set_start_method("spawn")
+    main(["build", sys.argv[1], "--out", sys.argv[2], "--workers", "2", "--epochs", "1", "--shard-size", "50",
+          "--quiet"])
+"""
+
+
+def test_the_builds_spawned_workers_import_nothing_from_the_working_directory(tmp_path):
+    """A program that builds with spawn workers, run in a folder holding a `multiprocessing.py`: each
+    worker is a fresh `python -c` whose first import is multiprocessing; not that one."""
+    from tests.conftest import make_npz
+
+    source = make_npz(tmp_path / "src.npz", n=100)[0]
+    folder = tmp_path / "here"
+    folder.mkdir()
+    marker = tmp_path / "marker"
+    (folder / "multiprocessing.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\nraise ImportError('shadow')\n")
+    (tmp_path / "build.py").write_text(_SPAWN_BUILD)
+    done = subprocess.run([sys.executable, str(tmp_path / "build.py"), str(source), str(tmp_path / "out")], cwd=folder,
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert not marker.exists(), done.stderr[-2000:]
+    assert done.returncode == 0 and (tmp_path / "out" / "manifest.json").is_file(), done.stderr[-2000:]

@@ -158,3 +158,48 @@ def test_a_normal_cache_opens_and_its_files_are_stat_checked(copy):
     index.write_bytes(index.read_bytes() + b"\0")
     with pytest.raises(ReaderError, match=rf"index {index} is 1729 bytes, the manifest says 1728 \(cut or replaced\)"):
         load_manifest(cache)
+
+
+def test_a_payload_too_small_for_the_manifests_shape_is_refused_before_decoding():
+    """A shape a payload cannot hold (more pixels than MAX_EXPANSION times its bytes): refused from the
+    sizes alone, so a manifest cannot make a png/jpg decode allocate what no file bounds."""
+    from cacheformat.payload import MAX_EXPANSION, decode_payload
+
+    payload = b"\xff\xd8" + bytes(998)
+    side = int((MAX_EXPANSION * len(payload) / 3) ** 0.5) + 1
+    for encoding in ("png", "jpg"):
+        with pytest.raises(FormatError, match=f"1000 bytes cannot hold a {side}x{side} 3-channel image"):
+            decode_payload(payload, encoding, (side, side, 3), where="s: sample 0")
+
+
+@pytest.mark.parametrize("forged,says", [
+    (lambda jpg: jpg[:2] + b"\xff\xfe\x00\x04ab" * 70 + jpg[2:], "more than 64 segments"),
+    (lambda jpg: jpg.replace(b"\xff\xc0", b"\xff\xc1\x00\x0b\x08\x00\x10\x00\x10\x01\x01\x11\x00\xff\xc0", 1),
+     "2 frame headers"),
+    (lambda jpg: jpg[:jpg.index(b"\xff\xc0")] + b"\xff\xd9", "ends before its image data"),
+    (lambda jpg: jpg[:2] + b"\xff\xff\xff" + jpg[3:], None),  # fill bytes before a marker: a valid JPEG
+])
+def test_jpeg_headers_are_walked_bounded(forged, says):
+    import numpy as np
+    import torch
+    from torchvision.io import encode_jpeg
+
+    from cacheformat.payload import jpeg_problem
+
+    pixels = torch.from_numpy(np.full((3, 16, 16), 90, np.uint8))
+    jpg = encode_jpeg(pixels).numpy().tobytes()
+    assert jpeg_problem(jpg, (16, 16, 3)) is None and "says 16x16, the manifest 8x16" in jpeg_problem(jpg, (16, 8, 3))
+    problem = jpeg_problem(forged(jpg), (16, 16, 3))
+    assert problem is None if says is None else says in problem, problem
+
+
+def test_missing_shards_claiming_30m_samples_fail_the_open_before_any_plan(copy):
+    """A missing file bounds nothing: it fails the open (a stat each), before an epoch of the
+    claimed 30 M samples is planned (the plan of one shard's 6 M alone takes 48 MB)."""
+    cache = copy("npy")
+    inflate(cache, sizes=True)
+    for path in [*cache.glob("epoch-*/*.tar"), *cache.glob("epoch-*/*.idx")]:
+        path.unlink()
+    raised, peak = peak_of(lambda: next(iter(CachedLoader(cache, batch_size=8, device="cpu"))))
+    one_line(raised, ReaderError, f"shard {cache / 'epoch-0000/shard-000000.tar'} is missing (the manifest lists it)")
+    assert peak < PEAK, peak

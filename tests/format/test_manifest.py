@@ -79,7 +79,27 @@ FAULTS = {
     "index bytes 0": (_shard(0, 4, lambda s: s["index"].update(bytes=0)), "index bytes 0 is not a count"),
     "index record gone": (_shard(0, 4, lambda s: s.pop("index")), "KeyError: 'index'"),
     "pixel sums not counts": (_shard(0, 0, lambda s: s.update(pixel_sum=[1.5, 2, 3])), "pixel statistics"),
+    # Sides no stored image justifies (MAX_SCALE x its longest side): preview's and bench's Resize of
+    # the originals, the live transform's size.
+    "transform resize 16000": (lambda m: m["transform"].update(resize=16000),
+                               "transform resize 16000 is more than 8x the stored images' longest side 32"),
+    "transform size 20000": (lambda m: m["transform"].update(size=20000), "transform size 20000 is more than 8x"),
 }
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda m: m["transform"].update(size=20000), "transform size 20000 is more than 8x the stored images' longest"),
+    (lambda m: m.update(output_shape=[60000, 60000, 3]), "output_shape height 60000 is more than 8x"),
+    (lambda m: m.update(output_shape=[32, 32, 4000], mean=[0.5] * 4000, std=[0.2] * 4000),
+     "output_shape has 4000 channels, more than 4"),
+])
+def test_a_live_cache_asks_for_no_side_its_stored_images_do_not_justify(copy, edit, message):
+    """In a live cache no file bounds what the transform makes: the stored images do."""
+    cache = copy("live")
+    _damage(cache / "manifest.json", edit)
+    with pytest.raises(FormatError, match=message) as e:
+        read_manifest(cache)
+    assert "\n" not in str(e.value)
 
 
 def _damage(path, edit) -> None:

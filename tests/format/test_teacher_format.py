@@ -78,3 +78,27 @@ def test_a_teacher_block_added_to_a_plain_png_cache_is_refused_where_the_members
     with pytest.raises(ReaderError, match=r"no teacher member of 3 records after sample \d+'s image"):
         list(CachedLoader(cache, batch_size=32, device="cpu", targets="teacher"))
     assert sum(len(y) for _, y in CachedLoader(cache, batch_size=32, device="cpu")) == 240
+
+
+def test_classes_beyond_the_stated_multiple_of_the_top_k_are_refused(copy):
+    """3 M class names (12 MB of manifest) with a top-1 teacher: a reader would scatter every sample's
+    one record into 3 M float32 per batch row. Refused: at most MAX_CLASSES_PER_RECORD per record."""
+    from cacheformat.teacher import MAX_CLASSES_PER_RECORD
+
+    cache = copy()
+    n = 3_000_000
+
+    def forge(m):
+        m["classes"] = [f"c{i}" for i in range(n)]
+        m["teacher"] = block(topk=1, classes=n, payload_bytes=payload_bytes(1))
+    _edit(cache / "manifest.json", forge)
+    with pytest.raises(FormatError, match=f"3000000 classes are more than {MAX_CLASSES_PER_RECORD}x the teacher's "
+                                          "top-1 .*store a top-733 or more") as e:
+        read_manifest(cache)
+    assert "\n" not in str(e.value)
+    # At the bound itself: refused for other reasons (the plain cache has no teacher members), not this.
+    _edit(cache / "manifest.json", lambda m: m["teacher"].update(classes=MAX_CLASSES_PER_RECORD, topk=1) or
+          m.update(classes=m["classes"][:MAX_CLASSES_PER_RECORD]))
+    with pytest.raises(FormatError) as e:
+        read_manifest(cache)
+    assert "more than" not in str(e.value), str(e.value)

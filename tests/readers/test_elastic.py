@@ -128,3 +128,35 @@ def test_resumed_plans_cover_the_epoch_through_several_world_sizes(drop_last):
         assert all(n == 1 for n in delivered.values()) and set(delivered) <= set(epoch)
     else:  # fresh padding (290 splits evenly at 2), then at most world size - 1 per resume
         assert set(delivered) == set(epoch) and sum(delivered.values()) - 290 <= 2 + 4
+
+
+def _loaded(npy_cache, resumed_from):
+    from readers import CachedLoader
+
+    loader = CachedLoader(npy_cache, batch_size=BATCH, device="cpu", prefetch=0, normalize=False)
+    state = {**loader.state_dict(), "epoch": EPOCH, "batches_done": 0, "resumed_from": resumed_from}
+    loader.load_state_dict(state)
+    return loader
+
+
+@pytest.mark.parametrize("resumed_from,says", [
+    ([[2, 1]] * 3000, "3000 resumes within one epoch, more than 64"),  # was a RecursionError
+    ([[10_000, 0], [10_000, 0]], "20000 ranks over its resumes, more than 16384"),  # was hours of planning
+])
+def test_a_crafted_history_is_refused_in_one_line_before_any_planning(npy_cache, resumed_from, says):
+    with pytest.raises(ValueError, match=f"state resumed_from has {says}") as e:
+        _loaded(npy_cache, resumed_from)
+    assert "\n" not in str(e.value)
+
+
+def test_a_history_of_three_resumes_at_64_ranks_plans_each_old_rank_once(npy_cache):
+    """3 steps at world size 64 (64**3 old-rank plans, planned the recursive way: 26 s): each step's
+    old ranks planned once. Resumed at world size 1 with nothing delivered, it reads the whole epoch
+    (64-rank padding repeats a few samples)."""
+    loader = _loaded(npy_cache, [[64, 0]] * 3)
+    got = Counter()
+    for images, labels in loader:
+        got.update(digest(x.permute(1, 2, 0).contiguous().numpy().tobytes(), int(y)) for x, y in zip(images, labels))
+    expected = {digest(image, label) for image, label in epoch_contents(npy_cache, EPOCH)}
+    assert set(got) == expected
+    assert sum(got.values()) == 320  # 300 samples padded to 64 x 5, then split evenly at every later step

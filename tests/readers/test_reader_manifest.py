@@ -73,9 +73,8 @@ def test_a_damaged_index_is_named_when_its_shard_is_read(damaged_cache):
 def test_a_live_cache_reads_its_labels_from_the_source_index(live_copy):
     cache, shard = live_copy
     shard.index_path.unlink()
-    loader = LiveLoader(cache, batch_size=64, device="cpu", workers=0)
     with pytest.raises(ReaderError, match=rf"index {shard.index_path} is missing"):
-        next(iter(loader))
+        next(iter(LiveLoader(cache, batch_size=64, device="cpu", workers=0)))
 
 
 @pytest.fixture

@@ -23,8 +23,30 @@ def _keys(plan: EpochPlan) -> list[tuple[int, int]]:
     return [tuple(x) for x in plan.samples().tolist()]
 
 
-def test_same_arguments_give_the_same_plan():
-    assert _keys(_plan(seed=3, epoch=5)) == _keys(_plan(seed=3, epoch=5))
+_IN_ANOTHER_PROCESS = """
+import json, sys
+from readers.plan import plan_epoch
+sizes, world = json.loads(sys.argv[1]), int(sys.argv[2])
+print(json.dumps([plan_epoch(sizes, epoch=5, cache_epoch=0, seed=3, batch_size=32, rank=r,
+                             world_size=world).samples().tolist() for r in range(world)]))
+"""
+
+
+@pytest.mark.parametrize("world_size", [1, 3])
+def test_same_arguments_give_the_same_plan_in_another_process(world_size):
+    """The plan is a function of its arguments alone: a fresh interpreter (another hash seed, no
+    state of this one) plans the same samples in the same order, rank by rank."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = [_plan(seed=3, epoch=5, rank=r, world_size=world_size).samples().tolist() for r in range(world_size)]
+    done = subprocess.run([sys.executable, "-c", _IN_ANOTHER_PROCESS, json.dumps(SIZES), str(world_size)],
+                          capture_output=True, text=True, timeout=120, check=True,
+                          env={**os.environ, "PYTHONHASHSEED": "123", "PYTHONPATH": str(Path(__file__).parents[2])})
+    assert json.loads(done.stdout) == here
 
 
 def test_seed_and_epoch_change_the_order_but_not_the_samples():
@@ -37,9 +59,26 @@ def test_seed_and_epoch_change_the_order_but_not_the_samples():
 def test_a_wrapped_epoch_gets_a_fresh_order_of_the_same_cached_epoch():
     # Training epochs 0 and 2 both read cached epoch 0 (of 2): same samples, new order.
     first, wrapped = _plan(epoch=0, cache_epoch=0), _plan(epoch=2, cache_epoch=0)
-    assert wrapped.cache_epoch == first.cache_epoch == 0
     assert _keys(wrapped) != _keys(first)
     assert sorted(_keys(wrapped)) == sorted(_keys(first))
+
+
+def test_training_epoch_e_reads_cached_epoch_e_mod_n(npy_cache):
+    """The loader maps training epoch e to cached epoch e mod N (N = 2 here), and reads its samples:
+    each epoch's images and labels against the cached epoch's, parsed from its tar shards."""
+    from loader_checks import epoch_contents
+
+    from readers import CachedLoader
+
+    loader = CachedLoader(npy_cache, batch_size=64, device="cpu", normalize=False, prefetch=0)
+    cached = [epoch_contents(npy_cache, c) for c in range(2)]
+    assert cached[0] != cached[1]  # mirrored: the two cached epochs differ
+    for e in range(5):
+        assert loader.plan(e).cache_epoch == e % 2
+        loader.set_epoch(e)
+        read = Counter((x.permute(1, 2, 0).contiguous().numpy().tobytes(), int(y)) for images, labels in loader
+                       for x, y in zip(images, labels))
+        assert read == cached[e % 2], e
 
 
 def test_a_wrapped_epoch_reads_the_shards_in_a_fresh_order():
@@ -47,7 +86,21 @@ def test_a_wrapped_epoch_reads_the_shards_in_a_fresh_order():
         return [s.shard for w in _plan(epoch=epoch, cache_epoch=0).windows for s in w.segments]
 
     assert shard_order(2) != shard_order(0) and sorted(shard_order(2)) == sorted(shard_order(0))
-    assert shard_order(0) == shard_order(0)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_the_ranks_read_one_shard_order_cut_into_slices(world_size):
+    """One epoch's shard order, whatever the world size: the ranks' shards, rank after rank (a shard
+    cut at a slice boundary counted once), are the one-rank plan's."""
+    def shards(plan):
+        return [s.shard for w in plan.windows for s in w.segments]
+
+    together = []
+    for r in range(world_size):
+        for shard in shards(_plan(epoch=3, rank=r, world_size=world_size)):
+            if not together or together[-1] != shard:
+                together.append(shard)
+    assert together == shards(_plan(epoch=3))
 
 
 def test_one_rank_reads_every_sample_once():

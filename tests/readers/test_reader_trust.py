@@ -7,11 +7,12 @@ import importlib.util
 import os
 import shutil
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from loader_checks import epoch_batches
+from loader_checks import SAMPLES, epoch_batches
 from malicious import evil, evil_caches  # noqa: F401  (fixtures)
 from readers import CacheDataset, CachedLoader, LiveLoader, ReaderError, open_loader
 
@@ -131,3 +132,51 @@ def test_a_factory_passed_by_hand_is_checked_against_the_recorded_sha256(evil, t
 def test_trust_code_must_be_a_bool(evil):
     with pytest.raises(ValueError, match="trust_code must be True or False"):
         LiveLoader(evil.live, workers=0, trust_code="yes", **OPTIONS)
+
+
+@pytest.fixture
+def live_copy_folder(source, tmp_path) -> Path:
+    """A live cache (cifar preset: no code to trust) of the readers' source, 1 epoch."""
+    from click.testing import CliRunner
+
+    from cachegen.cli import main
+
+    out = tmp_path / "live"
+    result = CliRunner().invoke(main, ["build", str(source[0]), "--out", str(out), "--mode", "live", "--epochs", "1",
+                                       "--shard-size", "100", "--workers", "1", "--quiet"])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+_MARKER = '''
+import os
+open(os.environ["MARKER"], "w").write("imported from the working directory")
+raise ImportError("a shadow module in the cache folder")
+'''
+_TRAIN = '''
+import multiprocessing, sys
+from readers import LiveLoader
+if __name__ == "__main__":
+    multiprocessing.set_start_method(sys.argv[1])
+    loader = LiveLoader(".", batch_size=16, device="cpu", workers=1)
+    print(sum(len(y) for _, y in loader))
+'''
+
+
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_live_workers_import_nothing_from_the_working_directory(live_copy_folder, tmp_path, method):
+    """A training script run in the cache folder that starts workers by spawn or forkserver: each
+    worker is a fresh `python -c` (which puts the working directory first on sys.path) whose first
+    import is multiprocessing; the cache's own `multiprocessing.py` must not be it."""
+    import subprocess
+    import sys
+
+    cache = live_copy_folder
+    (cache / "multiprocessing.py").write_text(_MARKER)
+    (tmp_path / "train.py").write_text(_TRAIN)
+    marker = tmp_path / "marker"
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, str(tmp_path / "train.py"), method], cwd=cache, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(root), "MARKER": str(marker)})
+    assert not marker.exists(), done.stderr[-2000:]
+    assert done.returncode == 0 and done.stdout.split() == [str(SAMPLES)], done.stderr[-2000:]

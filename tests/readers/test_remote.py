@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import threading
 import uuid
 from pathlib import Path
@@ -269,3 +270,21 @@ def test_a_corrupted_index_is_a_reader_error_and_leaves_no_thread(npy_cache, rem
     loader = CachedLoader(remote, local=tmp_path / "scratch", batch_size=50, **FAST)
     with pytest.raises(ReaderError, match=f"{remote}/{rel}.*sha256"):
         batches(loader, epochs=(0,))  # the autouse fixture checks that the download threads are gone
+
+
+@pytest.mark.parametrize("damage", ["deleted", "cut"])
+def test_a_missing_or_cut_object_fails_the_open_before_anything_is_planned_or_staged(npy_cache, remote, s3fs_fs,
+                                                                                    tmp_path, damage):
+    """The listing bounds the manifest's counts by the objects: a shard whose claimed samples no
+    object holds fails the construction, in one line naming its URL, with nothing downloaded."""
+    rel = json.loads((npy_cache / "manifest.json").read_text())["epoch_list"][1]["shards"][2]["path"]
+    key = f"{remote.removeprefix('s3://')}/{rel}"
+    if damage == "deleted":
+        s3fs_fs.rm(key)
+    else:
+        s3fs_fs.pipe_file(key, (npy_cache / rel).read_bytes()[:10240])
+    message = "is missing (the manifest lists it)" if damage == "deleted" else "is 10240 bytes, the manifest says"
+    with pytest.raises(ReaderError, match=re.escape(f"shard {remote}/{rel} {message}")) as e:
+        CachedLoader(remote, local=tmp_path / "scratch", batch_size=50, **FAST)
+    assert "\n" not in str(e.value)
+    assert staged_files(tmp_path / "scratch") == []
