@@ -100,7 +100,8 @@ def decode_jpegs(payloads: list, shape: tuple[int, int, int], *, device, where: 
     """A batch of jpg payloads (1-D uint8 CPU tensors) decoded in one call of torchvision's
     `decode_jpeg` on `device` (nvJPEG on CUDA: no host wait), as (B, C, H, W) uint8 there.
 
-    `where` names each sample. The batched call says nothing of which sample failed, so on a
+    `where` names each sample. Each payload's size and frame header are checked against `shape`
+    first, as decode_payload checks them. The batched call says nothing of which sample failed, so on a
     failure each payload is decoded alone through `decode_payload` (the CPU path, every check of
     it), whose error names the first damaged one; where every one decodes there (a JPEG the
     device's decoder does not support), the batch is the CPU's decodes, moved to `device`.
@@ -112,6 +113,11 @@ def decode_jpegs(payloads: list, shape: tuple[int, int, int], *, device, where: 
     from torchvision.io import ImageReadMode, decode_jpeg
 
     h, w, c = shape
+    for payload, name in zip(payloads, where):  # headers checked first: the decoder allocates what they say
+        data = payload.numpy().tobytes()
+        problem = expansion_problem(len(data), shape) or jpeg_problem(data, shape)
+        if problem:
+            raise _damaged(name, "jpg", problem)
     modes = {1: ImageReadMode.GRAY, 3: ImageReadMode.RGB}
     try:
         images = decode_jpeg(payloads, mode=modes.get(c, ImageReadMode.UNCHANGED), device=device)

@@ -136,6 +136,13 @@ BOMB_RUNS = {  # how each side reads the cache: argv, and the exit code its one-
     "reader": (["-c", "import sys\nfrom readers import CachedLoader, ReaderError\ntry:\n    list(CachedLoader("
                 "sys.argv[1], batch_size=8, shuffle=False))\nexcept ReaderError as e:\n    print(e, file=sys.stderr)\n"
                 "    sys.exit(1)\n"], 1),
+    # payloads decoded in batches (nvJPEG on CUDA; the same batched call on the CPU here): peak memory
+    # printed, since a batched decode that failed would still be retried one by one and named
+    "batched": (["-c", "import resource, sys\nfrom readers import CachedLoader, ReaderError\ntry:\n    list(CachedLoader("
+                 "sys.argv[1], batch_size=8, shuffle=False, decode_on='device', device='cpu'))\n"
+                 "except ReaderError as e:\n    print(e, file=sys.stderr)\n"
+                 "    print('maxrss', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
+                 "    sys.exit(1)\n"], 1),
 }
 
 
@@ -151,6 +158,8 @@ def test_a_jpeg_whose_header_claims_a_huge_image_is_refused_before_decoding(buil
     assert done.returncode == code, (done.returncode, done.stderr)
     assert "its frame header says 20000x20000, the manifest 16x16" in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
+    if side == "batched":  # refused before the decoder allocated the 1.2 GB the header asks for
+        assert int(done.stderr.split("maxrss")[1]) < 1_000_000, done.stderr
 
 
 def test_bench_decode_prints_each_ratio():
