@@ -103,9 +103,13 @@ def test_results_arrive_as_tasks_finish_and_exceptions_as_themselves(context):
 
 def test_an_exception_that_does_not_unpickle_arrives_with_its_message_and_traceback(context):
     with WorkerPool(1, mp_context=context) as pool:
-        with pytest.raises(WorkerError) as raised:
+        # A WorkerError naming it; or the ShardError itself where a library in this process (tblib, which
+        # dask's distributed installs) taught pickle to rebuild exceptions without their __init__.
+        with pytest.raises((WorkerError, ShardError)) as raised:
             pool.submit(fail_oddly, "epoch-0000/shard-000003.tar").result(timeout=60)
-        assert str(raised.value).endswith("test_worker_pool.ShardError: epoch-0000/shard-000003.tar: cannot be written")
+        assert str(raised.value).endswith("epoch-0000/shard-000003.tar: cannot be written")
+        if isinstance(raised.value, WorkerError):
+            assert str(raised.value).startswith("test_worker_pool.ShardError: ")
         assert isinstance(raised.value.__cause__, RemoteTraceback) and "in fail_oddly" in str(raised.value.__cause__)
         assert pool.submit(square, 3).result(timeout=60) == 9
 
