@@ -180,10 +180,10 @@ class LiveLoader(Loader):
                  decode_on: str = "auto", targets: str = "labels", **options) -> None:
         super().__init__(cache, batch_size=batch_size, **options)
         self.decode_on = check_decode_on(decode_on, self.manifest.encoding)
-        check_targets(targets, self.manifest)
-        if targets == "teacher":
+        if targets == "teacher":  # before check_targets, whose advice (build with --teacher) a live cache cannot take
             raise ReaderError(f"{cache} is a live cache: it has no teacher targets (only a cached build stores "
                               "them); read it with targets='labels'")
+        check_targets(targets, self.manifest)
         self.targets = targets
         if workers is not None and (not isinstance(workers, int) or isinstance(workers, bool) or workers < 0):
             raise ValueError(f"workers must be an int >= 0 (0: augment in this process), got {workers!r}")

@@ -162,7 +162,7 @@ def test_every_loader_lists_the_shared_options_with_their_defaults():
     decoding = {"decode_threads": None, "decode_on": "auto"}
     own = {CachedLoader: {"verify": False, "targets": "labels", **decoding},
            LiveLoader: {"workers": None, "verify": False, "augment_on": None, "trust_code": False, "factory": None,
-                        **decoding}}
+                        "targets": "labels", **decoding}}
     for cls, extra in own.items():
         params = inspect.signature(cls).parameters
         assert list(params)[0] == "cache" and list(params)[-1] == "staging"

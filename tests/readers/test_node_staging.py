@@ -118,9 +118,13 @@ def test_closing_a_loader_stops_a_download_waiting_on_another_process(remote, tm
 
 
 def _stall(url: str, local: str, limit: int) -> None:
-    """A loader whose downloads stall (the shards are not in the store yet: retried, far apart)."""
+    """A loader whose downloads stall: the shards leave the store once it is open (an open checks them
+    all against one listing), so each download is retried, far apart."""
+    from s3server import s3fs_filesystem
+
     loader = CachedLoader(url, local=local, cache_limit=limit, download_backoff=60, download_retries=5,
                           shuffle=False, **OPTIONS)
+    s3fs_filesystem().rm(_shard_objects(url))
     next(iter(loader))
 
 
@@ -134,8 +138,6 @@ def test_the_reservation_of_a_loader_killed_mid_download_is_reclaimed(npy_cache,
     from s3server import s3fs_filesystem, upload
 
     fs, local = s3fs_filesystem(), tmp_path / "node"
-    shards = _shard_objects(remote)
-    fs.rm(shards)  # until they are back, the loader's downloads wait between tries, reserved
     manifest = json.loads((npy_cache / "manifest.json").read_text())
     shard_bytes = max(s["bytes"] for e in manifest["epoch_list"] for s in e["shards"])
     killed = mp.get_context("spawn").Process(target=_stall, args=(remote, str(local), 100 * shard_bytes))
