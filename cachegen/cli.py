@@ -90,9 +90,9 @@ def main() -> None:
 @click.option("--quality", type=int, help="JPEG quality of --format jpg [default: 95].")
 @click.option("--shard-size", default="1000", show_default=True,
               help="Samples per shard (1000) or bytes of pixels per shard (64MB).")
-@click.option("--split", default="train", show_default=True, type=click.Choice(["train", "test"]),
-              help="Split of a torchvision dataset, the sample or a Hugging Face dataset (a folder, .npz, list or "
-              "shards have none: refused).")
+@click.option("--split", default="train", show_default=True, metavar="NAME",
+              help="train or test of a torchvision dataset or the sample; a Hugging Face dataset's split by name "
+              "(validation, ...). A folder, .npz, list or shards have none: refused.")
 @click.option("--source-factory", metavar="FILE.py:make", help="Build from your own map-style Dataset: make() "
               "returns it, its items (PIL image | uint8 tensor CHW | uint8 array HWC, int label), its `classes` "
               "named where it has them. Runs your code, at build time only.")

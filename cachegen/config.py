@@ -105,8 +105,8 @@ class BuildConfig:
                                     "or drop --quality")
             if not 1 <= self.quality <= 100:
                 raise CachegenError(f"--quality must be 1 to 100 (JPEG quality), got {self.quality}")
-        if self.split not in ("train", "test"):
-            raise CachegenError(f"unknown --split {self.split!r}: use train or test")
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.split or ""):
+            raise CachegenError(f"bad --split {self.split!r}: name a split (train, test, validation, ...)")
         if self.on_error not in ("fail", "skip"):
             raise CachegenError(f"unknown --on-error {self.on_error!r}: use fail or skip")
         if self.mode not in ("auto", "cached", "live"):

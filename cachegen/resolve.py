@@ -32,7 +32,8 @@ from cacheaug.transforms import (epoch_fingerprint, factory_sha256, fingerprint,
 
 # The kinds of source that have splits (--split picks one); any other refuses --split test rather
 # than build the training images under a test cache's name.
-SPLIT_KINDS = frozenset({"sample", "hf", *TORCHVISION_KINDS})
+TWO_SPLIT_KINDS = frozenset({"sample", *TORCHVISION_KINDS})  # train or test
+SPLIT_KINDS = frozenset({"hf", *TWO_SPLIT_KINDS})
 PROBES = 8  # source images probed for the channel count and --mode auto's size estimate
 TAR_BYTES_PER_SAMPLE = 1536  # two 512-byte headers and the padded label
 
@@ -58,6 +59,8 @@ def resolve(config: BuildConfig) -> ResolvedBuild:
                     label_column=config.label_column, quiet=config.quiet,
                     masks=config.masks if config.masks is not None else (True if config.sample_masks else None),
                     mask_classes=config.mask_class_names())
+    if config.split not in ("train", "test") and source.kind in TWO_SPLIT_KINDS:
+        raise CachegenError(f"--split {config.split}: {source.description} has the splits train or test only")
     if config.split != "train" and source.kind not in SPLIT_KINDS:
         raise CachegenError(f"--split {config.split} picks a split of a torchvision dataset, the sample or a Hugging "
                             f"Face dataset; {source.description} has none: build the {config.split} images from a "

@@ -77,6 +77,19 @@ def test_a_datasetdict_and_hub_splits_are_picked_with_split(tmp_path):
     assert len(open_source(str(tmp_path / "hub" / "data" / "train-*.parquet"))) == 8
 
 
+def test_a_validation_split_is_built_by_its_name(tmp_path):
+    """--split takes a DatasetDict's split by name (validation, not only train and test); the sample
+    and torchvision's sets, which have train and test only, refuse another in one line."""
+    pixels, labels = check.images(n=12)
+    datasets.DatasetDict({"train": dataset(pixels[:8], labels[:8]), "validation": dataset(pixels[8:], labels[8:])}) \
+        .save_to_disk(str(tmp_path / "dd"))
+    run_cli("build", tmp_path / "dd", "--split", "validation", "--epochs", "1", "--out", tmp_path / "val", "--quiet")
+    m = manifest(tmp_path / "val")
+    assert m["source_spec"]["split"] == "validation" and m["source"]["num_samples"] == 4
+    result = run_cli("build", "--split", "validation", "--out", tmp_path / "s", "--quiet", expect=1)
+    assert_one_line_error(result, "--split validation", "train or test")
+
+
 def test_columns_without_features_are_found_by_name_or_named(tmp_path):
     pixels, labels = check.images(n=6)
     spec = saved(tmp_path / "plain", pixels, labels, typed=False, image="picture", label="y")
