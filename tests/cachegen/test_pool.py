@@ -75,8 +75,10 @@ def test_ctrl_c_stops_the_pool_cleanly_and_a_rerun_resumes(slow_source, tmp_path
     source, env = slow_source
     out = tmp_path / "cache"
     command = [sys.executable, "-m", "cachegen", "build", str(source), "--out", str(out), "--workers", "2", *ARGS]
+    # SIGINT as a terminal delivers it: a test run from a background job (`pytest &`) has it ignored,
+    # and children inherit that.
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 120
         while not any(out.glob("epoch-*/*.tar")):
