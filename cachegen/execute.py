@@ -346,15 +346,14 @@ def _augment_shard(settings: BuildSettings, batched: Callable, epoch: int, indic
 
 
 def _write_rows(task: ShardTask, indices: np.ndarray, rows: np.ndarray, totals: dict,
-                teacher: list[bytes] | None = None) -> tuple[str, dict]:
+                teacher: list[bytes] | None) -> tuple[str, dict]:
     """Write a cached epoch's shard of augmented rows (and its index); its manifest entry. A
-    reinforced cache's teacher members are `teacher`, or made here (on the CPU) where not given."""
+    reinforced cache's teacher members are `teacher`, as _augment_shard made them."""
     settings = _AUGMENT.settings
     labels = settings.source.labels
     samples = ((index, int(labels[index]), row) for index, row in zip(indices.tolist(), rows))
     if settings.teacher is not None:
-        members = teacher if teacher is not None else teacher_members(settings.teacher, rows)
-        samples = ((*sample, member) for sample, member in zip(samples, members))
+        samples = ((*sample, member) for sample, member in zip(samples, teacher))
     entry = write_shard(settings.root, task.relpath, f"e{task.epoch:04d}", samples, settings.encoding,
                         settings.quality)
     return task.relpath, {**write_index(settings.root, entry), **totals}
